@@ -1,0 +1,35 @@
+"""mpd-triton: fused Triton LIF kernels with MPD-SGR for adversarially robust SNNs.
+
+    import mpd_triton as mt
+    spikes = mt.lif(x, tau=2.0, v_th=1.0, surrogate=mt.Triangle(1.0))
+    spikes, mean, var = mt.lif(x, return_stats=True)
+    omega = mt.mpd_overlap(mean, var, gamma=1.0)
+    layer = mt.LIF(tau=2.0, record_mpd=True)
+    reg = mt.MPDSGR(model, eta=0.1)   # reg() -> eta * L_MPD of the last forward
+"""
+
+from .functional import BACKENDS, KERNEL_DTYPES, lif, triton_interpreted
+from .layers import LIF
+from .mpd import DEFAULT_EPS, GRANULARITIES, MPDSGR, combine_stats, mpd_overlap
+from .neuron import LIFConfig
+from .reference import lif_reference, membrane_stats, spike_function
+from .surrogates import (
+    SURROGATE_NAMES,
+    WINDOW_PEAK_FRACTION,
+    ATan,
+    Rectangular,
+    Sigmoid,
+    SuperSpike,
+    Surrogate,
+    Triangle,
+    as_surrogate,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "lif", "LIF", "MPDSGR", "mpd_overlap", "combine_stats", "LIFConfig", "lif_reference", "membrane_stats",
+    "spike_function", "Surrogate", "Triangle", "Rectangular", "Sigmoid", "ATan", "SuperSpike", "as_surrogate",
+    "SURROGATE_NAMES", "WINDOW_PEAK_FRACTION", "BACKENDS", "KERNEL_DTYPES", "DEFAULT_EPS", "GRANULARITIES",
+    "triton_interpreted",
+]

@@ -1,0 +1,186 @@
+"""Public functional API: input validation, backend dispatch, the autograd Function."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels import lif as _kernels
+from .neuron import LIFConfig, check_bool
+from .reference import lif_reference
+from .surrogates import Surrogate, Triangle
+
+__all__ = ["lif", "BACKENDS", "KERNEL_DTYPES", "triton_interpreted"]
+
+BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+def triton_interpreted() -> bool:
+    """True when the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return _kernels.INTERPRETED
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape [T, B, C, *spatial] or [T, B, F], got {type(x).__name__}")
+    if x.dtype not in _REFERENCE_DTYPES:
+        raise TypeError(f"x must be a float32, float16 or bfloat16 tensor, got dtype {x.dtype}")
+    if x.dim() < 3:
+        raise ValueError(
+            f"x must have shape [T, B, F] or [T, B, C, *spatial] (time first, then batch), "
+            f"got {x.dim()} dims: {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"x has T = 0 time steps (shape {tuple(x.shape)}); need T >= 1")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); every dimension must be >= 1")
+
+
+def _check_v_init(v_init, x: torch.Tensor) -> None:
+    if v_init is None:
+        return
+    if not isinstance(v_init, torch.Tensor):
+        raise TypeError(f"v_init must be None or a tensor of shape {tuple(x.shape[1:])}, got {type(v_init).__name__}")
+    if not v_init.is_floating_point():
+        raise TypeError(f"v_init must be a floating-point tensor, got dtype {v_init.dtype}")
+    if v_init.device != x.device:
+        raise ValueError(f"v_init is on {v_init.device} but x is on {x.device}; put both on one device")
+    if tuple(v_init.shape) != tuple(x.shape[1:]):
+        raise ValueError(f"v_init must have shape x.shape[1:] = {tuple(x.shape[1:])}, got {tuple(v_init.shape)}")
+
+
+def _resolve_backend(backend, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and x.dtype in KERNEL_DTYPES else "torch"
+    if backend == "triton":
+        if x.dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"backend='triton' takes float32, float16 or bfloat16 input, got {x.dtype}; use backend='torch'"
+            )
+        if not x.is_cuda and not _kernels.INTERPRETED:
+            raise ValueError(
+                f"backend='triton' needs a CUDA tensor, x is on {x.device}; set TRITON_INTERPRET=1 before "
+                "triton is first imported to run the kernels on the CPU, or use backend='torch'"
+            )
+    return backend
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """[T, B, C, *spatial] -> contiguous [T, B, C, S] (one copy if t is not contiguous)."""
+    return t.contiguous().view(t.shape[0], t.shape[1], t.shape[2], math.prod(t.shape[3:]))
+
+
+class _LIFFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, v_init, cfg: LIFConfig, stats: bool, save_state: bool):
+        ctx.set_materialize_grads(False)
+        x4 = _as_4d(x)
+        T, B, C, S = x4.shape
+        v4 = v_init.contiguous().view(B, C, S) if v_init is not None else None
+        spikes, u_saved, mean, var, v_T = _kernels.lif_forward(
+            x4, cfg, v_init=v4, stats=stats, save_state=save_state, save_u=True
+        )
+        ctx.save_for_backward(u_saved, mean)
+        ctx.cfg = cfg
+        ctx.x_shape = x.shape
+        ctx.v_init_dtype = v_init.dtype if v_init is not None else None
+        spikes = spikes.view(x.shape)
+        v_T = v_T.view(x.shape[1:]) if v_T is not None else None
+        return spikes, mean, var, v_T
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_mean, grad_var, grad_v_T):
+        u_saved, mean = ctx.saved_tensors
+        T, B, C, S = u_saved.shape
+        gs = grad_spikes.contiguous().view(T, B, C, S) if grad_spikes is not None else None
+        mpd_a = mpd_b = None
+        if grad_mean is not None or grad_var is not None:
+            # dL/du of every element of (t, c): gm/M + gvar * 2 (u - mean)/M = a + b u
+            M = B * S
+            gm = grad_mean.float() if grad_mean is not None else torch.zeros_like(mean)
+            gvar = grad_var.float() if grad_var is not None else torch.zeros_like(mean)
+            mpd_b = (gvar * (2.0 / M)).contiguous()
+            mpd_a = (gm / M - mpd_b * mean).contiguous()
+        gvT = grad_v_T.contiguous().view(B, C, S) if grad_v_T is not None else None
+        grad_x, grad_v0 = _kernels.lif_backward(
+            gs, u_saved, ctx.cfg, mpd_a=mpd_a, mpd_b=mpd_b, grad_v_T=gvT, need_grad_v0=ctx.needs_input_grad[1]
+        )
+        grad_x = grad_x.view(ctx.x_shape)
+        if grad_v0 is not None:
+            grad_v0 = grad_v0.view(ctx.x_shape[1:]).to(ctx.v_init_dtype)
+        return grad_x, grad_v0, None, None, None
+
+
+def _lif_triton(x, v_init, cfg, stats, save_state):
+    if torch.is_grad_enabled() and (x.requires_grad or (v_init is not None and v_init.requires_grad)):
+        return _LIFFunction.apply(x, v_init, cfg, stats, save_state)
+    x4 = _as_4d(x)
+    T, B, C, S = x4.shape
+    v4 = v_init.contiguous().view(B, C, S) if v_init is not None else None
+    spikes, _, mean, var, v_T = _kernels.lif_forward(
+        x4, cfg, v_init=v4, stats=stats, save_state=save_state, save_u=False
+    )
+    return spikes.view(x.shape), mean, var, (v_T.view(x.shape[1:]) if v_T is not None else None)
+
+
+def lif(
+    x: torch.Tensor,
+    tau: float = 2.0,
+    v_th: float = 1.0,
+    v_reset: float | None = 0.0,
+    decay_input: bool = True,
+    detach_reset: bool = False,
+    surrogate: Surrogate | str = Triangle(1.0),
+    backend: str = "auto",
+    *,
+    return_stats: bool = False,
+    v_init: torch.Tensor | None = None,
+    return_state: bool = False,
+):
+    """Multi-step LIF neuron over time-major input.
+
+    Args:
+        x: [T, B, C, *spatial] or [T, B, F]; float32, float16 or bfloat16
+            (float64 with backend="torch").
+        tau: membrane time constant, > 0; ``math.inf`` with decay_input=False
+            is an integrate-and-fire neuron.
+        v_th: firing threshold.
+        v_reset: hard-reset value, or None for a soft reset (subtract v_th).
+        decay_input: h = v + (x - (v - v_rest)) / tau if True, else
+            h = v - (v - v_rest) / tau + x.
+        detach_reset: treat the spike inside the reset as a constant in backward.
+        surrogate: a Surrogate object (mt.Triangle(1.0), ...) or its name.
+        backend: "triton" (fused kernels), "torch" (reference), "auto"
+            (triton for CUDA tensors, torch otherwise).
+        return_stats: also return mean and biased variance of u = h - v_th per
+            time step and channel, [T, C] float32, differentiable.
+        v_init: initial membrane potential [B, C, *spatial] (default: v_reset,
+            or 0 for a soft reset).
+        return_state: also return the final membrane potential v_T.
+
+    Returns:
+        spikes (x.dtype, same shape as x); with return_stats ``(spikes, mean,
+        var)``; with return_state the final state is appended.
+    """
+    _check_x(x)
+    _check_v_init(v_init, x)
+    check_bool("return_stats", return_stats)
+    check_bool("return_state", return_state)
+    cfg = LIFConfig(tau, v_th, v_reset, decay_input, detach_reset, surrogate)
+    if _resolve_backend(backend, x) == "triton":
+        with _kernels.device_guard(x):
+            spikes, mean, var, v_T = _lif_triton(x, v_init, cfg, return_stats, return_state)
+    else:
+        out = lif_reference(x, cfg, v_init=v_init, return_stats=return_stats)
+        spikes, mean, var, v_T = out.spikes, out.mean, out.var, out.v
+    result = (spikes,)
+    if return_stats:
+        result += (mean, var)
+    if return_state:
+        result += (v_T,)
+    return result[0] if len(result) == 1 else result

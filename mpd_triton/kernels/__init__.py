@@ -1,0 +1,1 @@
+"""Triton kernels. ``lif``: the fused multi-step LIF forward / backward."""

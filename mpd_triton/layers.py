@@ -1,0 +1,96 @@
+"""nn.Module wrapper of the multi-step LIF neuron."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .functional import BACKENDS, lif
+from .neuron import LIFConfig, check_bool
+from .surrogates import Surrogate, Triangle
+
+__all__ = ["LIF"]
+
+
+class LIF(nn.Module):
+    """Multi-step LIF layer: [T, B, C, *spatial] or [T, B, F] in, spikes of the same shape out.
+
+    With ``record_mpd=True`` each forward also computes the per-(t, c) mean and
+    variance of the membrane potential (fused into the same kernel pass) and
+    keeps them in ``mpd_records`` for :class:`mpd_triton.MPDSGR`.
+
+    The neuron parameters are those of :func:`mpd_triton.lif`; they can be
+    changed after construction (``layer.surrogate = mt.Sigmoid()`` swaps the
+    surrogate, e.g. for an attacker's gradient).
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_th: float = 1.0,
+        v_reset: float | None = 0.0,
+        decay_input: bool = True,
+        detach_reset: bool = False,
+        surrogate: Surrogate | str = Triangle(1.0),
+        backend: str = "auto",
+        record_mpd: bool = False,
+    ):
+        super().__init__()
+        self.config = LIFConfig(tau, v_th, v_reset, decay_input, detach_reset, surrogate)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.record_mpd = check_bool("record_mpd", record_mpd)
+        # When an MPDSGR owns this layer it clears the records at the start of each
+        # model forward, so several calls per forward are all kept; otherwise only
+        # the last call's statistics are kept.
+        self.keep_all_records = False
+        self.mpd_records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # Neuron parameters, read through the validated config.
+    def _replace(self, **changes):
+        self.config = dataclasses.replace(self.config, **changes)
+
+    @property
+    def surrogate(self) -> Surrogate:
+        return self.config.surrogate
+
+    @surrogate.setter
+    def surrogate(self, value):
+        self._replace(surrogate=value)
+
+    @property
+    def tau(self) -> float:
+        return self.config.tau
+
+    @property
+    def v_th(self) -> float:
+        return self.config.v_th
+
+    @property
+    def v_reset(self):
+        return self.config.v_reset
+
+    def clear_mpd_records(self) -> None:
+        self.mpd_records = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        args = (x, c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, self.backend)
+        if not self.record_mpd:
+            return lif(*args)
+        spikes, mean, var = lif(*args, return_stats=True)
+        if self.keep_all_records:
+            self.mpd_records.append((mean, var))
+        else:
+            self.mpd_records = [(mean, var)]
+        return spikes
+
+    def extra_repr(self) -> str:
+        c = self.config
+        reset = f"v_reset={c.v_reset:g}" if c.hard_reset else "soft reset"
+        return (f"tau={c.tau:g}, v_th={c.v_th:g}, {reset}, decay_input={c.decay_input}, "
+                f"detach_reset={c.detach_reset}, surrogate={c.surrogate!r}, backend={self.backend!r}, "
+                f"record_mpd={self.record_mpd}")

@@ -1,0 +1,166 @@
+"""MPD-SGR: the Gaussian overlap of the membrane potential distribution with the
+surrogate window, and the regularizer that averages it over a model's LIF layers.
+
+    sigma = sqrt(var + eps)
+    Omega = Phi((mean + gamma) / sigma) - Phi((mean - gamma) / sigma)
+    L_MPD = mean over layers of (mean over the statistics' entries of Omega)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .neuron import check_real
+
+__all__ = ["mpd_overlap", "combine_stats", "MPDSGR", "DEFAULT_EPS", "GRANULARITIES"]
+
+DEFAULT_EPS = 1e-5
+GRANULARITIES = ("time_channel", "channel", "layer")
+
+
+def mpd_overlap(mean: torch.Tensor, var: torch.Tensor, gamma, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """Share of a Gaussian N(mean, var + eps) that lies in [-gamma, gamma].
+
+    Evaluated as Phi((gamma - |mean|)/sigma) - Phi((-gamma - |mean|)/sigma): the
+    same number (Omega is even in mean), but both terms are lower tails, so it
+    keeps its relative precision (and a non-zero gradient) when |mean| >> gamma,
+    where the textbook form subtracts two numbers close to 1.
+    """
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+        raise TypeError("mean and var must be tensors")
+    if mean.shape != var.shape:
+        raise ValueError(f"mean and var must have the same shape, got {tuple(mean.shape)} and {tuple(var.shape)}")
+    if not mean.is_floating_point() or not var.is_floating_point():
+        raise TypeError(f"mean and var must be floating-point tensors, got {mean.dtype} and {var.dtype}")
+    if mean.device != var.device:
+        raise ValueError(f"mean is on {mean.device} but var is on {var.device}")
+    if isinstance(gamma, torch.Tensor):
+        if gamma.device != mean.device and gamma.dim() > 0:
+            raise ValueError(f"gamma is on {gamma.device} but mean is on {mean.device}")
+    else:
+        gamma = check_real("gamma", gamma)
+        if gamma <= 0:
+            raise ValueError(f"gamma (the surrogate window half-width) must be > 0, got {gamma}")
+    eps = check_real("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    sigma = torch.sqrt(var + eps)
+    m = mean.abs()
+    return torch.special.ndtr((gamma - m) / sigma) - torch.special.ndtr((-gamma - m) / sigma)
+
+
+def combine_stats(mean: torch.Tensor, var: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool per-(t, c) statistics [T, C] to a coarser granularity.
+
+    Every (t, c) cell holds the same number of elements, so the pooled mean is
+    the plain mean of the cell means and the pooled variance is the mean of
+    the cell variances plus the variance of the cell means (Chan's formula for
+    equal counts). Returns [T, C] ("time_channel"), [C] ("channel") or [] ("layer").
+    """
+    if granularity == "time_channel":
+        return mean, var
+    if granularity == "channel":
+        dims = (0,)
+    elif granularity == "layer":
+        dims = (0, 1)
+    else:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    pooled_mean = mean.mean(dim=dims)
+    spread = (mean - pooled_mean).square().mean(dim=dims)
+    return pooled_mean, var.mean(dim=dims) + spread
+
+
+class MPDSGR:
+    """MPD-SGR regularizer over every ``mt.LIF`` layer of ``model``.
+
+    Turns on ``record_mpd`` in each LIF layer and clears the records at the
+    start of every forward pass of ``model``; calling the object returns
+    ``eta * L_MPD`` of the last forward pass, differentiable::
+
+        reg = mt.MPDSGR(model, eta=0.1)
+        loss = criterion(model(x), y) + reg()
+
+    Args:
+        model: a module containing mt.LIF layers.
+        eta: weight of the regularizer (>= 0; 0 gives the plain baseline but
+            still records Omega for monitoring).
+        granularity: "time_channel" (per time step and channel, as in the
+            paper), "channel" or "layer": the Gaussian is fitted per cell.
+        gamma: window half-width; None uses each layer's surrogate window.
+        eps: added to the variance before the square root.
+    """
+
+    def __init__(self, model: nn.Module, eta: float, *, granularity: str = "time_channel", gamma=None,
+                 eps: float = DEFAULT_EPS):
+        from .layers import LIF
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        eta = check_real("eta", eta)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if gamma is not None:
+            gamma = check_real("gamma", gamma)
+            if gamma <= 0:
+                raise ValueError(f"gamma must be > 0, got {gamma}")
+        eps = check_real("eps", eps)
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.layers = [m for m in model.modules() if isinstance(m, LIF)]
+        if not self.layers:
+            raise ValueError("model has no mt.LIF layers: MPD-SGR regularizes the membrane potential of LIF layers")
+        self.eta, self.granularity, self.gamma, self.eps = eta, granularity, gamma, eps
+        for layer in self.layers:
+            layer.record_mpd = True
+            layer.keep_all_records = True
+        self._hook = model.register_forward_pre_hook(self._clear)
+
+    def _clear(self, module, args):
+        for layer in self.layers:
+            layer.clear_mpd_records()
+
+    def remove(self) -> None:
+        """Detach from the model (stop clearing records on forward)."""
+        self._hook.remove()
+        for layer in self.layers:
+            layer.keep_all_records = False
+
+    def layer_overlaps(self) -> list[torch.Tensor]:
+        """Omega of each layer at the chosen granularity (all calls of the last forward, flattened)."""
+        out = []
+        for layer in self.layers:
+            if not layer.mpd_records:
+                raise RuntimeError(
+                    f"no membrane statistics recorded for {layer!r}: run a forward pass of the model first "
+                    "(every LIF layer must be used in the forward)"
+                )
+            gamma = self.gamma if self.gamma is not None else layer.surrogate.window
+            omegas = [
+                mpd_overlap(*combine_stats(mean, var, self.granularity), gamma, self.eps).reshape(-1)
+                for mean, var in layer.mpd_records
+            ]
+            out.append(torch.cat(omegas))
+        return out
+
+    def loss(self) -> torch.Tensor:
+        """L_MPD: mean over layers of the mean Omega (unweighted by eta)."""
+        return torch.stack([omega.mean() for omega in self.layer_overlaps()]).mean()
+
+    def __call__(self) -> torch.Tensor:
+        if self.eta == 0.0:
+            device = self.layers[0].mpd_records[0][0].device if self.layers[0].mpd_records else None
+            return torch.zeros((), device=device)
+        return self.eta * self.loss()
+
+    @torch.no_grad()
+    def mean_overlap(self) -> float:
+        """Mean Omega of the last forward (a float for logging)."""
+        return float(self.loss())
+
+    def __repr__(self) -> str:
+        return (f"MPDSGR(eta={self.eta:g}, granularity={self.granularity!r}, gamma={self.gamma}, "
+                f"eps={self.eps:g}, layers={len(self.layers)})")
+

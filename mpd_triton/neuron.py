@@ -1,0 +1,85 @@
+"""The LIF neuron's parameters and conventions, shared by the reference and the kernels.
+
+Multi-step, time-major LIF (design section 2). For t = 1..T::
+
+    decay_input=True :  h_t = v_{t-1} + (x_t - (v_{t-1} - v_rest)) * inv_tau
+    decay_input=False:  h_t = v_{t-1} - (v_{t-1} - v_rest) * inv_tau + x_t
+    u_t = h_t - V_th ;  s_t = 1 if u_t >= 0 else 0
+    hard reset: v_t = h_t * (1 - s_t) + v_reset * s_t     (v_rest = v_reset)
+    soft reset: v_t = h_t - V_th * s_t                    (v_rest = 0)
+
+``inv_tau = 1 / tau`` (0 for tau = inf). Both implementations evaluate these
+expressions in this order, so in float32 they agree bit for bit wherever the
+arithmetic is IEEE (the interpreter; on a GPU, FMA contraction may move the
+last bit).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from .surrogates import Surrogate, Triangle, as_surrogate
+
+__all__ = ["LIFConfig", "check_real", "check_bool"]
+
+
+def check_real(name: str, value, *, allow_inf: bool = False) -> float:
+    """A Python/NumPy real number (not bool), not NaN; +-inf only if allowed."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    if math.isinf(value) and not allow_inf:
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LIFConfig:
+    """Validated neuron parameters. Construct it to check user input."""
+
+    tau: float = 2.0
+    v_th: float = 1.0
+    v_reset: float | None = 0.0
+    decay_input: bool = True
+    detach_reset: bool = False
+    surrogate: Surrogate = Triangle(1.0)
+
+    def __post_init__(self):
+        tau = check_real("tau", self.tau, allow_inf=True)
+        if tau <= 0.0:
+            raise ValueError(f"tau must be > 0 (tau = inf gives an integrate-and-fire neuron), got {tau}")
+        object.__setattr__(self, "tau", tau)
+        object.__setattr__(self, "v_th", check_real("v_th", self.v_th))
+        if self.v_reset is not None:
+            object.__setattr__(self, "v_reset", check_real("v_reset", self.v_reset))
+        check_bool("decay_input", self.decay_input)
+        check_bool("detach_reset", self.detach_reset)
+        object.__setattr__(self, "surrogate", as_surrogate(self.surrogate))
+        if math.isinf(tau) and self.decay_input:
+            raise ValueError(
+                "tau = inf with decay_input=True multiplies the input by 1/tau = 0, so the neuron "
+                "never sees its input; use decay_input=False for an integrate-and-fire neuron"
+            )
+
+    @property
+    def inv_tau(self) -> float:
+        return 0.0 if math.isinf(self.tau) else 1.0 / self.tau
+
+    @property
+    def hard_reset(self) -> bool:
+        return self.v_reset is not None
+
+    @property
+    def v_rest(self) -> float:
+        """The level the leak decays toward: v_reset for a hard reset, 0 for a soft one."""
+        return self.v_reset if self.v_reset is not None else 0.0

@@ -1,0 +1,236 @@
+"""Surrogate gradients: the PyTorch formula and the Triton helper side by side.
+
+Every surrogate replaces ds/du of the Heaviside spike s = H(u), u = h - V_th, by
+a function g(u). Each class here carries
+
+* ``grad(u)``: the PyTorch formula (used by the reference and the tests),
+* ``kind`` / ``param``: what the Triton kernels need; ``surrogate_grad`` below
+  dispatches on ``kind`` at compile time to the matching ``@triton.jit`` helper,
+* ``window``: the half-width gamma of the interval [-gamma, gamma] that MPD-SGR
+  treats as "the surrogate gradient is available here".
+
+Window convention for surrogates with unbounded support (Sigmoid, ATan,
+SuperSpike): gamma is the half-width at which g falls to ``WINDOW_PEAK_FRACTION``
+(one tenth) of its peak g(0). Triangle and Rectangular have compact support, and
+their window is exactly that support. Every class takes ``gamma=`` to override.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "Surrogate",
+    "Triangle",
+    "Rectangular",
+    "Sigmoid",
+    "ATan",
+    "SuperSpike",
+    "as_surrogate",
+    "surrogate_grad",
+    "WINDOW_PEAK_FRACTION",
+    "SURROGATE_NAMES",
+]
+
+WINDOW_PEAK_FRACTION = 0.1
+
+# Compile-time ids of the Triton helpers; one per class below.
+_TRIANGLE, _RECTANGULAR, _SIGMOID, _ATAN, _SUPERSPIKE = 0, 1, 2, 3, 4
+
+
+def _positive_finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+class Surrogate:
+    """Base class. Subclasses set ``kind`` and implement ``grad``."""
+
+    kind: int
+    name: str
+
+    def __init__(self, param: float, window: float):
+        self.param = param
+        self.window = window
+
+    def grad(self, u: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        """Heaviside spike of ``u`` whose backward is this surrogate (pure PyTorch)."""
+        from .reference import spike_function
+
+        return spike_function(u, self)
+
+    def __eq__(self, other) -> bool:
+        return (
+            type(self) is type(other)
+            and self.param == other.param
+            and self.window == other.window
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.param, self.window))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._param_name}={self.param:g}, window={self.window:g})"
+
+    _param_name = "param"
+
+
+class Triangle(Surrogate):
+    """g(u) = max(0, gamma - |u|) / gamma^2 (SNN-RAT, FEEL, SR use gamma = 1)."""
+
+    kind, name, _param_name = _TRIANGLE, "triangle", "gamma"
+
+    def __init__(self, gamma: float = 1.0):
+        gamma = _positive_finite("gamma", gamma)
+        super().__init__(gamma, gamma)
+
+    def grad(self, u):
+        gamma = self.param
+        return torch.clamp(gamma - u.abs(), min=0.0) / (gamma * gamma)
+
+
+@triton.jit
+def _triangle_grad(u, gamma):
+    return tl.maximum(gamma - tl.abs(u), 0.0) / (gamma * gamma)
+
+
+class Rectangular(Surrogate):
+    """g(u) = 1[|u| < gamma] / (2 gamma)."""
+
+    kind, name, _param_name = _RECTANGULAR, "rectangular", "gamma"
+
+    def __init__(self, gamma: float = 0.5):
+        gamma = _positive_finite("gamma", gamma)
+        super().__init__(gamma, gamma)
+
+    def grad(self, u):
+        gamma = self.param
+        return (u.abs() < gamma).to(u.dtype) / (2.0 * gamma)
+
+
+@triton.jit
+def _rectangular_grad(u, gamma):
+    return tl.where(tl.abs(u) < gamma, 1.0 / (2.0 * gamma), 0.0)
+
+
+class Sigmoid(Surrogate):
+    """g(u) = alpha * sig(alpha u) * (1 - sig(alpha u)).
+
+    Window: g(gamma) = g(0) / 10, i.e. gamma = 2 atanh(sqrt(0.9)) / alpha.
+    """
+
+    kind, name, _param_name = _SIGMOID, "sigmoid", "alpha"
+
+    def __init__(self, alpha: float = 4.0, gamma: float | None = None):
+        alpha = _positive_finite("alpha", alpha)
+        if gamma is None:
+            gamma = 2.0 * math.atanh(math.sqrt(1.0 - WINDOW_PEAK_FRACTION)) / alpha
+        super().__init__(alpha, _positive_finite("gamma", gamma))
+
+    def grad(self, u):
+        sig = torch.sigmoid(self.param * u)
+        return self.param * sig * (1.0 - sig)
+
+
+@triton.jit
+def _sigmoid_grad(u, alpha):
+    sig = tl.sigmoid(alpha * u)
+    return alpha * sig * (1.0 - sig)
+
+
+class ATan(Surrogate):
+    """g(u) = (alpha / 2) / (1 + (pi/2 * alpha * u)^2).
+
+    Window: g(gamma) = g(0) / 10, i.e. gamma = 6 / (pi alpha).
+    """
+
+    kind, name, _param_name = _ATAN, "atan", "alpha"
+
+    def __init__(self, alpha: float = 2.0, gamma: float | None = None):
+        alpha = _positive_finite("alpha", alpha)
+        if gamma is None:
+            gamma = 2.0 * math.sqrt(1.0 / WINDOW_PEAK_FRACTION - 1.0) / (math.pi * alpha)
+        super().__init__(alpha, _positive_finite("gamma", gamma))
+
+    def grad(self, u):
+        z = (math.pi / 2.0) * self.param * u
+        return (self.param / 2.0) / (1.0 + z * z)
+
+
+@triton.jit
+def _atan_grad(u, alpha):
+    z = 1.5707963267948966 * alpha * u
+    return (alpha * 0.5) / (1.0 + z * z)
+
+
+class SuperSpike(Surrogate):
+    """g(u) = 1 / (1 + alpha |u|)^2 (Zenke & Ganguli 2018).
+
+    Window: g(gamma) = g(0) / 10, i.e. gamma = (sqrt(10) - 1) / alpha.
+    """
+
+    kind, name, _param_name = _SUPERSPIKE, "superspike", "alpha"
+
+    def __init__(self, alpha: float = 10.0, gamma: float | None = None):
+        alpha = _positive_finite("alpha", alpha)
+        if gamma is None:
+            gamma = (math.sqrt(1.0 / WINDOW_PEAK_FRACTION) - 1.0) / alpha
+        super().__init__(alpha, _positive_finite("gamma", gamma))
+
+    def grad(self, u):
+        d = 1.0 + self.param * u.abs()
+        return 1.0 / (d * d)
+
+
+@triton.jit
+def _superspike_grad(u, alpha):
+    d = 1.0 + alpha * tl.abs(u)
+    return 1.0 / (d * d)
+
+
+@triton.jit
+def surrogate_grad(u, param, KIND: tl.constexpr):
+    """g(u) for the surrogate with compile-time id KIND (the ``kind`` of a class above)."""
+    if KIND == 0:
+        return _triangle_grad(u, param)
+    elif KIND == 1:
+        return _rectangular_grad(u, param)
+    elif KIND == 2:
+        return _sigmoid_grad(u, param)
+    elif KIND == 3:
+        return _atan_grad(u, param)
+    else:
+        return _superspike_grad(u, param)
+
+
+_BY_NAME = {cls.name: cls for cls in (Triangle, Rectangular, Sigmoid, ATan, SuperSpike)}
+SURROGATE_NAMES = tuple(_BY_NAME)
+
+
+def as_surrogate(surrogate) -> Surrogate:
+    """Accept a Surrogate object or one of ``SURROGATE_NAMES`` (default parameters)."""
+    if isinstance(surrogate, Surrogate):
+        return surrogate
+    if isinstance(surrogate, str):
+        cls = _BY_NAME.get(surrogate.lower())
+        if cls is None:
+            raise ValueError(
+                f"surrogate: unknown name {surrogate!r}; expected one of {', '.join(SURROGATE_NAMES)} "
+                "or a Surrogate object such as mt.Triangle(1.0)"
+            )
+        return cls()
+    raise TypeError(
+        f"surrogate must be a Surrogate object (mt.Triangle(1.0), ...) or a name, got {type(surrogate).__name__}"
+    )
