@@ -104,11 +104,13 @@ def _lif_fwd_kernel(
             h = v - (v - v_rest) * inv_tau + x
         u = h - v_th
         spike = u >= 0.0
+        spike_f = spike.to(tl.float32)
         if HARD_RESET:
             v = tl.where(spike, v_rest, h)
         else:
-            v = h - v_th * spike.to(tl.float32)
-        tl.store(s_ptr + t_off + offs, spike.to(s_ptr.dtype.element_ty), mask=mask)
+            v = h - v_th * spike_f
+        # bool -> float32 -> output dtype (the interpreter has no direct bool -> bfloat16 cast)
+        tl.store(s_ptr + t_off + offs, spike_f.to(s_ptr.dtype.element_ty), mask=mask)
         if SAVE_U:
             tl.store(u_ptr + t_off + offs, tl.where(spike, tl.abs(u), u).to(u_ptr.dtype.element_ty), mask=mask)
         if STATS:

@@ -1,0 +1,27 @@
+# `make test` and `make run` set up a virtual environment on a fresh machine first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.14.1 / torchvision 0.29.1 are the releases this project's CI machines hold on disk;
+# any torch >= 2.11 works (override: make test TORCH_SPEC="torch==2.11.0 torchvision==0.26.0").
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test run clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+run: install
+	$(BIN)/python -m train.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

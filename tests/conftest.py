@@ -1,0 +1,33 @@
+"""Test set-up: run the real Triton kernels on the CPU when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is first imported; torch does not
+import triton, so checking for CUDA here is early enough.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "ci" (default): reproducible examples, sized for the interpreter on a 2-core CPU.
+# "dev": more, random examples: HYPOTHESIS_PROFILE=dev make test
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile(
+    "dev",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,259 @@
+"""The Triton kernels against the pure-PyTorch reference (TRITON_INTERPRET=1 without a GPU).
+
+Forward (spikes, statistics, final state) and backward (gradient of x and
+v_init through every output, the fused MPD term included), over random shapes
+and every neuron option.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import DEVICE, assert_close, input_shapes, make_input, neuron_options, poison_kernel_outputs, rel_error
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mpd_triton as mt
+from mpd_triton.reference import stat_dims
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    poison_kernel_outputs(monkeypatch)
+
+
+def _run(backend, x, opts, *, terms, weights, v_init=None):
+    """Forward + backward of a weighted sum of the chosen outputs; returns outputs and grads."""
+    x = x.detach().clone().requires_grad_(True)
+    v0 = v_init.detach().clone().requires_grad_(True) if v_init is not None else None
+    spikes, mean, var, v_T = mt.lif(x, **opts, backend=backend, return_stats=True, v_init=v0, return_state=True)
+    loss = 0.0
+    if "spikes" in terms:
+        loss = loss + (spikes.float() * weights["spikes"]).sum()
+    if "stats" in terms:
+        loss = loss + (mean * weights["mean"]).sum() + (var * weights["var"]).sum()
+    if "overlap" in terms:
+        loss = loss + mt.mpd_overlap(mean, var, opts["surrogate"].window).mean()
+    if "state" in terms:
+        loss = loss + (v_T.float() * weights["state"]).sum()
+    loss.backward()
+    return dict(spikes=spikes.detach(), mean=mean.detach(), var=var.detach(), v_T=v_T.detach(),
+                grad_x=x.grad, grad_v0=v0.grad if v0 is not None else None)
+
+
+def _weights(x, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    T, C = x.shape[0], x.shape[2]
+
+    def r(*shape):
+        return torch.randn(shape, generator=g).to(DEVICE)
+
+    return dict(spikes=r(*x.shape), mean=r(T, C), var=r(T, C), state=r(*x.shape[1:]))
+
+
+def _compare(x, opts, seed, terms, *, v_init=None):
+    weights = _weights(x, seed)
+    ref = _run("torch", x, opts, terms=terms, weights=weights, v_init=v_init)
+    out = _run("triton", x, opts, terms=terms, weights=weights, v_init=v_init)
+    u_ref = mt.lif_reference(x.float(), mt.LIFConfig(**opts), v_init=v_init).u
+
+    # Spikes must agree exactly, except where u sits at rounding level of the
+    # threshold (possible on a GPU with FMA); such a neuron's later steps then
+    # legitimately diverge and it is left out of the remaining comparisons.
+    flips = out["spikes"] != ref["spikes"]
+    if flips.any():
+        first = flips.float().cumsum(0).eq(1) & flips
+        near = u_ref.abs() <= 1e-5 * (1.0 + abs(opts["v_th"]))
+        assert bool((near | ~first).all()), (
+            f"spikes differ where |u| = {float(u_ref[first & ~near].abs().min()):.3e} is not at rounding level"
+        )
+    neuron_ok = ~flips.any(0, keepdim=True)
+    channel_ok = neuron_ok.all(dim=stat_dims(x.dim()), keepdim=True)
+    grad_mask = channel_ok if ("stats" in terms or "overlap" in terms) else neuron_ok
+
+    assert_close("spikes", out["spikes"], ref["spikes"], atol=0, rtol=0, mask=neuron_ok)
+    stat_mask = channel_ok.reshape(1, -1)
+    scale = 1.0 + float(u_ref.abs().max())
+    assert_close("mean", out["mean"], ref["mean"], atol=2e-6 * scale, rtol=1e-5, mask=stat_mask)
+    assert_close("var", out["var"], ref["var"], atol=4e-6 * scale * scale, rtol=1e-4, mask=stat_mask)
+    assert_close("v_T", out["v_T"], ref["v_T"], atol=1e-5 * scale, rtol=1e-5, mask=neuron_ok[0])
+    gscale = 1.0 + float(ref["grad_x"].abs().max())
+    assert_close("grad_x", out["grad_x"], ref["grad_x"], atol=2e-5 * gscale, rtol=1e-4, mask=grad_mask)
+    if v_init is not None:
+        assert_close("grad_v_init", out["grad_v0"], ref["grad_v0"], atol=2e-5 * gscale, rtol=1e-4, mask=grad_mask[0])
+
+
+ALL_SURROGATES = [mt.Triangle(0.8), mt.Rectangular(0.4), mt.Sigmoid(3.0), mt.ATan(1.5), mt.SuperSpike(6.0)]
+
+
+@pytest.mark.parametrize("surrogate", ALL_SURROGATES, ids=lambda s: s.name)
+@pytest.mark.parametrize("v_reset", [0.0, -0.2, None], ids=["hard0", "hard-0.2", "soft"])
+@pytest.mark.parametrize("detach_reset", [False, True], ids=["attached", "detached"])
+@pytest.mark.parametrize("tau,decay_input", [(2.0, True), (3.0, False), (math.inf, False)], ids=["decay", "nodecay", "IF"])
+def test_every_option_combination(surrogate, v_reset, detach_reset, tau, decay_input):
+    """Every neuron option on one ragged conv shape, every output in the loss."""
+    opts = dict(tau=tau, v_th=0.9, v_reset=v_reset, decay_input=decay_input, detach_reset=detach_reset,
+                surrogate=surrogate)
+    x = make_input((6, 3, 5, 3, 3), 1234, scale=1.2, offset=0.6)
+    v_init = make_input((3, 5, 3, 3), 99, scale=0.3, offset=0.0)
+    _compare(x, opts, 1234, ("spikes", "overlap", "state"), v_init=v_init)
+
+
+TERMS = st.sampled_from([
+    ("spikes",), ("stats",), ("overlap",), ("state",), ("spikes", "stats"), ("spikes", "overlap", "state"),
+])
+
+
+@given(shape=input_shapes(), opts=neuron_options(), seed=st.integers(0, 2**31 - 1), terms=TERMS,
+       scale=st.floats(0.3, 3.0), offset=st.floats(-1.0, 2.0))
+def test_kernel_matches_reference(shape, opts, seed, terms, scale, offset):
+    x = make_input(shape, seed, scale=scale, offset=offset)
+    _compare(x, opts, seed, terms)
+
+
+@given(shape=input_shapes(max_T=8), opts=neuron_options(), seed=st.integers(0, 2**31 - 1), terms=TERMS)
+def test_kernel_matches_reference_with_initial_state(shape, opts, seed, terms):
+    x = make_input(shape, seed)
+    v_init = make_input(shape[1:], seed + 7, scale=0.5, offset=0.0)
+    _compare(x, opts, seed, terms, v_init=v_init)
+
+
+@pytest.mark.parametrize("shape", [(3, 70, 1, 2100), (2, 3, 5, 37, 41), (4, 130, 300)])
+def test_kernel_multi_tile_shapes(shape):
+    """Shapes whose statistics span many tiles (P > the merge block) and ragged edges."""
+    x = make_input(shape, 11)
+    opts = dict(tau=2.0, v_th=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate=mt.Triangle())
+    _compare(x, opts, 11, ("spikes", "overlap"))
+
+
+def test_non_contiguous_input_gives_same_result():
+    opts = dict(tau=2.0, surrogate=mt.ATan())
+    base = make_input((6, 4, 5, 3, 3), 3)
+    x_nc = base.transpose(3, 4)  # not contiguous
+    assert not x_nc.is_contiguous()
+    x_c = x_nc.contiguous()
+    a = mt.lif(x_nc, **opts, backend="triton", return_stats=True)
+    b = mt.lif(x_c, **opts, backend="triton", return_stats=True)
+    for name, p, q in zip(("spikes", "mean", "var"), a, b):
+        assert torch.equal(p, q), name
+
+
+def test_inference_path_without_grad_matches():
+    x = make_input((5, 3, 4, 6), 5)
+    with torch.no_grad():
+        s1, m1, v1 = mt.lif(x, backend="triton", return_stats=True)
+    s2, m2, v2 = mt.lif(x.clone().requires_grad_(True), backend="triton", return_stats=True)
+    assert torch.equal(s1, s2.detach()) and torch.equal(m1, m2.detach()) and torch.equal(v1, v2.detach())
+
+
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_deterministic_bitwise(with_stats):
+    x = make_input((8, 9, 6, 40, 50), 21)
+
+    def once():
+        xx = x.clone().requires_grad_(True)
+        s, m, v = mt.lif(xx, backend="triton", return_stats=True, surrogate=mt.Sigmoid())
+        loss = s.sum() + (mt.mpd_overlap(m, v, 1.0).sum() if with_stats else 0.0)
+        loss.backward()
+        return s, m, v, xx.grad
+
+    first, second = once(), once()
+    for name, p, q in zip(("spikes", "mean", "var", "grad_x"), first, second):
+        assert torch.equal(p, q), f"{name} differs between two identical calls"
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 3, 300), (3, 2, 2, 3000)])
+def test_statistics_accurate_when_mean_dwarfs_std(shape):
+    """|mean| / std = 1e3: a sum-and-sum-of-squares reduction would lose the variance."""
+    g = torch.Generator().manual_seed(0)
+    # Integrate-and-fire with no spikes: u_t = sum_{k<=t} x_k - v_th, far below threshold.
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x[0] += -1000.0
+    x = x.float().to(DEVICE)
+    _, mean, var = mt.lif(x, tau=math.inf, decay_input=False, backend="triton", return_stats=True)
+    u64 = torch.cumsum(x.double(), 0) - 1.0
+    dims = stat_dims(x.dim())
+    mean64, var64 = u64.mean(dim=dims), u64.var(dim=dims, unbiased=False)
+    assert float((mean64.abs() / var64.sqrt()).min()) > 500
+    assert rel_error(var.cpu(), var64.cpu()) < 1e-3, rel_error(var.cpu(), var64.cpu())
+    assert rel_error(mean.cpu(), mean64.cpu()) < 1e-6
+
+
+@pytest.mark.parametrize("surrogate", [mt.Triangle(), mt.Rectangular(), mt.Sigmoid(), mt.ATan(), mt.SuperSpike()])
+@pytest.mark.parametrize("v_reset", [0.0, None])
+def test_exactly_at_and_next_to_threshold(surrogate, v_reset):
+    """h == V_th fires (u = 0 gives the surrogate's peak); one ulp below does not."""
+    v_th = 1.0
+    one = torch.tensor(v_th)
+    below = torch.nextafter(one, torch.tensor(-math.inf))  # float32 ulps
+    above = torch.nextafter(one, torch.tensor(math.inf))
+    # IF neuron (h = v + x) from v = 0: step 1 lands exactly on the chosen value.
+    first = torch.stack([one, below, above, torch.tensor(0.0), 2.0 * one])
+    x = torch.stack([first, torch.full_like(first, 0.25), torch.full_like(first, v_th)])[:, None, :].to(DEVICE)
+    opts = dict(tau=math.inf, v_th=v_th, v_reset=v_reset, decay_input=False, surrogate=surrogate)
+    xs = x.clone().requires_grad_(True)
+    s = mt.lif(xs, **opts, backend="triton")
+    assert s[0, 0].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    (s[0].sum()).backward()
+    xr = x.clone().requires_grad_(True)
+    sr = mt.lif(xr, **opts, backend="torch")
+    (sr[0].sum()).backward()
+    assert torch.equal(s, sr)
+    peak = float(surrogate.grad(torch.zeros(())))
+    assert float(xs.grad[0, 0, 0]) == pytest.approx(peak, rel=1e-6)
+    assert_close("grad at threshold", xs.grad, xr.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_threshold_hits_in_leaky_sequence():
+    """tau = 2, decay_input: x = 2 makes h exactly V_th = 1 at several steps."""
+    below_two = float(torch.nextafter(torch.tensor(2.0), torch.tensor(0.0)))
+    x = torch.tensor([2.0, 2.0, 0.0, 2.0, below_two, 2.0])[:, None, None].repeat(1, 2, 3).to(DEVICE)
+    for backend in ("torch", "triton"):
+        s = mt.lif(x, tau=2.0, v_th=1.0, backend=backend)
+        assert s[:, 0, 0].tolist() == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0], backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_low_precision_no_worse_than_plain_pytorch(dtype, seed):
+    """Distance from a float64 reference: the kernel (float32 state, low-precision I/O)
+    is no worse than plain PyTorch computing in that precision."""
+    shape = (8, 6, 5, 7, 7)
+    x = make_input(shape, seed, dtype=dtype)
+    opts = dict(tau=2.0, v_th=1.0, surrogate=mt.Sigmoid())
+    cfg = mt.LIFConfig(**opts)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+    def grads(fn, xin):
+        xin = xin.detach().clone().requires_grad_(True)
+        s, mean, var = fn(xin)
+        loss = (s.double() * w).sum() / w.numel() + mt.mpd_overlap(mean.double(), var.double(), 1.0).mean()
+        loss.backward()
+        return s.detach().double(), mean.detach().double(), var.detach().double(), xin.grad.double()
+
+    exact = grads(lambda xx: mt.lif(xx, **opts, backend="torch", return_stats=True), x.double())
+    kernel = grads(lambda xx: mt.lif(xx, **opts, backend="triton", return_stats=True), x)
+
+    def plain_fn(xx):
+        out = mt.lif_reference(xx, cfg, return_stats=True, compute_dtype=dtype)
+        return out.spikes, out.mean, out.var
+
+    plain = grads(plain_fn, x)
+    names = ("spikes", "mean", "var", "grad_x")
+    for name, k, p, e in zip(names, kernel, plain, exact):
+        err_k, err_p = rel_error(k.cpu(), e.cpu()), rel_error(p.cpu(), e.cpu())
+        # One rounding of the output to `dtype` is unavoidable for both.
+        floor = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)
+        assert err_k <= max(err_p, floor), f"{name}: kernel error {err_k:.3e} > plain {dtype} error {err_p:.3e}"
+
+
+def test_float16_and_bfloat16_outputs_keep_dtype():
+    for dtype in (torch.float16, torch.bfloat16):
+        x = make_input((4, 2, 3, 5), 0, dtype=dtype).requires_grad_(True)
+        s, m, v, vT = mt.lif(x, backend="triton", return_stats=True, return_state=True)
+        assert s.dtype == dtype and vT.dtype == dtype and m.dtype == torch.float32 and v.dtype == torch.float32
+        s.sum().backward()
+        assert x.grad.dtype == dtype
