@@ -1,0 +1,166 @@
+"""Public API: bad input fails clearly before any launch, backend choice, return values, LIF module."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import DEVICE, make_input
+
+import mpd_triton as mt
+from mpd_triton.kernels import lif as lif_kernels
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Any kernel launch fails the test: validation must happen first."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a kernel was launched for bad input")
+
+    monkeypatch.setattr(lif_kernels, "lif_forward", boom)
+    monkeypatch.setattr(lif_kernels, "lif_backward", boom)
+
+
+GOOD = make_input((3, 2, 4), 0)
+
+BAD_X = [
+    (torch.zeros(3, 4), ValueError, r"x must have shape \[T, B, F\] or \[T, B, C, \*spatial\].*got 2 dims"),
+    (torch.zeros(5), ValueError, "got 1 dims"),
+    (torch.zeros(3, 2, 4, dtype=torch.int32), TypeError, "x must be a float32, float16 or bfloat16 tensor, got dtype torch.int32"),
+    (torch.zeros(3, 2, 4, dtype=torch.bool), TypeError, "got dtype torch.bool"),
+    (torch.zeros(0, 2, 4), ValueError, "x has T = 0 time steps"),
+    (torch.zeros(3, 0, 4), ValueError, r"x is empty \(shape \(3, 0, 4\)\)"),
+    (torch.zeros(3, 2, 4, 0, 5), ValueError, "x is empty"),
+    ([[[1.0]]], TypeError, "x must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x,exc,msg", BAD_X)
+def test_bad_x(no_launch, backend, x, exc, msg):
+    with pytest.raises(exc, match=msg):
+        mt.lif(x, backend=backend)
+
+
+BAD_PARAMS = [
+    (dict(tau=0.0), ValueError, "tau must be > 0"),
+    (dict(tau=-2.0), ValueError, "tau must be > 0"),
+    (dict(tau=math.nan), ValueError, "tau must not be NaN"),
+    (dict(tau=math.inf), ValueError, "tau = inf with decay_input=True"),
+    (dict(tau="2"), TypeError, "tau must be a real number, got str"),
+    (dict(v_th=math.nan), ValueError, "v_th must not be NaN"),
+    (dict(v_th=math.inf), ValueError, "v_th must be finite"),
+    (dict(v_reset=math.nan), ValueError, "v_reset must not be NaN"),
+    (dict(decay_input=1), TypeError, "decay_input must be True or False"),
+    (dict(detach_reset="no"), TypeError, "detach_reset must be True or False"),
+    (dict(surrogate="relu"), ValueError, "surrogate: unknown name 'relu'"),
+    (dict(surrogate=None), TypeError, "surrogate must be a Surrogate object"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\)"),
+    (dict(return_stats=1), TypeError, "return_stats must be True or False"),
+    (dict(v_init=torch.zeros(3, 4)), ValueError, r"v_init must have shape x.shape\[1:\] = \(2, 4\)"),
+    (dict(v_init=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "v_init must be a floating-point tensor"),
+    (dict(v_init=torch.zeros(2, 4, device="meta")), ValueError, "v_init is on meta but x is on"),
+    (dict(v_init=1.0), TypeError, "v_init must be None or a tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs,exc,msg", BAD_PARAMS, ids=lambda p: str(p)[:40] if isinstance(p, dict) else None)
+def test_bad_parameters(no_launch, backend, kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        mt.lif(GOOD, **{"backend": backend, **kwargs})
+
+
+def test_triton_backend_needs_gpu_or_interpreter(monkeypatch, no_launch):
+    monkeypatch.setattr(lif_kernels, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="backend='triton' needs a CUDA tensor.*TRITON_INTERPRET=1"):
+        mt.lif(torch.zeros(2, 2, 2), backend="triton")
+
+
+def test_float64_goes_to_the_reference():
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    assert mt.lif(x).dtype == torch.float64  # auto -> torch
+    with pytest.raises(TypeError, match="backend='triton' takes float32, float16 or bfloat16 input, got torch.float64"):
+        mt.lif(x, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_values(backend):
+    x = make_input((4, 3, 5, 2), 1)
+    s = mt.lif(x, backend=backend)
+    assert isinstance(s, torch.Tensor) and s.shape == x.shape
+    s2, mean, var = mt.lif(x, backend=backend, return_stats=True)
+    assert mean.shape == var.shape == (4, 5) and mean.dtype == torch.float32
+    s3, v_T = mt.lif(x, backend=backend, return_state=True)
+    assert v_T.shape == x.shape[1:]
+    s4, mean4, var4, v_T4 = mt.lif(x, backend=backend, return_stats=True, return_state=True)
+    assert torch.equal(s, s2) and torch.equal(s, s3) and torch.equal(s, s4)
+    assert ((s == 0) | (s == 1)).all()
+
+
+def test_auto_picks_triton_on_cuda_only():
+    x = make_input((2, 2, 3), 0)
+    expected = "triton" if x.is_cuda else "torch"
+    from mpd_triton.functional import _resolve_backend
+
+    assert _resolve_backend("auto", x) == expected
+
+
+def test_state_carries_over_between_calls():
+    """Two halves with the final state passed on == one call over all T."""
+    x = make_input((8, 2, 3, 4), 3)
+    for backend in BACKENDS:
+        full = mt.lif(x, tau=2.0, backend=backend)
+        a, v = mt.lif(x[:5], tau=2.0, backend=backend, return_state=True)
+        b = mt.lif(x[5:], tau=2.0, backend=backend, v_init=v)
+        assert torch.equal(torch.cat([a, b]), full), backend
+
+
+# ------------------------------------------------------------------ nn.Module
+
+
+def test_lif_module_forward_and_records():
+    layer = mt.LIF(tau=2.0, surrogate="atan", record_mpd=True)
+    x = make_input((4, 2, 3, 5, 5), 2).requires_grad_(True)
+    s = layer(x)
+    assert s.shape == x.shape
+    assert len(layer.mpd_records) == 1
+    mean, var = layer.mpd_records[0]
+    assert mean.shape == (4, 3) and mean.requires_grad
+    layer(x)
+    assert len(layer.mpd_records) == 1  # only the last call unless an MPDSGR owns the layer
+    _, m_ref, v_ref = mt.lif(x, tau=2.0, surrogate="atan", return_stats=True)
+    assert torch.allclose(layer.mpd_records[0][0], m_ref) and torch.allclose(layer.mpd_records[0][1], v_ref)
+
+
+def test_lif_module_parameters_and_repr():
+    layer = mt.LIF(tau=3.0, v_th=0.5, v_reset=None, surrogate=mt.Sigmoid(2.0))
+    assert layer.tau == 3.0 and layer.v_th == 0.5 and layer.v_reset is None
+    assert "soft reset" in repr(layer) and "Sigmoid(alpha=2" in repr(layer)
+    layer.surrogate = "triangle"
+    assert isinstance(layer.surrogate, mt.Triangle)
+    with pytest.raises(ValueError, match="surrogate: unknown name"):
+        layer.surrogate = "nope"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mt.LIF(backend="gpu")
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        mt.LIF(tau=-1)
+    with pytest.raises(TypeError, match="record_mpd must be True or False"):
+        mt.LIF(record_mpd="yes")
+
+
+def test_lif_module_backends_agree():
+    x = make_input((5, 3, 4, 3, 3), 4)
+    a = mt.LIF(backend="torch")(x)
+    b = mt.LIF(backend="triton")(x)
+    assert torch.equal(a, b)
+
+
+def test_device_of_outputs():
+    x = make_input((2, 2, 3), 0)
+    s, m, v = mt.lif(x, backend="triton", return_stats=True)
+    assert s.device == x.device == m.device == v.device == DEVICE or DEVICE.type == "cuda"
