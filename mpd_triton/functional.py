@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .kernels import lif as _kernels
 from .neuron import LIFConfig, check_bool
@@ -94,6 +95,7 @@ class _LIFFunction(torch.autograd.Function):
         return spikes, mean, var, v_T
 
     @staticmethod
+    @once_differentiable  # the backward kernel is not itself differentiable: refuse double backward
     def backward(ctx, grad_spikes, grad_mean, grad_var, grad_v_T):
         u_saved, mean = ctx.saved_tensors
         T, B, C, S = u_saved.shape

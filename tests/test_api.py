@@ -164,3 +164,11 @@ def test_device_of_outputs():
     x = make_input((2, 2, 3), 0)
     s, m, v = mt.lif(x, backend="triton", return_stats=True)
     assert s.device == x.device == m.device == v.device == DEVICE or DEVICE.type == "cuda"
+
+
+def test_double_backward_refused():
+    x = make_input((3, 2, 4), 0).requires_grad_(True)
+    s = mt.lif(x, backend="triton", surrogate="sigmoid")
+    (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
