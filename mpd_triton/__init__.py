@@ -9,7 +9,7 @@
 """
 
 from .functional import BACKENDS, KERNEL_DTYPES, lif, triton_interpreted
-from .layers import LIF
+from .layers import BACKWARD_MODES, LIF, rate_backward
 from .mpd import DEFAULT_EPS, GRANULARITIES, MPDSGR, combine_stats, mpd_overlap
 from .neuron import LIFConfig
 from .reference import lif_reference, membrane_stats, spike_function
@@ -31,5 +31,5 @@ __all__ = [
     "lif", "LIF", "MPDSGR", "mpd_overlap", "combine_stats", "LIFConfig", "lif_reference", "membrane_stats",
     "spike_function", "Surrogate", "Triangle", "Rectangular", "Sigmoid", "ATan", "SuperSpike", "as_surrogate",
     "SURROGATE_NAMES", "WINDOW_PEAK_FRACTION", "BACKENDS", "KERNEL_DTYPES", "DEFAULT_EPS", "GRANULARITIES",
-    "triton_interpreted",
+    "triton_interpreted", "BACKWARD_MODES", "rate_backward",
 ]

@@ -11,7 +11,25 @@ from .functional import BACKENDS, lif
 from .neuron import LIFConfig, check_bool
 from .surrogates import Surrogate, Triangle
 
-__all__ = ["LIF"]
+__all__ = ["LIF", "BACKWARD_MODES", "rate_backward"]
+
+BACKWARD_MODES = ("bptt", "rate")
+
+
+def rate_backward(x: torch.Tensor, spikes: torch.Tensor, config: LIFConfig) -> torch.Tensor:
+    """The spikes, with a backward through the firing rate (BPTR) instead of through time.
+
+    Each neuron is treated as a rate unit r = clip(k * mean_t x_t, 0, 1), with
+    k = 1 / V_th the slope of an integrate-and-fire neuron's rate curve (times
+    1/tau when the input is decayed): dL/dx_t = (k / T) * sum_t' dL/ds_t' for
+    neurons whose observed rate is strictly between 0 and 1, and 0 for silent
+    or saturated ones. The forward values are the true spikes.
+    """
+    rate = spikes.detach().float().mean(0, keepdim=True)
+    active = ((rate > 0) & (rate < 1)).to(x.dtype)
+    gain = (config.inv_tau if config.decay_input else 1.0) / max(abs(config.v_th), 1e-12)
+    proxy = (gain * active) * x.mean(0, keepdim=True)
+    return spikes.detach() + (proxy - proxy.detach()).expand_as(spikes)
 
 
 class LIF(nn.Module):
@@ -23,7 +41,9 @@ class LIF(nn.Module):
 
     The neuron parameters are those of :func:`mpd_triton.lif`; they can be
     changed after construction (``layer.surrogate = mt.Sigmoid()`` swaps the
-    surrogate, e.g. for an attacker's gradient).
+    surrogate, e.g. for an attacker's gradient). ``backward_mode = "rate"``
+    replaces backpropagation through time by the rate backward of
+    :func:`rate_backward` (an attacker's option; statistics are not recorded then).
     """
 
     def __init__(
@@ -48,6 +68,7 @@ class LIF(nn.Module):
         # the last call's statistics are kept.
         self.keep_all_records = False
         self.mpd_records: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.backward_mode = "bptt"
 
     # Neuron parameters, read through the validated config.
     def _replace(self, **changes):
@@ -78,6 +99,11 @@ class LIF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
+        if self.backward_mode == "rate":
+            spikes = lif(x.detach(), c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, self.backend)
+            return rate_backward(x, spikes, c)
+        if self.backward_mode != "bptt":
+            raise ValueError(f"backward_mode must be one of {BACKWARD_MODES}, got {self.backward_mode!r}")
         args = (x, c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, self.backend)
         if not self.record_mpd:
             return lif(*args)

@@ -1,0 +1,265 @@
+"""Attacks and the robustness evaluation: closed forms on linear models, invariants, EOT,
+the gradient ensemble, the masking checks, and the train.eval CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import mpd_triton as mt
+from models import build_model
+from train import attacks as A
+from train.robustness import EvalSettings, evaluate_robustness, parse_attacks, sanity_checks
+
+
+class Linear2(nn.Module):
+    """Two-class linear score on flattened images: logits = [0, w.x + b]."""
+
+    def __init__(self, w, b=0.0):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+        self.b = nn.Parameter(torch.tensor(float(b)))
+
+    def forward(self, x):
+        s = x.flatten(1) @ self.w.flatten() + self.b
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def _linear_case(seed=0, B=6):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(1, 4, 4, generator=g)
+    x = torch.rand(B, 1, 4, 4, generator=g) * 0.6 + 0.2  # away from the box edges
+    y = torch.randint(0, 2, (B,), generator=g)
+    return Linear2(w), x, y
+
+
+def test_fgsm_is_the_closed_form_worst_case_of_a_linear_score():
+    """For CE on logits [0, s], the worst L-inf step is x + eps * sign(w) (label 1: - sign(w))."""
+    model, x, y = _linear_case()
+    eps = 0.05
+    x_adv = A.fgsm(model, x, y, eps)
+    direction = torch.where(y.view(-1, 1, 1, 1) == 1, -1.0, 1.0) * model.w.detach().sign()
+    assert torch.allclose(x_adv, x + eps * direction, atol=1e-7)
+
+
+def test_pgd_reaches_the_closed_form_optimum_on_a_linear_score():
+    model, x, y = _linear_case(1)
+    eps = 0.05
+    x_adv = A.pgd(model, x, y, eps, alpha=eps / 2, steps=10)
+    direction = torch.where(y.view(-1, 1, 1, 1) == 1, -1.0, 1.0) * model.w.detach().sign()
+    assert torch.allclose(x_adv, x + eps * direction, atol=1e-6)
+    # and the margin moved by exactly eps * ||w||_1
+    s0 = model(x)[:, 1] - model(x)[:, 0]
+    s1 = model(x_adv)[:, 1] - model(x_adv)[:, 0]
+    shift = torch.where(y == 1, s0 - s1, s1 - s0)
+    assert torch.allclose(shift, torch.full_like(shift, eps * float(model.w.detach().abs().sum())), atol=1e-4)
+
+
+def test_apgd_on_a_linear_score_finds_the_optimum():
+    model, x, y = _linear_case(2)
+    eps = 0.04
+    x_adv = A.apgd(model, x, y, eps, steps=30)
+    best = x + eps * torch.where(y.view(-1, 1, 1, 1) == 1, -1.0, 1.0) * model.w.detach().sign()
+    loss = nn.functional.cross_entropy(model(x_adv), y, reduction="none")
+    best_loss = nn.functional.cross_entropy(model(best), y, reduction="none")
+    fooled = model(x_adv).argmax(1) != y
+    assert bool(((loss >= best_loss - 1e-4) | fooled).all())
+
+
+def _snn(encoding="direct", backend="torch", seed=0):
+    """An untrained small SNN whose neurons fire in eval mode: BatchNorm's running statistics are
+    calibrated on random images (with their initial values every layer is silent, with zero gradient)."""
+    torch.manual_seed(seed)
+    model = build_model("small", in_channels=1, image_size=12, num_classes=10, width=4, hidden=16, T=2,
+                        encoding=encoding, neuron=dict(backend=backend))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(4.0)
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average
+        model.train()
+        for _ in range(3):
+            model(torch.rand(64, 1, 12, 12))
+    return model.eval()
+
+
+@pytest.mark.parametrize("attack", A.ATTACKS)
+def test_attacks_stay_in_the_eps_ball_and_the_box(attack):
+    model = _snn()
+    source = _snn(seed=1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 1, 12, 12, generator=g)
+    x[0] = 0.0
+    x[1] = 1.0
+    y = torch.randint(0, 10, (5,), generator=g)
+    eps = 8 / 255
+    x_adv = A.run_attack(attack, model, x, y, eps, steps=3, alpha=0.01, source=source, n_queries=20)
+    assert x_adv.shape == x.shape
+    assert float((x_adv - x).abs().max()) <= eps + 1e-6
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    assert model.training is False
+
+
+def test_attacks_restore_train_mode_and_leave_parameter_grads():
+    model = _snn().train()
+    x, y = torch.rand(3, 1, 12, 12), torch.tensor([1, 2, 3])
+    A.pgd(model, x, y, 0.03, 0.01, 2)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_sources_change_only_the_backward():
+    model = _snn()
+    x, y = torch.rand(4, 1, 12, 12), torch.tensor([0, 1, 2, 3])
+    grads = {}
+    with torch.no_grad():
+        ref = model(x)
+    own, _ = A.input_gradient(model, x, y)
+    assert own.abs().sum() > 0
+    for source in ("own", "sigmoid", "atan", "bptr"):
+        with A.gradient_source(model, source):
+            with torch.no_grad():
+                assert torch.equal(model(x), ref)  # same forward
+            grads[source], _ = A.input_gradient(model, x, y)
+    assert isinstance(model.lif_layers()[0].surrogate, mt.Triangle)  # restored
+    assert model.lif_layers()[0].backward_mode == "bptt"
+    assert not torch.allclose(grads["own"], grads["sigmoid"]) and not torch.allclose(grads["own"], grads["bptr"])
+    with pytest.raises(ValueError, match="unknown gradient source 'relu'"):
+        with A.gradient_source(model, "relu"):
+            pass
+
+
+def test_eot_averages_over_draws():
+    """A Poisson model's gradient is random; averaging more draws brings it closer to the mean."""
+    model = _snn("poisson")
+    x, y = torch.rand(2, 1, 12, 12), torch.tensor([3, 7])
+    torch.manual_seed(0)
+    g1a, _ = A.input_gradient(model, x, y, eot=1)
+    g1b, _ = A.input_gradient(model, x, y, eot=1)
+    assert not torch.equal(g1a, g1b)  # one draw and another differ
+    torch.manual_seed(1)
+    reference, _ = A.input_gradient(model, x, y, eot=256)
+    err = {}
+    for n in (1, 32):
+        torch.manual_seed(2)
+        g, _ = A.input_gradient(model, x, y, eot=n)
+        err[n] = float((g - reference).norm() / reference.norm())
+    assert err[32] < 0.5 * err[1], err
+
+
+def test_more_steps_and_larger_eps_never_help_the_defender():
+    model = _snn()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(40, 1, 12, 12, generator=g), torch.randint(0, 10, (40,), generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # start from correctly classified images
+    acc = {}
+    for eps in (2 / 255, 8 / 255, 32 / 255):
+        for steps in (1, 10):
+            torch.manual_seed(0)
+            x_adv = A.bim(model, x, y, eps, alpha=eps / 4, steps=steps)
+            with torch.no_grad():
+                acc[eps, steps] = float((model(x_adv).argmax(1) == y).float().mean())
+    for eps in (2 / 255, 8 / 255, 32 / 255):
+        assert acc[eps, 10] <= acc[eps, 1]
+    assert acc[32 / 255, 10] <= acc[8 / 255, 10] <= acc[2 / 255, 10]
+
+
+def test_robust_accuracy_below_clean_and_ensemble_is_per_image_worst_case():
+    model = _snn()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.rand(30, 1, 12, 12, generator=g), torch.randint(0, 10, (30,), generator=g)
+    with torch.no_grad():
+        y[:20] = model(x[:20]).argmax(1)
+    settings = EvalSettings(attacks=["fgsm", "pgd", "gaussian"], eps=[4 / 255, 16 / 255], steps=3,
+                            gradients=["own", "sigmoid", "bptr"], batch_size=16, large_eps_check=False)
+    r = evaluate_robustness(model, x, y, settings, progress=False)
+    for attack, by_eps in r["accuracy"].items():
+        for eps, value in by_eps.items():
+            assert value <= r["clean"]
+            if attack in r["by_gradient"]:
+                per_source = r["by_gradient"][attack][eps]
+                assert value <= min(per_source.values())  # the per-image AND is below every single source
+
+
+def test_ensemble_counts_an_image_only_if_it_survives_every_source(monkeypatch):
+    """Source 'own' fools images {0, 1}, 'sigmoid' fools {2}: the ensemble must count 3 fooled."""
+    model = Linear2(torch.ones(1, 4, 4))
+    x = torch.full((4, 1, 4, 4), 0.5)
+    y = torch.ones(4, dtype=torch.long)
+    fooled_by = {"own": [0, 1], "sigmoid": [2]}
+
+    def fake_attack(name, model, x, y, eps, gradient="own", **kw):
+        x_adv = x.clone()
+        x_adv[fooled_by[gradient]] = 0.0  # score 0: predicted class 0, wrong
+        return x_adv
+
+    import train.robustness as R
+
+    monkeypatch.setattr(R, "run_attack", fake_attack)
+    settings = EvalSettings(attacks=["pgd"], eps=[0.1], gradients=["own", "sigmoid"], large_eps_check=False)
+    r = evaluate_robustness(model, x, y, settings, num_classes=2, progress=False)
+    assert r["clean"] == 1.0
+    assert r["by_gradient"]["pgd"]["0.1"] == {"own": 0.5, "sigmoid": 0.75}
+    assert r["accuracy"]["pgd"]["0.1"] == 0.25
+
+
+class RoundingModel(nn.Module):
+    """Masks gradients: its forward rounds the input to 4 levels (zero gradient almost everywhere)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(2, 16))
+
+    def forward(self, x):
+        q = torch.round(x * 3) / 3
+        return self.fc(q.flatten(1) - 0.5)
+
+
+def test_sanity_checks_flag_a_gradient_masking_model_and_pass_an_honest_one():
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(200, 1, 4, 4, generator=g)
+    # 10 steps of 0.05 cross the 0.3-wide ball (fewer would make PGD weaker than FGSM, a real flag)
+    settings = EvalSettings(attacks=["fgsm", "pgd", "gaussian", "square"], eps=[0.05, 0.15], steps=10, alpha=0.05,
+                            n_queries=200, batch_size=100)
+    masked = RoundingModel().eval()
+    with torch.no_grad():
+        y = masked(x).argmax(1)
+    r_masked = evaluate_robustness(masked, x, y, settings, num_classes=2, progress=False)
+    failed = {c["name"] for c in r_masked["checks"] if not c["passed"]}
+    assert "large_eps" in failed and "white_box_strongest" in failed, r_masked["checks"]
+    assert not r_masked["all_checks_passed"]
+
+    honest = Linear2(torch.randn(1, 4, 4, generator=g)).eval()
+    with torch.no_grad():
+        y = honest(x).argmax(1)
+    r_honest = evaluate_robustness(honest, x, y, settings, num_classes=2, progress=False)
+    assert r_honest["all_checks_passed"], r_honest["checks"]
+
+
+def test_sanity_check_logic_on_synthetic_results():
+    base = {"n": 1000, "accuracy": {"fgsm": {"0.01": 0.5, "0.03": 0.3}, "pgd": {"0.01": 0.4, "0.03": 0.25}},
+            "large_eps": {"eps": 1.0, "acc": 0.0}}
+    assert all(c["passed"] for c in sanity_checks(base))
+    rising = json.loads(json.dumps(base))
+    rising["accuracy"]["pgd"]["0.03"] = 0.6
+    names = {c["name"]: c["passed"] for c in sanity_checks(rising)}
+    assert names["eps_monotone"] is False and names["iterative_beats_one_step"] is False
+
+
+def test_parse_attacks_and_settings_errors():
+    assert parse_attacks("fgsm, noise,PGD") == ["fgsm", "gaussian", "pgd"]
+    with pytest.raises(ValueError, match="unknown attack 'cw'"):
+        parse_attacks("fgsm,cw")
+    with pytest.raises(ValueError, match=r"eps must be in \[0, 1\]"):
+        EvalSettings(eps=[1.5])
+    with pytest.raises(ValueError, match="unknown gradient source"):
+        EvalSettings(gradients=["nope"])

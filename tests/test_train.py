@@ -1,0 +1,150 @@
+"""python -m train.run: a short real training run, kill-and-resume, 2 processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--train-limit", "600", "--test-limit", "200", "--eval-attacks", "", "--batch-size", "50"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _run_cli(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "train.run", *args], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, **kwargs)
+
+
+def test_short_training_learns_and_mpd_lowers_omega(tmp_path):
+    """Plain and MPD-SGR from the same seed on real (bundled) Fashion-MNIST images."""
+    code = main(["--train-limit", "3000", "--test-limit", "500", "--epochs", "2", "--eta", "0.1", "--compare",
+                 "--eval-attacks", "", "--out", str(tmp_path)])
+    assert code == 0
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    plain, mpd = comparison["plain"], comparison["mpd"]
+    assert plain["clean_acc"] > 0.6, plain  # chance is 0.1
+    assert mpd["clean_acc"] > 0.4, mpd
+    assert mpd["mean_omega"] < 0.8 * plain["mean_omega"], (plain["mean_omega"], mpd["mean_omega"])
+    for run in ("plain", "mpd"):
+        report = json.loads((tmp_path / run / "report.json").read_text())
+        for key in ("config", "clean_acc", "omega_per_layer", "mean_omega", "seconds_per_epoch", "history"):
+            assert key in report
+        assert len(report["omega_per_layer"]) == 3
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+        for f in ("report.md", "membrane.png", "curves.png", "checkpoint.pt", "model.pt"):
+            assert (tmp_path / run / f).is_file(), f
+    for f in ("comparison.md", "membrane.png", "curves.png", "config.json"):
+        assert (tmp_path / f).is_file(), f
+
+
+def _final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def test_sigkill_and_resume_gives_the_same_final_weights(tmp_path):
+    """Poisson encoding draws from the RNG every step: the resumed run must restore it exactly."""
+    args = SMALL + ["--epochs", "3", "--eta", "0.05", "--no-compare", "--encoding", "poisson", "--seed", "7"]
+    full = _run_cli(args + ["--out", str(tmp_path / "full")], timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "train.run", *args, "--out", str(out)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "mpd" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 1:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "mpd" / "model.pt").exists(), "killed too late: the run had finished"
+
+    resumed = _run_cli(args + ["--out", str(out), "--resume"], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch" in resumed.stdout
+    a, b = _final_weights(tmp_path / "full" / "mpd"), _final_weights(out / "mpd")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after kill and resume"
+    history = [json.loads(line)["epoch"] for line in (out / "mpd" / "metrics.jsonl").read_text().splitlines()]
+    assert history == [1, 2, 3]
+
+
+def test_two_processes_with_torchrun(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=29517", "-m", "train.run", *SMALL, "--epochs", "2",
+           "--eta", "0.05", "--no-compare", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 processes" in proc.stdout
+    report = json.loads((tmp_path / "mpd" / "report.json").read_text())
+    assert report["clean_acc"] > 0.3 and len(report["history"]) == 2
+
+
+BAD = [
+    (["--model", "resnet50"], "unknown model 'resnet50'"),
+    (["--data", "mnist"], "unknown data set 'mnist'"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--T", "0"], "T must be >= 1, got 0"),
+    (["--eta", "-0.1"], "eta must be >= 0"),
+    (["--adv-eps=-1/255"], "adv eps must be in [0, 1]"),
+    (["--T", "four"], "argument --T/-T: invalid int value: 'four' (see --help)"),
+    (["--tau", "1/0"], "expected a number or a fraction like 8/255"),
+    (["--eval-eps", "2"], "eval eps must be in [0, 1]"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--tau", "0"], "tau must be > 0"),
+    (["--surrogate", "relu"], "surrogate: unknown name 'relu'"),
+    (["--model", "vgg16"], "model vgg16 on fmnist-subset (28x28): image too small"),
+    (["--data", "cifar10", "--data-dir", "/nonexistent"], "--data-dir /nonexistent does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_one_clear_line(argv, message, capsys, tmp_path):
+    code = main(argv + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unreadable_and_mismatched_checkpoints(capsys, tmp_path):
+    (tmp_path / "mpd").mkdir()
+    (tmp_path / "mpd" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code = main(SMALL + ["--eta", "0.1", "--no-compare", "--out", str(tmp_path), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: cannot read checkpoint" in err and "Traceback" not in err
+
+    good = tmp_path / "good"
+    assert main(SMALL + ["--epochs", "1", "--eta", "0.1", "--no-compare", "--out", str(good)]) == 0
+    capsys.readouterr()
+    code = main(SMALL + ["--epochs", "1", "--eta", "0.1", "--no-compare", "--out", str(good), "--resume", "--T", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "started with other settings (T: 4 -> 3)" in err, err
+    code = main(SMALL + ["--epochs", "1", "--eta", "0.1", "--no-compare", "--out", str(good)])
+    err = capsys.readouterr().err
+    assert code == 2 and "exists: pass --resume" in err
+    code = main(SMALL + ["--resume", "--out", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no checkpoint under" in err

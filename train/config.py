@@ -1,0 +1,258 @@
+"""Run configuration: presets, command line, validation.
+
+Every knob of a run lives in ``RunConfig``; a preset is a set of overrides of
+its defaults, and the command line overrides the preset. The config is stored
+in every checkpoint and report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+
+import mpd_triton as mt
+from models import ENCODINGS, MODEL_NAMES
+
+from .data import DATASETS
+
+__all__ = ["RunConfig", "PRESETS", "ConfigError", "parse_args", "build_parser", "fraction"]
+
+
+class ConfigError(ValueError):
+    """A bad command-line value; the message is one line for the user."""
+
+
+@dataclass
+class RunConfig:
+    preset: str = "quick"
+    # model and data
+    model: str = "small"
+    data: str = "fmnist-subset"
+    data_dir: str | None = None
+    download: bool = False
+    train_limit: int | None = None
+    test_limit: int | None = None
+    T: int = 4
+    encoding: str = "direct"
+    # optimization
+    epochs: int = 4
+    batch_size: int = 64
+    eval_batch_size: int = 500
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    # neurons
+    tau: float = 2.0
+    v_th: float = 1.0
+    v_reset: float | None = 0.0
+    decay_input: bool = True
+    detach_reset: bool = False
+    surrogate: str = "triangle"
+    surrogate_param: float | None = None
+    window: float | None = None
+    backend: str = "auto"
+    # MPD-SGR
+    eta: float = 0.0
+    compare: bool = False  # train eta = 0 and eta = `eta` from the same seed, side by side
+    gamma: float | None = None
+    granularity: str = "time_channel"
+    # adversarial training (PGD)
+    adv_train: bool = False
+    adv_eps: float = 2 / 255
+    adv_step: float = 1 / 255
+    adv_steps: int = 2
+    # evaluation at the end of training
+    eval_attacks: str = "fgsm,pgd,noise"
+    eval_eps: float = 8 / 255
+    eval_limit: int | None = 1000
+    # run
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    deterministic: bool = False
+    out: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def neuron_options(self) -> dict:
+        return dict(tau=self.tau, v_th=self.v_th, v_reset=self.v_reset, decay_input=self.decay_input,
+                    detach_reset=self.detach_reset, surrogate=self.surrogate,
+                    surrogate_param=self.surrogate_param, window=self.window, backend=self.backend)
+
+
+# The paper protocol (design section 6): T = 8, SGD lr 0.1, momentum 0.9,
+# weight decay 5e-4, cosine schedule, batch 128, 200 epochs; AT: PGD 2/255, 1/255, 2 steps.
+_PAPER = dict(T=8, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", batch_size=128,
+              epochs=200, eval_limit=None)
+PRESETS: dict[str, dict] = {
+    "quick": dict(model="small", data="fmnist-subset", T=4, epochs=4, batch_size=64, lr=0.05, eta=1.0,
+                  compare=True, eval_limit=1000),
+    "fmnist-vgg11": dict(model="vgg11", data="fmnist", T=8, epochs=10, batch_size=128, lr=0.05, eta=1.0,
+                         compare=True, eval_limit=None),
+    "cifar10-vgg11": dict(_PAPER, model="vgg11", data="cifar10", eta=1.0),
+    "cifar10-vgg11-at": dict(_PAPER, model="vgg11", data="cifar10", eta=1.0, adv_train=True),
+    "cifar100-wrn16": dict(_PAPER, model="wrn16", data="cifar100", eta=1.0),
+    "tinyimagenet-vgg16": dict(_PAPER, model="vgg16", data="tinyimagenet", eta=1.0, epochs=100),
+}
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def fraction(text: str) -> float:
+    """'8/255' or '0.03' -> float."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from None
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "soft") else fraction(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input, instead of usage + exit
+        raise ConfigError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m train.run",
+        description="Train a spiking network with MPD-SGR (and optionally adversarial training). "
+                    "With no arguments: the 'quick' preset, a small SNN on the bundled Fashion-MNIST subset, "
+                    "trained plain and with MPD-SGR from the same seed and compared.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a("--preset", default="quick", help=f"one of: {', '.join(PRESETS)}")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help=f"one of: {', '.join(MODEL_NAMES)}")
+    g.add_argument("--data", help=f"one of: {', '.join(DATASETS)}")
+    g.add_argument("--data-dir", help="where the data set lives (see train/data.py for the layouts)")
+    g.add_argument("--download", action="store_true", default=None, help="download CIFAR / Fashion-MNIST if missing")
+    g.add_argument("--train-limit", type=int, help="use only the first N training images")
+    g.add_argument("--test-limit", type=int, help="use only the first N test images")
+    g.add_argument("--T", "-T", type=int, help="time steps")
+    g.add_argument("--encoding", help=f"one of: {', '.join(ENCODINGS)}")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--schedule", help=f"one of: {', '.join(SCHEDULES)}")
+    g = p.add_argument_group("neurons")
+    g.add_argument("--tau", type=fraction, help="membrane time constant (inf: integrate-and-fire)")
+    g.add_argument("--v-th", type=fraction)
+    g.add_argument("--v-reset", type=_optional_float, help="hard-reset value, or 'none' for a soft reset")
+    g.add_argument("--decay-input", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--detach-reset", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--surrogate", help=f"one of: {', '.join(mt.SURROGATE_NAMES)}")
+    g.add_argument("--surrogate-param", type=float, help="gamma (triangle, rectangular) or alpha (sigmoid, atan, superspike)")
+    g.add_argument("--window", type=float, help="MPD-SGR window of a smooth surrogate (default: its convention)")
+    g.add_argument("--backend", help="LIF backend: auto, triton or torch")
+    g = p.add_argument_group("MPD-SGR")
+    g.add_argument("--eta", type=float, help="regularizer weight (0: plain training)")
+    g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="train eta = 0 and the given eta from the same seed and compare them")
+    g.add_argument("--gamma", type=float, help="window half-width for all layers (default: each surrogate's)")
+    g.add_argument("--granularity", help=f"one of: {', '.join(mt.GRANULARITIES)}")
+    g = p.add_argument_group("adversarial training")
+    g.add_argument("--adv-train", action=argparse.BooleanOptionalAction, default=None, help="PGD adversarial training")
+    g.add_argument("--adv-eps", type=fraction)
+    g.add_argument("--adv-step", type=fraction)
+    g.add_argument("--adv-steps", type=int)
+    g = p.add_argument_group("evaluation after training")
+    g.add_argument("--eval-attacks", help="comma-separated attacks run on the final model ('' for none)")
+    g.add_argument("--eval-eps", type=fraction)
+    g.add_argument("--eval-limit", type=int, help="test images used by the attacks (0: all)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (default: the newest runs/<preset>-*)")
+    return p
+
+
+def parse_args(argv=None) -> tuple[RunConfig, bool]:
+    """-> (config, resume). Raises ConfigError with a one-line message on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    values = RunConfig().to_dict()
+    values.update(PRESETS[args.preset])
+    values["preset"] = args.preset
+    names = {f.name for f in fields(RunConfig)}
+    for key, value in vars(args).items():
+        if key in names and value is not None and key != "preset":
+            values[key] = value
+    if args.eval_limit == 0:
+        values["eval_limit"] = None
+    cfg = RunConfig(**values)
+    validate(cfg)
+    return cfg, args.resume
+
+
+def _positive_int(name, value):
+    if value is not None and value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    if cfg.model not in MODEL_NAMES:
+        raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if cfg.data not in DATASETS:
+        raise ConfigError(f"unknown data set {cfg.data!r}; choose one of {', '.join(DATASETS)}")
+    if cfg.encoding not in ENCODINGS:
+        raise ConfigError(f"unknown encoding {cfg.encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if cfg.granularity not in mt.GRANULARITIES:
+        raise ConfigError(f"unknown granularity {cfg.granularity!r}; choose one of {', '.join(mt.GRANULARITIES)}")
+    if cfg.backend not in mt.BACKENDS:
+        raise ConfigError(f"unknown backend {cfg.backend!r}; choose one of {', '.join(mt.BACKENDS)}")
+    for name in ("T", "epochs", "batch_size", "eval_batch_size", "adv_steps", "train_limit", "test_limit",
+                 "eval_limit"):
+        _positive_int(name, getattr(cfg, name))
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConfigError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.momentum < 0 or cfg.weight_decay < 0:
+        raise ConfigError("momentum and weight decay must be >= 0")
+    if not (cfg.eta >= 0 and math.isfinite(cfg.eta)):
+        raise ConfigError(f"eta must be >= 0, got {cfg.eta}")
+    if cfg.compare and cfg.eta == 0:
+        raise ConfigError("--compare trains eta = 0 against the given eta: give an --eta > 0")
+    for name in ("adv_eps", "adv_step", "eval_eps"):
+        value = getattr(cfg, name)
+        if not (0 <= value <= 1):
+            raise ConfigError(f"{name.replace('_', ' ')} must be in [0, 1] (images are in [0, 1]), got {value}")
+    for name in ("gamma", "window"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    try:  # the neuron options, checked by the library's own validation
+        from models import NeuronOptions
+
+        opts = NeuronOptions(**cfg.neuron_options())
+        opts.make()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

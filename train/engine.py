@@ -1,0 +1,254 @@
+"""Training and evaluation loops, device and process-group set-up, resumable runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+import mpd_triton as mt
+from models import build_model
+
+from .attacks import pgd
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import RunConfig
+from .data import DatasetInfo, EpochLoader, ImageData
+
+__all__ = ["RunContext", "setup_context", "build_for", "train_run", "evaluate", "RunResult", "MODEL_FILE"]
+
+CHECKPOINT = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+METRICS = "metrics.jsonl"
+# Config entries that may differ when a run is resumed (where it runs, not what it computes).
+RESUMABLE_DIFFERENCES = {"out", "device", "download", "data_dir", "eval_attacks", "eval_limit", "eval_eps"}
+
+
+@dataclass
+class RunContext:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+
+def setup_context(cfg: RunConfig) -> RunContext:
+    """Device choice and, under torchrun (WORLD_SIZE > 1), the process group (nccl on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return RunContext(device, rank, world_size)
+
+
+def build_for(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
+    return build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                       image_size=info.image_size, T=cfg.T, encoding=cfg.encoding,
+                       neuron=cfg.neuron_options(), mean=info.mean, std=info.std)
+
+
+def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(cfg: RunConfig, opt) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        milestones = [max(1, int(cfg.epochs * 0.5)), max(1, int(cfg.epochs * 0.75))]
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _all_reduce(values: list[float], ctx: RunContext) -> list[float]:
+    if not ctx.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, reg: mt.MPDSGR, data: ImageData, cfg: RunConfig, ctx: RunContext,
+             desc: str = "eval") -> dict:
+    """Clean accuracy and mean Omega per layer over ``data`` (sharded over ranks, summed)."""
+    was_training = model.training
+    model.eval()
+    loader = EpochLoader(data, cfg.eval_batch_size, shuffle=False, rank=ctx.rank, world_size=ctx.world_size,
+                         device=ctx.device, pad=False)
+    n_layers = len(reg.layers)
+    sums = [0.0] * (2 + n_layers)  # correct, count, omega-sum per layer
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=None if ctx.is_main else True, mininterval=1.0):
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = model(x)
+        sums[0] += float((logits.argmax(1) == y).sum())
+        sums[1] += len(y)
+        for i, omega in enumerate(reg.layer_overlaps()):
+            sums[2 + i] += float(omega.mean()) * len(y)
+    sums = _all_reduce(sums, ctx)
+    model.train(was_training)
+    count = max(sums[1], 1.0)
+    per_layer = [s / count for s in sums[2:]]
+    return {"acc": sums[0] / count, "omega": sum(per_layer) / max(n_layers, 1), "omega_layers": per_layer}
+
+
+@dataclass
+class RunResult:
+    name: str
+    eta: float
+    run_dir: Path
+    history: list
+    final: dict
+    seconds_per_epoch: float
+
+
+def _check_resumable(saved: dict, cfg: RunConfig, name: str, eta: float, path: Path) -> None:
+    if saved.get("run") != name or saved.get("eta") != eta:
+        raise CheckpointError(f"{path} belongs to run {saved.get('run')!r} (eta={saved.get('eta')}), "
+                              f"not {name!r} (eta={eta})")
+    old, new = saved.get("config", {}), cfg.to_dict()
+    differing = sorted(k for k in new if k not in RESUMABLE_DIFFERENCES and old.get(k) != new[k])
+    if differing:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differing[:4])
+        raise CheckpointError(f"cannot resume {path}: the run was started with other settings ({details})")
+
+
+def train_run(cfg: RunConfig, name: str, eta: float, run_dir: Path, train: ImageData, test: ImageData,
+              info: DatasetInfo, ctx: RunContext, resume: bool) -> RunResult:
+    """Train one model (eta = 0: plain) in ``run_dir``, resuming from its checkpoint if asked."""
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed)
+    model = build_for(cfg, info).to(ctx.device)
+    reg = mt.MPDSGR(model, eta=eta, granularity=cfg.granularity, gamma=cfg.gamma)
+    opt = _optimizer(cfg, model)
+    sched = _scheduler(cfg, opt)
+    start_epoch, history = 0, []
+    ckpt_path = run_dir / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        saved = load_checkpoint(ckpt_path, map_location=ctx.device)
+        _check_resumable(saved, cfg, name, eta, ckpt_path)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"][min(ctx.rank, len(saved["rng"]) - 1)])
+        start_epoch, history = saved["epoch"], saved["history"]
+        if ctx.is_main:
+            print(f"[{name}] resuming after epoch {start_epoch}/{cfg.epochs} from {ckpt_path}")
+    elif ckpt_path.is_file():
+        raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / METRICS).write_text("".join(json.dumps(h) + "\n" for h in history))
+    ctx.barrier()
+
+    net = nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
+    loader = EpochLoader(train, cfg.batch_size, shuffle=True, augment=info.augment, seed=cfg.seed,
+                         rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.set_epoch(epoch)
+        model.train()
+        t0 = time.perf_counter()
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, correct, n, omega * n
+        bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if ctx.is_main else True, mininterval=1.0)  # None: off when not a terminal
+        for x, y in bar:
+            if cfg.adv_train:
+                # on the bare model: an attack forward under DDP would wait for a gradient sync
+                x = pgd(model, x, y, eps=cfg.adv_eps, alpha=cfg.adv_step, steps=cfg.adv_steps)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = net(x)
+            task = nn.functional.cross_entropy(logits.float(), y)
+            loss = task + reg()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n = len(y)
+            omega = reg.mean_overlap()
+            sums[0] += float(task.detach()) * n
+            sums[1] += float((logits.argmax(1) == y).sum())
+            sums[2] += n
+            sums[3] += omega * n
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
+                            omega=f"{omega:.3f}", refresh=False)
+        sched.step()
+        if not all(math.isfinite(s) for s in sums):
+            raise FloatingPointError(f"[{name}] training diverged in epoch {epoch + 1} (loss is not finite); "
+                                     "lower --lr or --eta")
+        sums = _all_reduce(sums, ctx)
+        train_seconds = time.perf_counter() - t0
+        test_metrics = evaluate(model, reg, test, cfg, ctx, desc=f"{name} test")
+        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": sums[0] / sums[2],
+                  "train_acc": sums[1] / sums[2], "train_omega": sums[3] / sums[2],
+                  "test_acc": test_metrics["acc"], "test_omega": test_metrics["omega"],
+                  "test_omega_layers": test_metrics["omega_layers"], "epoch_seconds": train_seconds}
+        history.append(record)
+        rngs = _gather_rng(ctx)
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, {
+                "run": name, "eta": eta, "epoch": epoch + 1, "config": cfg.to_dict(), "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs, "history": history,
+                "model_spec": model_spec(cfg, info),
+            })
+            with open(run_dir / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"[{name}] epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, "
+                  f"train acc {100 * record['train_acc']:.2f}%, test acc {100 * record['test_acc']:.2f}%, "
+                  f"Omega {record['test_omega']:.4f} ({train_seconds:.1f} s)", flush=True)
+        ctx.barrier()
+    if ctx.is_main:
+        save_checkpoint(run_dir / MODEL_FILE, {"run": name, "eta": eta, "config": cfg.to_dict(),
+                                               "model": model.state_dict(), "model_spec": model_spec(cfg, info)})
+    ctx.barrier()
+    seconds = [h["epoch_seconds"] for h in history]
+    return RunResult(name, eta, run_dir, history, history[-1] if history else {},
+                     sum(seconds) / max(len(seconds), 1))
+
+
+def _gather_rng(ctx: RunContext) -> list:
+    """Every rank's RNG state (Poisson encoding and attacks draw from them)."""
+    state = rng_state()
+    if not ctx.distributed:
+        return [state]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def model_spec(cfg: RunConfig, info: DatasetInfo) -> dict:
+    """What rebuilds the model from a checkpoint (used by train.eval)."""
+    return {"model": cfg.model, "in_channels": info.in_channels, "num_classes": info.num_classes,
+            "image_size": info.image_size, "T": cfg.T, "encoding": cfg.encoding, "neuron": cfg.neuron_options(),
+            "mean": list(info.mean), "std": list(info.std), "data": cfg.data}

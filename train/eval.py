@@ -1,0 +1,230 @@
+"""python -m train.eval: robustness of trained spiking models (see --help).
+
+    python -m train.eval --checkpoint runs/quick-*/plain/model.pt --checkpoint runs/quick-*/mpd/model.pt \\
+        --attacks fgsm,pgd,bim,apgd,noise,square --eps 2/255,4/255,8/255 --ensemble
+
+Prints a table (clean and robust accuracy per attack and eps, the mean L1 norm
+of the input gradient), writes eval.json / eval.md and robustness.png, and runs
+the gradient-masking sanity checks (a failed check is flagged loudly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from models import build_model  # noqa: E402
+
+from .attacks import GRADIENT_SOURCES  # noqa: E402
+from .checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from .config import ConfigError, fraction  # noqa: E402
+from .data import DataError, load_dataset  # noqa: E402
+from .robustness import EvalSettings, evaluate_robustness, parse_attacks  # noqa: E402
+
+ENSEMBLE = ["own", "triangle", "sigmoid", "atan", "bptr"]
+
+
+def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model from a train.run checkpoint (model.pt or checkpoint.pt)."""
+    state = load_checkpoint(Path(path), map_location=device)
+    spec = state.get("model_spec")
+    if spec is None or "model" not in state:
+        raise CheckpointError(f"{path} has no model (expected a train.run model.pt or checkpoint.pt)")
+    kwargs = {k: v for k, v in spec.items() if k not in ("model", "data")}
+    model = build_model(spec["model"], **kwargs).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit a {spec['model']} model: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, spec
+
+
+def _fmt(value) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def result_table(names: list[str], results: list[dict]) -> str:
+    """Plain-text table: rows = attack@eps, columns = models."""
+    rows = [("clean", [_fmt(r["clean"]) for r in results])]
+    for attack in results[0]["accuracy"]:
+        for eps in results[0]["accuracy"][attack]:
+            rows.append((f"{attack} @ {float(eps) * 255:.3g}/255", [_fmt(r["accuracy"][attack][eps]) for r in results]))
+    if results[0].get("large_eps"):
+        rows.append((f"pgd @ eps {results[0]['large_eps']['eps']:g} (check)", [_fmt(r["large_eps"]["acc"]) for r in results]))
+    rows.append(("input-gradient L1", [f"{r['grad_l1']:.4g}" for r in results]))
+    rows.append(("sanity checks", ["pass" if r["all_checks_passed"] else "FAILED" for r in results]))
+    width = max(len(k) for k, _ in rows) + 2
+    col = max(14, *(len(n) + 2 for n in names))
+    lines = ["".ljust(width) + "".join(n.rjust(col) for n in names)]
+    lines += [k.ljust(width) + "".join(v.rjust(col) for v in vals) for k, vals in rows]
+    return "\n".join(lines)
+
+
+def markdown(names: list[str], results: list[dict], command: str) -> str:
+    md = ["# Robustness evaluation", "", f"Command: `{command}`", "", f"Images: {results[0]['n']}; settings: "
+          + ", ".join(f"{k}={v}" for k, v in results[0]["settings"].items()), "",
+          "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for line in result_table(names, results).splitlines()[1:]:
+        key = line[: line.find("  ")].strip() if "  " in line else line
+        cells = [c for c in line[len(key):].split() if c]
+        md.append(f"| {key} | " + " | ".join(cells) + " |")
+    for name, r in zip(names, results):
+        if r["by_gradient"] and len(r["settings"]["gradients"]) > 1:
+            md += ["", f"## {name}: accuracy per attacker gradient (the table above is the per-image worst case)", "",
+                   "| attack @ eps | " + " | ".join(r["settings"]["gradients"]) + " |",
+                   "|---|" + "---|" * len(r["settings"]["gradients"])]
+            for attack, by_eps in r["by_gradient"].items():
+                for eps, by_g in by_eps.items():
+                    md.append(f"| {attack} @ {float(eps) * 255:.3g}/255 | "
+                              + " | ".join(_fmt(by_g[g]) for g in r["settings"]["gradients"]) + " |")
+        md += ["", f"## {name}: gradient-masking sanity checks", ""]
+        for c in r["checks"]:
+            flag = "PASS" if c["passed"] else "**FAIL**"
+            md.append(f"- {flag} `{c['name']}`: {c['detail']}")
+        if not r["all_checks_passed"]:
+            md.append("\n> **Warning: a sanity check failed: the robust accuracies above may come from gradient "
+                      "masking, not robustness. Do not report them as robustness.**")
+    md += ["", "![robust accuracy against eps](robustness.png)", ""]
+    return "\n".join(md)
+
+
+def plot(names: list[str], results: list[dict], path: Path) -> None:
+    attacks = list(results[0]["accuracy"])
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.2), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        for name, r in zip(names, results):
+            eps = sorted(r["accuracy"][attack], key=float)
+            xs = [0.0] + [float(e) * 255 for e in eps]
+            ys = [100 * r["clean"]] + [100 * r["accuracy"][attack][e] for e in eps]
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_title(attack)
+        ax.set_xlabel("eps (x/255)")
+        ax.set_ylabel("accuracy %")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise ConfigError(f"{message} (see --help)")
+
+    p = Parser(prog="python -m train.eval", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="model.pt or checkpoint.pt of train.run (repeat to compare models)")
+    p.add_argument("--name", action="append", help="column name per checkpoint (default: the run folder name)")
+    p.add_argument("--attacks", default="fgsm,pgd,bim,gaussian",
+                   help="comma-separated: fgsm, pgd, bim, apgd, gaussian (noise), uniform, square, transfer")
+    p.add_argument("--eps", default="2/255,4/255,8/255", help="comma-separated eps list (fractions allowed)")
+    p.add_argument("--steps", type=int, default=7, help="PGD / BIM steps")
+    p.add_argument("--step-size", type=fraction, default=0.01, help="PGD / BIM step size")
+    p.add_argument("--apgd-steps", type=int, default=50)
+    p.add_argument("--gradients", default="own",
+                   help=f"attacker gradients, comma-separated: {', '.join(GRADIENT_SOURCES)}")
+    p.add_argument("--ensemble", action="store_true",
+                   help=f"shortcut for --gradients {','.join(ENSEMBLE)} (per-image worst case)")
+    p.add_argument("--eot", type=int, help="gradient draws averaged per step (default 1; 8 for Poisson models)")
+    p.add_argument("--queries", type=int, default=1000, help="Square attack query budget")
+    p.add_argument("--source", help="checkpoint of an independently trained model for the transfer attack")
+    p.add_argument("--no-large-eps-check", action="store_true", help="skip the eps = 1 sanity check")
+    p.add_argument("--data", help="data set (default: the checkpoint's)")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int, default=1000, help="test images (0: all)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output folder (default: eval-<time> beside the first checkpoint)")
+    return p
+
+
+def main(argv=None) -> int:
+    command = "python -m train.eval " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+        attacks = parse_attacks(args.attacks)
+        try:
+            eps = [fraction(e) for e in args.eps.split(",") if e.strip()]
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(f"--eps: {e}") from None
+        gradients = ENSEMBLE if args.ensemble else [g.strip() for g in args.gradients.split(",") if g.strip()]
+        if "transfer" in attacks and not args.source:
+            raise ConfigError("the transfer attack needs --source CHECKPOINT (an independently trained model)")
+        if args.name and len(args.name) != len(args.checkpoint):
+            raise ConfigError("give one --name per --checkpoint")
+        models = [load_model(c, device) for c in args.checkpoint]
+        spec0 = models[0][1]
+        for (_, spec), path in zip(models[1:], args.checkpoint[1:]):
+            if spec["num_classes"] != spec0["num_classes"] or spec.get("data") != spec0.get("data"):
+                raise ConfigError(f"{path} was trained on {spec.get('data')} ({spec['num_classes']} classes), "
+                                  f"not {spec0.get('data')}: compare models of one data set")
+        data_name = args.data or spec0.get("data")
+        if args.data and args.data != spec0.get("data"):
+            raise ConfigError(f"{args.checkpoint[0]} is a model for {spec0.get('data')}, not {args.data}")
+        _, test, info = load_dataset(data_name, args.data_dir)
+        if info.num_classes != spec0["num_classes"] or info.image_size != spec0["image_size"]:
+            raise ConfigError(f"the checkpoint's model takes {spec0['image_size']}px images of "
+                              f"{spec0['num_classes']} classes; {data_name} has {info.image_size}px, {info.num_classes}")
+        source = None
+        if args.source:
+            source, source_spec = load_model(args.source, device)
+            if source_spec["num_classes"] != spec0["num_classes"] or source_spec["in_channels"] != spec0["in_channels"]:
+                raise ConfigError(f"--source {args.source} has {source_spec['num_classes']} classes and "
+                                  f"{source_spec['in_channels']} input channels; the evaluated model has "
+                                  f"{spec0['num_classes']} and {spec0['in_channels']}")
+        poisson = any(spec["encoding"] == "poisson" for _, spec in models)
+        settings = EvalSettings(attacks=attacks, eps=eps, steps=args.steps, alpha=args.step_size,
+                                apgd_steps=args.apgd_steps, gradients=gradients,
+                                eot=args.eot or (8 if poisson else 1), n_queries=args.queries,
+                                batch_size=args.batch_size, seed=args.seed,
+                                large_eps_check=not args.no_large_eps_check)
+    except (ConfigError, CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    limit = None if args.limit == 0 else args.limit
+    images = test.images[:limit].float().div(255.0)
+    labels = test.labels[:limit]
+    names = args.name or [Path(c).parent.name or Path(c).stem for c in args.checkpoint]
+    print(f"mpd-triton train.eval: {len(images)} {data_name} test images, device {device}, attacks {attacks}, "
+          f"eps {[round(e * 255, 3) for e in eps]}/255, gradients {gradients}, eot {settings.eot}", flush=True)
+    results = []
+    for name, (model, spec) in zip(names, models):
+        t0 = time.perf_counter()
+        r = evaluate_robustness(model, images, labels, settings, source=source, num_classes=spec["num_classes"],
+                                desc=name)
+        r["seconds"] = time.perf_counter() - t0
+        r["checkpoint"] = str(Path(args.checkpoint[names.index(name)]))
+        results.append(r)
+    out = Path(args.out) if args.out else Path(args.checkpoint[0]).resolve().parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"command": command, "models": dict(zip(names, results))}, indent=2))
+    (out / "eval.md").write_text(markdown(names, results, command))
+    plot(names, results, out / "robustness.png")
+    print("\n" + result_table(names, results))
+    for name, r in zip(names, results):
+        for c in r["checks"]:
+            if not c["passed"]:
+                print(f"\n!!! {name}: sanity check {c['name']} FAILED: {c['detail']}\n!!! the robust accuracies "
+                      "may reflect gradient masking, not robustness", file=sys.stderr)
+    print(f"\nwrote {out}/eval.json, eval.md, robustness.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""Reports of a run: report.json, report.md and plots (membrane potential
+histograms with the surrogate window, Omega per epoch, loss and accuracy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import mpd_triton as mt  # noqa: E402
+
+__all__ = ["membrane_samples", "write_run_report", "write_comparison", "plot_curves", "plot_membrane"]
+
+
+@torch.no_grad()
+def membrane_samples(model: torch.nn.Module, x: torch.Tensor, max_per_layer: int = 20_000,
+                     seed: int = 0) -> list[dict]:
+    """u = h - V_th of every LIF layer for a batch x (eval mode), subsampled; with each layer's window."""
+    layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: inputs.setdefault(i, args[0].detach()))
+             for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, layer in enumerate(layers):
+        u = mt.lif_reference(inputs[i].float().cpu(), layer.config).u.flatten()
+        if u.numel() > max_per_layer:
+            u = u[torch.randperm(u.numel(), generator=g)[:max_per_layer]]
+        out.append({"layer": i, "window": layer.surrogate.window, "u": u.numpy()})
+    return out
+
+
+def _hist_range(sample_sets: list[list[dict]]) -> tuple[float, float]:
+    values = np.concatenate([s["u"] for samples in sample_sets for s in samples])
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    span = max(hi - lo, 1e-3)
+    return float(lo - 0.05 * span), float(hi + 0.05 * span)
+
+
+def plot_membrane(sample_sets: dict[str, list[dict]], path: Path, title: str) -> None:
+    """One panel per LIF layer: the histogram of u of each run, the window [-gamma, gamma] shaded."""
+    names = list(sample_sets)
+    n_layers = len(sample_sets[names[0]])
+    cols = min(4, n_layers)
+    rows = -(-n_layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    lo, hi = _hist_range(list(sample_sets.values()))
+    bins = np.linspace(lo, hi, 81)
+    for i in range(rows * cols):
+        ax = axes[i // cols][i % cols]
+        if i >= n_layers:
+            ax.axis("off")
+            continue
+        window = sample_sets[names[0]][i]["window"]
+        ax.axvspan(-window, window, color="tab:red", alpha=0.12, label="SG window")
+        for name in names:
+            u = sample_sets[name][i]["u"]
+            inside = float(np.mean(np.abs(u) <= window))
+            ax.hist(u, bins=bins, density=True, histtype="step", linewidth=1.3, label=f"{name} ({100 * inside:.0f}% in)")
+        ax.axvline(0.0, color="k", linewidth=0.6)
+        ax.set_title(f"LIF layer {i + 1}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: membrane potential u = h - V_th", fontsize=10)
+    fig.supxlabel("u", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
+    """Omega, loss and accuracy per epoch for each run."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for name, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        axes[0].plot(epochs, [h["test_omega"] for h in history], marker="o", label=f"{name} (test)")
+        axes[0].plot(epochs, [h["train_omega"] for h in history], linestyle="--", alpha=0.6, label=f"{name} (train)")
+        axes[1].plot(epochs, [h["train_loss"] for h in history], marker="o", label=name)
+        axes[2].plot(epochs, [100 * h["test_acc"] for h in history], marker="o", label=f"{name} (test)")
+        axes[2].plot(epochs, [100 * h["train_acc"] for h in history], linestyle="--", alpha=0.6,
+                     label=f"{name} (train)")
+    for ax, title in zip(axes, ("mean Omega (share in the SG window)", "training loss (task)", "accuracy %")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt_pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def write_run_report(run_dir: Path, name: str, eta: float, config: dict, history: list[dict],
+                     samples: list[dict], robustness: dict | None = None) -> dict:
+    run_dir = Path(run_dir)
+    final = history[-1]
+    report = {
+        "run": name, "eta": eta, "config": config,
+        "clean_acc": final["test_acc"], "mean_omega": final["test_omega"],
+        "omega_per_layer": final["test_omega_layers"],
+        "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in history])),
+        "epochs": len(history), "history": history,
+        "membrane_share_in_window": [float(np.mean(np.abs(s["u"]) <= s["window"])) for s in samples],
+        "robustness": robustness,
+    }
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    plot_membrane({name: samples}, run_dir / "membrane.png", f"{name} (eta = {eta:g})")
+    plot_curves({name: history}, run_dir / "curves.png")
+    lines = [
+        f"# Run `{name}` (eta = {eta:g})", "",
+        f"- model {config['model']}, data {config['data']}, T = {config['T']}, encoding {config['encoding']}, "
+        f"surrogate {config['surrogate']}, epochs {len(history)}",
+        f"- clean test accuracy: **{_fmt_pct(report['clean_acc'])}**",
+        f"- mean Omega: **{report['mean_omega']:.4f}**; per layer: "
+        + ", ".join(f"{o:.3f}" for o in report["omega_per_layer"]),
+        f"- time per epoch: {report['seconds_per_epoch']:.1f} s", "",
+        "| epoch | train loss | train acc | test acc | test Omega | s |", "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {_fmt_pct(h['train_acc'])} | {_fmt_pct(h['test_acc'])} "
+              f"| {h['test_omega']:.4f} | {h['epoch_seconds']:.1f} |" for h in history]
+    lines += ["", "![membrane potential](membrane.png)", "", "![curves](curves.png)", ""]
+    if robustness:
+        lines += _robustness_lines({name: robustness})
+    (run_dir / "report.md").write_text("\n".join(lines))
+    return report
+
+
+def _robustness_lines(robustness: dict[str, dict]) -> list[str]:
+    names = list(robustness)
+    attacks = list(next(iter(robustness.values()))["accuracy"])
+    lines = ["## Robustness", "", "| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for attack in attacks:
+        lines.append(f"| {attack} | " + " | ".join(_fmt_pct(robustness[n]["accuracy"][attack]) for n in names) + " |")
+    return lines + [""]
+
+
+def write_comparison(out_dir: Path, reports: list[dict], samples: dict[str, list[dict]]) -> str:
+    """comparison.json / comparison.md / plots for runs trained from the same seed; returns the table text."""
+    out_dir = Path(out_dir)
+    names = [r["run"] for r in reports]
+    rows = [("eta", [f"{r['eta']:g}" for r in reports]),
+            ("clean accuracy", [_fmt_pct(r["clean_acc"]) for r in reports]),
+            ("mean Omega", [f"{r['mean_omega']:.4f}" for r in reports])]
+    attack_names = []
+    if all(r.get("robustness") for r in reports):
+        attack_names = [a for a in reports[0]["robustness"]["accuracy"] if a != "clean"]
+        for attack in attack_names:
+            rows.append((f"{attack} accuracy", [_fmt_pct(r["robustness"]["accuracy"][attack]) for r in reports]))
+        rows.append(("input-gradient L1", [f"{r['robustness'].get('grad_l1', float('nan')):.4g}" for r in reports]))
+    rows.append(("s / epoch", [f"{r['seconds_per_epoch']:.1f}" for r in reports]))
+    width = max(len(k) for k, _ in rows) + 2
+    col = max(12, *(len(n) + 2 for n in names))
+    table = "".ljust(width) + "".join(n.rjust(col) for n in names) + "\n"
+    table += "\n".join(k.ljust(width) + "".join(v.rjust(col) for v in vals) for k, vals in rows)
+    md = ["# Plain vs MPD-SGR (same seed)", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    md += [f"| {k} | " + " | ".join(vals) + " |" for k, vals in rows]
+    md += ["", "![membrane potential](membrane.png)", "", "![curves](curves.png)", ""]
+    (out_dir / "comparison.md").write_text("\n".join(md))
+    (out_dir / "comparison.json").write_text(json.dumps(
+        {r["run"]: {k: r[k] for k in ("eta", "clean_acc", "mean_omega", "omega_per_layer", "seconds_per_epoch",
+                                       "robustness")} for r in reports}, indent=2))
+    plot_membrane(samples, out_dir / "membrane.png", "plain vs MPD-SGR")
+    plot_curves({r["run"]: r["history"] for r in reports}, out_dir / "curves.png")
+    return table

@@ -1,0 +1,197 @@
+"""Robustness evaluation: attacks over an eps list, the worst case over the attacker's
+gradient sources, the input-gradient norm, and the gradient-masking sanity checks.
+
+Robust accuracy counts an image only if it is classified correctly both clean
+and under the attack (as AutoAttack does), so it never exceeds clean accuracy.
+With several gradient sources (``gradients=["own", "sigmoid", "bptr", ...]``)
+an image counts as robust only if it survives every one of them (the
+ensemble, a per-image worst case); the reported accuracy of a gradient attack
+is that worst case.
+
+Sanity checks (Carlini et al. 2019; Athalye et al. 2018), each PASS / FAIL with figures:
+- ``eps_monotone``: accuracy does not rise as eps grows (per attack);
+- ``iterative_beats_one_step``: PGD / BIM / APGD are at least as strong as FGSM;
+- ``white_box_strongest``: noise, Square and transfer are weaker than the strongest white-box attack;
+- ``large_eps``: PGD with a very large eps (1.0: any image) brings accuracy near zero.
+A tolerance of max(1%, 2 images) absorbs the randomness of the random attacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .attacks import ATTACKS, GRADIENT_ATTACKS, GRADIENT_SOURCES, input_gradient, run_attack
+
+__all__ = ["EvalSettings", "evaluate_robustness", "sanity_checks", "parse_attacks", "ATTACK_ALIASES"]
+
+ATTACK_ALIASES = {"noise": "gaussian"}
+LARGE_EPS, LARGE_EPS_STEPS, LARGE_EPS_ALPHA = 1.0, 20, 0.1
+
+
+def parse_attacks(text: str) -> list[str]:
+    names = [ATTACK_ALIASES.get(a.strip().lower(), a.strip().lower()) for a in text.split(",") if a.strip()]
+    for name in names:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)} (or 'noise' for gaussian)")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class EvalSettings:
+    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd", "gaussian"])
+    eps: list[float] = field(default_factory=lambda: [8 / 255])
+    steps: int = 7
+    alpha: float = 0.01
+    apgd_steps: int = 50
+    gradients: list[str] = field(default_factory=lambda: ["own"])
+    eot: int = 1
+    n_queries: int = 1000
+    batch_size: int = 250
+    seed: int = 0
+    large_eps_check: bool = True
+
+    def __post_init__(self):
+        for a in self.attacks:
+            if a not in ATTACKS:
+                raise ValueError(f"unknown attack {a!r}; choose from {', '.join(ATTACKS)}")
+        for g in self.gradients:
+            if g not in GRADIENT_SOURCES:
+                raise ValueError(f"unknown gradient source {g!r}; choose from {', '.join(GRADIENT_SOURCES)}")
+        for e in self.eps:
+            if not 0.0 <= e <= 1.0:
+                raise ValueError(f"eps must be in [0, 1] (images are in [0, 1]), got {e}")
+        for name in ("steps", "apgd_steps", "eot", "n_queries", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.alpha > 0:
+            raise ValueError(f"step size must be > 0, got {self.alpha}")
+
+
+def _key(eps: float) -> str:
+    return f"{eps:.6g}"
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
+
+
+def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: EvalSettings,
+                        *, source: nn.Module | None = None, num_classes: int = 10, desc: str = "attacks",
+                        progress: bool = True) -> dict:
+    """Run every attack at every eps on (images, labels) in batches; returns a JSON-ready dict."""
+    if "transfer" in settings.attacks and source is None:
+        raise ValueError("the transfer attack needs a source model")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    torch.manual_seed(settings.seed)  # Poisson draws and random starts: repeatable
+    n = images.shape[0]
+    counts: dict[tuple, int] = {}
+    clean_total, grad_l1_total = 0, 0.0
+
+    def add(key, value):
+        counts[key] = counts.get(key, 0) + int(value)
+
+    batches = range(0, n, settings.batch_size)
+    for start in tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=1.0):
+        x = images[start:start + settings.batch_size].to(device)
+        y = labels[start:start + settings.batch_size].to(device)
+        clean = _correct(model, x, y)
+        clean_total += int(clean.sum())
+        grad, _ = input_gradient(model, x, y, settings.eot)
+        grad_l1_total += float(grad.abs().flatten(1).sum(1).sum())
+        for attack in settings.attacks:
+            for eps in settings.eps:
+                if attack in GRADIENT_ATTACKS:
+                    survived = clean.clone()
+                    for source_name in settings.gradients:
+                        steps = settings.apgd_steps if attack == "apgd" else settings.steps
+                        x_adv = run_attack(attack, model, x, y, eps, steps=steps, alpha=settings.alpha,
+                                           eot=settings.eot, gradient=source_name, seed=settings.seed + start)
+                        ok = clean & _correct(model, x_adv, y)
+                        add((attack, _key(eps), source_name), ok.sum())
+                        survived &= ok
+                    add((attack, _key(eps), "worst"), survived.sum())
+                else:
+                    x_adv = run_attack(attack, model, x, y, eps, steps=settings.steps, alpha=settings.alpha,
+                                       eot=settings.eot, source=source, n_queries=settings.n_queries,
+                                       seed=settings.seed + start)
+                    add((attack, _key(eps), "worst"), (clean & _correct(model, x_adv, y)).sum())
+        if settings.large_eps_check:
+            survived = clean.clone()
+            for source_name in settings.gradients:
+                x_adv = run_attack("pgd", model, x, y, LARGE_EPS, steps=LARGE_EPS_STEPS, alpha=LARGE_EPS_ALPHA,
+                                   eot=settings.eot, gradient=source_name, seed=settings.seed + start)
+                survived &= _correct(model, x_adv, y)
+            add(("large_eps", _key(LARGE_EPS), "worst"), survived.sum())
+    model.train(was_training)
+
+    accuracy = {a: {_key(e): counts[(a, _key(e), "worst")] / n for e in settings.eps} for a in settings.attacks}
+    by_gradient = {a: {_key(e): {g: counts[(a, _key(e), g)] / n for g in settings.gradients} for e in settings.eps}
+                   for a in settings.attacks if a in GRADIENT_ATTACKS}
+    result = {
+        "n": n, "clean": clean_total / n, "grad_l1": grad_l1_total / n, "settings": asdict(settings),
+        "accuracy": accuracy, "by_gradient": by_gradient,
+        "large_eps": ({"eps": LARGE_EPS, "steps": LARGE_EPS_STEPS, "alpha": LARGE_EPS_ALPHA,
+                       "acc": counts[("large_eps", _key(LARGE_EPS), "worst")] / n}
+                      if settings.large_eps_check else None),
+    }
+    result["checks"] = sanity_checks(result, num_classes)
+    result["all_checks_passed"] = all(c["passed"] for c in result["checks"])
+    return result
+
+
+def sanity_checks(result: dict, num_classes: int = 10) -> list[dict]:
+    """The gradient-masking checks of the module docstring on an evaluate_robustness result."""
+    n = result["n"]
+    tol = max(0.01, 2.0 / max(n, 1))
+    acc = result["accuracy"]
+    checks = []
+
+    def check(name, failures, what):
+        checks.append({"name": name, "passed": not failures, "detail": "; ".join(failures) if failures else what})
+
+    failures = []
+    for attack, by_eps in acc.items():
+        eps_sorted = sorted(by_eps, key=float)
+        for lo, hi in zip(eps_sorted, eps_sorted[1:]):
+            if by_eps[hi] > by_eps[lo] + tol:
+                failures.append(f"{attack}: {100 * by_eps[lo]:.1f}% at eps {lo} but {100 * by_eps[hi]:.1f}% at {hi}")
+    if any(len(v) > 1 for v in acc.values()):
+        check("eps_monotone", failures, "accuracy does not rise with eps for any attack")
+
+    failures, compared = [], False
+    if "fgsm" in acc:
+        for attack in ("pgd", "bim", "apgd"):
+            for eps, value in acc.get(attack, {}).items():
+                if eps in acc["fgsm"]:
+                    compared = True
+                    if value > acc["fgsm"][eps] + tol:
+                        failures.append(f"{attack} {100 * value:.1f}% > fgsm {100 * acc['fgsm'][eps]:.1f}% at eps {eps}")
+    if compared:
+        check("iterative_beats_one_step", failures, "iterative attacks are at least as strong as FGSM")
+
+    failures, compared = [], False
+    white = [a for a in acc if a in GRADIENT_ATTACKS]
+    for attack in ("gaussian", "uniform", "square", "transfer"):
+        for eps, value in acc.get(attack, {}).items():
+            strongest = [acc[w][eps] for w in white if eps in acc[w]]
+            if strongest:
+                compared = True
+                if value < min(strongest) - tol:
+                    failures.append(f"{attack} {100 * value:.1f}% < white-box {100 * min(strongest):.1f}% at eps {eps}")
+    if compared:
+        check("white_box_strongest", failures, "noise, Square and transfer are weaker than the white-box attacks")
+
+    large = result.get("large_eps")
+    if large is not None:
+        limit = max(0.05, 0.5 / num_classes)
+        failures = [] if large["acc"] <= limit else [
+            f"PGD at eps {large['eps']} leaves {100 * large['acc']:.1f}% accuracy (> {100 * limit:.0f}%)"]
+        check("large_eps", failures, f"PGD at eps {large['eps']} leaves {100 * large['acc']:.1f}% accuracy")
+    return checks

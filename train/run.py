@@ -1,0 +1,102 @@
+"""python -m train.run: train spiking networks with MPD-SGR (see --help).
+
+With no arguments it runs the 'quick' preset: a small SNN on the bundled
+Fashion-MNIST subset, trained plain (eta = 0) and with MPD-SGR from the same
+seed, then compared side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, RunConfig, parse_args
+from .data import DataError, ImageData, load_dataset
+from .engine import RunContext, build_for, setup_context, train_run
+from .report import membrane_samples, write_comparison, write_run_report
+
+RUNS_ROOT = Path("runs")
+
+
+def _resolve_out(cfg: RunConfig, resume: bool, ctx: RunContext) -> Path:
+    if cfg.out:
+        out = Path(cfg.out)
+        if resume and not any(out.glob("*/checkpoint.pt")):
+            raise CheckpointError(f"--resume: no checkpoint under {out}")
+        return out
+    if resume:
+        candidates = sorted(p for p in RUNS_ROOT.glob(f"{cfg.preset}-*") if any(p.glob("*/checkpoint.pt")))
+        if not candidates:
+            raise CheckpointError(f"--resume: no run of preset {cfg.preset!r} under {RUNS_ROOT}/ (give --out)")
+        return candidates[-1]
+    name = [f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if ctx.distributed:  # every rank uses rank 0's clock
+        dist.broadcast_object_list(name, src=0)
+    return RUNS_ROOT / name[0]
+
+
+def _limit(data: ImageData, n: int | None) -> ImageData:
+    return data.limit(n)
+
+
+def run(cfg: RunConfig, resume: bool) -> list[dict]:
+    ctx = setup_context(cfg)
+    out = _resolve_out(cfg, resume, ctx)
+    train, test, info = load_dataset(cfg.data, cfg.data_dir, cfg.download)
+    train, test = _limit(train, cfg.train_limit), _limit(test, cfg.test_limit)
+    try:
+        build_for(cfg, info)
+    except ValueError as e:
+        raise ConfigError(f"model {cfg.model} on {cfg.data} ({info.image_size}x{info.image_size}): {e}") from None
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        print(f"mpd-triton train.run: preset {cfg.preset}, model {cfg.model}, data {cfg.data} "
+              f"({len(train)} train / {len(test)} test, from {info.source}), device {ctx.device}"
+              f"{f' x {ctx.world_size} processes' if ctx.distributed else ''}, out {out}", flush=True)
+    runs = [("plain", 0.0), ("mpd", cfg.eta)] if cfg.compare else [("mpd" if cfg.eta > 0 else "plain", cfg.eta)]
+    reports, samples = [], {}
+    probe = test.images[:256].float().div(255.0).to(ctx.device)
+    for name, eta in runs:
+        result = train_run(cfg, name, eta, out / name, train, test, info, ctx, resume)
+        if not ctx.is_main:
+            continue
+        model = build_for(cfg, info).to(ctx.device)
+        model.load_state_dict(torch.load(out / name / "model.pt", map_location=ctx.device, weights_only=False)["model"])
+        samples[name] = membrane_samples(model, probe, seed=cfg.seed)
+        reports.append(write_run_report(out / name, name, eta, cfg.to_dict(), result.history, samples[name]))
+    if ctx.is_main:
+        if len(reports) > 1:
+            table = write_comparison(out, reports, samples)
+            print("\n" + table + f"\n\nreports: {out}/comparison.md, {out}/<run>/report.md")
+        else:
+            r = reports[0]
+            print(f"\n{r['run']}: clean accuracy {100 * r['clean_acc']:.2f}%, mean Omega {r['mean_omega']:.4f}; "
+                  f"report: {out / r['run'] / 'report.md'}")
+    if ctx.distributed:
+        dist.destroy_process_group()
+    return reports
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, resume = parse_args(argv)
+        run(cfg, resume)
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last finished epoch is in the run's checkpoint; continue with --resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
