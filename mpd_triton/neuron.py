@@ -8,7 +8,9 @@ Multi-step, time-major LIF (design section 2). For t = 1..T::
     hard reset: v_t = h_t * (1 - s_t) + v_reset * s_t     (v_rest = v_reset)
     soft reset: v_t = h_t - V_th * s_t                    (v_rest = 0)
 
-``inv_tau = 1 / tau`` (0 for tau = inf). Both implementations evaluate these
+``inv_tau = 1 / tau`` (0 for tau = inf). ``KernelParams`` is the same neuron as
+the fused kernels and their custom operators take it: plain floats, bools and
+the surrogate's integer id. Both implementations evaluate these
 expressions in this order, so in float32 they agree bit for bit wherever the
 arithmetic is IEEE (the interpreter; on a GPU, FMA contraction may move the
 last bit).
@@ -19,10 +21,11 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .surrogates import Surrogate, Triangle, as_surrogate
 
-__all__ = ["LIFConfig", "check_real", "check_bool"]
+__all__ = ["LIFConfig", "KernelParams", "check_real", "check_bool"]
 
 
 def check_real(name: str, value, *, allow_inf: bool = False) -> float:
@@ -41,6 +44,23 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+class KernelParams(NamedTuple):
+    """A validated LIFConfig flattened to what an operator schema can carry (no Python objects).
+
+    The field order is the order of these arguments in the ``mpd_triton::lif_fwd`` /
+    ``lif_bwd`` operators (mpd_triton/ops.py).
+    """
+
+    inv_tau: float
+    v_th: float
+    v_rest: float
+    decay_input: bool
+    hard_reset: bool
+    detach_reset: bool
+    surrogate: int  # Surrogate.kind: which @triton.jit helper the backward uses
+    surrogate_param: float  # Surrogate.param (gamma or alpha)
 
 
 @dataclass(frozen=True)
@@ -83,3 +103,9 @@ class LIFConfig:
     def v_rest(self) -> float:
         """The level the leak decays toward: v_reset for a hard reset, 0 for a soft one."""
         return self.v_reset if self.v_reset is not None else 0.0
+
+    @property
+    def kernel_params(self) -> KernelParams:
+        sg = self.surrogate
+        return KernelParams(self.inv_tau, self.v_th, self.v_rest, self.decay_input, self.hard_reset,
+                            self.detach_reset, sg.kind, sg.param)
