@@ -33,9 +33,11 @@ def check_real(name: str, value, *, allow_inf: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if math.isnan(value):
+    # Comparisons rather than math.isnan / math.isinf: they also take the symbolic floats
+    # of torch.compile(dynamic=True).
+    if value != value:
         raise ValueError(f"{name} must not be NaN")
-    if math.isinf(value) and not allow_inf:
+    if abs(value) == math.inf and not allow_inf:
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
