@@ -100,7 +100,7 @@ def _lif_fwd_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(u_saved, mean)
     ctx.params = tuple(params)
-    ctx.saved_u = save_u
+    ctx.saved_u, ctx.stats, ctx.save_state = save_u, stats, save_state
     ctx.v_init_dtype = v_init.dtype if v_init is not None else None
 
 
@@ -108,6 +108,10 @@ def _lif_fwd_backward(ctx, grad_spikes, grad_u_saved, grad_mean, grad_var, grad_
     if not ctx.saved_u:
         raise RuntimeError("mpd_triton::lif_fwd was called with save_u=False, so it cannot be differentiated")
     u_saved, mean = ctx.saved_tensors
+    if not ctx.stats:  # the placeholders of outputs not asked for carry no gradient
+        grad_mean = grad_var = None
+    if not ctx.save_state:
+        grad_v_T = None
     mpd_a = mpd_b = None
     if grad_mean is not None or grad_var is not None:
         # dL/du of every element of (t, c): gm/M + gvar * 2 (u - mean)/M = a + b u.
