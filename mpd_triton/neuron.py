@@ -87,7 +87,7 @@ class LIFConfig:
         check_bool("decay_input", self.decay_input)
         check_bool("detach_reset", self.detach_reset)
         object.__setattr__(self, "surrogate", as_surrogate(self.surrogate))
-        if math.isinf(tau) and self.decay_input:
+        if tau == math.inf and self.decay_input:
             raise ValueError(
                 "tau = inf with decay_input=True multiplies the input by 1/tau = 0, so the neuron "
                 "never sees its input; use decay_input=False for an integrate-and-fire neuron"
@@ -95,7 +95,7 @@ class LIFConfig:
 
     @property
     def inv_tau(self) -> float:
-        return 0.0 if math.isinf(self.tau) else 1.0 / self.tau
+        return 0.0 if self.tau == math.inf else 1.0 / self.tau
 
     @property
     def hard_reset(self) -> bool:
