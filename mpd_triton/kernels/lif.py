@@ -182,38 +182,33 @@ def tile_shape(B: int, C: int, S: int, channels_last: bool = False) -> tuple[int
 
 
 @triton.jit
-def _tile(pid_p, pid_c, B, C, S, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Indices (channel, sample, position as [BLOCK_C, BLOCK_B, BLOCK_S] broadcastable
-    vectors), mask and channel vector of a program's tile."""
+def _tile(B, C, S, in_stride_b, in_stride_c, in_stride_s, CHANNELS_LAST: tl.constexpr, IN_DENSE: tl.constexpr,
+          BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's tile: offsets (int64, within one time step) in the layout the kernels
+    write and in the tensor they read through its strides (the same offsets when that one is
+    dense in this layout), mask, channel indices and elements per channel."""
+    pid_p = tl.program_id(0)
     n_s_tiles = tl.cdiv(S, BLOCK_S)
     pid_b = pid_p // n_s_tiles
     pid_s = pid_p % n_s_tiles
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     c3 = c[:, None, None]
     b3 = b[None, :, None]
     s3 = s[None, None, :]
-    mask = (c3 < C) & (b3 < B) & (s3 < S)
-    # Elements per channel in this tile (the same for every channel).
-    count = (tl.minimum(B - pid_b * BLOCK_B, BLOCK_B) * tl.minimum(S - pid_s * BLOCK_S, BLOCK_S)).to(tl.float32)
-    return c3, b3, s3, mask, c, count
-
-
-@triton.jit
-def _dense_offsets(c3, b3, s3, C, S, CHANNELS_LAST: tl.constexpr):
-    """Offsets (int64, within one time step) in the layout the kernels write."""
     if CHANNELS_LAST:
         offs = b3.to(tl.int64) * C * S + s3 * C + c3
     else:
         offs = b3.to(tl.int64) * C * S + c3 * S + s3
-    return offs
-
-
-@triton.jit
-def _strided_offsets(c3, b3, s3, stride_c, stride_b, stride_s):
-    """Offsets (int64, within one time step) of a tensor read through its strides."""
-    return c3.to(tl.int64) * stride_c + b3.to(tl.int64) * stride_b + s3.to(tl.int64) * stride_s
+    if IN_DENSE:
+        in_offs = offs
+    else:
+        in_offs = c3.to(tl.int64) * in_stride_c + b3.to(tl.int64) * in_stride_b + s3.to(tl.int64) * in_stride_s
+    mask = (c3 < C) & (b3 < B) & (s3 < S)
+    # Elements per channel in this tile (the same for every channel).
+    count = (tl.minimum(B - pid_b * BLOCK_B, BLOCK_B) * tl.minimum(S - pid_s * BLOCK_S, BLOCK_S)).to(tl.float32)
+    return offs, in_offs, mask, c, count
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -227,14 +222,8 @@ def _lif_fwd_kernel(
     CHANNELS_LAST: tl.constexpr, X_DENSE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    c3, b3, s3, mask, c, count = _tile(pid_p, pid_c, B, C, S, BLOCK_C, BLOCK_B, BLOCK_S)
-    offs = _dense_offsets(c3, b3, s3, C, S, CHANNELS_LAST)
-    if X_DENSE:
-        x_offs = offs
-    else:
-        x_offs = _strided_offsets(c3, b3, s3, x_stride_c, x_stride_b, x_stride_s)
+    offs, x_offs, mask, c, count = _tile(B, C, S, x_stride_b, x_stride_c, x_stride_s, CHANNELS_LAST, X_DENSE,
+                                         BLOCK_C, BLOCK_B, BLOCK_S)
     inv_tau = tl.cast(inv_tau, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_rest = tl.cast(v_rest, tl.float32)
@@ -242,7 +231,7 @@ def _lif_fwd_kernel(
         v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         v = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_S], dtype=tl.float32) + v_rest
-    stat_offs = pid_p * C + c
+    stat_offs = tl.program_id(0) * C + c  # this tile's row of the [T, P, C] partials
     stat_mask = c < C
     for t in range(T):
         t_off = tl.cast(t, tl.int64) * N
@@ -325,14 +314,8 @@ def _lif_bwd_kernel(
     CHANNELS_LAST: tl.constexpr, GS_DENSE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    c3, b3, s3, mask, c, count = _tile(pid_p, pid_c, B, C, S, BLOCK_C, BLOCK_B, BLOCK_S)
-    offs = _dense_offsets(c3, b3, s3, C, S, CHANNELS_LAST)
-    if GS_DENSE:
-        gs_offs = offs
-    else:
-        gs_offs = _strided_offsets(c3, b3, s3, gs_stride_c, gs_stride_b, gs_stride_s)
+    offs, gs_offs, mask, c, _ = _tile(B, C, S, gs_stride_b, gs_stride_c, gs_stride_s, CHANNELS_LAST, GS_DENSE,
+                                      BLOCK_C, BLOCK_B, BLOCK_S)
     inv_tau = tl.cast(inv_tau, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_rest = tl.cast(v_rest, tl.float32)
