@@ -313,6 +313,16 @@ def test_op_outputs_match_lif():
     assert torch.equal(mean, mean_lif) and torch.equal(var, var_lif)
 
 
+def test_compiled_module_keeps_one_record_per_layer():
+    """torch.compile(model): MPDSGR's pre-hook that clears the records runs in the graph."""
+    model, reg = _model("triton")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for seed in (0, 1):
+        images, labels = _batch(seed)
+        (F.cross_entropy(compiled(images), labels) + reg()).backward()
+        assert [len(layer.mpd_records) for layer in reg.layers] == [1, 1, 1]
+
+
 def test_lif_module_compiles_with_records():
     layer = mt.LIF(tau=2.0, surrogate="atan", backend="triton", record_mpd=True)
     x = make_input((3, 2, 4, 5), 10)
