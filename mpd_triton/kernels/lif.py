@@ -131,11 +131,23 @@ def _empty(shape, channels_last: bool, *, dtype, device, channel_dim: int) -> to
     return torch.empty(moved, dtype=dtype, device=device).movedim(-1, channel_dim)
 
 
-def _state_in_layout(v: torch.Tensor | None, channels_last: bool) -> torch.Tensor | None:
-    """A [B, C, *spatial] state tensor in the outputs' order (copied once if it is not)."""
-    if v is None or step_layout(v.unsqueeze(0))._replace(channels_last=channels_last).is_dense():
-        return v
-    return _empty(v.shape, channels_last, dtype=v.dtype, device=v.device, channel_dim=1).copy_(v)
+def _dense_in(t: torch.Tensor, channels_last: bool, *, channel_dim: int) -> torch.Tensor:
+    """t itself if it is dense in the given order, else a copy that is (one copy). For
+    [T, B, C, *spatial] tensors (channel_dim 2) and [B, C, *spatial] states (channel_dim 1)."""
+    steps = t if channel_dim == 2 else t.unsqueeze(0)
+    if step_layout(steps)._replace(channels_last=channels_last).is_dense():
+        return t
+    return _empty(t.shape, channels_last, dtype=t.dtype, device=t.device, channel_dim=channel_dim).copy_(t)
+
+
+def _readable(t: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, StepLayout]:
+    """t (read-only by the kernels) and its layout; copied once to the written layout only
+    when its spatial dims do not merge into one stride."""
+    layout = step_layout(t)
+    if layout.strides is None:
+        t = _empty(t.shape, channels_last, dtype=t.dtype, device=t.device, channel_dim=2).copy_(t)
+        layout = step_layout(t)
+    return t, layout
 
 
 def forward_buffers(x: torch.Tensor, *, stats: bool, save_state: bool, save_u: bool):
@@ -373,16 +385,6 @@ def _grid(layout: StepLayout):
     return (P, triton.cdiv(C, block_c)), P, (block_c, block_b, block_s)
 
 
-def _readable(t: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, StepLayout]:
-    """t (read-only by the kernels) and its layout; copied once to the written layout only
-    when its spatial dims do not merge into one stride."""
-    layout = step_layout(t)
-    if layout.strides is None:
-        t = _empty(t.shape, channels_last, dtype=t.dtype, device=t.device, channel_dim=2).copy_(t)
-        layout = step_layout(t)
-    return t, layout
-
-
 def lif_forward(
     x: torch.Tensor,
     params: KernelParams,
@@ -403,7 +405,8 @@ def lif_forward(
     T, B, C, S = layout.T, layout.B, layout.C, layout.S
     grid, P, (block_c, block_b, block_s) = _grid(layout)
     spikes, u_saved, mean, var, v_T = forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u)
-    v_init = _state_in_layout(v_init, layout.channels_last)
+    if v_init is not None:
+        v_init = _dense_in(v_init, layout.channels_last, channel_dim=1)
     if stats:
         pmean = torch.empty((T, P, C), dtype=torch.float32, device=x.device)
         pm2 = torch.empty_like(pmean)
@@ -447,9 +450,8 @@ def lif_backward(
     grad_v0 float32 or None).
     """
     layout = step_layout(u_saved)
-    if not layout.is_dense():  # not from lif_forward: read it in the layout grad_x is written in
-        u_saved = u_saved.contiguous()
-        layout = step_layout(u_saved)
+    u_saved = _dense_in(u_saved, layout.channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
+    layout = step_layout(u_saved)
     T, B, C, S = layout.T, layout.B, layout.C, layout.S
     grid, _, (block_c, block_b, block_s) = _grid(layout)
     if grad_spikes is not None:
@@ -458,7 +460,8 @@ def lif_backward(
             time=False)
     else:
         gs_strides, gs_dense = (0, 0, 0, 0), True
-    grad_v_T = _state_in_layout(grad_v_T, layout.channels_last)
+    if grad_v_T is not None:
+        grad_v_T = _dense_in(grad_v_T, layout.channels_last, channel_dim=1)
     grad_x, grad_v0 = backward_buffers(u_saved, need_grad_v0=need_grad_v0)
     _lif_bwd_kernel[grid](
         grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, grad_x, grad_v0,
