@@ -118,7 +118,9 @@ def lif(
 
     Returns:
         spikes (x.dtype, same shape as x); with return_stats ``(spikes, mean,
-        var)``; with return_state the final state is appended.
+        var)``; with return_state the final state is appended. The triton
+        backend reads x through its strides and writes spikes and the final
+        state channels-last when x is (see docs/compile.md for what is copied).
     """
     _check_x(x)
     _check_v_init(v_init, x)
