@@ -1,12 +1,15 @@
-"""Public functional API: input validation, backend dispatch, the autograd Function."""
+"""Public functional API: input validation and backend dispatch.
+
+The fused kernels are reached through the custom operators of ``ops`` (their
+autograd formula lives there), so ``torch.compile(fullgraph=True)`` traces
+``lif`` without graph breaks on both backends.
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch.autograd.function import once_differentiable
 
+from . import ops as _ops  # noqa: F401  (registers torch.ops.mpd_triton.*)
 from .kernels import lif as _kernels
 from .neuron import LIFConfig, check_bool
 from .reference import lif_reference
@@ -71,63 +74,11 @@ def _resolve_backend(backend, x: torch.Tensor) -> str:
     return backend
 
 
-def _as_4d(t: torch.Tensor) -> torch.Tensor:
-    """[T, B, C, *spatial] -> contiguous [T, B, C, S] (one copy if t is not contiguous)."""
-    return t.contiguous().view(t.shape[0], t.shape[1], t.shape[2], math.prod(t.shape[3:]))
-
-
-class _LIFFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, v_init, cfg: LIFConfig, stats: bool, save_state: bool):
-        ctx.set_materialize_grads(False)
-        x4 = _as_4d(x)
-        T, B, C, S = x4.shape
-        v4 = v_init.contiguous().view(B, C, S) if v_init is not None else None
-        spikes, u_saved, mean, var, v_T = _kernels.lif_forward(
-            x4, cfg, v_init=v4, stats=stats, save_state=save_state, save_u=True
-        )
-        ctx.save_for_backward(u_saved, mean)
-        ctx.cfg = cfg
-        ctx.x_shape = x.shape
-        ctx.v_init_dtype = v_init.dtype if v_init is not None else None
-        spikes = spikes.view(x.shape)
-        v_T = v_T.view(x.shape[1:]) if v_T is not None else None
-        return spikes, mean, var, v_T
-
-    @staticmethod
-    @once_differentiable  # the backward kernel is not itself differentiable: refuse double backward
-    def backward(ctx, grad_spikes, grad_mean, grad_var, grad_v_T):
-        u_saved, mean = ctx.saved_tensors
-        T, B, C, S = u_saved.shape
-        gs = grad_spikes.contiguous().view(T, B, C, S) if grad_spikes is not None else None
-        mpd_a = mpd_b = None
-        if grad_mean is not None or grad_var is not None:
-            # dL/du of every element of (t, c): gm/M + gvar * 2 (u - mean)/M = a + b u
-            M = B * S
-            gm = grad_mean.float() if grad_mean is not None else torch.zeros_like(mean)
-            gvar = grad_var.float() if grad_var is not None else torch.zeros_like(mean)
-            mpd_b = (gvar * (2.0 / M)).contiguous()
-            mpd_a = (gm / M - mpd_b * mean).contiguous()
-        gvT = grad_v_T.contiguous().view(B, C, S) if grad_v_T is not None else None
-        grad_x, grad_v0 = _kernels.lif_backward(
-            gs, u_saved, ctx.cfg, mpd_a=mpd_a, mpd_b=mpd_b, grad_v_T=gvT, need_grad_v0=ctx.needs_input_grad[1]
-        )
-        grad_x = grad_x.view(ctx.x_shape)
-        if grad_v0 is not None:
-            grad_v0 = grad_v0.view(ctx.x_shape[1:]).to(ctx.v_init_dtype)
-        return grad_x, grad_v0, None, None, None
-
-
-def _lif_triton(x, v_init, cfg, stats, save_state):
-    if torch.is_grad_enabled() and (x.requires_grad or (v_init is not None and v_init.requires_grad)):
-        return _LIFFunction.apply(x, v_init, cfg, stats, save_state)
-    x4 = _as_4d(x)
-    T, B, C, S = x4.shape
-    v4 = v_init.contiguous().view(B, C, S) if v_init is not None else None
-    spikes, _, mean, var, v_T = _kernels.lif_forward(
-        x4, cfg, v_init=v4, stats=stats, save_state=save_state, save_u=False
-    )
-    return spikes.view(x.shape), mean, var, (v_T.view(x.shape[1:]) if v_T is not None else None)
+def _lif_triton(x, v_init, cfg: LIFConfig, stats: bool, save_state: bool):
+    # u is saved for backward only when a gradient can be asked for.
+    save_u = torch.is_grad_enabled() and (x.requires_grad or (v_init is not None and v_init.requires_grad))
+    spikes, _, mean, var, v_T = torch.ops.mpd_triton.lif_fwd(x, v_init, *cfg.kernel_params, stats, save_state, save_u)
+    return spikes, (mean if stats else None), (var if stats else None), (v_T if save_state else None)
 
 
 def lif(
@@ -167,7 +118,9 @@ def lif(
 
     Returns:
         spikes (x.dtype, same shape as x); with return_stats ``(spikes, mean,
-        var)``; with return_state the final state is appended.
+        var)``; with return_state the final state is appended. The triton
+        backend reads x through its strides and writes spikes and the final
+        state channels-last when x is (see docs/compile.md for what is copied).
     """
     _check_x(x)
     _check_v_init(v_init, x)
@@ -175,8 +128,7 @@ def lif(
     check_bool("return_state", return_state)
     cfg = LIFConfig(tau, v_th, v_reset, decay_input, detach_reset, surrogate)
     if _resolve_backend(backend, x) == "triton":
-        with _kernels.device_guard(x):
-            spikes, mean, var, v_T = _lif_triton(x, v_init, cfg, return_stats, return_state)
+        spikes, mean, var, v_T = _lif_triton(x, v_init, cfg, return_stats, return_state)
     else:
         out = lif_reference(x, cfg, v_init=v_init, return_stats=return_stats)
         spikes, mean, var, v_T = out.spikes, out.mean, out.var, out.v

@@ -128,6 +128,17 @@ class MPDSGR:
         for layer in self.layers:
             layer.keep_all_records = False
 
+    def detach_records(self) -> None:
+        """Keep the last forward's statistics (for ``mean_overlap``) but drop their autograd graph.
+
+        Needed in a training step compiled as one graph with its backward
+        inside (``torch._dynamo.config.trace_autograd_ops``): call it after the
+        backward, else the records hand tensors whose graph the backward
+        consumed out of the compiled function, which ``torch.compile`` refuses.
+        """
+        for layer in self.layers:
+            layer.mpd_records = [(mean.detach(), var.detach()) for mean, var in layer.mpd_records]
+
     def layer_overlaps(self) -> list[torch.Tensor]:
         """Omega of each layer at the chosen granularity (all calls of the last forward, flattened)."""
         out = []

@@ -8,7 +8,9 @@ Multi-step, time-major LIF (design section 2). For t = 1..T::
     hard reset: v_t = h_t * (1 - s_t) + v_reset * s_t     (v_rest = v_reset)
     soft reset: v_t = h_t - V_th * s_t                    (v_rest = 0)
 
-``inv_tau = 1 / tau`` (0 for tau = inf). Both implementations evaluate these
+``inv_tau = 1 / tau`` (0 for tau = inf). ``KernelParams`` is the same neuron as
+the fused kernels and their custom operators take it: plain floats, bools and
+the surrogate's integer id. Both implementations evaluate these
 expressions in this order, so in float32 they agree bit for bit wherever the
 arithmetic is IEEE (the interpreter; on a GPU, FMA contraction may move the
 last bit).
@@ -19,10 +21,11 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .surrogates import Surrogate, Triangle, as_surrogate
 
-__all__ = ["LIFConfig", "check_real", "check_bool"]
+__all__ = ["LIFConfig", "KernelParams", "check_real", "check_bool"]
 
 
 def check_real(name: str, value, *, allow_inf: bool = False) -> float:
@@ -30,9 +33,11 @@ def check_real(name: str, value, *, allow_inf: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if math.isnan(value):
+    # Comparisons rather than math.isnan / math.isinf: they also take the symbolic floats
+    # of torch.compile(dynamic=True).
+    if value != value:
         raise ValueError(f"{name} must not be NaN")
-    if math.isinf(value) and not allow_inf:
+    if abs(value) == math.inf and not allow_inf:
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
@@ -41,6 +46,23 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+class KernelParams(NamedTuple):
+    """A validated LIFConfig flattened to what an operator schema can carry (no Python objects).
+
+    The field order is the order of these arguments in the ``mpd_triton::lif_fwd`` /
+    ``lif_bwd`` operators (mpd_triton/ops.py).
+    """
+
+    inv_tau: float
+    v_th: float
+    v_rest: float
+    decay_input: bool
+    hard_reset: bool
+    detach_reset: bool
+    surrogate: int  # Surrogate.kind: which @triton.jit helper the backward uses
+    surrogate_param: float  # Surrogate.param (gamma or alpha)
 
 
 @dataclass(frozen=True)
@@ -65,7 +87,7 @@ class LIFConfig:
         check_bool("decay_input", self.decay_input)
         check_bool("detach_reset", self.detach_reset)
         object.__setattr__(self, "surrogate", as_surrogate(self.surrogate))
-        if math.isinf(tau) and self.decay_input:
+        if tau == math.inf and self.decay_input:
             raise ValueError(
                 "tau = inf with decay_input=True multiplies the input by 1/tau = 0, so the neuron "
                 "never sees its input; use decay_input=False for an integrate-and-fire neuron"
@@ -73,7 +95,7 @@ class LIFConfig:
 
     @property
     def inv_tau(self) -> float:
-        return 0.0 if math.isinf(self.tau) else 1.0 / self.tau
+        return 0.0 if self.tau == math.inf else 1.0 / self.tau
 
     @property
     def hard_reset(self) -> bool:
@@ -83,3 +105,9 @@ class LIFConfig:
     def v_rest(self) -> float:
         """The level the leak decays toward: v_reset for a hard reset, 0 for a soft one."""
         return self.v_reset if self.v_reset is not None else 0.0
+
+    @property
+    def kernel_params(self) -> KernelParams:
+        sg = self.surrogate
+        return KernelParams(self.inv_tau, self.v_th, self.v_rest, self.decay_input, self.hard_reset,
+                            self.detach_reset, sg.kind, sg.param)

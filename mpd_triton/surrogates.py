@@ -47,7 +47,7 @@ def _positive_finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
+    if not value < math.inf or value <= 0.0:  # comparisons (NaN and inf fail the first): symbolic floats trace
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
 

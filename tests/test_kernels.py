@@ -14,8 +14,10 @@ import torch
 from helpers import DEVICE, assert_close, input_shapes, make_input, neuron_options, poison_kernel_outputs, rel_error
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpd_triton as mt
+from mpd_triton.kernels import lif as lif_kernels
 from mpd_triton.reference import stat_dims
 
 
@@ -107,9 +109,11 @@ TERMS = st.sampled_from([
 
 
 @given(shape=input_shapes(), opts=neuron_options(), seed=st.integers(0, 2**31 - 1), terms=TERMS,
-       scale=st.floats(0.3, 3.0), offset=st.floats(-1.0, 2.0))
-def test_kernel_matches_reference(shape, opts, seed, terms, scale, offset):
+       scale=st.floats(0.3, 3.0), offset=st.floats(-1.0, 2.0), channels_innermost=st.booleans())
+def test_kernel_matches_reference(shape, opts, seed, terms, scale, offset, channels_innermost):
     x = make_input(shape, seed, scale=scale, offset=offset)
+    if channels_innermost:  # the channels-last layout, generalized to any rank (kept by clone())
+        x = x.movedim(2, -1).contiguous().movedim(-1, 2)
     _compare(x, opts, seed, terms)
 
 
@@ -257,3 +261,88 @@ def test_float16_and_bfloat16_outputs_keep_dtype():
         assert s.dtype == dtype and vT.dtype == dtype and m.dtype == torch.float32 and v.dtype == torch.float32
         s.sum().backward()
         assert x.grad.dtype == dtype
+
+
+# ---------------------------------------------------------------- memory formats
+
+
+def _channels_last_steps(x):
+    """[T, B, C, H, W] whose [T*B, C, H, W] view is torch.channels_last (BatchNorm2d output in that format)."""
+    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, x.shape[:2])
+
+
+# name: builds (leaf, x) from dense values of x's shape; the gradient compared is the leaf's.
+LAYOUTS = {
+    "contiguous": lambda v: (lambda leaf: (leaf, leaf))(v.clone().requires_grad_(True)),
+    "channels_last": lambda v: (lambda leaf: (leaf, leaf))(_channels_last_steps(v).requires_grad_(True)),
+    # The direct encoding's first layer: one current repeated over T (time stride 0).
+    "expanded_over_T": lambda v: (lambda leaf: (leaf, leaf.expand(v.shape)))(v[0].clone().requires_grad_(True)),
+    "channels_last_expanded_over_T": lambda v: (lambda leaf: (leaf, leaf.expand(v.shape)))(
+        v[0].contiguous(memory_format=torch.channels_last).requires_grad_(True)),
+    "batch_major": lambda v: (lambda leaf: (leaf, leaf.transpose(0, 1)))(
+        v.transpose(0, 1).contiguous().requires_grad_(True)),
+    # Spatial dims that do not merge into one stride: the one case that is copied.
+    "transposed_spatial": lambda v: (lambda leaf: (leaf, leaf.transpose(3, 4)))(
+        v.transpose(3, 4).contiguous().requires_grad_(True)),
+}
+CHANNELS_LAST_LAYOUTS = ("channels_last", "channels_last_expanded_over_T")
+COPYING_LAYOUTS = ("transposed_spatial",)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_memory_formats_match_reference(layout):
+    """Strided inputs read in place, outputs written in the input's format, every gradient
+    (spikes weighted by a contiguous tensor: grad_spikes and u differ in layout)."""
+    shape = (4, 3, 5, 3, 4)
+    values = make_input(shape, 31)
+    v_init = make_input(shape[1:], 32, scale=0.3, offset=0.0)
+    weights = _weights(values, 31)
+    opts = dict(tau=2.0, v_th=0.9, v_reset=0.0, surrogate=mt.Sigmoid(3.0))
+    out = {}
+    for backend in ("torch", "triton"):
+        leaf, x = LAYOUTS[layout](values)
+        v0 = v_init.clone().requires_grad_(True)
+        s, mean, var, v_T = mt.lif(x, **opts, backend=backend, return_stats=True, v_init=v0, return_state=True)
+        loss = ((s * weights["spikes"]).sum() + (mean * weights["mean"]).sum() + (var * weights["var"]).sum()
+                + (v_T * weights["state"]).sum())
+        loss.backward()
+        out[backend] = dict(spikes=s, mean=mean, var=var, v_T=v_T, grad_x=leaf.grad, grad_v_init=v0.grad)
+    s = out["triton"]["spikes"]
+    if layout in CHANNELS_LAST_LAYOUTS:
+        assert s.flatten(0, 1).is_contiguous(memory_format=torch.channels_last), s.stride()
+        assert out["triton"]["v_T"].is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert s.is_contiguous(), s.stride()
+    assert_close("spikes", s, out["torch"]["spikes"], atol=0, rtol=0)
+    for name in ("mean", "var", "v_T", "grad_x", "grad_v_init"):
+        assert_close(name, out["triton"][name], out["torch"][name], atol=2e-5, rtol=1e-4)
+
+
+class _CopyCounter(TorchDispatchMode):
+    COPIES = ("copy_", "clone", "_to_copy")
+
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += func.overloadpacket.__name__ in self.COPIES
+        return func(*args, **(kwargs or {}))
+
+
+def _launch_copies(x) -> int:
+    """Copies made by a forward + backward launch (the interpreter's own host copies included)."""
+    params = mt.LIFConfig().kernel_params
+    grad_spikes = torch.ones(x.shape, device=x.device)  # contiguous, whatever x's format
+    with _CopyCounter() as counter:
+        _, u_saved, _, _, _ = lif_kernels.lif_forward(x, params, stats=True, save_state=True)
+        lif_kernels.lif_backward(grad_spikes, u_saved, params, grad_v_T=torch.ones_like(u_saved[0]), need_grad_v0=True)
+    return counter.copies
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "contiguous"])
+def test_only_unmergeable_inputs_are_copied(layout):
+    values = make_input((3, 2, 4, 3, 5), 8)
+    baseline = _launch_copies(values)
+    _, x = LAYOUTS[layout](values)
+    assert _launch_copies(x.detach()) == baseline + int(layout in COPYING_LAYOUTS)

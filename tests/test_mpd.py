@@ -78,6 +78,17 @@ def test_records_cleared_every_forward_and_shared_layer_kept_twice():
     assert len(model.lif1.mpd_records) == 1
 
 
+def test_detach_records_keeps_values_for_monitoring():
+    model = TinySNN().to(DEVICE)
+    reg = mt.MPDSGR(model, eta=1.0)
+    model(make_input((3, 2, 1, 8, 8), 5))
+    before = reg.mean_overlap()
+    assert all(mean.requires_grad for mean, _ in model.lif1.mpd_records)
+    reg.detach_records()
+    assert not any(mean.requires_grad or var.requires_grad for layer in reg.layers for mean, var in layer.mpd_records)
+    assert reg.mean_overlap() == before
+
+
 def test_eta_zero_is_free_but_still_monitors():
     model = TinySNN().to(DEVICE)
     reg = mt.MPDSGR(model, eta=0.0)

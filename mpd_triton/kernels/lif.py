@@ -1,10 +1,28 @@
 """Fused multi-step LIF kernels and their host-side launch functions.
 
-Layout: every time step of the input is viewed as [B, C, S] (S = prod(spatial),
-S = 1 for [T, B, F] inputs), contiguous. One program owns a tile of
-BLOCK_C channels x BLOCK_B samples x BLOCK_S positions for all T steps, keeps
-the membrane state in float32 registers and walks the time loop (forward) or
-the reverse time loop (backward).
+Layout: every time step of a [T, B, C, *spatial] tensor is addressed as
+[B, C, S] (S = prod(spatial), S = 1 for [T, B, F] inputs). One program owns a
+tile of BLOCK_C channels x BLOCK_B samples x BLOCK_S positions for all T
+steps, keeps the membrane state in float32 registers and walks the time loop
+(forward) or the reverse time loop (backward).
+
+Memory formats, and when a copy is made:
+
+* The tensors the kernels write (spikes, saved u, grad_x, final state,
+  grad of v_init) are dense, in one of two per-step orders chosen from the
+  input: ``[B, C, S]`` (contiguous) or ``[B, S, C]`` (channels-last, e.g. a
+  BatchNorm2d output in ``torch.channels_last`` unflattened to [T, B, C, H, W]).
+  A ``CHANNELS_LAST`` constexpr switches the tile offsets, and the tile shape
+  then puts channels innermost so that loads and stores stay coalesced.
+* The tensors the kernels only read (x, grad_spikes) are read through their
+  strides: any time stride (0 too: an input expanded over T is never
+  materialized) and any batch / channel / position strides, as long as the
+  spatial dims merge into one stride. Only an input whose spatial dims do
+  not merge (e.g. ``x.transpose(3, 4)``) is copied, once, to the contiguous
+  format before launch.
+* The [B, C, *spatial] state tensors (v_init, the gradient of the final
+  state) are copied to the output's order when they are not already in it
+  (one copy, 1/T the size of x).
 
 What the forward saves for backward is u = h - V_th in the input dtype, with
 the spike encoded in its sign bit: spiking elements store |u| (so -0.0 becomes
@@ -28,15 +46,20 @@ when |mean| >> std.
 from __future__ import annotations
 
 import contextlib
+import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..neuron import LIFConfig
+from ..neuron import KernelParams
 from ..surrogates import surrogate_grad
 
-__all__ = ["lif_forward", "lif_backward", "tile_shape", "device_guard", "INTERPRETED"]
+__all__ = [
+    "lif_forward", "lif_backward", "forward_buffers", "backward_buffers", "step_layout", "StepLayout",
+    "tile_shape", "device_guard", "INTERPRETED",
+]
 
 # Elements per program tile. Issue 5 tunes this on the GPU.
 TILE_ELEMENTS = 2048
@@ -47,45 +70,172 @@ def device_guard(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def tile_shape(B: int, C: int, S: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_B, BLOCK_S): powers of two, about TILE_ELEMENTS in all."""
-    block_s = min(triton.next_power_of_2(S), TILE_ELEMENTS)
-    block_c = min(triton.next_power_of_2(C), max(1, TILE_ELEMENTS // block_s))
+# ---------------------------------------------------------------- layouts (host side)
+
+
+class StepLayout(NamedTuple):
+    """A [T, B, C, *spatial] tensor seen as [T, B, C, S]."""
+
+    T: int
+    B: int
+    C: int
+    S: int
+    # Element strides (t, b, c, s) of the [T, B, C, S] view; None when the
+    # spatial dims do not merge into one stride.
+    strides: tuple[int, int, int, int] | None
+    # Channels vary faster than positions: the kernels write their outputs as [B, S, C] per step.
+    channels_last: bool
+
+    def dense_strides(self) -> tuple[int, int, int, int]:
+        """Strides of the dense tensor the kernels write in this layout."""
+        C, S = self.C, self.S
+        if self.channels_last:
+            return self.B * C * S, C * S, 1, C
+        return self.B * C * S, C * S, S, 1
+
+    def is_dense(self, *, time: bool = True) -> bool:
+        """Laid out as the kernels write (ignoring the time stride unless ``time``)."""
+        if self.strides is None:
+            return False
+        sizes = (self.T if time else 1, self.B, self.C, self.S)
+        return all(n == 1 or st == want for n, st, want in zip(sizes, self.strides, self.dense_strides()))
+
+
+def _merged_stride(sizes, strides) -> int | None:
+    """The stride of the spatial dims flattened into one, or None if they do not merge."""
+    dims = [(n, st) for n, st in zip(sizes, strides) if n != 1]
+    if not dims:
+        return 1
+    for (_, outer), (n, inner) in zip(dims, dims[1:]):
+        if outer != inner * n:
+            return None
+    return dims[-1][1]
+
+
+def step_layout(t: torch.Tensor) -> StepLayout:
+    """Shape and strides of a [T, B, C, *spatial] (or [T, B, F]) tensor as [T, B, C, S]."""
+    T, B, C = t.shape[:3]
+    S = math.prod(t.shape[3:])
+    s_stride = _merged_stride(t.shape[3:], t.stride()[3:])
+    strides = None if s_stride is None else (t.stride(0), t.stride(1), t.stride(2), s_stride)
+    channels_last = strides is not None and C > 1 and S > 1 and strides[2] < strides[3]
+    return StepLayout(T, B, C, S, strides, channels_last)
+
+
+def _empty(shape, channels_last: bool, *, dtype, device, channel_dim: int) -> torch.Tensor:
+    """A new dense tensor of ``shape``, channels innermost if ``channels_last``."""
+    shape = tuple(shape)
+    if not channels_last:
+        return torch.empty(shape, dtype=dtype, device=device)
+    moved = shape[:channel_dim] + shape[channel_dim + 1:] + shape[channel_dim:channel_dim + 1]
+    return torch.empty(moved, dtype=dtype, device=device).movedim(-1, channel_dim)
+
+
+def _dense_in(t: torch.Tensor, channels_last: bool, *, channel_dim: int) -> torch.Tensor:
+    """t itself if it is dense in the given order, else a copy that is (one copy). For
+    [T, B, C, *spatial] tensors (channel_dim 2) and [B, C, *spatial] states (channel_dim 1)."""
+    steps = t if channel_dim == 2 else t.unsqueeze(0)
+    if step_layout(steps)._replace(channels_last=channels_last).is_dense():
+        return t
+    return _empty(t.shape, channels_last, dtype=t.dtype, device=t.device, channel_dim=channel_dim).copy_(t)
+
+
+def _readable(t: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, StepLayout]:
+    """t (read-only by the kernels) and its layout; copied once to the written layout only
+    when its spatial dims do not merge into one stride."""
+    layout = step_layout(t)
+    if layout.strides is None:
+        t = _empty(t.shape, channels_last, dtype=t.dtype, device=t.device, channel_dim=2).copy_(t)
+        layout = step_layout(t)
+    return t, layout
+
+
+def forward_buffers(x: torch.Tensor, *, stats: bool, save_state: bool, save_u: bool):
+    """New (spikes, u_saved, mean, var, v_T) for ``lif_forward(x, ...)``: shapes, dtypes and
+    strides (the custom operator's fake implementation uses this too). Entries not asked for are None."""
+    layout = step_layout(x)
+    cl = layout.channels_last
+
+    def steps():
+        return _empty(x.shape, cl, dtype=x.dtype, device=x.device, channel_dim=2)
+
+    spikes = steps()
+    u_saved = steps() if save_u else None
+    mean = torch.empty((layout.T, layout.C), dtype=torch.float32, device=x.device) if stats else None
+    var = torch.empty_like(mean) if stats else None
+    v_T = _empty(x.shape[1:], cl, dtype=x.dtype, device=x.device, channel_dim=1) if save_state else None
+    return spikes, u_saved, mean, var, v_T
+
+
+def backward_buffers(u_saved: torch.Tensor, *, need_grad_v0: bool):
+    """New (grad_x, grad_v0 or None) for ``lif_backward``: grad_x in u_saved's dtype and
+    layout, grad_v0 float32."""
+    cl = step_layout(u_saved).channels_last
+    grad_x = _empty(u_saved.shape, cl, dtype=u_saved.dtype, device=u_saved.device, channel_dim=2)
+    grad_v0 = (_empty(u_saved.shape[1:], cl, dtype=torch.float32, device=u_saved.device, channel_dim=1)
+               if need_grad_v0 else None)
+    return grad_x, grad_v0
+
+
+def tile_shape(B: int, C: int, S: int, channels_last: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_B, BLOCK_S): powers of two, about TILE_ELEMENTS in all; the
+    innermost dim of the memory layout gets the largest share."""
+    if channels_last:
+        block_c = min(triton.next_power_of_2(C), TILE_ELEMENTS)
+        block_s = min(triton.next_power_of_2(S), max(1, TILE_ELEMENTS // block_c))
+    else:
+        block_s = min(triton.next_power_of_2(S), TILE_ELEMENTS)
+        block_c = min(triton.next_power_of_2(C), max(1, TILE_ELEMENTS // block_s))
     block_b = min(triton.next_power_of_2(B), max(1, TILE_ELEMENTS // (block_s * block_c)))
     return block_c, block_b, block_s
 
 
+# ---------------------------------------------------------------- kernels
+
+
 @triton.jit
-def _tile(pid_p, pid_c, B, C, S, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets (int64, within one time step), mask and channel indices of a program's tile."""
+def _tile(B, C, S, in_stride_b, in_stride_c, in_stride_s, CHANNELS_LAST: tl.constexpr, IN_DENSE: tl.constexpr,
+          BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's tile: offsets (int64, within one time step) in the layout the kernels
+    write and in the tensor they read through its strides (the same offsets when that one is
+    dense in this layout), mask, channel indices and elements per channel."""
+    pid_p = tl.program_id(0)
     n_s_tiles = tl.cdiv(S, BLOCK_S)
     pid_b = pid_p // n_s_tiles
     pid_s = pid_p % n_s_tiles
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     c3 = c[:, None, None]
     b3 = b[None, :, None]
     s3 = s[None, None, :]
-    offs = b3.to(tl.int64) * C * S + c3 * S + s3
+    if CHANNELS_LAST:
+        offs = b3.to(tl.int64) * C * S + s3 * C + c3
+    else:
+        offs = b3.to(tl.int64) * C * S + c3 * S + s3
+    if IN_DENSE:
+        in_offs = offs
+    else:
+        in_offs = c3.to(tl.int64) * in_stride_c + b3.to(tl.int64) * in_stride_b + s3.to(tl.int64) * in_stride_s
     mask = (c3 < C) & (b3 < B) & (s3 < S)
     # Elements per channel in this tile (the same for every channel).
     count = (tl.minimum(B - pid_b * BLOCK_B, BLOCK_B) * tl.minimum(S - pid_s * BLOCK_S, BLOCK_S)).to(tl.float32)
-    return offs, mask, c, count
+    return offs, in_offs, mask, c, count
 
 
 @triton.jit(do_not_specialize=["T"])
 def _lif_fwd_kernel(
     x_ptr, s_ptr, u_ptr, v0_ptr, vT_ptr, pmean_ptr, pm2_ptr,
     T, B, C, S, N, P,
+    x_stride_t, x_stride_b, x_stride_c, x_stride_s,
     inv_tau, v_th, v_rest,
     DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr,
     HAS_V0: tl.constexpr, SAVE_U: tl.constexpr, SAVE_VT: tl.constexpr, STATS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, X_DENSE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs, mask, c, count = _tile(pid_p, pid_c, B, C, S, BLOCK_C, BLOCK_B, BLOCK_S)
+    offs, x_offs, mask, c, count = _tile(B, C, S, x_stride_b, x_stride_c, x_stride_s, CHANNELS_LAST, X_DENSE,
+                                         BLOCK_C, BLOCK_B, BLOCK_S)
     inv_tau = tl.cast(inv_tau, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_rest = tl.cast(v_rest, tl.float32)
@@ -93,11 +243,11 @@ def _lif_fwd_kernel(
         v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         v = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_S], dtype=tl.float32) + v_rest
-    stat_offs = pid_p * C + c
+    stat_offs = tl.program_id(0) * C + c  # this tile's row of the [T, P, C] partials
     stat_mask = c < C
     for t in range(T):
         t_off = tl.cast(t, tl.int64) * N
-        x = tl.load(x_ptr + t_off + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + tl.cast(t, tl.int64) * x_stride_t + x_offs, mask=mask, other=0.0).to(tl.float32)
         if DECAY_INPUT:
             h = v + (x - (v - v_rest)) * inv_tau
         else:
@@ -168,15 +318,16 @@ def _stats_merge_kernel(
 def _lif_bwd_kernel(
     gs_ptr, u_ptr, a_ptr, b_ptr, gvT_ptr, gx_ptr, gv0_ptr,
     T, B, C, S, N,
+    gs_stride_t, gs_stride_b, gs_stride_c, gs_stride_s,
     inv_tau, v_th, v_rest, sg_param,
     SURROGATE: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, HAS_GRAD_S: tl.constexpr, MPD: tl.constexpr,
     HAS_GRAD_VT: tl.constexpr, WRITE_GRAD_V0: tl.constexpr, U_BITS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, GS_DENSE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs, mask, c, count = _tile(pid_p, pid_c, B, C, S, BLOCK_C, BLOCK_B, BLOCK_S)
+    offs, gs_offs, mask, c, _ = _tile(B, C, S, gs_stride_b, gs_stride_c, gs_stride_s, CHANNELS_LAST, GS_DENSE,
+                                      BLOCK_C, BLOCK_B, BLOCK_S)
     inv_tau = tl.cast(inv_tau, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_rest = tl.cast(v_rest, tl.float32)
@@ -207,7 +358,7 @@ def _lif_bwd_kernel(
                 dv_dh -= v_th * g
         e = gv * dv_dh
         if HAS_GRAD_S:
-            gs = tl.load(gs_ptr + t_off + offs, mask=mask, other=0.0).to(tl.float32)
+            gs = tl.load(gs_ptr + tl.cast(t, tl.int64) * gs_stride_t + gs_offs, mask=mask, other=0.0).to(tl.float32)
             e += gs * g
         if MPD:
             # dL/du from the statistics: a[t, c] + b[t, c] * u (see lif_backward)
@@ -224,33 +375,38 @@ def _lif_bwd_kernel(
         tl.store(gv0_ptr + offs, gv, mask=mask)
 
 
-def _grid(B: int, C: int, S: int):
-    block_c, block_b, block_s = tile_shape(B, C, S)
+# ---------------------------------------------------------------- launchers
+
+
+def _grid(layout: StepLayout):
+    B, C, S = layout.B, layout.C, layout.S
+    block_c, block_b, block_s = tile_shape(B, C, S, layout.channels_last)
     P = triton.cdiv(B, block_b) * triton.cdiv(S, block_s)
     return (P, triton.cdiv(C, block_c)), P, (block_c, block_b, block_s)
 
 
 def lif_forward(
     x: torch.Tensor,
-    cfg: LIFConfig,
+    params: KernelParams,
     *,
     v_init: torch.Tensor | None = None,
     stats: bool = False,
     save_state: bool = False,
     save_u: bool = True,
 ):
-    """Run the forward kernel on a contiguous x viewed as [T, B, C, S].
+    """Run the forward kernel on x [T, B, C, *spatial] (or [T, B, F]), read through its strides.
 
-    Returns (spikes, u_saved, mean, var, v_T); u_saved is None unless save_u
-    (only backward needs it), mean/var are float32 [T, C] or None, v_T is
-    [B, C, S] in x.dtype or None.
+    Returns (spikes, u_saved, mean, var, v_T) as made by ``forward_buffers``:
+    spikes and u_saved have x's shape, in x's memory format (contiguous or
+    channels-last); u_saved is None unless save_u (only backward needs it),
+    mean/var are float32 [T, C] or None, v_T is x.shape[1:] in x.dtype or None.
     """
-    T, B, C, S = x.shape
-    N = B * C * S
-    grid, P, (block_c, block_b, block_s) = _grid(B, C, S)
-    spikes = torch.empty_like(x)
-    u_saved = torch.empty_like(x) if save_u else None
-    v_T = torch.empty((B, C, S), dtype=x.dtype, device=x.device) if save_state else None
+    x, layout = _readable(x, channels_last=False)
+    T, B, C, S = layout.T, layout.B, layout.C, layout.S
+    grid, P, (block_c, block_b, block_s) = _grid(layout)
+    spikes, u_saved, mean, var, v_T = forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u)
+    if v_init is not None:
+        v_init = _dense_in(v_init, layout.channels_last, channel_dim=1)
     if stats:
         pmean = torch.empty((T, P, C), dtype=torch.float32, device=x.device)
         pm2 = torch.empty_like(pmean)
@@ -258,16 +414,15 @@ def lif_forward(
         pmean = pm2 = None
     _lif_fwd_kernel[grid](
         x, spikes, u_saved, v_init, v_T, pmean, pm2,
-        T, B, C, S, N, P,
-        cfg.inv_tau, cfg.v_th, cfg.v_rest,
-        DECAY_INPUT=cfg.decay_input, HARD_RESET=cfg.hard_reset,
+        T, B, C, S, B * C * S, P,
+        *layout.strides,
+        params.inv_tau, params.v_th, params.v_rest,
+        DECAY_INPUT=params.decay_input, HARD_RESET=params.hard_reset,
         HAS_V0=v_init is not None, SAVE_U=save_u, SAVE_VT=save_state, STATS=stats,
+        CHANNELS_LAST=layout.channels_last, X_DENSE=layout.is_dense(time=False),
         BLOCK_C=block_c, BLOCK_B=block_b, BLOCK_S=block_s,
     )
-    mean = var = None
     if stats:
-        mean = torch.empty((T, C), dtype=torch.float32, device=x.device)
-        var = torch.empty_like(mean)
         merge_block_c = min(triton.next_power_of_2(C), 64)
         _stats_merge_kernel[(T, triton.cdiv(C, merge_block_c))](
             pmean, pm2, mean, var, B, C, S, P,
@@ -280,32 +435,44 @@ def lif_forward(
 def lif_backward(
     grad_spikes: torch.Tensor | None,
     u_saved: torch.Tensor,
-    cfg: LIFConfig,
+    params: KernelParams,
     *,
     mpd_a: torch.Tensor | None = None,
     mpd_b: torch.Tensor | None = None,
     grad_v_T: torch.Tensor | None = None,
     need_grad_v0: bool = False,
 ):
-    """Reverse time loop. All tensors contiguous, viewed as [T, B, C, S].
+    """Reverse time loop over u_saved (as written by ``lif_forward``); grad_spikes is read
+    through its strides.
 
     mpd_a, mpd_b: float32 [T, C] with dL/du = a + b * u from the statistics'
-    gradients (or both None). Returns (grad_x in u_saved.dtype, grad_v0 float32 or None).
+    gradients (or both None). Returns (grad_x in u_saved's dtype and layout,
+    grad_v0 float32 or None).
     """
-    T, B, C, S = u_saved.shape
-    N = B * C * S
-    grid, _, (block_c, block_b, block_s) = _grid(B, C, S)
-    grad_x = torch.empty_like(u_saved)
-    grad_v0 = torch.empty((B, C, S), dtype=torch.float32, device=u_saved.device) if need_grad_v0 else None
-    sg = cfg.surrogate
+    layout = step_layout(u_saved)
+    u_saved = _dense_in(u_saved, layout.channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
+    layout = step_layout(u_saved)
+    T, B, C, S = layout.T, layout.B, layout.C, layout.S
+    grid, _, (block_c, block_b, block_s) = _grid(layout)
+    if grad_spikes is not None:
+        grad_spikes, gs_layout = _readable(grad_spikes, layout.channels_last)
+        gs_strides, gs_dense = gs_layout.strides, gs_layout._replace(channels_last=layout.channels_last).is_dense(
+            time=False)
+    else:
+        gs_strides, gs_dense = (0, 0, 0, 0), True
+    if grad_v_T is not None:
+        grad_v_T = _dense_in(grad_v_T, layout.channels_last, channel_dim=1)
+    grad_x, grad_v0 = backward_buffers(u_saved, need_grad_v0=need_grad_v0)
     _lif_bwd_kernel[grid](
         grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, grad_x, grad_v0,
-        T, B, C, S, N,
-        cfg.inv_tau, cfg.v_th, cfg.v_rest, sg.param,
-        SURROGATE=sg.kind, DECAY_INPUT=cfg.decay_input, HARD_RESET=cfg.hard_reset,
-        DETACH_RESET=cfg.detach_reset, HAS_GRAD_S=grad_spikes is not None, MPD=mpd_a is not None,
+        T, B, C, S, B * C * S,
+        *gs_strides,
+        params.inv_tau, params.v_th, params.v_rest, params.surrogate_param,
+        SURROGATE=params.surrogate, DECAY_INPUT=params.decay_input, HARD_RESET=params.hard_reset,
+        DETACH_RESET=params.detach_reset, HAS_GRAD_S=grad_spikes is not None, MPD=mpd_a is not None,
         HAS_GRAD_VT=grad_v_T is not None, WRITE_GRAD_V0=need_grad_v0,
         U_BITS=u_saved.element_size() * 8,
+        CHANNELS_LAST=layout.channels_last, GS_DENSE=gs_dense,
         BLOCK_C=block_c, BLOCK_B=block_b, BLOCK_S=block_s,
     )
     return grad_x, grad_v0
