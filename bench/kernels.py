@@ -94,6 +94,7 @@ class Plan:
     warmup_ms: float
     rep_ms: float
     strict: bool
+    compile_Ts: list[int] | None = None  # T values at which torch_compile runs (None: all)
 
     def count(self) -> int:
         return (len(self.dtypes) * len(self.Ts) * len(self.sizes) * len(self.providers) * len(self.stats_modes)
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="output folder (default runs/bench/kernels-<UTC time>)")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per measurement")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench timed repetitions per measurement")
+    parser.add_argument("--compile-T", nargs="+", default=["8"],
+                        help="T values at which torch_compile is measured, or 'all' (default 8: each T and dtype "
+                             "is a new graph, and compiling every one takes longer than the rest of the sweep)")
     parser.add_argument("--strict", action="store_true", help="stop at the first provider error instead of recording it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--model", help="run the model-level benchmark instead (see python -m bench.model_step -h)")
@@ -137,7 +141,19 @@ def make_plan(args, device: torch.device) -> Plan:
             raise ValueError(f"{name} must be > 0, got {value}")
     return Plan(list(dict.fromkeys(args.dtype)), list(dict.fromkeys(Ts)), list(dict.fromkeys(sizes)),
                 list(dict.fromkeys(args.providers)), list(dict.fromkeys(args.passes)), STATS_CHOICES[args.stats],
-                args.warmup_ms, args.rep_ms, args.strict)
+                args.warmup_ms, args.rep_ms, args.strict, _parse_compile_T(args.compile_T))
+
+
+def _parse_compile_T(values: list[str]) -> list[int] | None:
+    if values == ["all"]:
+        return None
+    try:
+        Ts = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--compile-T takes time steps or 'all', got {' '.join(values)}") from None
+    if any(T < 1 for T in Ts):
+        raise ValueError(f"--compile-T must be positive integers, got {Ts}")
+    return Ts
 
 
 def first_line(device: torch.device, what: str = "kernel benchmark") -> str:
@@ -174,10 +190,11 @@ def _failure(error: BaseException) -> str:
 
 
 def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, progress: bool = True,
-              providers: dict[str, Provider] | None = None) -> list[dict]:
+              providers: dict[str, Provider] | None = None, on_size_done=None) -> list[dict]:
     """Every (dtype, T, size, provider, stats, pass) of the plan, in that nesting; skipped ones carry a reason.
 
     providers: name -> Provider for the names in the plan (default: PROVIDERS).
+    on_size_done(records): called after each (dtype, T, size), e.g. to save partial results.
     """
     from tqdm import tqdm
 
@@ -193,7 +210,7 @@ def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, 
                 x = make_input(shape, dtype, device)
                 for provider_name in plan.providers:
                     provider = providers[provider_name]
-                    unavailable = provider.unavailable(device, dtype)
+                    unavailable = provider.unavailable(device, dtype) or _not_planned(plan, provider_name, T)
                     implementation = None if unavailable else provider.implementation(device)
                     for stats in plan.stats_modes:
                         grads = make_output_grads(x, stats)
@@ -227,8 +244,16 @@ def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, 
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                if on_size_done is not None:
+                    on_size_done(records)
     bar.close()
     return records
+
+
+def _not_planned(plan: Plan, provider_name: str, T: int) -> str | None:
+    if provider_name == "torch_compile" and plan.compile_Ts is not None and T not in plan.compile_Ts:
+        return f"torch_compile is measured only at T in {plan.compile_Ts} (--compile-T)"
+    return None
 
 
 def _measure(step, x, grads, pass_name, device, plan: Plan, copy_gb_per_s, shape, dtype_name, stats) -> dict:
@@ -278,34 +303,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device-to-device copy of {copy_bytes / 2**20:.0f} MiB: {copy['gb_per_s']:.1f} GB/s (read + write)",
           flush=True)
 
-    records = run_sweep(plan, device, copy["gb_per_s"], progress=not args.no_progress)
-    targets = evaluate_targets(records, on_gpu=device.type == "cuda")
+    command = command_line(argv, "bench.kernels")
+    info = machine_info(device)
+
+    def payload(records: list[dict], complete: bool) -> dict:
+        return {
+            "benchmark": "kernels",
+            "complete": complete,  # False in the copies saved while the sweep runs
+            "command": command,
+            "first_line": first_line(device),
+            "machine": info,
+            "settings": {"dtypes": plan.dtypes, "T": plan.Ts, "sizes": plan.sizes, "providers": plan.providers,
+                         "passes": plan.passes, "stats": list(plan.stats_modes), "warmup_ms": plan.warmup_ms,
+                         "rep_ms": plan.rep_ms, "compile_T": plan.compile_Ts, "neuron": _neuron_settings()},
+            "providers": {name: {"description": PROVIDERS[name].description} for name in plan.providers},
+            "copy_bandwidth": copy,
+            "measurements": records,
+            "targets": evaluate_targets(records, on_gpu=device.type == "cuda"),
+        }
+
+    json_path = out_dir / "results.json"
+    records = run_sweep(plan, device, copy["gb_per_s"], progress=not args.no_progress,
+                        on_size_done=lambda partial: write_json(json_path, payload(partial, complete=False)))
+    final = payload(records, complete=True)
+    write_json(json_path, final)
 
     headers, rows = kernel_table(records)
     print(text_table(headers, rows))
-    target_headers, target_rows = targets_table(targets)
+    target_headers, target_rows = targets_table(final["targets"])
     print("\nTargets (issue 5):")
     print(text_table(target_headers, target_rows))
-
-    info = machine_info(device)
-    command = command_line(argv, "bench.kernels")
-    payload = {
-        "benchmark": "kernels",
-        "command": command,
-        "first_line": first_line(device),
-        "machine": info,
-        "settings": {"dtypes": plan.dtypes, "T": plan.Ts, "sizes": plan.sizes, "providers": plan.providers,
-                     "passes": plan.passes, "stats": list(plan.stats_modes), "warmup_ms": plan.warmup_ms,
-                     "rep_ms": plan.rep_ms, "neuron": _neuron_settings()},
-        "providers": {name: {"description": PROVIDERS[name].description} for name in plan.providers},
-        "copy_bandwidth": copy,
-        "measurements": records,
-        "targets": targets,
-    }
-    write_json(out_dir / "results.json", payload)
     plots = plot_kernels(records, copy["gb_per_s"], out_dir)
-    (out_dir / "results.md").write_text(_markdown(payload, rows, target_rows, plots))
-    print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'results.md'} and {len(plots)} plot(s) to {out_dir}")
+    (out_dir / "results.md").write_text(_markdown(final, rows, target_rows, plots))
+    print(f"\nwrote {json_path}, {out_dir / 'results.md'} and {len(plots)} plot(s) to {out_dir}")
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEVICE
 
 import mpd_triton as mt
 from bench import kernels, measure, model_step, peers, providers, report
@@ -131,6 +132,7 @@ def test_parse_sizes():
     (["--T", "0"], "--T must be positive"),
     (["--rep-ms", "0"], "--rep-ms must be > 0"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--compile-T", "eight"], "--compile-T takes time steps or 'all'"),
 ])
 def test_cli_refuses_bad_input(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -167,7 +169,7 @@ STATS_MODES = {"torch_compile": (True,)}
 def test_every_available_provider_runs_every_pass(name):
     stats_modes = STATS_MODES.get(name, (False, True))
     plan = tiny_plan([name], stats_modes=stats_modes)
-    records = kernels.run_sweep(plan, CPU, copy_gb_per_s=10.0, progress=False, providers=cpu_providers())
+    records = kernels.run_sweep(plan, DEVICE, copy_gb_per_s=10.0, progress=False, providers=cpu_providers())
     assert [(r["pass_name"], r["stats"]) for r in records] == [(p, s) for s in stats_modes for p in measure.PASSES]
     for r in records:
         assert tuple(r) == kernels.RECORD_FIELDS
@@ -177,7 +179,10 @@ def test_every_available_provider_runs_every_pass(name):
         assert r["bytes"] == minimal_bytes(r["pass_name"], T=2, N=512, C=128, elem_bytes=4, stats=r["stats"])
         assert r["gb_per_s"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e-3) / 1e9)
         assert r["copy_fraction"] == pytest.approx(r["gb_per_s"] / 10.0)
-        assert r["peak_memory_bytes"] is None and r["peak_memory_note"]
+        if DEVICE.type == "cuda":
+            assert r["timer"] == "do_bench" and r["peak_memory_bytes"] > 0 and r["peak_memory_note"] is None
+        else:
+            assert r["timer"] == "wall_clock" and r["peak_memory_bytes"] is None and r["peak_memory_note"]
 
 
 def _run_step(provider, stats, x, grads):
@@ -195,7 +200,7 @@ def _run_step(provider, stats, x, grads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_providers_compute_what_the_reference_computes(name, dtype):
     """A harness that timed different work would be wrong: spikes, MPD loss and dL/dx agree with torch_eager."""
-    x = providers.make_input(kernels.bench_shape(4, 1 << 11), dtype, CPU)
+    x = providers.make_input(kernels.bench_shape(4, 1 << 11), dtype, DEVICE)
     provider = cpu_providers()[name]
     for stats in (False, True):
         grads = providers.make_output_grads(x, stats)
@@ -212,7 +217,7 @@ def test_providers_compute_what_the_reference_computes(name, dtype):
 @needs_spikingjelly
 def test_spikingjelly_statistics_use_the_pre_spike_potential():
     """The peer's statistics must be of h - V_th (before reset), not of spikingjelly's post-reset v_seq."""
-    x = providers.make_input((3, 4, 8, 5), torch.float32, CPU).detach().mul(3)  # many spikes: reset matters
+    x = providers.make_input((3, 4, 8, 5), torch.float32, DEVICE).detach().mul(3)  # many spikes: reset matters
     layer = peers.SpikingJellyLIF(record_mpd=True)
     layer(x)
     mean, var = layer.mpd_records[-1]
@@ -235,6 +240,14 @@ def test_skipped_providers_carry_a_reason(monkeypatch):
     assert "TRITON_INTERPRET" in reasons["mpd_triton"]
     assert reasons["spikingjelly"] == "spikingjelly is not importable (test)"
     assert all(r["median_ms"] is None and r["implementation"] is None for r in records)
+
+
+def test_torch_compile_runs_only_at_the_planned_T_and_partial_results_are_reported():
+    sizes_done = []
+    plan = tiny_plan(["torch_compile"], Ts=[2], sizes=[1 << 8, 1 << 10], compile_Ts=[8])
+    records = kernels.run_sweep(plan, CPU, 10.0, progress=False, on_size_done=lambda r: sizes_done.append(len(r)))
+    assert {r["skipped"] for r in records} == {"torch_compile is measured only at T in [8] (--compile-T)"}
+    assert sizes_done == [6, 12], "on_size_done gets the records so far after each size"
 
 
 @needs_spikingjelly
@@ -311,6 +324,8 @@ def test_quick_cli_writes_json_markdown_and_plots(tmp_path, capsys, monkeypatch)
     names = ["mpd_triton", "torch_eager"] + ([] if SPIKINGJELLY_MISSING else ["spikingjelly"])
     argv = ["--quick", "--dtype", "float32", "--out", str(tmp_path), "--providers", *names, "--rep-ms", "1",
             "--warmup-ms", "1", "--no-progress", "--strict"]
+    if DEVICE.type == "cuda":  # --quick's sizes on a GPU are the full 2^27: keep the test small
+        argv += ["--T", "4", "--sizes", "2^12"]
     assert kernels.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].startswith("No CUDA" if not torch.cuda.is_available() else "mpd-triton")
@@ -348,7 +363,7 @@ def test_model_step_runs_every_variant_on_the_same_model(tmp_path, monkeypatch):
     variants = {"mpd_triton": PROVIDERS["mpd_triton"], "torch_eager": PROVIDERS["torch_eager"]}
     if not SPIKINGJELLY_MISSING:
         variants["spikingjelly"] = SpikingJellyProvider(require_triton=False)
-    records = model_step.run_variants(variants, "small", T=2, batch=2, image_size=8, device=CPU, warmup_ms=1,
+    records = model_step.run_variants(variants, "small", T=2, batch=2, image_size=8, device=DEVICE, warmup_ms=1,
                                       rep_ms=1, strict=True)
     assert [r["provider"] for r in records] == list(variants)
     for r in records:
