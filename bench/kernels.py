@@ -28,7 +28,8 @@ import torch
 from .measure import (PASSES, copy_bandwidth, gb_per_s, machine_info, minimal_bytes, peak_memory, reset_grads,
                       time_call)
 from .providers import NEURON, PROVIDER_NAMES, PROVIDERS, Provider, make_input, make_output_grads, pass_callable
-from .report import evaluate_targets, kernel_table, markdown_table, plot_kernels, targets_table, text_table, write_json
+from .report import (evaluate_targets, kernel_table, markdown_table, plot_kernels, skipped_lines, targets_table,
+                     text_table, write_json)
 
 __all__ = ["main", "parse_sizes", "bench_shape", "run_sweep", "RECORD_FIELDS", "DTYPES", "Plan"]
 
@@ -328,13 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     final = payload(records, complete=True)
     write_json(json_path, final)
 
-    headers, rows = kernel_table(records)
-    print(text_table(headers, rows))
-    target_headers, target_rows = targets_table(final["targets"])
+    table = kernel_table(records)
+    print(text_table(*table[:2]))
+    print("\n".join(skipped_lines(table[2])))
+    targets = targets_table(final["targets"])
     print("\nTargets (issue 5):")
-    print(text_table(target_headers, target_rows))
+    print(text_table(*targets))
     plots = plot_kernels(records, copy["gb_per_s"], out_dir)
-    (out_dir / "results.md").write_text(_markdown(final, rows, target_rows, plots))
+    (out_dir / "results.md").write_text(_markdown(final, table, targets, plots))
     print(f"\nwrote {json_path}, {out_dir / 'results.md'} and {len(plots)} plot(s) to {out_dir}")
     return 0
 
@@ -345,11 +347,9 @@ def _neuron_settings() -> dict:
             "detach_reset": c.detach_reset, "surrogate": repr(c.surrogate)}
 
 
-def _markdown(payload: dict, rows, target_rows, plots) -> str:
+def _markdown(payload: dict, table, targets, plots) -> str:
     m, copy = payload["machine"], payload["copy_bandwidth"]
     where = m.get("gpu") or f"CPU ({m['cpu']}, {m['cpu_count']} cores)"
-    headers, _ = kernel_table([])
-    target_headers, _ = targets_table([])
     lines = [
         "# Kernel benchmark",
         "",
@@ -359,15 +359,14 @@ def _markdown(payload: dict, rows, target_rows, plots) -> str:
         f"- command: `{payload['command']}`",
         f"- copy ceiling: {copy['gb_per_s']:.1f} GB/s ({copy['bytes_copied'] / 2**20:.0f} MiB device-to-device, "
         "bytes read + written)",
-        "- GB/s: minimal bytes of the pass (bench/measure.py) / median time; % copy: that over the copy ceiling",
+        "- each cell: median time, effective GB/s = minimal bytes of the pass (bench/measure.py) / median time, "
+        "(its share of the copy ceiling), peak memory where measured; 20th/80th percentiles in results.json",
         "",
-        markdown_table(headers, rows),
-        "",
-        "## Targets (issue 5)",
-        "",
-        markdown_table(target_headers, target_rows),
+        markdown_table(*table[:2]),
         "",
     ]
+    lines += [f"- {line}" for line in skipped_lines(table[2])]
+    lines += ["", "## Targets (issue 5)", "", markdown_table(*targets), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = ["text_table", "markdown_table", "write_json", "kernel_table", "model_table", "plot_kernels",
+__all__ = ["text_table", "markdown_table", "write_json", "kernel_table", "skipped_lines", "model_table", "plot_kernels",
            "evaluate_targets", "targets_table", "MIB"]
 
 MIB = 1 << 20
@@ -45,19 +45,35 @@ def _peak_cell(r: dict) -> str:
     return "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / MIB:.1f}"
 
 
-KERNEL_HEADERS = ("provider", "pass", "stats", "dtype", "T", "T*N", "ms median (p20-p80)", "GB/s", "% copy",
-                  "peak MiB", "note")
+def _kernel_cell(r: dict) -> str:
+    if r["median_ms"] is None:
+        return "skipped"
+    cell = f"{r['median_ms']:.4g} ms, {r['gb_per_s']:.4g} GB/s"
+    if r["copy_fraction"] is not None:
+        cell += f" ({100 * r['copy_fraction']:.3g}%)"
+    if r["peak_memory_bytes"] is not None:
+        cell += f", {r['peak_memory_bytes'] / MIB:.0f} MiB"
+    return cell
 
 
-def kernel_table(records: Sequence[dict]) -> tuple[tuple[str, ...], list[list[str]]]:
-    rows = []
+def kernel_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]], dict[str, list[str]]]:
+    """A row per (dtype, T, T*N, pass, stats), a column per provider: median time, effective GB/s
+    (% of the copy ceiling), peak memory. Also returns the skip reasons of each provider."""
+    providers = list(dict.fromkeys(r["provider"] for r in records))
+    cells, skipped = {}, defaultdict(list)
     for r in records:
-        note = f"skipped: {r['skipped']}" if r["skipped"] else ""
-        fraction = None if r["copy_fraction"] is None else 100 * r["copy_fraction"]
-        rows.append([r["provider"], r["pass_name"], "on" if r["stats"] else "off", r["dtype"], str(r["T"]),
-                     _elements_label(r["elements"]), _time_cell(r), _fmt(r["gb_per_s"], ".4g"),
-                     _fmt(fraction, ".3g"), _peak_cell(r), note])
-    return KERNEL_HEADERS, rows
+        cells.setdefault((r["dtype"], r["T"], r["elements"], r["pass_name"], r["stats"]), {})[r["provider"]] = r
+        if r["skipped"] and r["skipped"] not in skipped[r["provider"]]:
+            skipped[r["provider"]].append(r["skipped"])
+    headers = ["dtype", "T", "T*N", "pass", "stats"] + providers
+    rows = [[dtype, str(T), _elements_label(n), pass_name, "on" if stats else "off"]
+            + [_kernel_cell(by_provider[p]) if p in by_provider else "-" for p in providers]
+            for (dtype, T, n, pass_name, stats), by_provider in cells.items()]
+    return headers, rows, dict(skipped)
+
+
+def skipped_lines(skipped: dict[str, list[str]]) -> list[str]:
+    return [f"{provider} skipped: {reason}" for provider, reasons in skipped.items() for reason in reasons]
 
 
 MODEL_HEADERS = ("variant", "model", "T", "batch", "image", "ms median (p20-p80)", "peak MiB", "implementation",

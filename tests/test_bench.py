@@ -339,7 +339,8 @@ def test_quick_cli_writes_json_markdown_and_plots(tmp_path, capsys, monkeypatch)
         assert tuple(r) == kernels.RECORD_FIELDS
         assert r["skipped"] is None and r["median_ms"] > 0
     markdown = (tmp_path / "results.md").read_text()
-    assert "| provider | pass | stats |" in markdown and "## Targets (issue 5)" in markdown
+    assert "| dtype | T | T*N | pass | stats | mpd_triton | torch_eager |" in markdown
+    assert "## Targets (issue 5)" in markdown
     plot = tmp_path / "kernels_float32_T4.png"
     assert plot.stat().st_size > 10_000 and f"]({plot.name})" in markdown
 
