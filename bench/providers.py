@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch._functorch import config as functorch_config
 
 import mpd_triton as mt
 
@@ -95,7 +96,8 @@ class TorchEagerProvider(Provider):
 
 class TorchCompileProvider(Provider):
     name = "torch_compile"
-    description = "the pure-PyTorch reference (and the MPD loss) under torch.compile(fullgraph=True)"
+    description = ("the pure-PyTorch reference (and the MPD loss) under torch.compile(fullgraph=True), "
+                   "donated buffers off")
 
     def __init__(self):
         self._compiled: dict[bool, Step] = {}
@@ -109,6 +111,9 @@ class TorchCompileProvider(Provider):
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, 256)
             config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+            # A backward compiled with donated buffers refuses retain_graph=True, which the timed
+            # backward-only pass needs; without donation the backward only may not reuse saved memory in place.
+            functorch_config.donated_buffer = False
             self._compiled[stats] = torch.compile(_lif_step("torch", stats), fullgraph=True)
         return self._compiled[stats]
 
@@ -130,7 +135,10 @@ class SpikingJellyProvider(Provider):
             return None
         if device.type != "cuda":
             return "no CUDA: spikingjelly's Triton LIF kernel needs a GPU"
-        chosen = spikingjelly_implementation(device)
+        try:
+            chosen = spikingjelly_implementation(device)
+        except Exception as error:  # spikingjelly found no CUDA implementation it could load
+            return f"spikingjelly has no LIF implementation here ({type(error).__name__}: {error})"
         if chosen != "triton":
             return (f"spikingjelly chose its {chosen!r} LIF implementation, not triton "
                     f"({SPIKINGJELLY_IMPLEMENTATION_ENV} must be 'triton' or unset when it is imported)")
