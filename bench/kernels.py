@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .measure import (PASSES, copy_bandwidth, gb_per_s, machine_info, minimal_bytes, peak_memory, reset_grads,
-                      time_call)
+from .measure import (PASSES, copy_bandwidth, describe_failure, gb_per_s, machine_info, minimal_bytes, peak_memory,
+                      reset_grads, time_call)
 from .providers import NEURON, PROVIDER_NAMES, PROVIDERS, Provider, make_input, make_output_grads, pass_callable
 from .report import (evaluate_targets, kernel_table, markdown_table, plot_kernels, skipped_lines, targets_table,
                      text_table, write_json)
@@ -170,7 +170,8 @@ def first_line(device: torch.device, what: str = "kernel benchmark") -> str:
             "this checks the harness, it does not measure speed")
 
 
-def _record(provider, implementation, pass_name, stats, dtype_name, shape, **measured) -> dict:
+def _record(provider, implementation, pass_name, stats, dtype_name, shape, copy_gb_per_s=None, **measured) -> dict:
+    """One measurement; effective GB/s and the share of the copy ceiling follow from bytes and the median."""
     T, B, C, S = shape
     N = B * C * S
     record = dict(provider=provider, implementation=implementation, pass_name=pass_name, stats=stats,
@@ -179,15 +180,11 @@ def _record(provider, implementation, pass_name, stats, dtype_name, shape, **mea
                   median_ms=None, p20_ms=None, p80_ms=None, timer=None, gb_per_s=None, copy_fraction=None,
                   peak_memory_bytes=None, peak_memory_note=None, skipped=None)
     record.update(measured)
+    if record["median_ms"] is not None:
+        record["gb_per_s"] = gb_per_s(record["bytes"], record["median_ms"])
+        record["copy_fraction"] = record["gb_per_s"] / copy_gb_per_s if copy_gb_per_s else None
     assert tuple(record) == RECORD_FIELDS, "a measurement must carry exactly RECORD_FIELDS"
     return record
-
-
-def _failure(error: BaseException) -> str:
-    if isinstance(error, torch.OutOfMemoryError):
-        return "out of memory"
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"failed: {type(error).__name__}: {first[:300]}"
 
 
 def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, progress: bool = True,
@@ -214,7 +211,7 @@ def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, 
                     unavailable = provider.unavailable(device, dtype) or _not_planned(plan, provider_name, T)
                     implementation = None if unavailable else provider.implementation(device)
                     for stats in plan.stats_modes:
-                        grads = make_output_grads(x, stats)
+                        grads = None
                         broken = unavailable
                         for pass_name in plan.passes:
                             bar.set_description(f"{provider_name} {pass_name} {'stats' if stats else 'plain'} "
@@ -228,17 +225,17 @@ def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, 
                                 key = (provider_name, stats)
                                 if key not in steps:
                                     steps[key] = provider.step(stats)
-                                measured = _measure(steps[key], x, grads, pass_name, device, plan, copy_gb_per_s,
-                                                    shape, dtype_name, stats)
+                                grads = grads or make_output_grads(x, stats)
+                                measured = _measure(steps[key], x, grads, pass_name, device, plan)
                             except Exception as error:  # a provider error is a result, unless --strict
                                 if plan.strict:
                                     raise
                                 traceback.print_exc(file=sys.stderr)
                                 # Later passes of this provider/stats/size would fail the same way.
-                                broken = _failure(error)
+                                broken = describe_failure(error)
                                 measured = dict(skipped=broken)
                             records.append(_record(provider_name, implementation, pass_name, stats, dtype_name,
-                                                   shape, **measured))
+                                                   shape, copy_gb_per_s, **measured))
                             reset_grads([x])
                             bar.update()
                 del x
@@ -257,16 +254,11 @@ def _not_planned(plan: Plan, provider_name: str, T: int) -> str | None:
     return None
 
 
-def _measure(step, x, grads, pass_name, device, plan: Plan, copy_gb_per_s, shape, dtype_name, stats) -> dict:
+def _measure(step, x, grads, pass_name, device, plan: Plan) -> dict:
     fn = pass_callable(step, x, grads, pass_name)
     timing = time_call(fn, device, warmup_ms=plan.warmup_ms, rep_ms=plan.rep_ms, grad_to_none=[x])
     peak, peak_note = peak_memory(fn, device, grad_to_none=[x])
-    del fn
-    T, B, C, S = shape
-    nbytes = minimal_bytes(pass_name, T=T, N=B * C * S, C=C, elem_bytes=DTYPES[dtype_name].itemsize, stats=stats)
-    bandwidth = gb_per_s(nbytes, timing.median_ms)
     return dict(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, timer=timing.timer,
-                gb_per_s=bandwidth, copy_fraction=bandwidth / copy_gb_per_s if copy_gb_per_s else None,
                 peak_memory_bytes=peak, peak_memory_note=peak_note)
 
 

@@ -32,7 +32,7 @@ import torch
 
 __all__ = [
     "PASSES", "STATS_VALUE_BYTES", "QUANTILES", "minimal_bytes", "gb_per_s", "Timing", "time_call",
-    "peak_memory", "NO_CUDA_MEMORY_REASON", "copy_bandwidth", "machine_info", "reset_grads",
+    "peak_memory", "NO_CUDA_MEMORY_REASON", "copy_bandwidth", "machine_info", "reset_grads", "describe_failure",
 ]
 
 PASSES = ("forward", "backward", "both")
@@ -137,9 +137,16 @@ def copy_bandwidth(device: torch.device, nbytes: int, *, warmup_ms: float, rep_m
     dst = torch.empty_like(src)
     timing = time_call(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
     moved = 2 * nbytes
-    del src, dst
     return {"bytes_copied": nbytes, "bytes_moved": moved, "median_ms": timing.median_ms,
             "gb_per_s": gb_per_s(moved, timing.median_ms), "timer": timing.timer}
+
+
+def describe_failure(error: BaseException) -> str:
+    """The skip reason recorded for a measurement that raised."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory"
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"failed: {type(error).__name__}: {first_line[:300]}"
 
 
 def machine_info(device: torch.device) -> dict:

@@ -26,7 +26,7 @@ import mpd_triton as mt
 from models import MODEL_NAMES, NeuronOptions, build_model
 
 from .kernels import command_line, default_out, first_line
-from .measure import machine_info, peak_memory, time_call
+from .measure import describe_failure, machine_info, peak_memory, time_call
 from .peers import SpikingJellyLIF
 from .providers import MPD_ETA, NEURON, PROVIDERS, Provider
 from .report import evaluate_targets, markdown_table, model_table, targets_table, text_table, write_json
@@ -125,9 +125,7 @@ def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batc
             if strict:
                 raise
             traceback.print_exc(file=sys.stderr)
-            first = (str(error).strip().splitlines() or [""])[0]
-            measured = dict(skipped="out of memory" if isinstance(error, torch.OutOfMemoryError)
-                            else f"failed: {type(error).__name__}: {first[:300]}")
+            measured = dict(skipped=describe_failure(error))
         records.append(_model_record(*common, **measured))
         gc.collect()
         if device.type == "cuda":

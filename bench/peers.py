@@ -44,7 +44,7 @@ def load_spikingjelly():
         os.environ.setdefault(SPIKINGJELLY_IMPLEMENTATION_ENV, "triton")
         try:
             from spikingjelly import activation_based
-            from spikingjelly.activation_based import functional, surrogate  # noqa: F401
+            from spikingjelly.activation_based import functional, surrogate  # noqa: F401 (loads the attributes used)
         except Exception as error:  # ImportError, or a broken install: either way the provider is skipped
             _loaded = (None, f"spikingjelly is not importable ({type(error).__name__}: {error})")
         else:
