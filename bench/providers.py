@@ -169,7 +169,7 @@ PROVIDER_NAMES = tuple(PROVIDERS)
 
 
 def make_input(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """Membrane input around the threshold (about half the neurons fire), requiring grad like a layer's input."""
+    """Membrane input x ~ N(V_th, 1) (a quarter of the neurons fire per step), requiring grad like a layer's input."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).add_(NEURON.v_th)
     return x.to(dtype).requires_grad_()
