@@ -1,0 +1,367 @@
+"""Kernel benchmark: one LIF layer, forward / backward / both, statistics off / on, every provider side by side.
+
+    python -m bench.kernels                       # full sweep (CUDA): T 4 8 16, T*N 2^21..2^27, float32 + bfloat16
+    python -m bench.kernels --quick               # T = 8, T*N 2^24 and 2^27
+    python -m bench.kernels --providers mpd_triton spikingjelly --dtype bfloat16 --T 8 --sizes 2^27
+    python -m bench.kernels --model vgg11         # the model-level benchmark (bench.model_step)
+
+Writes results.json, results.md and kernels_<dtype>_T<T>.png to --out
+(default runs/bench/kernels-<UTC time>). Without CUDA it says so on its first
+line and runs at small sizes on the CPU with a wall-clock timer: a check of
+the harness, not a measurement of speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import shlex
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .measure import (PASSES, copy_bandwidth, describe_failure, gb_per_s, machine_info, minimal_bytes, peak_memory,
+                      reset_grads, time_call)
+from .providers import NEURON, PROVIDER_NAMES, PROVIDERS, Provider, make_input, make_output_grads, pass_callable
+from .report import (evaluate_targets, kernel_table, markdown_table, plot_kernels, skipped_lines, targets_table,
+                     text_table, write_json)
+
+__all__ = ["main", "parse_sizes", "bench_shape", "run_sweep", "RECORD_FIELDS", "DTYPES", "Plan"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATS_CHOICES = {"off": (False,), "on": (True,), "both": (False, True)}
+
+# Default sweeps. On the CPU the kernels run in the Triton interpreter: tiny sizes only.
+CUDA_FULL = dict(T=(4, 8, 16), sizes=(1 << 21, 1 << 23, 1 << 25, 1 << 27))
+CUDA_QUICK = dict(T=(8,), sizes=(1 << 24, 1 << 27))
+CPU_FULL = dict(T=(4, 8), sizes=(1 << 10, 1 << 12))
+CPU_QUICK = dict(T=(4,), sizes=(1 << 10,))
+CPU_MAX_ELEMENTS = 1 << 20  # beyond this the interpreter and the eager loop take minutes per point on a CPU
+
+# A conv layer's activation: up to 128 channels of 16 x 16 positions, the rest is batch.
+BENCH_CHANNELS = 128
+BENCH_POSITIONS = 256
+
+COPY_BYTES_CUDA = 1 << 30  # far beyond the L2 cache
+COPY_BYTES_CPU = 1 << 24
+
+RECORD_FIELDS = ("provider", "implementation", "pass_name", "stats", "dtype", "T", "N", "elements", "shape", "bytes",
+                 "median_ms", "p20_ms", "p80_ms", "timer", "gb_per_s", "copy_fraction", "peak_memory_bytes",
+                 "peak_memory_note", "skipped")
+
+
+def parse_sizes(values: list[str]) -> list[int]:
+    """'2^27', '2**27' or '134217728' -> element counts; each must be a positive integer."""
+    sizes = []
+    for text in values:
+        token = text.replace("**", "^")
+        try:
+            if "^" in token:
+                base, exponent = token.split("^")
+                size = int(base) ** int(exponent)
+            else:
+                size = int(token)
+        except ValueError:
+            raise ValueError(f"--sizes takes element counts like 134217728 or 2^27, got {text!r}") from None
+        if size < 1:
+            raise ValueError(f"--sizes must be positive, got {text!r}")
+        sizes.append(size)
+    return sizes
+
+
+def bench_shape(T: int, elements: int) -> tuple[int, int, int, int]:
+    """[T, B, C, S] with T*B*C*S = elements: up to BENCH_CHANNELS channels and BENCH_POSITIONS positions."""
+    if elements % T:
+        raise ValueError(f"size T*N = {elements} is not a multiple of T = {T}")
+    N = elements // T
+    C = math.gcd(N, BENCH_CHANNELS)
+    S = math.gcd(N // C, BENCH_POSITIONS)
+    return T, N // (C * S), C, S
+
+
+@dataclass
+class Plan:
+    dtypes: list[str]
+    Ts: list[int]
+    sizes: list[int]
+    providers: list[str]
+    passes: list[str]
+    stats_modes: tuple[bool, ...]
+    warmup_ms: float
+    rep_ms: float
+    strict: bool
+    compile_Ts: list[int] | None = None  # T values at which torch_compile runs (None: all)
+
+    def count(self) -> int:
+        return (len(self.dtypes) * len(self.Ts) * len(self.sizes) * len(self.providers) * len(self.stats_modes)
+                * len(self.passes))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short subset (T = 8, two sizes)")
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--T", nargs="+", type=int, help="time steps (default 4 8 16 on CUDA)")
+    parser.add_argument("--sizes", nargs="+", help="T*N element counts, e.g. 2^21 2^27 (default 2^21 .. 2^27 on CUDA)")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDER_NAMES, default=list(PROVIDER_NAMES))
+    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    parser.add_argument("--stats", choices=tuple(STATS_CHOICES), default="both", help="membrane statistics off, on or both")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/bench/kernels-<UTC time>)")
+    parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per measurement")
+    parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench timed repetitions per measurement")
+    parser.add_argument("--compile-T", nargs="+", default=["8"],
+                        help="T values at which torch_compile is measured, or 'all' (default 8: each T and dtype "
+                             "is a new graph, and compiling every one takes longer than the rest of the sweep)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first provider error instead of recording it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--model", help="run the model-level benchmark instead (see python -m bench.model_step -h)")
+    return parser
+
+
+def make_plan(args, device: torch.device) -> Plan:
+    defaults = (CUDA_QUICK if args.quick else CUDA_FULL) if device.type == "cuda" else (
+        CPU_QUICK if args.quick else CPU_FULL)
+    Ts = args.T if args.T else list(defaults["T"])
+    sizes = parse_sizes(args.sizes) if args.sizes else list(defaults["sizes"])
+    if any(T < 1 for T in Ts):
+        raise ValueError(f"--T must be positive integers, got {Ts}")
+    for T in Ts:
+        for size in sizes:
+            bench_shape(T, size)  # raises for a size that is not a multiple of T
+    if device.type != "cuda" and max(sizes) > CPU_MAX_ELEMENTS:
+        raise ValueError(f"without CUDA the sizes are limited to {CPU_MAX_ELEMENTS} elements (got {max(sizes)}); "
+                         "pass smaller --sizes")
+    for name, value in (("--warmup-ms", args.warmup_ms), ("--rep-ms", args.rep_ms)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    return Plan(list(dict.fromkeys(args.dtype)), list(dict.fromkeys(Ts)), list(dict.fromkeys(sizes)),
+                list(dict.fromkeys(args.providers)), list(dict.fromkeys(args.passes)), STATS_CHOICES[args.stats],
+                args.warmup_ms, args.rep_ms, args.strict, _parse_compile_T(args.compile_T))
+
+
+def _parse_compile_T(values: list[str]) -> list[int] | None:
+    if values == ["all"]:
+        return None
+    try:
+        Ts = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--compile-T takes time steps or 'all', got {' '.join(values)}") from None
+    if any(T < 1 for T in Ts):
+        raise ValueError(f"--compile-T must be positive integers, got {Ts}")
+    return Ts
+
+
+def first_line(device: torch.device, what: str = "kernel benchmark") -> str:
+    """The run's first printed line: where it runs, and on the CPU that it is no speed measurement."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"mpd-triton {what} on {props.name} (CUDA {torch.version.cuda}, torch {torch.__version__}): "
+                "triton.testing.do_bench medians")
+    kernels = ("mpd_triton's Triton kernels run in the Triton interpreter"
+               if PROVIDERS["mpd_triton"].unavailable(device, torch.float32) is None
+               else "mpd_triton's Triton kernels are skipped (set TRITON_INTERPRET=1 to run them in the interpreter)")
+    return (f"No CUDA: the {what} runs on the CPU at small sizes with a wall-clock timer, {kernels}; "
+            "this checks the harness, it does not measure speed")
+
+
+def _record(provider, implementation, pass_name, stats, dtype_name, shape, copy_gb_per_s=None, **measured) -> dict:
+    """One measurement; effective GB/s and the share of the copy ceiling follow from bytes and the median."""
+    T, B, C, S = shape
+    N = B * C * S
+    record = dict(provider=provider, implementation=implementation, pass_name=pass_name, stats=stats,
+                  dtype=dtype_name, T=T, N=N, elements=T * N, shape=list(shape),
+                  bytes=minimal_bytes(pass_name, T=T, N=N, C=C, elem_bytes=DTYPES[dtype_name].itemsize, stats=stats),
+                  median_ms=None, p20_ms=None, p80_ms=None, timer=None, gb_per_s=None, copy_fraction=None,
+                  peak_memory_bytes=None, peak_memory_note=None, skipped=None)
+    record.update(measured)
+    if record["median_ms"] is not None:
+        record["gb_per_s"] = gb_per_s(record["bytes"], record["median_ms"])
+        record["copy_fraction"] = record["gb_per_s"] / copy_gb_per_s if copy_gb_per_s else None
+    assert tuple(record) == RECORD_FIELDS, "a measurement must carry exactly RECORD_FIELDS"
+    return record
+
+
+def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, progress: bool = True,
+              providers: dict[str, Provider] | None = None, on_size_done=None) -> list[dict]:
+    """Every (dtype, T, size, provider, stats, pass) of the plan, in that nesting; skipped ones carry a reason.
+
+    providers: name -> Provider for the names in the plan (default: PROVIDERS).
+    on_size_done(records): called after each (dtype, T, size), e.g. to save partial results.
+    """
+    from tqdm import tqdm
+
+    providers = PROVIDERS if providers is None else providers
+    records = []
+    steps = {}  # (provider, stats) -> step, built once: compiled graphs and spikingjelly layers are reused
+    bar = tqdm(total=plan.count(), disable=not progress, file=sys.stderr, unit="pt")
+    for dtype_name in plan.dtypes:
+        dtype = DTYPES[dtype_name]
+        for T in plan.Ts:
+            for size in plan.sizes:
+                shape = bench_shape(T, size)
+                x = make_input(shape, dtype, device)
+                for provider_name in plan.providers:
+                    provider = providers[provider_name]
+                    unavailable = provider.unavailable(device, dtype) or _not_planned(plan, provider_name, T)
+                    implementation = None if unavailable else provider.implementation(device)
+                    for stats in plan.stats_modes:
+                        grads = None
+                        broken = unavailable
+                        for pass_name in plan.passes:
+                            bar.set_description(f"{provider_name} {pass_name} {'stats' if stats else 'plain'} "
+                                                f"{dtype_name} T={T} 2^{math.log2(size):g}", refresh=False)
+                            if broken:
+                                records.append(_record(provider_name, implementation, pass_name, stats, dtype_name,
+                                                       shape, skipped=broken))
+                                bar.update()
+                                continue
+                            try:
+                                key = (provider_name, stats)
+                                if key not in steps:
+                                    steps[key] = provider.step(stats)
+                                grads = grads or make_output_grads(x, stats)
+                                measured = _measure(steps[key], x, grads, pass_name, device, plan)
+                            except Exception as error:  # a provider error is a result, unless --strict
+                                if plan.strict:
+                                    raise
+                                traceback.print_exc(file=sys.stderr)
+                                # Later passes of this provider/stats/size would fail the same way.
+                                broken = describe_failure(error)
+                                measured = dict(skipped=broken)
+                            records.append(_record(provider_name, implementation, pass_name, stats, dtype_name,
+                                                   shape, copy_gb_per_s, **measured))
+                            reset_grads([x])
+                            bar.update()
+                del x
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if on_size_done is not None:
+                    on_size_done(records)
+    bar.close()
+    return records
+
+
+def _not_planned(plan: Plan, provider_name: str, T: int) -> str | None:
+    if provider_name == "torch_compile" and plan.compile_Ts is not None and T not in plan.compile_Ts:
+        return f"torch_compile is measured only at T in {plan.compile_Ts} (--compile-T)"
+    return None
+
+
+def _measure(step, x, grads, pass_name, device, plan: Plan) -> dict:
+    fn = pass_callable(step, x, grads, pass_name)
+    timing = time_call(fn, device, warmup_ms=plan.warmup_ms, rep_ms=plan.rep_ms, grad_to_none=[x])
+    peak, peak_note = peak_memory(fn, device, grad_to_none=[x])
+    return dict(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, timer=timing.timer,
+                peak_memory_bytes=peak, peak_memory_note=peak_note)
+
+
+def default_out(kind: str) -> Path:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path("runs") / "bench" / f"{kind}-{stamp}"
+
+
+def command_line(argv: list[str], module: str) -> str:
+    return " ".join(["python -m", module] + [shlex.quote(a) for a in argv])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_option = argparse.ArgumentParser(add_help=False)
+    model_option.add_argument("--model")
+    if model_option.parse_known_args(argv)[0].model is not None:  # its own options: hand over before parsing
+        from . import model_step
+
+        return model_step.main(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(first_line(device), flush=True)
+    try:
+        plan = make_plan(args, device)
+    except ValueError as error:
+        parser.error(str(error))
+    out_dir = args.out or default_out("kernels")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    largest_bytes = max(plan.sizes) * max(DTYPES[d].itemsize for d in plan.dtypes)
+    copy_bytes = max(largest_bytes, COPY_BYTES_CUDA if device.type == "cuda" else COPY_BYTES_CPU)
+    copy = copy_bandwidth(device, copy_bytes, warmup_ms=plan.warmup_ms, rep_ms=plan.rep_ms)
+    print(f"device-to-device copy of {copy_bytes / 2**20:.0f} MiB: {copy['gb_per_s']:.1f} GB/s (read + write)",
+          flush=True)
+
+    command = command_line(argv, "bench.kernels")
+    info = machine_info(device)
+
+    def payload(records: list[dict], complete: bool) -> dict:
+        return {
+            "benchmark": "kernels",
+            "complete": complete,  # False in the copies saved while the sweep runs
+            "command": command,
+            "first_line": first_line(device),
+            "machine": info,
+            "settings": {"dtypes": plan.dtypes, "T": plan.Ts, "sizes": plan.sizes, "providers": plan.providers,
+                         "passes": plan.passes, "stats": list(plan.stats_modes), "warmup_ms": plan.warmup_ms,
+                         "rep_ms": plan.rep_ms, "compile_T": plan.compile_Ts, "neuron": _neuron_settings()},
+            "providers": {name: {"description": PROVIDERS[name].description} for name in plan.providers},
+            "copy_bandwidth": copy,
+            "measurements": records,
+            "targets": evaluate_targets(records, on_gpu=device.type == "cuda"),
+        }
+
+    json_path = out_dir / "results.json"
+    records = run_sweep(plan, device, copy["gb_per_s"], progress=not args.no_progress,
+                        on_size_done=lambda partial: write_json(json_path, payload(partial, complete=False)))
+    final = payload(records, complete=True)
+    write_json(json_path, final)
+
+    table = kernel_table(records)
+    print(text_table(*table[:2]))
+    print("\n".join(skipped_lines(table[2])))
+    targets = targets_table(final["targets"])
+    print("\nTargets (issue 5):")
+    print(text_table(*targets))
+    plots = plot_kernels(records, copy["gb_per_s"], out_dir)
+    (out_dir / "results.md").write_text(_markdown(final, table, targets, plots))
+    print(f"\nwrote {json_path}, {out_dir / 'results.md'} and {len(plots)} plot(s) to {out_dir}")
+    return 0
+
+
+def _neuron_settings() -> dict:
+    c = NEURON
+    return {"tau": c.tau, "v_th": c.v_th, "v_reset": c.v_reset, "decay_input": c.decay_input,
+            "detach_reset": c.detach_reset, "surrogate": repr(c.surrogate)}
+
+
+def _markdown(payload: dict, table, targets, plots) -> str:
+    m, copy = payload["machine"], payload["copy_bandwidth"]
+    where = m.get("gpu") or f"CPU ({m['cpu']}, {m['cpu_count']} cores)"
+    lines = [
+        "# Kernel benchmark",
+        "",
+        f"- {payload['first_line']}",
+        f"- machine: {where}; torch {m['torch']}, triton {m['triton']}, Python {m['python']}",
+        f"- date (UTC): {m['date_utc']}",
+        f"- command: `{payload['command']}`",
+        f"- copy ceiling: {copy['gb_per_s']:.1f} GB/s ({copy['bytes_copied'] / 2**20:.0f} MiB device-to-device, "
+        "bytes read + written)",
+        "- each cell: median time, effective GB/s = minimal bytes of the pass (bench/measure.py) / median time, "
+        "(its share of the copy ceiling), peak memory where measured; 20th/80th percentiles in results.json",
+        "",
+        markdown_table(*table[:2]),
+        "",
+    ]
+    lines += [f"- {line}" for line in skipped_lines(table[2])]
+    lines += ["", "## Targets (issue 5)", "", markdown_table(*targets), ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

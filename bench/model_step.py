@@ -1,0 +1,208 @@
+"""Model-level benchmark: one training step of a spiking model with MPD-SGR on, per neuron implementation.
+
+    python -m bench.model_step --model vgg11      # T = 8, batch 128, 32 x 32 inputs (on CUDA)
+    python -m bench.kernels --model vgg11         # the same
+
+A step is zero_grad, forward, cross-entropy + eta * L_MPD (mt.MPDSGR), backward
+and an SGD update (the papers' protocol: lr 0.1, momentum 0.9, weight decay
+5e-4). The model is the same in every variant; only its LIF layers differ:
+``mpd_triton`` (fused kernels), ``torch_eager`` (the reference layers) and
+``spikingjelly`` (spikingjelly's neuron with PyTorch statistics, see
+bench/peers.py). Writes model_results.json and model_results.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import mpd_triton as mt
+from models import MODEL_NAMES, NeuronOptions, build_model
+
+from .kernels import command_line, default_out, first_line
+from .measure import describe_failure, machine_info, peak_memory, time_call
+from .peers import SpikingJellyLIF
+from .providers import MPD_ETA, NEURON, PROVIDERS, Provider
+from .report import evaluate_targets, markdown_table, model_table, targets_table, text_table, write_json
+
+__all__ = ["main", "VARIANTS", "MODEL_RECORD_FIELDS", "build_variant", "run_variants"]
+
+# Variant -> the mt.LIF backend its model is built with; spikingjelly then swaps every LIF layer.
+VARIANTS = {"mpd_triton": "triton", "torch_eager": "torch", "spikingjelly": "torch"}
+
+CUDA_DEFAULTS = dict(T=8, batch=128, image_size=32, rep_ms=2000.0)
+CUDA_QUICK = dict(T=8, batch=128, image_size=32, rep_ms=500.0)
+CPU_DEFAULTS = dict(T=2, batch=2, image_size=32, rep_ms=200.0)  # harness check only: the interpreter is slow
+CPU_QUICK = dict(T=2, batch=1, image_size=32, rep_ms=50.0)
+NUM_CLASSES = 10
+
+MODEL_RECORD_FIELDS = ("provider", "implementation", "model", "T", "batch", "image_size", "dtype", "median_ms",
+                       "p20_ms", "p80_ms", "timer", "peak_memory_bytes", "peak_memory_note", "loss_first",
+                       "loss_last", "skipped")
+
+
+def _swap_lif_layers(model: torch.nn.Module, make) -> int:
+    """Replace every mt.LIF in model by make(layer); returns how many were replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, mt.LIF):
+                setattr(parent, name, make(child))
+                replaced += 1
+    return replaced
+
+
+def build_variant(variant: str, model_name: str, *, T: int, image_size: int, device: torch.device):
+    """(model, MPDSGR regularizer) for one variant, on device."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    c = NEURON
+    neuron = NeuronOptions(tau=c.tau, v_th=c.v_th, v_reset=c.v_reset, decay_input=c.decay_input,
+                           detach_reset=c.detach_reset, surrogate=c.surrogate.name, surrogate_param=c.surrogate.param,
+                           backend=VARIANTS[variant])
+    model = build_model(model_name, in_channels=3, num_classes=NUM_CLASSES, image_size=image_size, T=T,
+                        neuron=neuron)
+    if variant == "spikingjelly":
+        _swap_lif_layers(model, SpikingJellyLIF.like)
+    model = model.to(device)
+    return model, mt.MPDSGR(model, eta=MPD_ETA)
+
+
+def _training_step(model, reg, images, labels):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    losses = []
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images), labels) + reg()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+
+    return step, losses
+
+
+def _model_record(variant, implementation, model_name, T, batch, image_size, **measured) -> dict:
+    record = dict(provider=variant, implementation=implementation, model=model_name, T=T, batch=batch,
+                  image_size=image_size, dtype="float32", median_ms=None, p20_ms=None, p80_ms=None, timer=None,
+                  peak_memory_bytes=None, peak_memory_note=None, loss_first=None, loss_last=None, skipped=None)
+    record.update(measured)
+    assert tuple(record) == MODEL_RECORD_FIELDS, "a model measurement must carry exactly MODEL_RECORD_FIELDS"
+    return record
+
+
+def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batch: int, image_size: int,
+                 device: torch.device, warmup_ms: float, rep_ms: float, strict: bool = False) -> list[dict]:
+    """Time one training step per variant (name -> the provider whose availability it shares)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand((batch, 3, image_size, image_size), generator=gen, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen, device=device)
+    records = []
+    for variant, provider in variants.items():
+        unavailable = provider.unavailable(device, torch.float32)
+        implementation = None if unavailable else provider.implementation(device)
+        common = (variant, implementation, model_name, T, batch, image_size)
+        if unavailable:
+            records.append(_model_record(*common, skipped=unavailable))
+            continue
+        try:
+            torch.manual_seed(0)  # the same initial weights in every variant
+            model, reg = build_variant(variant, model_name, T=T, image_size=image_size, device=device)
+            step, losses = _training_step(model, reg, images, labels)
+            timing = time_call(step, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+            peak, peak_note = peak_memory(step, device)
+            measured = dict(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                            timer=timing.timer, peak_memory_bytes=peak, peak_memory_note=peak_note,
+                            loss_first=float(losses[0]), loss_last=float(losses[-1]))
+            del model, reg, step, losses
+        except Exception as error:  # recorded, unless --strict
+            if strict:
+                raise
+            traceback.print_exc(file=sys.stderr)
+            measured = dict(skipped=describe_failure(error))
+        records.append(_model_record(*common, **measured))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.model_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODEL_NAMES, default="vgg11")
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps (and a batch of 1 on the CPU)")
+    parser.add_argument("--providers", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--T", type=int, help="time steps (default 8 on CUDA)")
+    parser.add_argument("--batch", type=int, help="batch size (default 128 on CUDA)")
+    parser.add_argument("--image-size", type=int, help="input height and width (default 32)")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/bench/model-<UTC time>)")
+    parser.add_argument("--warmup-ms", type=float, default=200.0)
+    parser.add_argument("--rep-ms", type=float, help="timed repetitions per variant (default 2000 on CUDA)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first error instead of recording it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = (CUDA_QUICK if args.quick else CUDA_DEFAULTS) if device.type == "cuda" else (
+        CPU_QUICK if args.quick else CPU_DEFAULTS)
+    T = args.T or defaults["T"]
+    batch = args.batch or defaults["batch"]
+    image_size = args.image_size or defaults["image_size"]
+    rep_ms = args.rep_ms or defaults["rep_ms"]
+    for name, value in (("--T", T), ("--batch", batch), ("--image-size", image_size)):
+        if value < 1:
+            parser.error(f"{name} must be a positive integer, got {value}")
+    for name, value in (("--warmup-ms", args.warmup_ms), ("--rep-ms", rep_ms)):
+        if not value > 0:
+            parser.error(f"{name} must be > 0, got {value}")
+    print(first_line(device, f"{args.model} training-step benchmark"), flush=True)
+    out_dir = args.out or default_out("model")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    variants = {name: PROVIDERS[name] for name in dict.fromkeys(args.providers)}
+    records = run_variants(variants, args.model, T=T, batch=batch, image_size=image_size, device=device,
+                           warmup_ms=args.warmup_ms, rep_ms=rep_ms, strict=args.strict)
+    targets = evaluate_targets([], records, on_gpu=device.type == "cuda")
+    headers, rows = model_table(records)
+    target_headers, target_rows = targets_table(targets)
+    print(text_table(headers, rows))
+    print("\nTargets (issue 5):")
+    print(text_table(target_headers, target_rows))
+
+    info = machine_info(device)
+    command = command_line(argv, "bench.model_step")
+    payload = {"benchmark": "model_step", "command": command,
+               "first_line": first_line(device, f"{args.model} training-step benchmark"), "machine": info,
+               "settings": {"model": args.model, "T": T, "batch": batch, "image_size": image_size,
+                            "warmup_ms": args.warmup_ms, "rep_ms": rep_ms, "eta": MPD_ETA,
+                            "optimizer": "SGD lr 0.1, momentum 0.9, weight decay 5e-4"},
+               "measurements": records, "targets": targets}
+    write_json(out_dir / "model_results.json", payload)
+    where = info.get("gpu") or f"CPU ({info['cpu']}, {info['cpu_count']} cores)"
+    markdown = "\n".join([
+        f"# {args.model} training step with MPD-SGR", "",
+        f"- {payload['first_line']}",
+        f"- machine: {where}; torch {info['torch']}, triton {info['triton']}",
+        f"- date (UTC): {info['date_utc']}",
+        f"- command: `{command}`", "",
+        markdown_table(headers, rows), "",
+        "## Targets (issue 5)", "",
+        markdown_table(target_headers, target_rows), "",
+    ])
+    (out_dir / "model_results.md").write_text(markdown)
+    print(f"\nwrote {out_dir / 'model_results.json'} and {out_dir / 'model_results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
