@@ -13,6 +13,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# The benchmark's peer, SpikingJelly 2.0, so its tests run: --no-deps because its metadata asks for
+	# torchaudio (which would replace the torch pin) and more that the LIF modules never import.
+	$(BIN)/python -m pip install -q --no-deps 'spikingjelly==2.0.0' 'loguru>=0.7,<1'
 	touch $@
 
 install: $(BIN)/.installed

@@ -129,11 +129,7 @@ class SpikingJellyLIF(mt.LIF):
         if not self.record_mpd:
             return spikes
         mean, var = mt.membrane_stats(pre_spike_potential(x, v_init, v_seq, c) - c.v_th)
-        # mt.LIF.forward's recording, repeated: mt.LIF has no hook for it (a record method there would serve both).
-        if self.keep_all_records:
-            self.mpd_records.append((mean, var))
-        else:
-            self.mpd_records = [(mean, var)]
+        self.record_stats(mean, var)
         return spikes
 
     def extra_repr(self) -> str:

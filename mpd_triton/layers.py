@@ -97,6 +97,13 @@ class LIF(nn.Module):
     def clear_mpd_records(self) -> None:
         self.mpd_records = []
 
+    def record_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Keep one call's statistics for MPDSGR (all calls of a forward when an MPDSGR owns the layer)."""
+        if self.keep_all_records:
+            self.mpd_records.append((mean, var))
+        else:
+            self.mpd_records = [(mean, var)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         if self.backward_mode == "rate":
@@ -108,10 +115,7 @@ class LIF(nn.Module):
         if not self.record_mpd:
             return lif(*args)
         spikes, mean, var = lif(*args, return_stats=True)
-        if self.keep_all_records:
-            self.mpd_records.append((mean, var))
-        else:
-            self.mpd_records = [(mean, var)]
+        self.record_stats(mean, var)
         return spikes
 
     def extra_repr(self) -> str:

@@ -182,6 +182,7 @@ def test_robust_accuracy_below_clean_and_ensemble_is_per_image_worst_case():
     for attack, by_eps in r["accuracy"].items():
         for eps, value in by_eps.items():
             assert value <= r["clean"]
+            assert r["worst_case"][eps] <= value  # surviving every attack is rarer than surviving one
             if attack in r["by_gradient"]:
                 per_source = r["by_gradient"][attack][eps]
                 assert value <= min(per_source.values())  # the per-image AND is below every single source

@@ -93,8 +93,10 @@ def test_sigkill_and_resume_gives_the_same_final_weights(tmp_path):
 
 def test_two_processes_with_torchrun(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=29517", "-m", "train.run", *SMALL, "--epochs", "2",
-           "--eta", "0.05", "--no-compare", "--out", str(tmp_path)]
+    # 2000 images: 20 steps per rank and epoch, enough for BatchNorm's running statistics to settle
+    # (after a few steps eval mode can leave a layer silent).
+    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=29517", "-m", "train.run", *SMALL,
+           "--train-limit", "2000", "--epochs", "2", "--eta", "0.01", "--no-compare", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 processes" in proc.stdout

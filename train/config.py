@@ -66,7 +66,7 @@ class RunConfig:
     adv_step: float = 1 / 255
     adv_steps: int = 2
     # evaluation at the end of training
-    eval_attacks: str = "fgsm,pgd,noise"
+    eval_attacks: str = "fgsm,pgd,noise"  # at eval_eps on eval_limit test images; '' for none
     eval_eps: float = 8 / 255
     eval_limit: int | None = 1000
     # run
@@ -90,8 +90,8 @@ class RunConfig:
 _PAPER = dict(T=8, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", batch_size=128,
               epochs=200, eval_limit=None)
 PRESETS: dict[str, dict] = {
-    "quick": dict(model="small", data="fmnist-subset", T=4, epochs=4, batch_size=64, lr=0.05, eta=1.0,
-                  compare=True, eval_limit=1000),
+    "quick": dict(model="small", data="fmnist-subset", T=4, epochs=3, batch_size=64, optimizer="adam", lr=1e-3,
+                  eta=0.01, compare=True, eval_limit=500),
     "fmnist-vgg11": dict(model="vgg11", data="fmnist", T=8, epochs=10, batch_size=128, lr=0.05, eta=1.0,
                          compare=True, eval_limit=None),
     "cifar10-vgg11": dict(_PAPER, model="vgg11", data="cifar10", eta=1.0),
@@ -254,5 +254,12 @@ def validate(cfg: RunConfig) -> None:
         opts.make()
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+    try:
+        from .robustness import parse_attacks
+
+        if "transfer" in parse_attacks(cfg.eval_attacks):
+            raise ConfigError("the transfer attack needs a source model: use python -m train.eval --source")
+    except ValueError as e:
+        raise ConfigError(f"--eval-attacks: {e}") from None
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -59,6 +59,8 @@ def result_table(names: list[str], results: list[dict]) -> str:
     for attack in results[0]["accuracy"]:
         for eps in results[0]["accuracy"][attack]:
             rows.append((f"{attack} @ {float(eps) * 255:.3g}/255", [_fmt(r["accuracy"][attack][eps]) for r in results]))
+    for eps in results[0]["worst_case"]:
+        rows.append((f"all attacks @ {float(eps) * 255:.3g}/255", [_fmt(r["worst_case"][eps]) for r in results]))
     if results[0].get("large_eps"):
         rows.append((f"pgd @ eps {results[0]['large_eps']['eps']:g} (check)", [_fmt(r["large_eps"]["acc"]) for r in results]))
     rows.append(("input-gradient L1", [f"{r['grad_l1']:.4g}" for r in results]))

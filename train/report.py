@@ -24,8 +24,14 @@ def membrane_samples(model: torch.nn.Module, x: torch.Tensor, max_per_layer: int
     """u = h - V_th of every LIF layer for a batch x (eval mode), subsampled; with each layer's window."""
     layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
     inputs: dict[int, torch.Tensor] = {}
-    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: inputs.setdefault(i, args[0].detach()))
-             for i, layer in enumerate(layers)]
+
+    def keep_input(i):
+        def hook(module, args, output):
+            inputs.setdefault(i, args[0].detach())  # returns nothing: a returned value would replace the output
+
+        return hook
+
+    hooks = [layer.register_forward_hook(keep_input(i)) for i, layer in enumerate(layers)]
     was_training = model.training
     model.eval()
     try:
@@ -44,10 +50,11 @@ def membrane_samples(model: torch.nn.Module, x: torch.Tensor, max_per_layer: int
     return out
 
 
-def _hist_range(sample_sets: list[list[dict]]) -> tuple[float, float]:
-    values = np.concatenate([s["u"] for samples in sample_sets for s in samples])
-    lo, hi = np.percentile(values, [0.5, 99.5])
-    span = max(hi - lo, 1e-3)
+def _hist_range(values: list[np.ndarray], window: float) -> tuple[float, float]:
+    """The central 98% of the values, widened to show at least [-3 gamma, 3 gamma]."""
+    lo, hi = np.percentile(np.concatenate(values), [1.0, 99.0])
+    lo, hi = min(lo, -3.0 * window), max(hi, 3.0 * window)
+    span = hi - lo
     return float(lo - 0.05 * span), float(hi + 0.05 * span)
 
 
@@ -58,25 +65,27 @@ def plot_membrane(sample_sets: dict[str, list[dict]], path: Path, title: str) ->
     cols = min(4, n_layers)
     rows = -(-n_layers // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
-    lo, hi = _hist_range(list(sample_sets.values()))
-    bins = np.linspace(lo, hi, 81)
     for i in range(rows * cols):
         ax = axes[i // cols][i % cols]
         if i >= n_layers:
             ax.axis("off")
             continue
         window = sample_sets[names[0]][i]["window"]
+        lo, hi = _hist_range([sample_sets[name][i]["u"] for name in names], window)
+        bins = np.linspace(lo, hi, 81)
         ax.axvspan(-window, window, color="tab:red", alpha=0.12, label="SG window")
         for name in names:
             u = sample_sets[name][i]["u"]
             inside = float(np.mean(np.abs(u) <= window))
-            ax.hist(u, bins=bins, density=True, histtype="step", linewidth=1.3, label=f"{name} ({100 * inside:.0f}% in)")
+            ax.hist(np.clip(u, lo, hi), bins=bins, density=True, histtype="step", linewidth=1.3,
+                    label=f"{name} ({100 * inside:.0f}% in window)")
         ax.axvline(0.0, color="k", linewidth=0.6)
         ax.set_title(f"LIF layer {i + 1}", fontsize=9)
         ax.tick_params(labelsize=7)
-        if i == 0:
-            ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: membrane potential u = h - V_th", fontsize=10)
+        ax.set_xlim(lo, hi)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{title}: membrane potential u = h - V_th (values outside the range piled at its edges)",
+                 fontsize=10)
     fig.supxlabel("u", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -145,10 +154,15 @@ def write_run_report(run_dir: Path, name: str, eta: float, config: dict, history
 
 def _robustness_lines(robustness: dict[str, dict]) -> list[str]:
     names = list(robustness)
-    attacks = list(next(iter(robustness.values()))["accuracy"])
-    lines = ["## Robustness", "", "| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for attack in attacks:
+    first = next(iter(robustness.values()))
+    lines = [f"## Robustness (eps {first['eps'] * 255:.3g}/255, {first['n']} test images)", "",
+             "| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for attack in first["accuracy"]:
         lines.append(f"| {attack} | " + " | ".join(_fmt_pct(robustness[n]["accuracy"][attack]) for n in names) + " |")
+    lines.append("| input-gradient L1 | " + " | ".join(f"{robustness[n]['grad_l1']:.4g}" for n in names) + " |")
+    for n in names:
+        lines += ["", f"Gradient-masking sanity checks ({n}):"]
+        lines += [f"- {'PASS' if c['passed'] else '**FAIL**'} `{c['name']}`: {c['detail']}" for c in robustness[n]["checks"]]
     return lines + [""]
 
 
@@ -159,12 +173,12 @@ def write_comparison(out_dir: Path, reports: list[dict], samples: dict[str, list
     rows = [("eta", [f"{r['eta']:g}" for r in reports]),
             ("clean accuracy", [_fmt_pct(r["clean_acc"]) for r in reports]),
             ("mean Omega", [f"{r['mean_omega']:.4f}" for r in reports])]
-    attack_names = []
-    if all(r.get("robustness") for r in reports):
-        attack_names = [a for a in reports[0]["robustness"]["accuracy"] if a != "clean"]
-        for attack in attack_names:
+    robust = all(r.get("robustness") for r in reports)
+    if robust:
+        for attack in [a for a in reports[0]["robustness"]["accuracy"] if a != "clean"]:
             rows.append((f"{attack} accuracy", [_fmt_pct(r["robustness"]["accuracy"][attack]) for r in reports]))
-        rows.append(("input-gradient L1", [f"{r['robustness'].get('grad_l1', float('nan')):.4g}" for r in reports]))
+        rows.append(("input-gradient L1", [f"{r['robustness']['grad_l1']:.4g}" for r in reports]))
+        rows.append(("masking checks", ["pass" if r["robustness"]["checks_passed"] else "FAILED" for r in reports]))
     rows.append(("s / epoch", [f"{r['seconds_per_epoch']:.1f}" for r in reports]))
     width = max(len(k) for k, _ in rows) + 2
     col = max(12, *(len(n) + 2 for n in names))
@@ -173,6 +187,8 @@ def write_comparison(out_dir: Path, reports: list[dict], samples: dict[str, list
     md = ["# Plain vs MPD-SGR (same seed)", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     md += [f"| {k} | " + " | ".join(vals) + " |" for k, vals in rows]
     md += ["", "![membrane potential](membrane.png)", "", "![curves](curves.png)", ""]
+    if robust:
+        md += _robustness_lines({r["run"]: r["robustness"] for r in reports})
     (out_dir / "comparison.md").write_text("\n".join(md))
     (out_dir / "comparison.json").write_text(json.dumps(
         {r["run"]: {k: r[k] for k in ("eta", "clean_acc", "mean_omega", "omega_per_layer", "seconds_per_epoch",

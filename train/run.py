@@ -20,6 +20,7 @@ from .config import ConfigError, RunConfig, parse_args
 from .data import DataError, ImageData, load_dataset
 from .engine import RunContext, build_for, setup_context, train_run
 from .report import membrane_samples, write_comparison, write_run_report
+from .robustness import EvalSettings, evaluate_robustness, parse_attacks
 
 RUNS_ROOT = Path("runs")
 
@@ -43,6 +44,22 @@ def _resolve_out(cfg: RunConfig, resume: bool, ctx: RunContext) -> Path:
 
 def _limit(data: ImageData, n: int | None) -> ImageData:
     return data.limit(n)
+
+
+def robustness_summary(model, test: ImageData, cfg: RunConfig, num_classes: int, name: str) -> dict | None:
+    """The end-of-training evaluation: cfg.eval_attacks at cfg.eval_eps on cfg.eval_limit test images."""
+    attacks = parse_attacks(cfg.eval_attacks)
+    if not attacks:
+        return None
+    subset = test.limit(cfg.eval_limit)
+    settings = EvalSettings(attacks=attacks, eps=[cfg.eval_eps], eot=8 if cfg.encoding == "poisson" else 1,
+                            batch_size=cfg.eval_batch_size, seed=cfg.seed)
+    r = evaluate_robustness(model, subset.images.float().div(255.0), subset.labels, settings,
+                            num_classes=num_classes, desc=f"{name} attacks")
+    key = next(iter(r["worst_case"]))
+    accuracy = {"clean": r["clean"], **{a: r["accuracy"][a][key] for a in attacks}, "all attacks": r["worst_case"][key]}
+    return {"eps": cfg.eval_eps, "n": r["n"], "accuracy": accuracy, "grad_l1": r["grad_l1"],
+            "checks_passed": r["all_checks_passed"], "checks": r["checks"], "large_eps": r["large_eps"]}
 
 
 def run(cfg: RunConfig, resume: bool) -> list[dict]:
@@ -70,7 +87,13 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
         model = build_for(cfg, info).to(ctx.device)
         model.load_state_dict(torch.load(out / name / "model.pt", map_location=ctx.device, weights_only=False)["model"])
         samples[name] = membrane_samples(model, probe, seed=cfg.seed)
-        reports.append(write_run_report(out / name, name, eta, cfg.to_dict(), result.history, samples[name]))
+        robustness = robustness_summary(model, test, cfg, info.num_classes, name)
+        if robustness:
+            print(f"[{name}] " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in robustness["accuracy"].items())
+                  + f" (eps {cfg.eval_eps * 255:.3g}/255, {robustness['n']} images); sanity checks "
+                  + ("pass" if robustness["checks_passed"] else "FAILED"), flush=True)
+        reports.append(write_run_report(out / name, name, eta, cfg.to_dict(), result.history, samples[name],
+                                        robustness))
     if ctx.is_main:
         if len(reports) > 1:
             table = write_comparison(out, reports, samples)
