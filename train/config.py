@@ -87,17 +87,20 @@ class RunConfig:
 
 # The paper protocol (design section 6): T = 8, SGD lr 0.1, momentum 0.9,
 # weight decay 5e-4, cosine schedule, batch 128, 200 epochs; AT: PGD 2/255, 1/255, 2 steps.
+# eta: the paper's value is not known to us. eta = 1 silences the small network (Omega -> 0,
+# accuracy at chance); on the quick setting 0.01 cost 1-2 points of clean accuracy and 0.03 cost 7
+# (docs/training.md). 0.01 is a starting point to tune, not a reproduction of the paper.
 _PAPER = dict(T=8, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", batch_size=128,
               epochs=200, eval_limit=None)
 PRESETS: dict[str, dict] = {
     "quick": dict(model="small", data="fmnist-subset", T=4, epochs=3, batch_size=64, optimizer="adam", lr=1e-3,
                   eta=0.01, compare=True, eval_limit=500),
-    "fmnist-vgg11": dict(model="vgg11", data="fmnist", T=8, epochs=10, batch_size=128, lr=0.05, eta=1.0,
-                         compare=True, eval_limit=None),
-    "cifar10-vgg11": dict(_PAPER, model="vgg11", data="cifar10", eta=1.0),
-    "cifar10-vgg11-at": dict(_PAPER, model="vgg11", data="cifar10", eta=1.0, adv_train=True),
-    "cifar100-wrn16": dict(_PAPER, model="wrn16", data="cifar100", eta=1.0),
-    "tinyimagenet-vgg16": dict(_PAPER, model="vgg16", data="tinyimagenet", eta=1.0, epochs=100),
+    "fmnist-vgg11": dict(model="vgg11", data="fmnist", T=8, epochs=10, batch_size=128, optimizer="adam", lr=1e-3,
+                         eta=0.01, compare=True, eval_limit=None),
+    "cifar10-vgg11": dict(_PAPER, model="vgg11", data="cifar10", eta=0.01, compare=True),
+    "cifar10-vgg11-at": dict(_PAPER, model="vgg11", data="cifar10", eta=0.01, compare=True, adv_train=True),
+    "cifar100-wrn16": dict(_PAPER, model="wrn16", data="cifar100", eta=0.01, compare=True),
+    "tinyimagenet-vgg16": dict(_PAPER, model="vgg16", data="tinyimagenet", eta=0.01, compare=True, epochs=100),
 }
 
 OPTIMIZERS = ("sgd", "adam")
