@@ -39,12 +39,8 @@ def mpd_overlap(mean: torch.Tensor, var: torch.Tensor, gamma, eps: float = DEFAU
         if gamma.device != mean.device and gamma.dim() > 0:
             raise ValueError(f"gamma is on {gamma.device} but mean is on {mean.device}")
     else:
-        gamma = check_real("gamma", gamma)
-        if gamma <= 0:
-            raise ValueError(f"gamma (the surrogate window half-width) must be > 0, got {gamma}")
-    eps = check_real("eps", eps)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        gamma = check_real("gamma (the surrogate window half-width)", gamma, positive=True)
+    eps = check_real("eps", eps, nonnegative=True)
     sigma = torch.sqrt(var + eps)
     m = mean.abs()
     return torch.special.ndtr((gamma - m) / sigma) - torch.special.ndtr((-gamma - m) / sigma)
@@ -97,18 +93,12 @@ class MPDSGR:
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        eta = check_real("eta", eta)
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        eta = check_real("eta", eta, nonnegative=True)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if gamma is not None:
-            gamma = check_real("gamma", gamma)
-            if gamma <= 0:
-                raise ValueError(f"gamma must be > 0, got {gamma}")
-        eps = check_real("eps", eps)
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+            gamma = check_real("gamma", gamma, positive=True)
+        eps = check_real("eps", eps, nonnegative=True)
         self.layers = [m for m in model.modules() if isinstance(m, LIF)]
         if not self.layers:
             raise ValueError("model has no mt.LIF layers: MPD-SGR regularizes the membrane potential of LIF layers")

@@ -28,8 +28,9 @@ from .surrogates import Surrogate, Triangle, as_surrogate
 __all__ = ["LIFConfig", "KernelParams", "check_real", "check_bool"]
 
 
-def check_real(name: str, value, *, allow_inf: bool = False) -> float:
-    """A Python/NumPy real number (not bool), not NaN; +-inf only if allowed."""
+def check_real(name: str, value, *, allow_inf: bool = False, positive: bool = False,
+               nonnegative: bool = False) -> float:
+    """A Python/NumPy real number (not bool), not NaN; +-inf only if allowed; > 0 or >= 0 if asked."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -39,6 +40,10 @@ def check_real(name: str, value, *, allow_inf: bool = False) -> float:
         raise ValueError(f"{name} must not be NaN")
     if abs(value) == math.inf and not allow_inf:
         raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 

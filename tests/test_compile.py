@@ -109,6 +109,19 @@ def test_model_forward_traces_as_one_graph(backend):
     _assert_one_graph(_loss_fn(model, reg), images, labels)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vgg11_with_mpdsgr_traces_as_one_graph(backend):
+    """The issue's model: a spiking VGG11 (8x8 images and a narrow classifier to keep it quick) with MPD-SGR."""
+    torch.manual_seed(0)
+    model = build_model("vgg11", in_channels=3, num_classes=4, image_size=8, T=T, hidden=16,
+                        neuron=dict(backend=backend)).to(DEVICE)
+    reg = mt.MPDSGR(model, eta=0.5)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 8, 8, generator=g).to(DEVICE)
+    labels = torch.tensor([0, 3]).to(DEVICE)
+    _assert_one_graph(_loss_fn(model, reg), images, labels)
+
+
 @pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
                     reason="in-graph backward needs torch._dynamo.config.trace_autograd_ops")
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,87 @@
+"""python -m train.eval end to end on tiny checkpoints, and its bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models import build_model
+from train.checkpoint import save_checkpoint
+from train.eval import main
+
+
+def _checkpoint(path, num_classes=10, seed=0, data="fmnist-subset"):
+    torch.manual_seed(seed)
+    spec = {"model": "small", "in_channels": 1, "num_classes": num_classes, "image_size": 28, "T": 2,
+            "encoding": "direct", "neuron": {"backend": "torch"}, "mean": [0.286], "std": [0.353], "data": data}
+    kwargs = {k: v for k, v in spec.items() if k not in ("model", "data")}
+    model = build_model("small", width=16, hidden=128, **kwargs)
+    save_checkpoint(path, {"run": "plain", "eta": 0.0, "config": {}, "model": model.state_dict(),
+                           "model_spec": spec})
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {"a": _checkpoint(root / "a" / "model.pt"), "b": _checkpoint(root / "b" / "model.pt", seed=1),
+            "five": _checkpoint(root / "five" / "model.pt", num_classes=5),
+            "cifar": _checkpoint(root / "cifar" / "model.pt", data="cifar10")}
+
+
+def test_end_to_end_two_models_with_transfer(checkpoints, tmp_path, capsys):
+    code = main(["--checkpoint", str(checkpoints["a"]), "--checkpoint", str(checkpoints["b"]),
+                 "--attacks", "fgsm,pgd,noise,transfer", "--eps", "2/255,8/255", "--steps", "2", "--limit", "16",
+                 "--gradients", "own,sigmoid", "--source", str(checkpoints["b"]), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "all attacks @ 8/255" in out and "input-gradient L1" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report["models"]) == {"a", "b"}
+    r = report["models"]["a"]
+    assert set(r["accuracy"]) == {"fgsm", "pgd", "gaussian", "transfer"}
+    assert set(r["accuracy"]["pgd"]) == {f"{2 / 255:.6g}", f"{8 / 255:.6g}"}
+    assert set(r["by_gradient"]["pgd"][f"{8 / 255:.6g}"]) == {"own", "sigmoid"}
+    assert {c["name"] for c in r["checks"]} >= {"eps_monotone", "iterative_beats_one_step", "large_eps"}
+    md = (tmp_path / "eval.md").read_text()
+    assert "gradient-masking sanity checks" in md and "python -m train.eval" in md
+    assert (tmp_path / "robustness.png").stat().st_size > 0
+
+
+BAD = [
+    (["--attacks", "fgsm,cw"], "unknown attack 'cw'"),
+    (["--eps", "2"], r"eps must be in [0, 1]"),
+    (["--eps", "x/255"], "--eps: expected a number or a fraction"),
+    (["--attacks", "transfer"], "the transfer attack needs --source"),
+    (["--data", "cifar10"], "is a model for fmnist-subset, not cifar10"),
+    (["--gradients", "relu"], "unknown gradient source 'relu'"),
+    (["--steps", "0"], "steps must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_one_line(checkpoints, argv, message, capsys, tmp_path):
+    code = main(["--checkpoint", str(checkpoints["a"]), "--limit", "4", "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_source_with_other_classes_and_foreign_checkpoints(checkpoints, tmp_path, capsys):
+    code = main(["--checkpoint", str(checkpoints["a"]), "--attacks", "transfer", "--source",
+                 str(checkpoints["five"]), "--limit", "4", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "has 5 classes" in err
+    code = main(["--checkpoint", str(checkpoints["a"]), "--checkpoint", str(checkpoints["cifar"]), "--limit", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "was trained on cifar10" in err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    code = main(["--checkpoint", str(bad), "--limit", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot read checkpoint" in err
+    torch.save({"something": 1}, tmp_path / "foreign.pt")
+    code = main(["--checkpoint", str(tmp_path / "foreign.pt"), "--limit", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not an mpd-triton checkpoint" in err
