@@ -23,7 +23,7 @@ def test_membrane_samples_leave_the_forward_alone_and_match_the_statistics():
     samples = membrane_samples(model, x, max_per_layer=10**9)
     with torch.no_grad():
         assert torch.equal(model(x), logits)  # the hooks were removed and changed nothing
-    for (mean, var), s in zip(recorded, samples):
+    for (mean, _var), s in zip(recorded, samples):
         u = torch.from_numpy(s["u"]).double()
         # every element of the layer was kept: the pooled mean is the mean of the per-(t, c) means
         assert abs(float(u.mean()) - float(mean.double().mean())) < 1e-4

@@ -150,3 +150,20 @@ def test_unreadable_and_mismatched_checkpoints(capsys, tmp_path):
     code = main(SMALL + ["--resume", "--out", str(tmp_path / "empty")])
     err = capsys.readouterr().err
     assert code == 2 and "no checkpoint under" in err
+
+
+@pytest.mark.parametrize("extra", [["--adv-train", "--adv-steps", "1"], ["--bf16"], ["--encoding", "poisson"]],
+                         ids=["adversarial-training", "bf16-autocast", "poisson"])
+def test_training_variants_run(extra, tmp_path, monkeypatch):
+    """Adversarial training, bfloat16 autocast and Poisson encoding end to end (one short epoch)."""
+    import train.engine as engine
+
+    calls = []
+    real_pgd = engine.pgd
+    monkeypatch.setattr(engine, "pgd", lambda *a, **k: calls.append(k) or real_pgd(*a, **k))
+    code = main(SMALL + ["--epochs", "1", "--eta", "0.01", "--no-compare", "--out", str(tmp_path), *extra])
+    assert code == 0
+    report = json.loads((tmp_path / "mpd" / "report.json").read_text())
+    assert len(report["history"]) == 1 and 0.0 <= report["clean_acc"] <= 1.0
+    if "--adv-train" in extra:
+        assert calls and calls[0]["eps"] == pytest.approx(2 / 255) and calls[0]["steps"] == 1

@@ -42,10 +42,6 @@ def _resolve_out(cfg: RunConfig, resume: bool, ctx: RunContext) -> Path:
     return RUNS_ROOT / name[0]
 
 
-def _limit(data: ImageData, n: int | None) -> ImageData:
-    return data.limit(n)
-
-
 def robustness_summary(model, test: ImageData, cfg: RunConfig, num_classes: int, name: str) -> dict | None:
     """The end-of-training evaluation: cfg.eval_attacks at cfg.eval_eps on cfg.eval_limit test images."""
     attacks = parse_attacks(cfg.eval_attacks)
@@ -66,7 +62,7 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
     ctx = setup_context(cfg)
     out = _resolve_out(cfg, resume, ctx)
     train, test, info = load_dataset(cfg.data, cfg.data_dir, cfg.download)
-    train, test = _limit(train, cfg.train_limit), _limit(test, cfg.test_limit)
+    train, test = train.limit(cfg.train_limit), test.limit(cfg.test_limit)
     try:
         build_for(cfg, info)
     except ValueError as e:
