@@ -205,17 +205,19 @@ def main(argv=None) -> int:
     names = args.name or [Path(c).parent.name or Path(c).stem for c in args.checkpoint]
     print(f"mpd-triton train.eval: {len(images)} {data_name} test images, device {device}, attacks {attacks}, "
           f"eps {[round(e * 255, 3) for e in eps]}/255, gradients {gradients}, eot {settings.eot}", flush=True)
+    out = Path(args.out) if args.out else Path(args.checkpoint[0]).resolve().parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
     results = []
-    for name, (model, spec) in zip(names, models):
+    for name, (model, spec), path in zip(names, models, args.checkpoint):
         t0 = time.perf_counter()
         r = evaluate_robustness(model, images, labels, settings, source=source, num_classes=spec["num_classes"],
                                 desc=name)
         r["seconds"] = time.perf_counter() - t0
-        r["checkpoint"] = str(Path(args.checkpoint[names.index(name)]))
+        r["checkpoint"] = str(Path(path))
         results.append(r)
-    out = Path(args.out) if args.out else Path(args.checkpoint[0]).resolve().parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"command": command, "models": dict(zip(names, results))}, indent=2))
+        # after every model, so an interrupted evaluation keeps what it finished
+        (out / "eval.json").write_text(json.dumps({"command": command, "models": dict(zip(names, results))},
+                                                  indent=2))
     (out / "eval.md").write_text(markdown(names, results, command))
     plot(names, results, out / "robustness.png")
     print("\n" + result_table(names, results))
