@@ -6,7 +6,12 @@ BIN := $(VENV)/bin
 # any torch >= 2.11 works (override: make test TORCH_SPEC="torch==2.11.0 torchvision==0.26.0").
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test run clean
+# The oldest releases we support (the GPU machines' torch and triton): `make test-oldest` runs the
+# whole suite on them in a second environment (not in CI: it downloads torch 2.11 from the registry).
+# triton 3.6's interpreter needs numpy < 2.4.
+OLDEST_SPEC ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0 'numpy<2.4'
+
+.PHONY: install test test-oldest run clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +28,11 @@ install: $(BIN)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
+test-oldest:
+	$(MAKE) test VENV=.venv-oldest TORCH_SPEC="$(OLDEST_SPEC)"
+
 run: install
 	$(BIN)/python -m train.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-oldest .pytest_cache .hypothesis

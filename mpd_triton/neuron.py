@@ -23,7 +23,7 @@ import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .surrogates import Surrogate, Triangle, as_surrogate
+from .surrogates import Surrogate, as_surrogate
 
 __all__ = ["LIFConfig", "KernelParams", "check_real", "check_bool"]
 
@@ -79,7 +79,7 @@ class LIFConfig:
     v_reset: float | None = 0.0
     decay_input: bool = True
     detach_reset: bool = False
-    surrogate: Surrogate = Triangle(1.0)
+    surrogate: Surrogate | str = "triangle"  # a string default: Dynamo (torch 2.11) cannot bind an object default
 
     def __post_init__(self):
         tau = check_real("tau", self.tau, allow_inf=True)

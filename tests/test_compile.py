@@ -345,3 +345,17 @@ def test_lif_module_compiles_with_records():
     assert torch.equal(compiled(x), eager)
     (mean_c, var_c), = compiled.mpd_records
     assert torch.equal(mean_c, mean_e) and torch.equal(var_c, var_e)
+
+
+def test_lif_config_defaults_are_plain_values():
+    """Dynamo of torch 2.11 (the oldest torch we support) cannot bind a dataclass __init__
+    default that is a user object ("SourcelessBuilder.create does not know how to wrap
+    Triangle"): every compiled model broke until LIFConfig's surrogate default became a
+    string. Newer torch traces either, so this checks the cause directly; `make
+    test-oldest` runs the whole suite on torch 2.11 / triton 3.6."""
+    import dataclasses
+
+    for field in dataclasses.fields(mt.LIFConfig):
+        assert field.default is dataclasses.MISSING or field.default is None or \
+            type(field.default) in (bool, int, float, str), (field.name, field.default)
+    assert mt.LIFConfig().surrogate == mt.Triangle(1.0)
