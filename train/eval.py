@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -101,21 +102,30 @@ def markdown(names: list[str], results: list[dict], command: str) -> str:
 
 
 def plot(names: list[str], results: list[dict], path: Path) -> None:
-    attacks = list(results[0]["accuracy"])
-    fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.2), squeeze=False)
-    for ax, attack in zip(axes[0], attacks):
+    """Accuracy against eps: one panel for the per-image worst case over every attack, then one
+    per attack; at most four panels a row."""
+    panels = [("all attacks (worst case)", lambda r: r["worst_case"])]
+    panels += [(attack, lambda r, a=attack: r["accuracy"][a]) for attack in results[0]["accuracy"]]
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, (title, by_eps) in zip(axes.flat, panels):
         for name, r in zip(names, results):
-            eps = sorted(r["accuracy"][attack], key=float)
+            accuracy = by_eps(r)
+            eps = sorted(accuracy, key=float)
             xs = [0.0] + [float(e) * 255 for e in eps]
-            ys = [100 * r["clean"]] + [100 * r["accuracy"][attack][e] for e in eps]
+            ys = [100 * r["clean"]] + [100 * accuracy[e] for e in eps]
             ax.plot(xs, ys, marker="o", label=name)
-        ax.set_title(attack)
+        ax.set_title(title)
         ax.set_xlabel("eps (x/255)")
         ax.set_ylabel("accuracy %")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

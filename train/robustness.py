@@ -161,6 +161,8 @@ def sanity_checks(result: dict, num_classes: int = 10) -> list[dict]:
     acc = result["accuracy"]
     checks = []
 
+    within = f" (within {100 * tol:.1f} points, the tolerance for {n} images)"
+
     def check(name, failures, what):
         checks.append({"name": name, "passed": not failures, "detail": "; ".join(failures) if failures else what})
 
@@ -171,7 +173,7 @@ def sanity_checks(result: dict, num_classes: int = 10) -> list[dict]:
             if by_eps[hi] > by_eps[lo] + tol:
                 failures.append(f"{attack}: {100 * by_eps[lo]:.1f}% at eps {lo} but {100 * by_eps[hi]:.1f}% at {hi}")
     if any(len(v) > 1 for v in acc.values()):
-        check("eps_monotone", failures, "accuracy does not rise with eps for any attack")
+        check("eps_monotone", failures, "accuracy does not rise with eps for any attack" + within)
 
     failures, compared = [], False
     if "fgsm" in acc:
@@ -182,7 +184,7 @@ def sanity_checks(result: dict, num_classes: int = 10) -> list[dict]:
                     if value > acc["fgsm"][eps] + tol:
                         failures.append(f"{attack} {100 * value:.1f}% > fgsm {100 * acc['fgsm'][eps]:.1f}% at eps {eps}")
     if compared:
-        check("iterative_beats_one_step", failures, "iterative attacks are at least as strong as FGSM")
+        check("iterative_beats_one_step", failures, "iterative attacks are at least as strong as FGSM" + within)
 
     failures, compared = [], False
     white = [a for a in acc if a in GRADIENT_ATTACKS]
@@ -194,7 +196,8 @@ def sanity_checks(result: dict, num_classes: int = 10) -> list[dict]:
                 if value < min(strongest) - tol:
                     failures.append(f"{attack} {100 * value:.1f}% < white-box {100 * min(strongest):.1f}% at eps {eps}")
     if compared:
-        check("white_box_strongest", failures, "noise, Square and transfer are weaker than the white-box attacks")
+        check("white_box_strongest", failures,
+              "noise, Square and transfer are weaker than the white-box attacks" + within)
 
     large = result.get("large_eps")
     if large is not None:
