@@ -397,3 +397,67 @@ def test_model_cli_via_bench_kernels(tmp_path, capsys):
     assert payload["settings"]["model"] == "small" and len(payload["measurements"]) == 1
     assert "| variant | model |" in (tmp_path / "model_results.md").read_text()
     assert "training-step benchmark" in capsys.readouterr().out.splitlines()[0]
+
+
+# ---------------------------------------------------------------- bench.aot: compiling for a GPU that is not here
+
+def _has_nvidia_tools() -> bool:
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return (bin_dir / "ptxas").exists() and (bin_dir / "cuobjdump").exists()
+
+
+needs_nvidia_tools = pytest.mark.skipif(not _has_nvidia_tools(), reason="triton's bundled ptxas / cuobjdump missing")
+
+
+def test_occupancy_model():
+    from bench.aot import occupancy
+
+    # 80 registers: 2560 per warp, 4-warp blocks: 65536 // 10240 = 6 blocks, 24 warps.
+    assert occupancy(80, 4) == {"blocks_per_sm": 6, "warps_per_sm": 24, "occupancy": 24 / 64}
+    # 255 registers round up to 8192 per warp: 4 two-warp blocks.
+    assert occupancy(255, 2)["warps_per_sm"] == 8
+    # Few registers: the 64-warp limit binds.
+    assert occupancy(32, 4)["warps_per_sm"] == 64 and occupancy(16, 1)["blocks_per_sm"] == 32
+
+
+@needs_nvidia_tools
+def test_aot_compiles_the_hot_path_for_h100(tmp_path):
+    """The real kernels compile for sm_90 with their launches' own arguments, without a GPU: no
+    spills, and the float32 hot path moves data in 128-bit loads and stores."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "bench.aot", "--quick", "--out", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("mpd-triton bench.aot: compiling for sm_90")
+    payload = json.loads((tmp_path / "aot.json").read_text())
+    assert payload["failures"] == [] and payload["arch"] == "90"
+    by = {(r["case"], r["kernel"]): r for r in payload["records"]}
+    assert set(by) == {
+        ("fwd f32 + stats (training)", "lif_fwd_kernel"), ("fwd f32 + stats (training)", "stats_merge_kernel"),
+        ("fwd bf16 + stats (training)", "lif_fwd_kernel"), ("fwd bf16 + stats (training)", "stats_merge_kernel"),
+        ("bwd f32 triangle + MPD (training)", "lif_bwd_kernel"), ("bwd bf16 triangle + MPD (training)", "lif_bwd_kernel"),
+    }
+    for r in payload["records"]:
+        assert 0 < r["registers"] <= 255 and r["local_bytes"] == 0, r
+        assert 0 < r["warps_per_sm"] <= 64
+    fwd = by[("fwd f32 + stats (training)", "lif_fwd_kernel")]
+    assert fwd["ld_v4"] > 0 and fwd["ld_scalar"] == 0 and fwd["st_v4"] > 0
+    bwd = by[("bwd f32 triangle + MPD (training)", "lif_bwd_kernel")]
+    assert bwd["ld_v4"] > 0 and bwd["st_v4"] > 0 and bwd["st_scalar"] == 0
+    assert "| case | kernel |" in (tmp_path / "aot.md").read_text()
+
+
+def test_aot_refuses_interpreter_and_bad_options(tmp_path, capsys):
+    from bench import aot
+
+    # This process runs the kernels in the interpreter (conftest), so they cannot compile.
+    if mt.triton_interpreted():
+        assert aot.main(["--quick", "--out", str(tmp_path)]) == 2
+        assert "TRITON_INTERPRET=1 is set" in capsys.readouterr().err
+    for bad, message in ((["--arch", "75"], "--arch must be one of"), (["--tiles", "300"], "powers of two"),
+                         (["--warps", "3"], "--warps take")):
+        with pytest.raises(SystemExit):
+            aot.main(bad)
+        assert message in capsys.readouterr().err
