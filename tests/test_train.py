@@ -167,3 +167,14 @@ def test_training_variants_run(extra, tmp_path, monkeypatch):
     assert len(report["history"]) == 1 and 0.0 <= report["clean_acc"] <= 1.0
     if "--adv-train" in extra:
         assert calls and calls[0]["eps"] == pytest.approx(2 / 255) and calls[0]["steps"] == 1
+
+
+def test_run_config_neuron_defaults_match_the_models():
+    """RunConfig keeps the neuron options flat (a CLI flag each); its defaults must be NeuronOptions'."""
+    import dataclasses
+
+    from models import NeuronOptions
+    from train.config import RunConfig
+
+    assert RunConfig().neuron_options() == dataclasses.asdict(NeuronOptions())
+    assert RunConfig(tau=3.0, surrogate="atan").neuron_options()["tau"] == 3.0

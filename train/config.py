@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields
 
 import mpd_triton as mt
-from models import ENCODINGS, MODEL_NAMES
+from models import ENCODINGS, MODEL_NAMES, NeuronOptions
 
 from .data import DATASETS
 
@@ -80,9 +80,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def neuron_options(self) -> dict:
-        return dict(tau=self.tau, v_th=self.v_th, v_reset=self.v_reset, decay_input=self.decay_input,
-                    detach_reset=self.detach_reset, surrogate=self.surrogate,
-                    surrogate_param=self.surrogate_param, window=self.window, backend=self.backend)
+        """The NeuronOptions fields of this run (RunConfig keeps them flat: one CLI flag each)."""
+        return {f.name: getattr(self, f.name) for f in fields(NeuronOptions)}
 
 
 # The paper protocol (design section 6): T = 8, SGD lr 0.1, momentum 0.9,
@@ -251,8 +250,6 @@ def validate(cfg: RunConfig) -> None:
         if value is not None and not value > 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
     try:  # the neuron options, checked by the library's own validation
-        from models import NeuronOptions
-
         opts = NeuronOptions(**cfg.neuron_options())
         opts.make()
     except (ValueError, TypeError) as e:
