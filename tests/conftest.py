@@ -14,32 +14,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-
-def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> str | None:
-    """Why this triton + numpy pair cannot run the interpreter tests, or None.
-
-    Triton < 3.7's interpreter turns a scalar kernel argument into an int with
-    int(one-element array), which NumPy >= 2.4 rejects ("only 0-dimensional arrays
-    can be converted to Python scalars"): every kernel test would fail with it.
-    """
-
-    def major_minor(v: str) -> tuple[int, int]:
-        parts = v.split("+")[0].split(".")
-        return int(parts[0]), int(parts[1])
-
-    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
-        return (f"the Triton interpreter of triton {triton_version} does not work with numpy {numpy_version} "
-                "(it needs numpy < 2.4; triton >= 3.7 works with any): pip install 'numpy<2.4'")
-    return None
-
-
 if os.environ.get("TRITON_INTERPRET") == "1":
-    import numpy
-    import triton
+    from mpd_triton.kernels.lif import INTERPRETER_PROBLEM
 
-    _problem = interpreter_numpy_problem(triton.__version__, numpy.__version__)
-    if _problem:
-        pytest.exit(_problem, returncode=4)
+    if INTERPRETER_PROBLEM:  # every kernel test would fail with the interpreter's cryptic error
+        pytest.exit(INTERPRETER_PROBLEM, returncode=4)
 
 # "ci" (default): reproducible examples, sized for the interpreter on a 2-core CPU.
 # "dev": more, random examples: HYPOTHESIS_PROFILE=dev make test

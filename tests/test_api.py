@@ -183,9 +183,10 @@ def test_double_backward_refused(with_stats):
      ("3.8.0", "2.4.0", False), ("3.5.1+git", "2.5.0", True), ("3.6.0", "1.26.4", False)],
 )
 def test_interpreter_numpy_guard(triton_version, numpy_version, broken):
-    """conftest stops the run with a clear line where triton < 3.7's interpreter meets numpy >= 2.4
-    (checked by hand: triton 3.6.0 + numpy 2.4.6 fails every kernel test, + numpy 2.3.5 passes them)."""
-    from conftest import interpreter_numpy_problem
+    """mpd_triton warns at import, and conftest stops the run with a clear line, where triton < 3.7's
+    interpreter meets numpy >= 2.4 (checked by hand: triton 3.6.0 + numpy 2.4.6 fails every kernel
+    test, + numpy 2.3.5 passes them)."""
+    from mpd_triton.kernels.lif import interpreter_numpy_problem
 
     problem = interpreter_numpy_problem(triton_version, numpy_version)
     assert (problem is not None) == broken

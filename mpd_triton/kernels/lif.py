@@ -47,8 +47,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -58,7 +60,7 @@ from ..surrogates import surrogate_grad
 
 __all__ = [
     "lif_forward", "lif_backward", "forward_buffers", "backward_buffers", "step_layout", "StepLayout",
-    "tile_shape", "device_guard", "INTERPRETED",
+    "tile_shape", "device_guard", "INTERPRETED", "INTERPRETER_PROBLEM", "interpreter_numpy_problem",
 ]
 
 # Elements per program tile. Issue 5 tunes this on the GPU.
@@ -484,4 +486,26 @@ def _is_interpreted(fn) -> bool:
     return isinstance(fn, InterpretedFunction)
 
 
+def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why this triton + numpy pair cannot run the kernels in the interpreter, or None.
+
+    Triton < 3.7's interpreter turns a scalar kernel argument into an int with
+    int(one-element array), which NumPy >= 2.4 rejects ("only 0-dimensional arrays
+    can be converted to Python scalars"): every launch would fail with it.
+    """
+
+    def major_minor(v: str) -> tuple[int, int]:
+        parts = v.split("+")[0].split(".")
+        return int(parts[0]), int(parts[1])
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton_version} does not work with numpy {numpy_version} "
+                "(it needs numpy < 2.4; triton >= 3.7 works with any): pip install 'numpy<2.4'")
+    return None
+
+
 INTERPRETED = _is_interpreted(_lif_fwd_kernel)
+# Known at import; said once here, since the interpreter's own error names neither cause nor fix.
+INTERPRETER_PROBLEM = interpreter_numpy_problem(triton.__version__, np.__version__) if INTERPRETED else None
+if INTERPRETER_PROBLEM:
+    warnings.warn(f"mpd_triton: {INTERPRETER_PROBLEM}", RuntimeWarning, stacklevel=2)
