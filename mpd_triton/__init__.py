@@ -8,7 +8,7 @@
     reg = mt.MPDSGR(model, eta=0.1)   # reg() -> eta * L_MPD of the last forward
 """
 
-from .functional import BACKENDS, KERNEL_DTYPES, lif, triton_interpreted
+from .functional import BACKENDS, KERNEL_DTYPES, cpu_kernels_unavailable, lif, triton_interpreted
 from .layers import BACKWARD_MODES, LIF, rate_backward
 from .mpd import DEFAULT_EPS, GRANULARITIES, MPDSGR, combine_stats, mpd_overlap
 from .neuron import LIFConfig
@@ -31,5 +31,5 @@ __all__ = [
     "lif", "LIF", "MPDSGR", "mpd_overlap", "combine_stats", "LIFConfig", "lif_reference", "membrane_stats",
     "spike_function", "Surrogate", "Triangle", "Rectangular", "Sigmoid", "ATan", "SuperSpike", "as_surrogate",
     "SURROGATE_NAMES", "WINDOW_PEAK_FRACTION", "BACKENDS", "KERNEL_DTYPES", "DEFAULT_EPS", "GRANULARITIES",
-    "triton_interpreted", "BACKWARD_MODES", "rate_backward",
+    "triton_interpreted", "cpu_kernels_unavailable", "BACKWARD_MODES", "rate_backward",
 ]

@@ -7,17 +7,20 @@ autograd formula lives there), so ``torch.compile(fullgraph=True)`` traces
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.mpd_triton.*)
+from .kernels import cpu as _cpu_kernels
 from .kernels import lif as _kernels
 from .neuron import LIFConfig, check_bool
 from .reference import lif_reference
 from .surrogates import Surrogate, Triangle
 
-__all__ = ["lif", "BACKENDS", "KERNEL_DTYPES", "triton_interpreted"]
+__all__ = ["lif", "BACKENDS", "KERNEL_DTYPES", "triton_interpreted", "cpu_kernels_unavailable"]
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
@@ -25,6 +28,24 @@ _REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 def triton_interpreted() -> bool:
     """True when the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     return _kernels.INTERPRETED
+
+
+def cpu_kernels_unavailable() -> str | None:
+    """Why backend="cpu" cannot run here (no C compiler, disabled, ...), or None. The first
+    call builds the C kernels if needed (seconds, once per machine)."""
+    return _cpu_kernels.unavailable_reason()
+
+
+_warned_cpu_fallback = False
+
+
+def _cpu_fallback_warning() -> None:
+    global _warned_cpu_fallback
+    reason = _cpu_kernels.unavailable_reason()
+    if not _warned_cpu_fallback and not reason.startswith("disabled"):
+        _warned_cpu_fallback = True
+        warnings.warn(f"mpd_triton: the fused CPU kernels are unavailable ({reason}); backend='auto' runs the "
+                      "PyTorch reference on the CPU, several times slower", RuntimeWarning, stacklevel=4)
 
 
 def _check_x(x) -> None:
@@ -60,7 +81,16 @@ def _resolve_backend(backend, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda and x.dtype in KERNEL_DTYPES else "torch"
+        if x.dtype not in KERNEL_DTYPES:
+            return "torch"
+        if x.is_cuda:
+            return "triton"
+        if x.device.type == "cpu":
+            if _cpu_kernels.available(x.dtype):
+                return "cpu"
+            if not _cpu_kernels.available():
+                _cpu_fallback_warning()
+        return "torch"
     if backend == "triton":
         if x.dtype not in KERNEL_DTYPES:
             raise TypeError(
@@ -71,13 +101,27 @@ def _resolve_backend(backend, x: torch.Tensor) -> str:
                 f"backend='triton' needs a CUDA tensor, x is on {x.device}; set TRITON_INTERPRET=1 before "
                 "triton is first imported to run the kernels on the CPU, or use backend='torch'"
             )
+    if backend == "cpu":
+        if x.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs a CPU tensor, x is on {x.device}; use backend='auto'")
+        if x.dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"backend='cpu' takes float32, float16 or bfloat16 input, got {x.dtype}; use backend='torch'"
+            )
+        reason = _cpu_kernels.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"backend='cpu' is unavailable: {reason}; use backend='torch'")
+        if not _cpu_kernels.available(x.dtype):
+            raise TypeError(f"backend='cpu': this machine's C compiler has no float16 type; pass float32 or "
+                            "bfloat16, or use backend='torch'")
     return backend
 
 
-def _lif_triton(x, v_init, cfg: LIFConfig, stats: bool, save_state: bool):
+def _lif_fused(backend: str, x, v_init, cfg: LIFConfig, stats: bool, save_state: bool):
     # u is saved for backward only when a gradient can be asked for.
     save_u = torch.is_grad_enabled() and (x.requires_grad or (v_init is not None and v_init.requires_grad))
-    spikes, _, mean, var, v_T = torch.ops.mpd_triton.lif_fwd(x, v_init, *cfg.kernel_params, stats, save_state, save_u)
+    op = torch.ops.mpd_triton.lif_fwd if backend == "triton" else torch.ops.mpd_triton.lif_fwd_cpu
+    spikes, _, mean, var, v_T = op(x, v_init, *cfg.kernel_params, stats, save_state, save_u)
     return spikes, (mean if stats else None), (var if stats else None), (v_T if save_state else None)
 
 
@@ -108,8 +152,10 @@ def lif(
             h = v - (v - v_rest) / tau + x.
         detach_reset: treat the spike inside the reset as a constant in backward.
         surrogate: a Surrogate object (mt.Triangle(1.0), ...) or its name.
-        backend: "triton" (fused kernels), "torch" (reference), "auto"
-            (triton for CUDA tensors, torch otherwise).
+        backend: "triton" (the fused Triton kernels), "cpu" (the fused C
+            kernels for CPU tensors), "torch" (the reference), "auto" (triton
+            for CUDA tensors, cpu for CPU tensors where a C compiler built the
+            kernels, torch otherwise and for float64).
         return_stats: also return mean and biased variance of u = h - v_th per
             time step and channel, [T, C] float32, differentiable.
         v_init: initial membrane potential [B, C, *spatial] (default: v_reset,
@@ -127,8 +173,9 @@ def lif(
     check_bool("return_stats", return_stats)
     check_bool("return_state", return_state)
     cfg = LIFConfig(tau, v_th, v_reset, decay_input, detach_reset, surrogate)
-    if _resolve_backend(backend, x) == "triton":
-        spikes, mean, var, v_T = _lif_triton(x, v_init, cfg, return_stats, return_state)
+    resolved = _resolve_backend(backend, x)
+    if resolved != "torch":
+        spikes, mean, var, v_T = _lif_fused(resolved, x, v_init, cfg, return_stats, return_state)
     else:
         out = lif_reference(x, cfg, v_init=v_init, return_stats=return_stats)
         spikes, mean, var, v_T = out.spikes, out.mean, out.var, out.v

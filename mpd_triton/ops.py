@@ -1,4 +1,6 @@
-"""The fused kernels as PyTorch custom operators: ``torch.ops.mpd_triton.lif_fwd`` / ``lif_bwd``.
+"""The fused kernels as PyTorch custom operators: ``torch.ops.mpd_triton.lif_fwd`` / ``lif_bwd``
+(the Triton kernels) and ``lif_fwd_cpu`` / ``lif_bwd_cpu`` (the C kernels of ``kernels/cpu.py``),
+with the same schemas and the same autograd formula.
 
 Registering them (schema, fake implementation, autograd) lets ``torch.compile``
 trace ``mt.lif`` / ``mt.LIF`` with ``fullgraph=True``: Dynamo puts one opaque
@@ -24,15 +26,17 @@ tensors (an operator returns a fixed number of tensors).
 These are internal: call ``mt.lif`` (it validates its input first).
 """
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .kernels import cpu as _cpu_kernels
 from .kernels import lif as _kernels
 from .neuron import KernelParams
 
-__all__ = ["lif_fwd", "lif_bwd"]
+__all__ = ["lif_fwd", "lif_bwd", "lif_fwd_cpu", "lif_bwd_cpu"]
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -45,87 +49,94 @@ def _forward_outputs(x: Tensor, outputs) -> tuple[Tensor, Tensor, Tensor, Tensor
             _or_empty(var, x, torch.float32), _or_empty(v_T, x, x.dtype))
 
 
-@torch.library.custom_op("mpd_triton::lif_fwd", mutates_args=())
-def lif_fwd(
-    x: Tensor, v_init: Optional[Tensor],
-    inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
-    surrogate: int, surrogate_param: float,
-    stats: bool, save_state: bool, save_u: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(spikes, u_saved, mean, var, v_T); see ``kernels.lif.lif_forward``."""
-    params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate, surrogate_param)
-    with _kernels.device_guard(x):
-        outputs = _kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=save_u)
-    return _forward_outputs(x, outputs)
-
-
-@lif_fwd.register_fake
-def _lif_fwd_fake(x, v_init, inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate,
-                  surrogate_param, stats, save_state, save_u):
-    return _forward_outputs(x, _kernels.forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u))
-
-
-@torch.library.custom_op("mpd_triton::lif_bwd", mutates_args=())
-def lif_bwd(
-    grad_spikes: Optional[Tensor], u_saved: Tensor,
-    mpd_a: Optional[Tensor], mpd_b: Optional[Tensor], grad_v_T: Optional[Tensor],
-    inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
-    surrogate: int, surrogate_param: float,
-    need_grad_v0: bool,
-) -> tuple[Tensor, Tensor]:
-    """(grad_x, grad_v0 float32); see ``kernels.lif.lif_backward``. No autograd formula is
-    registered for it, so double backward through the kernels is refused."""
-    params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate, surrogate_param)
-    with _kernels.device_guard(u_saved):
-        grad_x, grad_v0 = _kernels.lif_backward(grad_spikes, u_saved, params, mpd_a=mpd_a, mpd_b=mpd_b,
-                                                grad_v_T=grad_v_T, need_grad_v0=need_grad_v0)
-    return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
-
-
-@lif_bwd.register_fake
-def _lif_bwd_fake(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, inv_tau, v_th, v_rest, decay_input, hard_reset,
-                  detach_reset, surrogate, surrogate_param, need_grad_v0):
-    grad_x, grad_v0 = _kernels.backward_buffers(u_saved, need_grad_v0=need_grad_v0)
-    return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
-
-
 _N_PARAMS = len(KernelParams._fields)
 
 
-def _lif_fwd_setup_context(ctx, inputs, output):
-    x, v_init, *rest = inputs
-    params, (stats, save_state, save_u) = rest[:_N_PARAMS], rest[_N_PARAMS:]
-    _, u_saved, mean, _, _ = output
-    ctx.mark_non_differentiable(u_saved)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(u_saved, mean)
-    ctx.params = tuple(params)
-    ctx.saved_u, ctx.stats, ctx.save_state = save_u, stats, save_state
-    ctx.v_init_dtype = v_init.dtype if v_init is not None else None
+def _define(suffix: str, kernels, device_guard):
+    """Register ``mpd_triton::lif_fwd{suffix}`` / ``lif_bwd{suffix}`` (schemas, fake
+    implementations, autograd) over one implementation of the kernels: a module with
+    ``lif_forward``, ``lif_backward``, ``forward_buffers`` and ``backward_buffers``."""
+
+    @torch.library.custom_op(f"mpd_triton::lif_fwd{suffix}", mutates_args=())
+    def lif_fwd(
+        x: Tensor, v_init: Optional[Tensor],
+        inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
+        surrogate: int, surrogate_param: float,
+        stats: bool, save_state: bool, save_u: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(spikes, u_saved, mean, var, v_T); see ``kernels.lif.lif_forward``."""
+        params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate,
+                              surrogate_param)
+        with device_guard(x):
+            outputs = kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=save_u)
+        return _forward_outputs(x, outputs)
+
+    @lif_fwd.register_fake
+    def _lif_fwd_fake(x, v_init, inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate,
+                      surrogate_param, stats, save_state, save_u):
+        return _forward_outputs(x, kernels.forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u))
+
+    @torch.library.custom_op(f"mpd_triton::lif_bwd{suffix}", mutates_args=())
+    def lif_bwd(
+        grad_spikes: Optional[Tensor], u_saved: Tensor,
+        mpd_a: Optional[Tensor], mpd_b: Optional[Tensor], grad_v_T: Optional[Tensor],
+        inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
+        surrogate: int, surrogate_param: float,
+        need_grad_v0: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """(grad_x, grad_v0 float32); see ``kernels.lif.lif_backward``. No autograd formula is
+        registered for it, so double backward through the kernels is refused."""
+        params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate,
+                              surrogate_param)
+        with device_guard(u_saved):
+            grad_x, grad_v0 = kernels.lif_backward(grad_spikes, u_saved, params, mpd_a=mpd_a, mpd_b=mpd_b,
+                                                   grad_v_T=grad_v_T, need_grad_v0=need_grad_v0)
+        return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
+
+    @lif_bwd.register_fake
+    def _lif_bwd_fake(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, inv_tau, v_th, v_rest, decay_input, hard_reset,
+                      detach_reset, surrogate, surrogate_param, need_grad_v0):
+        grad_x, grad_v0 = kernels.backward_buffers(u_saved, need_grad_v0=need_grad_v0)
+        return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
+
+    def setup_context(ctx, inputs, output):
+        x, v_init, *rest = inputs
+        params, (stats, save_state, save_u) = rest[:_N_PARAMS], rest[_N_PARAMS:]
+        _, u_saved, mean, _, _ = output
+        ctx.mark_non_differentiable(u_saved)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(u_saved, mean)
+        ctx.params = tuple(params)
+        ctx.saved_u, ctx.stats, ctx.save_state = save_u, stats, save_state
+        ctx.v_init_dtype = v_init.dtype if v_init is not None else None
+
+    def backward(ctx, grad_spikes, grad_u_saved, grad_mean, grad_var, grad_v_T):
+        if not ctx.saved_u:
+            raise RuntimeError(f"mpd_triton::lif_fwd{suffix} was called with save_u=False, so it cannot be "
+                               "differentiated")
+        u_saved, mean = ctx.saved_tensors
+        if not ctx.stats:  # the placeholders of outputs not asked for carry no gradient
+            grad_mean = grad_var = None
+        if not ctx.save_state:
+            grad_v_T = None
+        mpd_a = mpd_b = None
+        if grad_mean is not None or grad_var is not None:
+            # dL/du of every element of (t, c): gm/M + gvar * 2 (u - mean)/M = a + b u.
+            # Integer scalars only: a Python float derived from a (symbolic) size would be a
+            # float64 scalar in the compiled graph.
+            M = u_saved.numel() // (u_saved.shape[0] * u_saved.shape[2])
+            gm = grad_mean.float() if grad_mean is not None else torch.zeros_like(mean)
+            gvar = grad_var.float() if grad_var is not None else torch.zeros_like(mean)
+            mpd_b = (gvar * 2 / M).contiguous()
+            mpd_a = (gm / M - mpd_b * mean).contiguous()
+        grad_x, grad_v0 = lif_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, *ctx.params, ctx.needs_input_grad[1])
+        grad_v0 = grad_v0.to(ctx.v_init_dtype) if ctx.needs_input_grad[1] else None
+        return (grad_x, grad_v0) + (None,) * (_N_PARAMS + 3)
+
+    lif_fwd.register_autograd(backward, setup_context=setup_context)
+    return lif_fwd, lif_bwd
 
 
-def _lif_fwd_backward(ctx, grad_spikes, grad_u_saved, grad_mean, grad_var, grad_v_T):
-    if not ctx.saved_u:
-        raise RuntimeError("mpd_triton::lif_fwd was called with save_u=False, so it cannot be differentiated")
-    u_saved, mean = ctx.saved_tensors
-    if not ctx.stats:  # the placeholders of outputs not asked for carry no gradient
-        grad_mean = grad_var = None
-    if not ctx.save_state:
-        grad_v_T = None
-    mpd_a = mpd_b = None
-    if grad_mean is not None or grad_var is not None:
-        # dL/du of every element of (t, c): gm/M + gvar * 2 (u - mean)/M = a + b u.
-        # Integer scalars only: a Python float derived from a (symbolic) size would be a
-        # float64 scalar in the compiled graph.
-        M = u_saved.numel() // (u_saved.shape[0] * u_saved.shape[2])
-        gm = grad_mean.float() if grad_mean is not None else torch.zeros_like(mean)
-        gvar = grad_var.float() if grad_var is not None else torch.zeros_like(mean)
-        mpd_b = (gvar * 2 / M).contiguous()
-        mpd_a = (gm / M - mpd_b * mean).contiguous()
-    grad_x, grad_v0 = torch.ops.mpd_triton.lif_bwd(
-        grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, *ctx.params, ctx.needs_input_grad[1])
-    grad_v0 = grad_v0.to(ctx.v_init_dtype) if ctx.needs_input_grad[1] else None
-    return (grad_x, grad_v0) + (None,) * (_N_PARAMS + 3)
-
-
-lif_fwd.register_autograd(_lif_fwd_backward, setup_context=_lif_fwd_setup_context)
+# The Triton kernels (CUDA, or any device under TRITON_INTERPRET=1) and the C kernels (CPU).
+lif_fwd, lif_bwd = _define("", _kernels, _kernels.device_guard)
+lif_fwd_cpu, lif_bwd_cpu = _define("_cpu", _cpu_kernels, lambda t: contextlib.nullcontext())

@@ -35,6 +35,7 @@ __all__ = [
     "surrogate_grad",
     "WINDOW_PEAK_FRACTION",
     "SURROGATE_NAMES",
+    "SURROGATE_KINDS",
 ]
 
 WINDOW_PEAK_FRACTION = 0.1
@@ -217,6 +218,8 @@ def surrogate_grad(u, param, KIND: tl.constexpr):
 
 _BY_NAME = {cls.name: cls for cls in (Triangle, Rectangular, Sigmoid, ATan, SuperSpike)}
 SURROGATE_NAMES = tuple(_BY_NAME)
+# The ids the kernels dispatch on (Triton helpers above, the C kernels' enum), and their names.
+SURROGATE_KINDS = {cls.kind: cls.name for cls in _BY_NAME.values()}
 
 
 def as_surrogate(surrogate) -> Surrogate:

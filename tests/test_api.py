@@ -11,7 +11,7 @@ from helpers import DEVICE, make_input
 import mpd_triton as mt
 from mpd_triton.kernels import lif as lif_kernels
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpu"]
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ BAD_PARAMS = [
     (dict(detach_reset="no"), TypeError, "detach_reset must be True or False"),
     (dict(surrogate="relu"), ValueError, "surrogate: unknown name 'relu'"),
     (dict(surrogate=None), TypeError, "surrogate must be a Surrogate object"),
-    (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\)"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'cpu', 'torch'\)"),
     (dict(return_stats=1), TypeError, "return_stats must be True or False"),
     (dict(v_init=torch.zeros(3, 4)), ValueError, r"v_init must have shape x.shape\[1:\] = \(2, 4\)"),
     (dict(v_init=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "v_init must be a floating-point tensor"),
@@ -102,12 +102,16 @@ def test_return_values(backend):
     assert ((s == 0) | (s == 1)).all()
 
 
-def test_auto_picks_triton_on_cuda_only():
+def test_auto_picks_triton_on_cuda_and_the_cpu_kernels_on_the_cpu():
     x = make_input((2, 2, 3), 0)
-    expected = "triton" if x.is_cuda else "torch"
     from mpd_triton.functional import _resolve_backend
 
+    if x.is_cuda:
+        expected = "triton"
+    else:
+        expected = "cpu" if mt.cpu_kernels_unavailable() is None else "torch"
     assert _resolve_backend("auto", x) == expected
+    assert _resolve_backend("auto", x.double()) == "torch"  # the kernels take float32, float16, bfloat16
 
 
 def test_state_carries_over_between_calls():

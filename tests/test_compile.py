@@ -24,7 +24,7 @@ import mpd_triton as mt
 from models import build_model
 from mpd_triton.kernels import lif as lif_kernels
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpu"]
 T, BATCH, IMAGE = 2, 3, 8
 SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, dampening=0.0, nesterov=False, maximize=False)
 

@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close, input_shapes, make_input, neuron_options, poison_kernel_outputs, rel_error
+from helpers import (DEVICE, assert_close, compare_with_reference, input_shapes, make_input, neuron_options,
+                     output_weights, poison_kernel_outputs, rel_error)
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,67 +25,6 @@ from mpd_triton.reference import stat_dims
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     poison_kernel_outputs(monkeypatch)
-
-
-def _run(backend, x, opts, *, terms, weights, v_init=None):
-    """Forward + backward of a weighted sum of the chosen outputs; returns outputs and grads."""
-    x = x.detach().clone().requires_grad_(True)
-    v0 = v_init.detach().clone().requires_grad_(True) if v_init is not None else None
-    spikes, mean, var, v_T = mt.lif(x, **opts, backend=backend, return_stats=True, v_init=v0, return_state=True)
-    loss = 0.0
-    if "spikes" in terms:
-        loss = loss + (spikes.float() * weights["spikes"]).sum()
-    if "stats" in terms:
-        loss = loss + (mean * weights["mean"]).sum() + (var * weights["var"]).sum()
-    if "overlap" in terms:
-        loss = loss + mt.mpd_overlap(mean, var, opts["surrogate"].window).mean()
-    if "state" in terms:
-        loss = loss + (v_T.float() * weights["state"]).sum()
-    loss.backward()
-    return dict(spikes=spikes.detach(), mean=mean.detach(), var=var.detach(), v_T=v_T.detach(),
-                grad_x=x.grad, grad_v0=v0.grad if v0 is not None else None)
-
-
-def _weights(x, seed):
-    g = torch.Generator().manual_seed(seed + 1)
-    T, C = x.shape[0], x.shape[2]
-
-    def r(*shape):
-        return torch.randn(shape, generator=g).to(DEVICE)
-
-    return dict(spikes=r(*x.shape), mean=r(T, C), var=r(T, C), state=r(*x.shape[1:]))
-
-
-def _compare(x, opts, seed, terms, *, v_init=None):
-    weights = _weights(x, seed)
-    ref = _run("torch", x, opts, terms=terms, weights=weights, v_init=v_init)
-    out = _run("triton", x, opts, terms=terms, weights=weights, v_init=v_init)
-    u_ref = mt.lif_reference(x.float(), mt.LIFConfig(**opts), v_init=v_init).u
-
-    # Spikes must agree exactly, except where u sits at rounding level of the
-    # threshold (possible on a GPU with FMA); such a neuron's later steps then
-    # legitimately diverge and it is left out of the remaining comparisons.
-    flips = out["spikes"] != ref["spikes"]
-    if flips.any():
-        first = flips.float().cumsum(0).eq(1) & flips
-        near = u_ref.abs() <= 1e-5 * (1.0 + abs(opts["v_th"]))
-        assert bool((near | ~first).all()), (
-            f"spikes differ where |u| = {float(u_ref[first & ~near].abs().min()):.3e} is not at rounding level"
-        )
-    neuron_ok = ~flips.any(0, keepdim=True)
-    channel_ok = neuron_ok.all(dim=stat_dims(x.dim()), keepdim=True)
-    grad_mask = channel_ok if ("stats" in terms or "overlap" in terms) else neuron_ok
-
-    assert_close("spikes", out["spikes"], ref["spikes"], atol=0, rtol=0, mask=neuron_ok)
-    stat_mask = channel_ok.reshape(1, -1)
-    scale = 1.0 + float(u_ref.abs().max())
-    assert_close("mean", out["mean"], ref["mean"], atol=2e-6 * scale, rtol=1e-5, mask=stat_mask)
-    assert_close("var", out["var"], ref["var"], atol=4e-6 * scale * scale, rtol=1e-4, mask=stat_mask)
-    assert_close("v_T", out["v_T"], ref["v_T"], atol=1e-5 * scale, rtol=1e-5, mask=neuron_ok[0])
-    gscale = 1.0 + float(ref["grad_x"].abs().max())
-    assert_close("grad_x", out["grad_x"], ref["grad_x"], atol=2e-5 * gscale, rtol=1e-4, mask=grad_mask)
-    if v_init is not None:
-        assert_close("grad_v_init", out["grad_v0"], ref["grad_v0"], atol=2e-5 * gscale, rtol=1e-4, mask=grad_mask[0])
 
 
 ALL_SURROGATES = [mt.Triangle(0.8), mt.Rectangular(0.4), mt.Sigmoid(3.0), mt.ATan(1.5), mt.SuperSpike(6.0)]
@@ -100,7 +40,7 @@ def test_every_option_combination(surrogate, v_reset, detach_reset, tau, decay_i
                 surrogate=surrogate)
     x = make_input((6, 3, 5, 3, 3), 1234, scale=1.2, offset=0.6)
     v_init = make_input((3, 5, 3, 3), 99, scale=0.3, offset=0.0)
-    _compare(x, opts, 1234, ("spikes", "overlap", "state"), v_init=v_init)
+    compare_with_reference("triton", x, opts, 1234, ("spikes", "overlap", "state"), v_init=v_init)
 
 
 TERMS = st.sampled_from([
@@ -114,14 +54,14 @@ def test_kernel_matches_reference(shape, opts, seed, terms, scale, offset, chann
     x = make_input(shape, seed, scale=scale, offset=offset)
     if channels_innermost:  # the channels-last layout, generalized to any rank (kept by clone())
         x = x.movedim(2, -1).contiguous().movedim(-1, 2)
-    _compare(x, opts, seed, terms)
+    compare_with_reference("triton", x, opts, seed, terms)
 
 
 @given(shape=input_shapes(max_T=8), opts=neuron_options(), seed=st.integers(0, 2**31 - 1), terms=TERMS)
 def test_kernel_matches_reference_with_initial_state(shape, opts, seed, terms):
     x = make_input(shape, seed)
     v_init = make_input(shape[1:], seed + 7, scale=0.5, offset=0.0)
-    _compare(x, opts, seed, terms, v_init=v_init)
+    compare_with_reference("triton", x, opts, seed, terms, v_init=v_init)
 
 
 @pytest.mark.parametrize("shape", [(3, 70, 1, 2100), (2, 3, 5, 37, 41), (4, 130, 300)])
@@ -129,7 +69,7 @@ def test_kernel_multi_tile_shapes(shape):
     """Shapes whose statistics span many tiles (P > the merge block) and ragged edges."""
     x = make_input(shape, 11)
     opts = dict(tau=2.0, v_th=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate=mt.Triangle())
-    _compare(x, opts, 11, ("spikes", "overlap"))
+    compare_with_reference("triton", x, opts, 11, ("spikes", "overlap"))
 
 
 def test_non_contiguous_input_gives_same_result():
@@ -296,7 +236,7 @@ def test_memory_formats_match_reference(layout):
     shape = (4, 3, 5, 3, 4)
     values = make_input(shape, 31)
     v_init = make_input(shape[1:], 32, scale=0.3, offset=0.0)
-    weights = _weights(values, 31)
+    weights = output_weights(values, 31)
     opts = dict(tau=2.0, v_th=0.9, v_reset=0.0, surrogate=mt.Sigmoid(3.0))
     out = {}
     for backend in ("torch", "triton"):

@@ -1,0 +1,372 @@
+"""The fused CPU kernels: ``lif_cpu.c`` built on first use, loaded with ctypes, run on threads.
+
+What ``backend="cpu"`` (and ``"auto"`` for CPU tensors) runs. The kernels do what the
+Triton kernels do (kernels/lif.py), with the same inputs and outputs: the whole time
+loop in one pass per tile with the state in float32, the per-(t, c) statistics of u
+reduced in the same pass (per-tile partials merged in a fixed order with Chan's
+formula: deterministic), u saved in the input dtype with the spike in its sign bit, and
+one reverse pass for the backward with the MPD-SGR term a + b u added in it.
+
+Differences from the Triton launchers:
+
+* Layout: x and grad_spikes are read through any time and batch strides (0 too: an
+  input expanded over T is never materialized) but each sample must be dense in
+  [C, *spatial] order; anything else (channels-last, a transposed view) is copied once
+  with ``.contiguous()``. The outputs are always contiguous.
+* Parallelism: the tiles (block_b samples x block_c channels x all positions) are split
+  over ``torch.get_num_threads()`` Python threads; ctypes releases the GIL for the call.
+  Small tensors run on the calling thread.
+
+Build: the C source is compiled with the system C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``) into a cache folder (``$MPD_TRITON_CACHE_DIR``, else
+``$XDG_CACHE_HOME/mpd_triton`` or ``~/.cache/mpd_triton``), once per source, compiler
+and machine (a few seconds); later processes load the cached library. Floating-point
+contraction is off (``-ffp-contract=off``), so float32 spikes equal the reference's bit
+for bit. Without a compiler, or with ``MPD_TRITON_CPU_KERNELS=0``, ``available()``
+says why and ``backend="auto"`` uses the PyTorch reference instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..neuron import KernelParams
+from ..surrogates import SURROGATE_KINDS
+
+__all__ = ["available", "unavailable_reason", "lif_forward", "lif_backward", "forward_buffers", "backward_buffers",
+           "tile_shape", "library_path", "DISABLE_ENV", "CACHE_ENV", "TILE_ELEMENTS"]
+
+DISABLE_ENV = "MPD_TRITON_CPU_KERNELS"  # "0": do not build or use the CPU kernels
+CACHE_ENV = "MPD_TRITON_CACHE_DIR"
+ABI_VERSION = 2  # lif_cpu_abi_version() of the C source this module calls
+SOURCES = ("lif_cpu.c", "lif_cpu_body.h")
+SOURCE_DIR = Path(__file__).resolve().parent
+
+# A tile's state and u stay in scratch (2 x 32 KiB in float32): the L1/L2 of one core.
+TILE_ELEMENTS = 8192
+# Elements of one channel in one tile at least (when the batch allows): fewer statistics partials.
+MIN_TILE_ROWS = 64
+# Below this many elements (T * N) a call runs on the calling thread.
+THREAD_MIN_ELEMENTS = 1 << 16
+
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+_FWD_ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _F32, _I32, _I32,
+                 _I64, _I64, _P]
+_BWD_ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _F32, _F32, _I32,
+                 _I32, _I32, _I32, _I64, _I64, _P]
+_MERGE_ARGTYPES = [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64]
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib" or "reason", once decided
+_workspace = threading.local()  # per calling thread: scratch and statistics partials, grown as needed
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+# ---------------------------------------------------------------- build and load
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mpd_triton"
+
+
+def _compiler() -> str | None:
+    for name in ([os.environ["CC"]] if os.environ.get("CC") else []) + ["cc", "gcc", "clang"]:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _flag_sets() -> list[list[str]]:
+    """Compiler flags to try in order: tuned for this machine first, then portable."""
+    common = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+    native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+    return [common + [native], common]
+
+
+def library_path(compiler: str, flags: list[str]) -> Path:
+    """Where the library built from these sources with this compiler and flags is cached."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    for part in (compiler, version, " ".join(flags), platform.machine(), platform.platform(), str(ABI_VERSION)):
+        digest.update(part.encode())
+    return _cache_dir() / f"lif_cpu-{digest.hexdigest()[:20]}{'.dll' if os.name == 'nt' else '.so'}"
+
+
+def _build(compiler: str, flags: list[str], target: Path) -> str | None:
+    """Compile into target (atomically: a temporary file renamed); None, or why it failed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
+    os.close(fd)
+    try:
+        cmd = [compiler, *flags, "-o", tmp, str(SOURCE_DIR / SOURCES[0]), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            return f"{' '.join(cmd)} failed: {(done.stderr or done.stdout).strip()[:500]}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"compiling {SOURCES[0]} failed: {error}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path):
+    lib = ctypes.CDLL(str(path))  # CDLL (not PyDLL): calls release the GIL
+    if lib.lif_cpu_abi_version() != ABI_VERSION:
+        raise OSError(f"{path} has ABI version {lib.lif_cpu_abi_version()}, expected {ABI_VERSION}")
+    for suffix in _DTYPE_SUFFIX.values():
+        if suffix == "f16" and not lib.lif_cpu_has_float16():
+            continue
+        getattr(lib, f"lif_fwd_{suffix}").argtypes = _FWD_ARGTYPES
+        getattr(lib, f"lif_bwd_{suffix}").argtypes = _BWD_ARGTYPES
+        getattr(lib, f"lif_fwd_{suffix}").restype = None
+        getattr(lib, f"lif_bwd_{suffix}").restype = None
+    lib.lif_stats_merge.argtypes = _MERGE_ARGTYPES
+    lib.lif_stats_merge.restype = None
+    lib.lif_cpu_surrogate_count.restype = ctypes.c_int64
+    return lib
+
+
+def _decide():
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None, f"disabled by {DISABLE_ENV}=0"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install gcc or clang)"
+    errors = []
+    for flags in _flag_sets():
+        path = library_path(compiler, flags)
+        if not path.is_file():
+            error = _build(compiler, flags, path)
+            if error:
+                errors.append(error)
+                continue
+        try:
+            lib = _load(path)
+        except (OSError, AttributeError) as error:
+            errors.append(f"loading {path} failed: {error}")
+            continue
+        if lib.lif_cpu_surrogate_count() != len(SURROGATE_KINDS):
+            return None, (f"{path} knows {lib.lif_cpu_surrogate_count()} surrogates, mpd_triton "
+                          f"{len(SURROGATE_KINDS)}: a stale build (delete it)")
+        return lib, None
+    return None, "; ".join(errors)
+
+
+def _library():
+    if "decided" not in _state:
+        with _lock:
+            if "decided" not in _state:
+                lib, reason = _decide()
+                _state.update(decided=True, lib=lib, reason=reason)
+    return _state["lib"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the CPU kernels cannot be used here (building them on the first call), or None."""
+    _library()
+    return _state["reason"]
+
+
+def available(dtype: torch.dtype | None = None) -> bool:
+    """The CPU kernels are built and loaded (and take this dtype, if given)."""
+    lib = _library()
+    if lib is None:
+        return False
+    if dtype is None:
+        return True
+    if dtype not in _DTYPE_SUFFIX:
+        return False
+    return dtype != torch.float16 or bool(lib.lif_cpu_has_float16())
+
+
+# ---------------------------------------------------------------- layout and tiles
+
+
+def _view_shape(t: torch.Tensor) -> tuple[int, int, int, int]:
+    T, B, C = t.shape[:3]
+    return T, B, C, math.prod(t.shape[3:])
+
+
+def _dense_samples(t: torch.Tensor) -> torch.Tensor:
+    """t if every sample of every step is dense [C, *spatial] (any time and batch strides),
+    else a contiguous copy."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size != 1 and stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t
+
+
+def tile_shape(B: int, C: int, S: int) -> tuple[int, int]:
+    """(block_b, block_c): about TILE_ELEMENTS elements (all S positions of block_c channels
+    of block_b samples), with at least MIN_TILE_ROWS elements per channel when B allows."""
+    if S >= TILE_ELEMENTS:
+        return 1, 1
+    block_c = min(C, max(1, TILE_ELEMENTS // S))
+    block_b = min(B, max(1, TILE_ELEMENTS // (block_c * S)))
+    if block_b * S < MIN_TILE_ROWS and block_b < B:
+        block_b = min(B, -(-MIN_TILE_ROWS // S))
+        block_c = min(C, max(1, TILE_ELEMENTS // (block_b * S)))
+    return block_b, block_c
+
+
+def _scratch_floats(block_b: int, block_c: int, S: int) -> int:
+    """Floats of scratch one thread needs (the C kernels' layout of it): forward: a tile's state and u,
+    then block_c doubles; backward: a tile's dL/dv, a tile row of zeros and block_c parameters."""
+    return 2 * block_b * block_c * S + block_c * S + 4 * block_c + 2
+
+
+def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable flat buffer of the calling thread (no allocation per call: on Linux a fresh
+    multi-megabyte allocation costs a page fault per 4 KiB, more than the kernel itself)."""
+    buf = getattr(_workspace, name, None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1024), dtype=dtype)
+        setattr(_workspace, name, buf)
+    return buf[:numel]
+
+
+def _stride(t: torch.Tensor, dim: int) -> int:
+    return t.stride(dim) if t.shape[dim] > 1 else 0
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _run_tiles(fn, args_before, args_after, n_tiles: int, elements: int, scratch_floats: int) -> None:
+    """fn(*args_before, tile_begin, tile_end, scratch, ...) over all tiles, split over threads."""
+    global _pool, _pool_size
+    workers = max(1, min(torch.get_num_threads(), n_tiles, elements // THREAD_MIN_ELEMENTS))
+    scratch = _buffer("scratch", workers * scratch_floats, torch.float32).view(workers, scratch_floats)
+    if workers == 1:
+        fn(*args_before, 0, n_tiles, scratch.data_ptr(), *args_after)
+        return
+    if _pool_size < workers:
+        with _lock:
+            if _pool_size < workers:
+                _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mpd_triton_cpu")
+                _pool_size = workers
+    bounds = [n_tiles * i // workers for i in range(workers + 1)]
+    futures = [_pool.submit(fn, *args_before, bounds[i], bounds[i + 1], scratch[i].data_ptr(), *args_after)
+               for i in range(1, workers)]
+    fn(*args_before, bounds[0], bounds[1], scratch[0].data_ptr(), *args_after)
+    for future in futures:
+        future.result()
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def forward_buffers(x: torch.Tensor, *, stats: bool, save_state: bool, save_u: bool):
+    """New contiguous (spikes, u_saved, mean, var, v_T) for ``lif_forward(x, ...)`` (the custom
+    operator's fake implementation uses this too). Entries not asked for are None."""
+    T, _, C = x.shape[:3]
+    spikes = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    u_saved = torch.empty_like(spikes) if save_u else None
+    mean = torch.empty((T, C), dtype=torch.float32, device=x.device) if stats else None
+    var = torch.empty_like(mean) if stats else None
+    v_T = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device) if save_state else None
+    return spikes, u_saved, mean, var, v_T
+
+
+def backward_buffers(u_saved: torch.Tensor, *, need_grad_v0: bool):
+    """New contiguous (grad_x in u_saved's dtype, grad_v0 float32 or None)."""
+    grad_x = torch.empty(u_saved.shape, dtype=u_saved.dtype, device=u_saved.device)
+    grad_v0 = torch.empty(u_saved.shape[1:], dtype=torch.float32, device=u_saved.device) if need_grad_v0 else None
+    return grad_x, grad_v0
+
+
+def _check_kind(params: KernelParams) -> None:
+    if params.surrogate not in SURROGATE_KINDS:
+        raise ValueError(f"unknown surrogate id {params.surrogate}; known: {sorted(SURROGATE_KINDS)}")
+
+
+def _kernel(direction: str, dtype: torch.dtype):
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the mpd_triton CPU kernels are not available: {_state['reason']}")
+    if not available(dtype):
+        raise TypeError(f"the CPU kernels take float32, bfloat16 or float16 (where the C compiler has _Float16), "
+                        f"got {dtype}")
+    return getattr(lib, f"lif_{direction}_{_DTYPE_SUFFIX[dtype]}")
+
+
+def lif_forward(x: torch.Tensor, params: KernelParams, *, v_init: torch.Tensor | None = None, stats: bool = False,
+                save_state: bool = False, save_u: bool = True):
+    """Forward over x [T, B, C, *spatial] (or [T, B, F]) on the CPU; returns (spikes, u_saved,
+    mean, var, v_T) as made by ``forward_buffers`` (see ``kernels.lif.lif_forward``)."""
+    fn = _kernel("fwd", x.dtype)
+    x = _dense_samples(x)
+    T, B, C, S = _view_shape(x)
+    spikes, u_saved, mean, var, v_T = forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u)
+    v0 = v_init.to(torch.float32).contiguous() if v_init is not None else None
+    block_b, block_c = tile_shape(B, C, S)
+    P, n_ctiles = -(-B // block_b), -(-C // block_c)
+    partials = _buffer("partials", 2 * T * P * C, torch.float64) if stats else None
+    pmean, pm2 = (partials[:T * P * C], partials[T * P * C:]) if stats else (None, None)
+    _run_tiles(fn, (x.data_ptr(), _stride(x, 0), _stride(x, 1), spikes.data_ptr(), _ptr(u_saved), _ptr(v0), _ptr(v_T), _ptr(pmean),
+                    _ptr(pm2), T, B, C, S, block_b, block_c, params.inv_tau, params.v_th, params.v_rest,
+                    int(params.decay_input), int(params.hard_reset)),
+               (), P * n_ctiles, T * B * C * S, _scratch_floats(block_b, block_c, S))
+    if stats:
+        _library().lif_stats_merge(pmean.data_ptr(), pm2.data_ptr(), mean.data_ptr(), var.data_ptr(), T, P, C, B, S,
+                                   block_b)
+    return spikes, u_saved, mean, var, v_T
+
+
+def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params: KernelParams, *,
+                 mpd_a: torch.Tensor | None = None, mpd_b: torch.Tensor | None = None,
+                 grad_v_T: torch.Tensor | None = None, need_grad_v0: bool = False,
+                 surrogate_param: torch.Tensor | None = None):
+    """Reverse time loop over u_saved (as written by ``lif_forward``) on the CPU; returns
+    (grad_x in u_saved's dtype, grad_v0 float32 or None). surrogate_param: an optional
+    float32 [C] parameter per channel in place of params.surrogate_param."""
+    _check_kind(params)
+    fn = _kernel("bwd", u_saved.dtype)
+    u_saved = u_saved.contiguous()  # as lif_forward wrote it: no copy
+    T, B, C, S = _view_shape(u_saved)
+    if grad_spikes is not None:
+        grad_spikes = _dense_samples(grad_spikes.to(u_saved.dtype))
+    gvT = grad_v_T.to(torch.float32).contiguous() if grad_v_T is not None else None
+    mpd_a = mpd_a.to(torch.float32).contiguous() if mpd_a is not None else None
+    mpd_b = mpd_b.to(torch.float32).contiguous() if mpd_b is not None else None
+    if surrogate_param is not None:
+        surrogate_param = surrogate_param.to(torch.float32).contiguous()
+    grad_x, grad_v0 = backward_buffers(u_saved, need_grad_v0=need_grad_v0)
+    block_b, block_c = tile_shape(B, C, S)
+    n_tiles = -(-B // block_b) * -(-C // block_c)
+    gs_strides = (_stride(grad_spikes, 0), _stride(grad_spikes, 1)) if grad_spikes is not None else (0, 0)
+    _run_tiles(fn, (_ptr(grad_spikes), *gs_strides, u_saved.data_ptr(), _ptr(mpd_a), _ptr(mpd_b),
+                    _ptr(surrogate_param), _ptr(gvT), grad_x.data_ptr(), _ptr(grad_v0), T, B, C, S, block_b, block_c,
+                    params.inv_tau, params.v_th, params.v_rest, params.surrogate_param, params.surrogate,
+                    int(params.decay_input), int(params.hard_reset), int(params.detach_reset)),
+               (), n_tiles, T * B * C * S, _scratch_floats(block_b, block_c, S))
+    return grad_x, grad_v0

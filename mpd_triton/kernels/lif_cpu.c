@@ -1,0 +1,211 @@
+/* Fused multi-step LIF for the CPU: the same forward and BPTT as the Triton kernels
+ * (mpd_triton/kernels/lif.py), compiled on first use by mpd_triton/kernels/cpu.py and
+ * called through ctypes (which releases the GIL, so Python threads run tiles in parallel).
+ *
+ * Layout: the tensors the kernels write are dense [T, B, C, S]; the input (x in the
+ * forward, grad_spikes in the backward) needs dense [C, S] per sample only, with any time
+ * and batch strides, 0 included (an input expanded over T). One call runs tiles [tile_begin, tile_end) of block_b samples x
+ * block_c channels x all S positions, each for all T steps, with the tile's membrane state
+ * (forward) or dL/dv (backward) kept in float32 in `scratch`, so each element of the big
+ * tensors is read or written once per pass.
+ *
+ * Statistics (docs/design.md, "Membrane statistics"): per tile and time step, the mean of u
+ * over the tile's (b, s) for each channel, then the sum of squared deviations from it, both
+ * from the tile's u still in `scratch` (no second read of memory), accumulated in double;
+ * lif_stats_merge combines the per-tile partials in a fixed order with Chan's formula.
+ * No atomics, no reduction whose order depends on the threads: results are bitwise
+ * repeatable.
+ *
+ * Arithmetic is written in the same order as the PyTorch reference (mpd_triton/reference.py)
+ * and compiled without floating-point contraction (-ffp-contract=off), so in float32 the
+ * spikes are bit for bit those of the reference.
+ *
+ * This file holds what does not depend on the dtype; lif_cpu_body.h is included once per
+ * dtype (float32, bfloat16, float16) and defines lif_fwd_<dtype> and lif_bwd_<dtype>.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define RESTRICT __restrict__
+#define INLINE static inline __attribute__((always_inline))
+
+/* Surrogate ids: the `kind` of the classes in mpd_triton/surrogates.py. */
+enum { SG_TRIANGLE = 0, SG_RECTANGULAR = 1, SG_SIGMOID = 2, SG_ATAN = 3, SG_SUPERSPIKE = 4, SG_COUNT = 5 };
+
+/* Bumped whenever an exported signature changes (cpu.py checks it). */
+int64_t lif_cpu_abi_version(void) { return 2; }
+int64_t lif_cpu_surrogate_count(void) { return SG_COUNT; }
+
+/* g(u) for surrogate `kind` with parameter p (gamma or alpha), as in surrogates.py. */
+INLINE float surrogate_grad(const int kind, float u, float p) {
+    switch (kind) {
+    case SG_TRIANGLE:
+        {
+        const float d = p - fabsf(u);
+        return (d < 0.0f ? 0.0f : d) / (p * p); /* not fmaxf: it would not vectorize */
+    }
+    case SG_RECTANGULAR:
+        return fabsf(u) < p ? 1.0f / (2.0f * p) : 0.0f;
+    case SG_SIGMOID: {
+        float sg = 1.0f / (1.0f + expf(-(p * u)));
+        return p * sg * (1.0f - sg);
+    }
+    case SG_ATAN: {
+        float z = 1.5707963267948966f * p * u;
+        return (p * 0.5f) / (1.0f + z * z);
+    }
+    default: { /* SG_SUPERSPIKE: the launchers pass only known ids */
+        float d = 1.0f + p * fabsf(u);
+        return 1.0f / (d * d);
+    }
+    }
+}
+
+/* Sum of a row and sum of squared deviations from `mean`, in LANES float accumulators
+ * (independent, so the loop vectorizes without reassociating) added up in double. A row
+ * has at most TILE_ELEMENTS values, LANES-way split: each lane sums a few hundred. */
+#define LANES 16
+static double row_sum(const float* RESTRICT u, int64_t n) {
+    float acc[LANES] = {0.0f};
+    int64_t s = 0;
+    for (; s + LANES <= n; s += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += u[s + j];
+    double total = 0.0;
+    for (; s < n; s++) total += (double)u[s];
+    for (int j = 0; j < LANES; j++) total += (double)acc[j];
+    return total;
+}
+
+static double row_m2(const float* RESTRICT u, int64_t n, float mean) {
+    float acc[LANES] = {0.0f};
+    int64_t s = 0;
+    for (; s + LANES <= n; s += LANES)
+        for (int j = 0; j < LANES; j++) {
+            const float d = u[s + j] - mean;
+            acc[j] += d * d;
+        }
+    double total = 0.0;
+    for (; s < n; s++) {
+        const double d = (double)u[s] - (double)mean;
+        total += d * d;
+    }
+    for (int j = 0; j < LANES; j++) total += (double)acc[j];
+    return total;
+}
+
+/* Per-(t, c) partials of one tile, from its u in scratch: mean and M2 over n_b rows of
+ * n_row = n_c * S values (channel cc occupies [cc * S, (cc + 1) * S) of each row). Two
+ * passes over the tile's u while it is in cache: the mean, then squared deviations from it
+ * (accurate when |mean| >> std, unlike sum and sum of squares). */
+static void tile_stats(const float* RESTRICT u, int64_t n_b, int64_t n_c, int64_t S, double* RESTRICT mean_out,
+                       double* RESTRICT m2_out, double* RESTRICT acc) {
+    const int64_t n_row = n_c * S;
+    const double count = (double)(n_b * S);
+    if (S == 1) { /* channels innermost: vector over channels */
+        for (int64_t cc = 0; cc < n_c; cc++) acc[cc] = 0.0;
+        for (int64_t bi = 0; bi < n_b; bi++)
+            for (int64_t cc = 0; cc < n_c; cc++) acc[cc] += (double)u[bi * n_row + cc];
+        for (int64_t cc = 0; cc < n_c; cc++) mean_out[cc] = acc[cc] / count;
+        for (int64_t cc = 0; cc < n_c; cc++) acc[cc] = 0.0;
+        for (int64_t bi = 0; bi < n_b; bi++)
+            for (int64_t cc = 0; cc < n_c; cc++) {
+                const double d = (double)u[bi * n_row + cc] - mean_out[cc];
+                acc[cc] += d * d;
+            }
+        for (int64_t cc = 0; cc < n_c; cc++) m2_out[cc] = acc[cc];
+        return;
+    }
+    for (int64_t cc = 0; cc < n_c; cc++) { /* positions innermost */
+        double total = 0.0;
+        for (int64_t bi = 0; bi < n_b; bi++) total += row_sum(u + bi * n_row + cc * S, S);
+        const double mean = total / count;
+        double m2 = 0.0;
+        for (int64_t bi = 0; bi < n_b; bi++) m2 += row_m2(u + bi * n_row + cc * S, S, (float)mean);
+        mean_out[cc] = mean;
+        m2_out[cc] = m2;
+    }
+}
+
+/* Combine the per-tile partials [T, P, C] of each (t, c) in tile order (Chan, total form):
+ * mean = sum_p n_p mean_p / M,  M2 = sum_p (M2_p + n_p (mean_p - mean)^2),  var = M2 / M. */
+void lif_stats_merge(const double* RESTRICT pmean, const double* RESTRICT pm2, float* RESTRICT mean,
+                     float* RESTRICT var, int64_t T, int64_t P, int64_t C, int64_t B, int64_t S, int64_t block_b) {
+    const double total = (double)(B * S);
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t c = 0; c < C; c++) {
+            double acc = 0.0;
+            for (int64_t p = 0; p < P; p++) {
+                const int64_t rows = (B - p * block_b) < block_b ? (B - p * block_b) : block_b;
+                acc += (double)(rows * S) * pmean[(t * P + p) * C + c];
+            }
+            const double m = acc / total;
+            acc = 0.0;
+            for (int64_t p = 0; p < P; p++) {
+                const int64_t rows = (B - p * block_b) < block_b ? (B - p * block_b) : block_b;
+                const double d = pmean[(t * P + p) * C + c] - m;
+                acc += pm2[(t * P + p) * C + c] + (double)(rows * S) * d * d;
+            }
+            mean[t * C + c] = (float)m;
+            var[t * C + c] = (float)(acc / total);
+        }
+    }
+}
+
+/* ---- dtypes: load as float32, store from float32 (round to nearest even), sign bit ---- */
+
+INLINE float f32_load(float v) { return v; }
+INLINE float f32_store(float v) { return v; }
+INLINE int f32_negative(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return (int)(bits >> 31);
+}
+
+INLINE float bf16_load(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+INLINE uint16_t bf16_store(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return (uint16_t)(((bits & 0x7FFFFFFFu) > 0x7F800000u) ? ((bits >> 16) | 0x40u) : rounded); /* NaN stays NaN */
+}
+INLINE int bf16_negative(uint16_t v) { return (int)(v >> 15); }
+
+#define LIF_SUFFIX f32
+#define LIF_TYPE float
+#define LIF_LOAD f32_load
+#define LIF_STORE f32_store
+#define LIF_NEGATIVE f32_negative
+#include "lif_cpu_body.h"
+
+#define LIF_SUFFIX bf16
+#define LIF_TYPE uint16_t
+#define LIF_LOAD bf16_load
+#define LIF_STORE bf16_store
+#define LIF_NEGATIVE bf16_negative
+#include "lif_cpu_body.h"
+
+#if defined(__FLT16_MAX__) /* _Float16: GCC >= 12, Clang >= 15 on x86-64 and arm64 */
+INLINE float f16_load(_Float16 v) { return (float)v; }
+INLINE _Float16 f16_store(float v) { return (_Float16)v; }
+INLINE int f16_negative(_Float16 v) {
+    uint16_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return (int)(bits >> 15);
+}
+int64_t lif_cpu_has_float16(void) { return 1; }
+#define LIF_SUFFIX f16
+#define LIF_TYPE _Float16
+#define LIF_LOAD f16_load
+#define LIF_STORE f16_store
+#define LIF_NEGATIVE f16_negative
+#include "lif_cpu_body.h"
+#else
+int64_t lif_cpu_has_float16(void) { return 0; }
+#endif

@@ -1,0 +1,204 @@
+/* The dtype-dependent half of lif_cpu.c, included once per dtype with
+ *   LIF_SUFFIX   the name suffix (f32, bf16, f16)
+ *   LIF_TYPE     the element type of x, spikes, u_saved, grad_spikes and grad_x
+ *   LIF_LOAD     LIF_TYPE -> float;  LIF_STORE: float -> LIF_TYPE;  LIF_NEGATIVE: the sign bit
+ * and #undef-ing them at the end. Exported: lif_fwd_<suffix>, lif_bwd_<suffix>.
+ */
+
+#ifndef LIF_CPU_NAMES
+#define LIF_CPU_NAMES
+#define LIF_CAT_(a, b) a##_##b
+#define LIF_CAT(a, b) LIF_CAT_(a, b)
+#define LIF_NAME(name) LIF_CAT(name, LIF_SUFFIX)
+#define LIF_MIN(a, b) ((a) < (b) ? (a) : (b))
+#endif
+
+/* One contiguous run of n elements of one time step (design: docs/design.md, "The neuron").
+ * decay and save_u are compile-time constants at every call site. */
+INLINE void LIF_NAME(fwd_run)(const LIF_TYPE* RESTRICT x, LIF_TYPE* RESTRICT s, LIF_TYPE* RESTRICT us,
+                              float* RESTRICT v, float* RESTRICT u_keep, int64_t n, float inv_tau, float v_th,
+                              float v_rest, int hard, const int decay, const int save_u) {
+    for (int64_t k = 0; k < n; k++) {
+        const float xv = LIF_LOAD(x[k]);
+        const float vv = v[k];
+        const float h = decay ? vv + (xv - (vv - v_rest)) * inv_tau : vv - (vv - v_rest) * inv_tau + xv;
+        const float u = h - v_th;
+        const int spike = u >= 0.0f;
+        const float sf = spike ? 1.0f : 0.0f;
+        v[k] = hard ? (spike ? v_rest : h) : h - v_th * sf;
+        s[k] = LIF_STORE(sf);
+        if (save_u) us[k] = LIF_STORE(spike ? fabsf(u) : u); /* the spike in the sign bit */
+        u_keep[k] = u;
+    }
+}
+
+static void LIF_NAME(fwd_dispatch)(const LIF_TYPE* x, LIF_TYPE* s, LIF_TYPE* us, float* v, float* u_keep, int64_t n,
+                                   float inv_tau, float v_th, float v_rest, int hard, int decay) {
+    if (decay) {
+        if (us) LIF_NAME(fwd_run)(x, s, us, v, u_keep, n, inv_tau, v_th, v_rest, hard, 1, 1);
+        else LIF_NAME(fwd_run)(x, s, us, v, u_keep, n, inv_tau, v_th, v_rest, hard, 1, 0);
+    } else {
+        if (us) LIF_NAME(fwd_run)(x, s, us, v, u_keep, n, inv_tau, v_th, v_rest, hard, 0, 1);
+        else LIF_NAME(fwd_run)(x, s, us, v, u_keep, n, inv_tau, v_th, v_rest, hard, 0, 0);
+    }
+}
+
+/* Forward over tiles [tile_begin, tile_end). x: [T, B, C, S] with dense [C, S] per sample,
+ * time and batch strides x_stride_t, x_stride_b (elements; 0 allowed); spikes, u_saved (or NULL): dense [T, B, C, S]; v0 (or
+ * NULL: v_rest): float32 [B, C, S]; vT (or NULL): [B, C, S]; pmean, pm2 (or NULL): [T, P, C] partials,
+ * P = ceil(B / block_b). scratch: lif_cpu_scratch_floats(block_b, block_c, S) floats. */
+void LIF_NAME(lif_fwd)(const LIF_TYPE* x, int64_t x_stride_t, int64_t x_stride_b, LIF_TYPE* spikes, LIF_TYPE* u_saved, const float* v0,
+                       LIF_TYPE* vT, double* pmean, double* pm2, int64_t T, int64_t B, int64_t C, int64_t S,
+                       int64_t block_b, int64_t block_c, float inv_tau, float v_th, float v_rest, int32_t decay_input,
+                       int32_t hard_reset, int64_t tile_begin, int64_t tile_end, float* scratch) {
+    const int64_t N = B * C * S;
+    const int64_t n_ctiles = (C + block_c - 1) / block_c;
+    const int64_t P = (B + block_b - 1) / block_b;
+    const int64_t tile_elems = block_b * block_c * S;
+    float* v = scratch;
+    float* u = scratch + tile_elems;
+    double* acc = (double*)(scratch + 2 * tile_elems + (tile_elems & 1)); /* 8-byte aligned */
+    for (int64_t tile = tile_begin; tile < tile_end; tile++) {
+        const int64_t pb = tile / n_ctiles, pc = tile % n_ctiles;
+        const int64_t b0 = pb * block_b, c0 = pc * block_c;
+        const int64_t n_b = LIF_MIN(block_b, B - b0), n_c = LIF_MIN(block_c, C - c0);
+        const int64_t n_row = n_c * S;
+        for (int64_t bi = 0; bi < n_b; bi++) {
+            const int64_t off = (b0 + bi) * C * S + c0 * S;
+            for (int64_t k = 0; k < n_row; k++) v[bi * n_row + k] = v0 ? v0[off + k] : v_rest;
+        }
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t bi = 0; bi < n_b; bi++) {
+                const int64_t off = (b0 + bi) * C * S + c0 * S;
+                LIF_NAME(fwd_dispatch)(x + t * x_stride_t + (b0 + bi) * x_stride_b + c0 * S, spikes + t * N + off,
+                                       u_saved ? u_saved + t * N + off : NULL, v + bi * n_row, u + bi * n_row, n_row,
+                                       inv_tau, v_th, v_rest, hard_reset, decay_input);
+            }
+            if (pmean) {
+                const int64_t part = (t * P + pb) * C + c0;
+                tile_stats(u, n_b, n_c, S, pmean + part, pm2 + part, acc);
+            }
+        }
+        if (vT) {
+            for (int64_t bi = 0; bi < n_b; bi++) {
+                const int64_t off = (b0 + bi) * C * S + c0 * S;
+                for (int64_t k = 0; k < n_row; k++) vT[off + k] = LIF_STORE(v[bi * n_row + k]);
+            }
+        }
+    }
+}
+
+/* One contiguous run of n elements of one time step, in reverse time. a, b (the MPD-SGR
+ * term dL/du = a + b u) and p (the surrogate parameter) are per element (step = 1: the run
+ * walks channels) or one value (step = 0: the run is one channel's positions). gs is a row
+ * of zeros when the spikes have no gradient. kind and step are compile-time constants at
+ * every call site. */
+INLINE void LIF_NAME(bwd_run)(const LIF_TYPE* RESTRICT gs, const LIF_TYPE* RESTRICT us, LIF_TYPE* RESTRICT gx,
+                              float* RESTRICT gv, int64_t n, const float* RESTRICT a, const float* RESTRICT b,
+                              const float* RESTRICT p, float gx_scale, float keep, float v_th, float v_rest, int hard,
+                              int detach, const int kind, const int step) {
+    for (int64_t k = 0; k < n; k++) {
+        const LIF_TYPE raw = us[k];
+        const int silent = LIF_NEGATIVE(raw);
+        const float u = LIF_LOAD(raw);
+        const int64_t j = step ? k : 0;
+        const float g = surrogate_grad(kind, u, p[j]);
+        /* dv_t / dh_t, both resets computed and one selected (no branch: the loop vectorizes) */
+        const float dv_hard = (silent ? 1.0f : 0.0f) + (detach ? 0.0f : (v_rest - v_th - u) * g);
+        const float dv_soft = 1.0f - (detach ? 0.0f : v_th * g);
+        float e = gv[k] * (hard ? dv_hard : dv_soft);
+        e += LIF_LOAD(gs[k]) * g;
+        e += a[j] + b[j] * u;
+        gx[k] = LIF_STORE(e * gx_scale);
+        gv[k] = e * keep;
+    }
+}
+
+static void LIF_NAME(bwd_dispatch)(const LIF_TYPE* gs, const LIF_TYPE* us, LIF_TYPE* gx, float* gv, int64_t n,
+                                   const float* a, const float* b, const float* p, int step, float gx_scale, float keep,
+                                   float v_th, float v_rest, int hard, int detach, int kind) {
+#define LIF_BWD_CALL(KIND)                                                                                        \
+    if (step)                                                                                                     \
+        LIF_NAME(bwd_run)(gs, us, gx, gv, n, a, b, p, gx_scale, keep, v_th, v_rest, hard, detach, KIND, 1);        \
+    else                                                                                                          \
+        LIF_NAME(bwd_run)(gs, us, gx, gv, n, a, b, p, gx_scale, keep, v_th, v_rest, hard, detach, KIND, 0);        \
+    break;
+    switch (kind) {
+    case SG_TRIANGLE: LIF_BWD_CALL(SG_TRIANGLE)
+    case SG_RECTANGULAR: LIF_BWD_CALL(SG_RECTANGULAR)
+    case SG_SIGMOID: LIF_BWD_CALL(SG_SIGMOID)
+    case SG_ATAN: LIF_BWD_CALL(SG_ATAN)
+    default: LIF_BWD_CALL(SG_SUPERSPIKE)
+    }
+#undef LIF_BWD_CALL
+}
+
+/* Reverse time loop over tiles [tile_begin, tile_end). grad_spikes (or NULL): [T, B, C, S]
+ * with dense [C, S] per sample, time and batch strides gs_stride_t, gs_stride_b; u_saved as lif_fwd wrote it; mpd_a, mpd_b
+ * (or NULL): float32 [T, C]; sg_param_c (or NULL: sg_param everywhere): float32 [C];
+ * gvT (or NULL) and gv0 (or NULL): float32 [B, C, S]; grad_x: dense [T, B, C, S]. */
+void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t gs_stride_b, const LIF_TYPE* u_saved, const float* mpd_a,
+                       const float* mpd_b, const float* sg_param_c, const float* gvT, LIF_TYPE* grad_x, float* gv0,
+                       int64_t T, int64_t B, int64_t C, int64_t S, int64_t block_b, int64_t block_c, float inv_tau,
+                       float v_th, float v_rest, float sg_param, int32_t kind, int32_t decay_input,
+                       int32_t hard_reset, int32_t detach_reset, int64_t tile_begin, int64_t tile_end,
+                       float* scratch) {
+    const int64_t N = B * C * S;
+    const int64_t n_ctiles = (C + block_c - 1) / block_c;
+    const int64_t tile_elems = block_b * block_c * S;
+    const float gx_scale = decay_input ? inv_tau : 1.0f;
+    const float keep = 1.0f - inv_tau;
+    float* gv = scratch;
+    float* zeros = scratch + tile_elems;   /* a tile row of zeros: grad_spikes, a and b when absent */
+    float* params = zeros + block_c * S;   /* block_c copies of sg_param */
+    for (int64_t k = 0; k < block_c * S; k++) zeros[k] = 0.0f;
+    for (int64_t k = 0; k < block_c; k++) params[k] = sg_param;
+    for (int64_t tile = tile_begin; tile < tile_end; tile++) {
+        const int64_t pb = tile / n_ctiles, pc = tile % n_ctiles;
+        const int64_t b0 = pb * block_b, c0 = pc * block_c;
+        const int64_t n_b = LIF_MIN(block_b, B - b0), n_c = LIF_MIN(block_c, C - c0);
+        const int64_t n_row = n_c * S;
+        for (int64_t bi = 0; bi < n_b; bi++) {
+            const int64_t off = (b0 + bi) * C * S + c0 * S;
+            for (int64_t k = 0; k < n_row; k++) gv[bi * n_row + k] = gvT ? gvT[off + k] : 0.0f;
+        }
+        for (int64_t i = 0; i < T; i++) {
+            const int64_t t = T - 1 - i;
+            const LIF_TYPE* gs_t = grad_spikes ? grad_spikes + t * gs_stride_t : NULL;
+            for (int64_t bi = 0; bi < n_b; bi++) {
+                const int64_t off = (b0 + bi) * C * S + c0 * S;
+                const LIF_TYPE* gs_row = gs_t ? gs_t + (b0 + bi) * gs_stride_b + c0 * S : (const LIF_TYPE*)zeros;
+                if (S == 1) { /* one run over the tile's channels */
+                    const float* a = mpd_a ? mpd_a + t * C + c0 : zeros;
+                    const float* b = mpd_b ? mpd_b + t * C + c0 : zeros;
+                    const float* p = sg_param_c ? sg_param_c + c0 : params;
+                    LIF_NAME(bwd_dispatch)(gs_row, u_saved + t * N + off, grad_x + t * N + off,
+                                           gv + bi * n_row, n_row, a, b, p, 1, gx_scale, keep, v_th, v_rest,
+                                           hard_reset, detach_reset, kind);
+                    continue;
+                }
+                for (int64_t cc = 0; cc < n_c; cc++) { /* one run per channel */
+                    const int64_t c = c0 + cc, o = off + cc * S;
+                    const float a = mpd_a ? mpd_a[t * C + c] : 0.0f;
+                    const float b = mpd_b ? mpd_b[t * C + c] : 0.0f;
+                    const float p = sg_param_c ? sg_param_c[c] : sg_param;
+                    LIF_NAME(bwd_dispatch)(gs_row + cc * S, u_saved + t * N + o, grad_x + t * N + o,
+                                           gv + bi * n_row + cc * S, S, &a, &b, &p, 0, gx_scale, keep, v_th, v_rest,
+                                           hard_reset, detach_reset, kind);
+                }
+            }
+        }
+        if (gv0) {
+            for (int64_t bi = 0; bi < n_b; bi++) {
+                const int64_t off = (b0 + bi) * C * S + c0 * S;
+                for (int64_t k = 0; k < n_row; k++) gv0[off + k] = gv[bi * n_row + k];
+            }
+        }
+    }
+}
+
+#undef LIF_SUFFIX
+#undef LIF_TYPE
+#undef LIF_LOAD
+#undef LIF_STORE
+#undef LIF_NEGATIVE
