@@ -53,10 +53,11 @@ def record_spikes(model: nn.Module) -> dict[str, list[torch.Tensor]]:
 
 
 def compare_with_spikingjelly(sj_model: nn.Module, x: torch.Tensor, *, grad_rtol: float = 1e-4,
-                              check_params: bool = True) -> nn.Module:
+                              check_params: bool = True, backend: str = "auto") -> nn.Module:
     """Convert a copy of ``sj_model``, run both on ``x`` (same RNG for dropout), and check that
     every neuron layer's spikes are equal, the outputs equal and the gradients close."""
-    converted = mt.from_spikingjelly(sj_model)
+    converted = mt.from_spikingjelly(sj_model, backend=backend)
+    assert all(m.backend == backend for m in converted.modules() if isinstance(m, mt.LIF))
     assert not any(isinstance(m, neuron.BaseNode) for m in converted.modules())
     sj_spikes, mt_spikes = record_spikes(sj_model), record_spikes(converted)
     assert sj_spikes.keys() == mt_spikes.keys() and sj_spikes
@@ -156,10 +157,9 @@ def test_lif_node_converts_bit_for_bit(case, backend):
     """tau a power of two: 1/tau is exact, so our x * (1/tau) is SpikingJelly's x / tau to the bit.
     backend="triton" runs the fused kernel (under the interpreter on the CPU)."""
     node = neuron.LIFNode(step_mode="m", **NEURON_CASES[case])
-    converted = mt.from_spikingjelly(nn.Sequential(node), backend=backend)
-    assert isinstance(converted[0], mt.LIF) and converted[0].backend == backend
     x = torch.randn(6, 3, 4, 5, 5, generator=torch.Generator().manual_seed(case)) * 1.5 + 0.7
-    compare_with_spikingjelly(nn.Sequential(node), x)
+    converted = compare_with_spikingjelly(nn.Sequential(node), x, backend=backend)
+    assert isinstance(converted[0], mt.LIF)
 
 
 @pytest.mark.parametrize("v_reset", [0.0, None])
