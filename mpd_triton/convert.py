@@ -166,7 +166,7 @@ def _is_spikingjelly_neuron(module: nn.Module) -> bool:
 def _neuron_config(node: nn.Module, sj_neuron) -> LIFConfig:
     """The LIFConfig of a convertible SpikingJelly neuron; ValueError with the reason otherwise."""
     kind = type(node)
-    if kind not in (sj_neuron.LIFNode, sj_neuron.IFNode):
+    if kind not in tuple(getattr(sj_neuron, name) for name in CONVERTIBLE_NEURONS):
         if isinstance(node, sj_neuron.ParametricLIFNode):
             raise ValueError("a learnable tau (ParametricLIFNode); mt.LIF has a fixed tau: use LIFNode")
         if isinstance(node, sj_neuron.LIFNode):
