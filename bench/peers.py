@@ -27,6 +27,7 @@ import os
 import torch
 
 import mpd_triton as mt
+from mpd_triton.convert import surrogate_to_spikingjelly
 
 __all__ = ["SPIKINGJELLY_IMPLEMENTATION_ENV", "load_spikingjelly", "spikingjelly_implementation",
            "pre_spike_potential", "SpikingJellyLIF"]
@@ -63,16 +64,8 @@ def spikingjelly_implementation(device: torch.device) -> str:
 
 
 def _spikingjelly_surrogate(surrogate: mt.Surrogate, sj):
-    """The spikingjelly surrogate with the same g(u)."""
-    if isinstance(surrogate, mt.Triangle):
-        # PiecewiseQuadratic: max(0, alpha - alpha^2 |u|) = max(0, gamma - |u|) / gamma^2 with alpha = 1 / gamma
-        return sj.surrogate.PiecewiseQuadratic(alpha=1.0 / surrogate.param)
-    if isinstance(surrogate, mt.Sigmoid):
-        return sj.surrogate.Sigmoid(alpha=surrogate.param)
-    if isinstance(surrogate, mt.ATan):
-        return sj.surrogate.ATan(alpha=surrogate.param)
-    raise ValueError(f"no spikingjelly surrogate computes the same g(u) as {surrogate!r}; "
-                     "use Triangle, Sigmoid or ATan")
+    """The spikingjelly surrogate with the same g(u) (the correspondence of mpd_triton.convert)."""
+    return surrogate_to_spikingjelly(surrogate, sj.surrogate)
 
 
 def pre_spike_potential(x: torch.Tensor, v_init: torch.Tensor, v_seq: torch.Tensor,

@@ -6,8 +6,10 @@
     omega = mt.mpd_overlap(mean, var, gamma=1.0)
     layer = mt.LIF(tau=2.0, record_mpd=True)
     reg = mt.MPDSGR(model, eta=0.1)   # reg() -> eta * L_MPD of the last forward
+    model = mt.from_spikingjelly(sj_model)   # SpikingJelly LIFNode / IFNode -> mt.LIF
 """
 
+from .convert import SPIKINGJELLY_SURROGATES, from_spikingjelly
 from .functional import BACKENDS, KERNEL_DTYPES, cpu_kernels_unavailable, lif, triton_interpreted
 from .layers import BACKWARD_MODES, LIF, rate_backward
 from .mpd import DEFAULT_EPS, GRANULARITIES, MPDSGR, combine_stats, mpd_overlap
@@ -31,5 +33,6 @@ __all__ = [
     "lif", "LIF", "MPDSGR", "mpd_overlap", "combine_stats", "LIFConfig", "lif_reference", "membrane_stats",
     "spike_function", "Surrogate", "Triangle", "Rectangular", "Sigmoid", "ATan", "SuperSpike", "as_surrogate",
     "SURROGATE_NAMES", "WINDOW_PEAK_FRACTION", "BACKENDS", "KERNEL_DTYPES", "DEFAULT_EPS", "GRANULARITIES",
-    "triton_interpreted", "cpu_kernels_unavailable", "BACKWARD_MODES", "rate_backward",
+    "triton_interpreted", "cpu_kernels_unavailable", "BACKWARD_MODES", "rate_backward", "from_spikingjelly",
+    "SPIKINGJELLY_SURROGATES",
 ]
