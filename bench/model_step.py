@@ -2,13 +2,18 @@
 
     python -m bench.model_step --model vgg11      # T = 8, batch 128, 32 x 32 inputs (on CUDA)
     python -m bench.kernels --model vgg11         # the same
+    python -m bench.kernels --model small         # the quick preset's model and batch (on the CPU too)
 
 A step is zero_grad, forward, cross-entropy + eta * L_MPD (mt.MPDSGR), backward
 and an SGD update (the papers' protocol: lr 0.1, momentum 0.9, weight decay
-5e-4). The model is the same in every variant; only its LIF layers differ:
-``mpd_triton`` (fused kernels), ``torch_eager`` (the reference layers) and
-``spikingjelly`` (spikingjelly's neuron with PyTorch statistics, see
-bench/peers.py). Writes model_results.json and model_results.md to --out.
+5e-4). The model is the same in every variant; only its LIF layers differ, and
+whether the model runs under ``torch.compile``: ``mpd_triton`` (the Triton
+kernels), ``mpd_triton_cpu`` (the fused C kernels), ``torch_eager`` (the
+reference layers), ``spikingjelly`` (spikingjelly's neuron with PyTorch
+statistics, see bench/peers.py), and ``torch_compile`` /
+``mpd_triton_cpu_compile`` (the reference layers / the C kernels with the model
+under ``torch.compile``; the first step, which compiles, is reported apart).
+Writes model_results.json and model_results.md to --out.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -31,20 +37,33 @@ from .peers import SpikingJellyLIF
 from .providers import MPD_ETA, NEURON, PROVIDERS, Provider
 from .report import evaluate_targets, markdown_table, model_table, targets_table, text_table, write_json
 
-__all__ = ["main", "VARIANTS", "MODEL_RECORD_FIELDS", "build_variant", "run_variants"]
+__all__ = ["main", "VARIANTS", "MODEL_RECORD_FIELDS", "build_variant", "run_variants", "QUICK_MODEL"]
 
-# Variant -> the mt.LIF backend its model is built with; spikingjelly then swaps every LIF layer.
-VARIANTS = {"mpd_triton": "triton", "torch_eager": "torch", "spikingjelly": "torch"}
+# Variant -> (the mt.LIF backend its model is built with, compiled with torch.compile, the provider whose
+# availability it shares); spikingjelly then swaps every LIF layer.
+VARIANTS = {
+    "mpd_triton": ("triton", False, "mpd_triton"),
+    "mpd_triton_cpu": ("cpu", False, "mpd_triton_cpu"),
+    "torch_eager": ("torch", False, "torch_eager"),
+    "spikingjelly": ("torch", False, "spikingjelly"),
+    "torch_compile": ("torch", True, "torch_compile"),
+    "mpd_triton_cpu_compile": ("cpu", True, "mpd_triton_cpu"),
+}
+DEFAULT_VARIANTS = ("mpd_triton", "mpd_triton_cpu", "torch_eager", "spikingjelly")
 
 CUDA_DEFAULTS = dict(T=8, batch=128, image_size=32, rep_ms=2000.0)
 CUDA_QUICK = dict(T=8, batch=128, image_size=32, rep_ms=500.0)
-CPU_DEFAULTS = dict(T=2, batch=2, image_size=32, rep_ms=200.0)  # harness check only: the interpreter is slow
+CPU_DEFAULTS = dict(T=2, batch=2, image_size=32, rep_ms=200.0)  # harness check only for the big models
 CPU_QUICK = dict(T=2, batch=1, image_size=32, rep_ms=50.0)
+# The quick preset's model and batch (train/config.py PRESETS["quick"]; a test keeps them in step):
+# the CPU training step of issue 10, on 28 x 28 one-channel images.
+QUICK_MODEL = dict(T=4, batch=64, image_size=28, in_channels=1)
+SMALL_CPU = dict(QUICK_MODEL, rep_ms=3000.0)
 NUM_CLASSES = 10
 
 MODEL_RECORD_FIELDS = ("provider", "implementation", "model", "T", "batch", "image_size", "dtype", "median_ms",
-                       "p20_ms", "p80_ms", "timer", "peak_memory_bytes", "peak_memory_note", "loss_first",
-                       "loss_last", "skipped")
+                       "p20_ms", "p80_ms", "timer", "first_step_ms", "peak_memory_bytes", "peak_memory_note",
+                       "loss_first", "loss_last", "skipped")
 
 
 def _swap_lif_layers(model: torch.nn.Module, make) -> int:
@@ -58,29 +77,33 @@ def _swap_lif_layers(model: torch.nn.Module, make) -> int:
     return replaced
 
 
-def build_variant(variant: str, model_name: str, *, T: int, image_size: int, device: torch.device):
-    """(model, MPDSGR regularizer) for one variant, on device."""
+def build_variant(variant: str, model_name: str, *, T: int, image_size: int, device: torch.device,
+                  in_channels: int = 3):
+    """(model, MPDSGR regularizer, the module a step calls: the model or its compiled form) for one variant."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    backend, compiled, _ = VARIANTS[variant]
     c = NEURON
     neuron = NeuronOptions(tau=c.tau, v_th=c.v_th, v_reset=c.v_reset, decay_input=c.decay_input,
                            detach_reset=c.detach_reset, surrogate=c.surrogate.name, surrogate_param=c.surrogate.param,
-                           backend=VARIANTS[variant])
-    model = build_model(model_name, in_channels=3, num_classes=NUM_CLASSES, image_size=image_size, T=T,
+                           backend=backend)
+    model = build_model(model_name, in_channels=in_channels, num_classes=NUM_CLASSES, image_size=image_size, T=T,
                         neuron=neuron)
     if variant == "spikingjelly":
         _swap_lif_layers(model, SpikingJellyLIF.like)
     model = model.to(device)
-    return model, mt.MPDSGR(model, eta=MPD_ETA)
+    reg = mt.MPDSGR(model, eta=MPD_ETA)
+    return model, reg, (torch.compile(model) if compiled else model)
 
 
-def _training_step(model, reg, images, labels):
+def _training_step(model, reg, images, labels, forward=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    forward = model if forward is None else forward
     losses = []
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels) + reg()
+        loss = F.cross_entropy(forward(images), labels) + reg()
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
@@ -91,36 +114,51 @@ def _training_step(model, reg, images, labels):
 def _model_record(variant, implementation, model_name, T, batch, image_size, **measured) -> dict:
     record = dict(provider=variant, implementation=implementation, model=model_name, T=T, batch=batch,
                   image_size=image_size, dtype="float32", median_ms=None, p20_ms=None, p80_ms=None, timer=None,
-                  peak_memory_bytes=None, peak_memory_note=None, loss_first=None, loss_last=None, skipped=None)
+                  first_step_ms=None, peak_memory_bytes=None, peak_memory_note=None, loss_first=None, loss_last=None,
+                  skipped=None)
     record.update(measured)
     assert tuple(record) == MODEL_RECORD_FIELDS, "a model measurement must carry exactly MODEL_RECORD_FIELDS"
     return record
 
 
+def _implementation(variant: str, provider: Provider, device: torch.device) -> str:
+    implementation = provider.implementation(device)
+    if VARIANTS[variant][1] and not implementation.startswith("torch.compile"):
+        implementation += ", model under torch.compile"
+    return implementation
+
+
 def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batch: int, image_size: int,
-                 device: torch.device, warmup_ms: float, rep_ms: float, strict: bool = False) -> list[dict]:
+                 device: torch.device, warmup_ms: float, rep_ms: float, strict: bool = False,
+                 in_channels: int = 3) -> list[dict]:
     """Time one training step per variant (name -> the provider whose availability it shares)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    images = torch.rand((batch, 3, image_size, image_size), generator=gen, device=device)
+    images = torch.rand((batch, in_channels, image_size, image_size), generator=gen, device=device)
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen, device=device)
     records = []
     for variant, provider in variants.items():
         unavailable = provider.unavailable(device, torch.float32)
-        implementation = None if unavailable else provider.implementation(device)
+        implementation = None if unavailable else _implementation(variant, provider, device)
         common = (variant, implementation, model_name, T, batch, image_size)
         if unavailable:
             records.append(_model_record(*common, skipped=unavailable))
             continue
         try:
             torch.manual_seed(0)  # the same initial weights in every variant
-            model, reg = build_variant(variant, model_name, T=T, image_size=image_size, device=device)
-            step, losses = _training_step(model, reg, images, labels)
+            model, reg, forward = build_variant(variant, model_name, T=T, image_size=image_size, device=device,
+                                                in_channels=in_channels)
+            step, losses = _training_step(model, reg, images, labels, forward)
+            start = time.perf_counter()
+            step()  # the first step (compilation for the compiled variants), timed apart
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_ms = (time.perf_counter() - start) * 1e3
             timing = time_call(step, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
             peak, peak_note = peak_memory(step, device)
             measured = dict(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                            timer=timing.timer, peak_memory_bytes=peak, peak_memory_note=peak_note,
-                            loss_first=float(losses[0]), loss_last=float(losses[-1]))
-            del model, reg, step, losses
+                            timer=timing.timer, first_step_ms=first_ms, peak_memory_bytes=peak,
+                            peak_memory_note=peak_note, loss_first=float(losses[0]), loss_last=float(losses[-1]))
+            del model, reg, forward, step, losses
         except Exception as error:  # recorded, unless --strict
             if strict:
                 raise
@@ -136,8 +174,11 @@ def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batc
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.model_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODEL_NAMES, default="vgg11")
-    parser.add_argument("--quick", action="store_true", help="fewer timed steps (and a batch of 1 on the CPU)")
-    parser.add_argument("--providers", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer timed steps (and a batch of 1 on the CPU, except for --model small)")
+    parser.add_argument("--providers", nargs="+", choices=tuple(VARIANTS),
+                        help=f"variants to time (default: {' '.join(DEFAULT_VARIANTS)}, and on the CPU with "
+                             "--model small also the two compiled ones)")
     parser.add_argument("--T", type=int, help="time steps (default 8 on CUDA)")
     parser.add_argument("--batch", type=int, help="batch size (default 128 on CUDA)")
     parser.add_argument("--image-size", type=int, help="input height and width (default 32)")
@@ -153,8 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    defaults = (CUDA_QUICK if args.quick else CUDA_DEFAULTS) if device.type == "cuda" else (
-        CPU_QUICK if args.quick else CPU_DEFAULTS)
+    if device.type == "cuda":
+        defaults = CUDA_QUICK if args.quick else CUDA_DEFAULTS
+    elif args.model == "small":  # the quick preset's step: what CPU users train
+        defaults = dict(SMALL_CPU, rep_ms=SMALL_CPU["rep_ms"] / (4 if args.quick else 1))
+    else:
+        defaults = CPU_QUICK if args.quick else CPU_DEFAULTS
+    in_channels = defaults.get("in_channels", 3)
     T = args.T or defaults["T"]
     batch = args.batch or defaults["batch"]
     image_size = args.image_size or defaults["image_size"]
@@ -169,14 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or default_out("model")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    variants = {name: PROVIDERS[name] for name in dict.fromkeys(args.providers)}
+    names = args.providers or list(DEFAULT_VARIANTS) + (
+        ["torch_compile", "mpd_triton_cpu_compile"] if device.type == "cpu" and args.model == "small" else [])
+    variants = {name: PROVIDERS[VARIANTS[name][2]] for name in dict.fromkeys(names)}
     records = run_variants(variants, args.model, T=T, batch=batch, image_size=image_size, device=device,
-                           warmup_ms=args.warmup_ms, rep_ms=rep_ms, strict=args.strict)
+                           warmup_ms=args.warmup_ms, rep_ms=rep_ms, strict=args.strict, in_channels=in_channels)
     targets = evaluate_targets([], records, on_gpu=device.type == "cuda")
     headers, rows = model_table(records)
     target_headers, target_rows = targets_table(targets)
     print(text_table(headers, rows))
-    print("\nTargets (issue 5):")
+    print("\nTargets:")
     print(text_table(target_headers, target_rows))
 
     info = machine_info(device)
@@ -184,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"benchmark": "model_step", "command": command,
                "first_line": first_line(device, f"{args.model} training-step benchmark"), "machine": info,
                "settings": {"model": args.model, "T": T, "batch": batch, "image_size": image_size,
+                            "in_channels": in_channels,
                             "warmup_ms": args.warmup_ms, "rep_ms": rep_ms, "eta": MPD_ETA,
                             "optimizer": "SGD lr 0.1, momentum 0.9, weight decay 5e-4"},
                "measurements": records, "targets": targets}
@@ -196,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- date (UTC): {info['date_utc']}",
         f"- command: `{command}`", "",
         markdown_table(headers, rows), "",
-        "## Targets (issue 5)", "",
+        "## Targets", "",
         markdown_table(target_headers, target_rows), "",
     ])
     (out_dir / "model_results.md").write_text(markdown)

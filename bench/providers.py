@@ -83,6 +83,25 @@ class MpdTritonProvider(Provider):
         return _lif_step("triton", stats)
 
 
+class MpdTritonCpuProvider(Provider):
+    name = "mpd_triton_cpu"
+    description = "mt.lif(..., backend='cpu'): the fused C kernels for CPU tensors, statistics in the same pass"
+
+    def unavailable(self, device, dtype):
+        if device.type != "cpu":
+            return f"the fused C kernels run on the CPU, this measurement is on {device.type}"
+        reason = mt.cpu_kernels_unavailable()
+        if reason is not None:
+            return f"the CPU kernels are unavailable: {reason}"
+        return None
+
+    def implementation(self, device):
+        return f"C kernels, {torch.get_num_threads()} threads"
+
+    def step(self, stats):
+        return _lif_step("cpu", stats)
+
+
 class TorchEagerProvider(Provider):
     name = "torch_eager"
     description = "mt.lif(..., backend='torch'): the pure-PyTorch reference, eager"
@@ -120,21 +139,20 @@ class TorchCompileProvider(Provider):
 
 class SpikingJellyProvider(Provider):
     name = "spikingjelly"
-    description = ("spikingjelly 2.0 lif_multi_step (its Triton kernel); statistics on: plus per-(t, c) "
-                   "statistics from its v_seq and the MPD loss in PyTorch")
+    description = ("spikingjelly 2.0 lif_multi_step (on CUDA its Triton kernel, on the CPU its PyTorch "
+                   "multi-step loop); statistics on: plus per-(t, c) statistics from its v_seq and the MPD loss "
+                   "in PyTorch")
 
     def __init__(self, require_triton: bool = True):
-        # require_triton=False lets the tests run the peer's code path on the CPU implementation.
+        # On CUDA the peer is its Triton kernel; require_triton=False also accepts its other CUDA paths.
         self.require_triton = require_triton
 
     def unavailable(self, device, dtype):
         sj, reason = load_spikingjelly()
         if sj is None:
             return reason
-        if not self.require_triton:
-            return None
-        if device.type != "cuda":
-            return "no CUDA: spikingjelly's Triton LIF kernel needs a GPU"
+        if not self.require_triton or device.type != "cuda":
+            return None  # on the CPU: its PyTorch implementation, what its CPU users run
         try:
             chosen = spikingjelly_implementation(device)
         except Exception as error:  # spikingjelly found no CUDA implementation it could load
@@ -163,7 +181,8 @@ class SpikingJellyProvider(Provider):
 
 
 PROVIDERS: dict[str, Provider] = {
-    p.name: p for p in (MpdTritonProvider(), TorchEagerProvider(), TorchCompileProvider(), SpikingJellyProvider())
+    p.name: p for p in (MpdTritonProvider(), MpdTritonCpuProvider(), TorchEagerProvider(), TorchCompileProvider(),
+                        SpikingJellyProvider())
 }
 PROVIDER_NAMES = tuple(PROVIDERS)
 

@@ -76,8 +76,8 @@ def skipped_lines(skipped: dict[str, list[str]]) -> list[str]:
     return [f"{provider} skipped: {reason}" for provider, reasons in skipped.items() for reason in reasons]
 
 
-MODEL_HEADERS = ("variant", "model", "T", "batch", "image", "ms median (p20-p80)", "peak MiB", "implementation",
-                 "note")
+MODEL_HEADERS = ("variant", "model", "T", "batch", "image", "ms median (p20-p80)", "first step ms", "peak MiB",
+                 "implementation", "note")
 
 
 def model_table(records: Sequence[dict]) -> tuple[tuple[str, ...], list[list[str]]]:
@@ -85,7 +85,7 @@ def model_table(records: Sequence[dict]) -> tuple[tuple[str, ...], list[list[str
     for r in records:
         note = f"skipped: {r['skipped']}" if r["skipped"] else ""
         rows.append([r["provider"], r["model"], str(r["T"]), str(r["batch"]), str(r["image_size"]), _time_cell(r),
-                     _peak_cell(r), r["implementation"] or "-", note])
+                     _fmt(r["first_step_ms"], ".4g"), _peak_cell(r), r["implementation"] or "-", note])
     return MODEL_HEADERS, rows
 
 
@@ -94,7 +94,8 @@ def _elements_label(n: int) -> str:
     return f"2^{int(exponent)}" if exponent.is_integer() else str(n)
 
 
-_PROVIDER_COLORS = {"mpd_triton": "C0", "torch_eager": "C1", "torch_compile": "C2", "spikingjelly": "C3"}
+_PROVIDER_COLORS = {"mpd_triton": "C0", "torch_eager": "C1", "torch_compile": "C2", "spikingjelly": "C3",
+                    "mpd_triton_cpu": "C4"}
 
 
 def _provider_color(provider: str) -> str:
@@ -149,7 +150,7 @@ def plot_kernels(records: Sequence[dict], copy_gb_per_s: float | None, out_dir: 
     return paths
 
 
-# ------------------------------------------------------------------ targets (issue 5)
+# ------------------------------------------------------------------ targets (issues 5 and 10)
 
 def _index(records: Sequence[dict]) -> dict:
     return {(r["provider"], r["pass_name"], r["stats"], r["dtype"], r["T"], r["elements"]): r
@@ -162,20 +163,27 @@ def _target(name: str, case: str, value: float | None, threshold: float, higher:
             "met": met, "what": what}
 
 
-def _not_judged(target: dict) -> dict:
-    return {**target, "met": None}
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
-def evaluate_targets(records: Sequence[dict], model_records: Sequence[dict] = (), *, on_gpu: bool) -> list[dict]:
-    """The issue's targets, at the largest T*N measured for each dtype and T (2^27 in the full run).
+# Issue 10's CPU targets (2-core machine): share of the copy bandwidth and speed-up over the peer's CPU path
+# for the fused C kernels at T = 8, and the quick preset's training step against the eager reference.
+CPU_KERNEL_T = 8
+CPU_COPY_SHARE = 0.40
+CPU_SPEEDUP_OVER_SPIKINGJELLY = 3.0
+CPU_STEP_SPEEDUP = 2.5
+CPU_STEP_VARIANTS = ("mpd_triton_cpu", "mpd_triton_cpu_compile", "torch_compile")
 
-    A target whose inputs were not measured has value None and met None; off a
-    GPU the values are shown but not judged (met None): the targets are H100 timings.
+
+def evaluate_targets(records: Sequence[dict], model_records: Sequence[dict] = (), *, on_gpu: bool) -> list[dict]:
+    """The targets that apply where the benchmark ran: on a GPU issue 5's (H100 timings, judged
+    only there), on the CPU issue 10's (judged only there), at the largest T*N measured.
+
+    A target whose inputs were not measured has value None and met None.
     """
+    if not on_gpu:
+        return _cpu_targets(records, model_records)
     idx = _index(records)
 
     def ms(*key):
@@ -219,7 +227,39 @@ def evaluate_targets(records: Sequence[dict], model_records: Sequence[dict] = ()
         out.append(_target("training step peak memory vs spikingjelly", case,
                            _ratio(mt_step["peak_memory_bytes"], sj_step["peak_memory_bytes"]) if peaks else None,
                            1.0, False, "peak memory: mpd_triton / spikingjelly"))
-    return out if on_gpu else [_not_judged(t) for t in out]
+    return out
+
+
+def _cpu_targets(records: Sequence[dict], model_records: Sequence[dict]) -> list[dict]:
+    idx = _index(records)
+    out = []
+    largest = {}
+    for r in records:
+        if r["T"] == CPU_KERNEL_T:
+            largest[r["dtype"]] = max(largest.get(r["dtype"], 0), r["elements"])
+    for dtype, n in sorted(largest.items()):
+        case = f"{dtype}, T={CPU_KERNEL_T}, T*N={_elements_label(n)}"
+        fused = idx.get(("mpd_triton_cpu", "both", True, dtype, CPU_KERNEL_T, n))
+        out.append(_target("CPU: fwd+bwd with statistics, share of copy bandwidth", case,
+                           fused["copy_fraction"] if fused else None, CPU_COPY_SHARE, True,
+                           "mpd_triton_cpu, forward + backward with statistics: effective GB/s / copy GB/s"))
+        peer = idx.get(("spikingjelly", "both", True, dtype, CPU_KERNEL_T, n))
+        out.append(_target("CPU: speed-up over spikingjelly + PyTorch statistics", case,
+                           _ratio(peer["median_ms"], fused["median_ms"]) if peer and fused else None,
+                           CPU_SPEEDUP_OVER_SPIKINGJELLY, True,
+                           "fwd+bwd with statistics: spikingjelly (its PyTorch path) time / mpd_triton_cpu time"))
+    if model_records:
+        by_variant = {r["provider"]: r for r in model_records if r["median_ms"] is not None}
+        eager = by_variant.get("torch_eager")
+        fast = [by_variant[v] for v in CPU_STEP_VARIANTS if v in by_variant]
+        best = min(fast, key=lambda r: r["median_ms"]) if fast else None
+        first = model_records[0]
+        case = f"{first['model']}, T={first['T']}, batch {first['batch']}" + (f", best: {best['provider']}" if best
+                                                                              else "")
+        out.append(_target("CPU: training step speed-up over the eager reference", case,
+                           _ratio(eager["median_ms"], best["median_ms"]) if eager and best else None,
+                           CPU_STEP_SPEEDUP, True, "step with MPD-SGR: torch_eager time / fastest CPU variant's time"))
+    return out
 
 
 TARGET_HEADERS = ("target", "case", "value", "threshold", "met", "what")

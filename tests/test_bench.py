@@ -257,8 +257,17 @@ def test_torch_compile_runs_only_at_the_planned_T_and_partial_results_are_report
 
 @needs_spikingjelly
 @cpu_only
-def test_spikingjelly_is_skipped_without_cuda_for_its_triton_kernel():
-    assert "no CUDA" in PROVIDERS["spikingjelly"].unavailable(CPU, torch.float32)
+def test_spikingjelly_runs_its_pytorch_path_on_the_cpu():
+    """On the CPU the peer is SpikingJelly's own CPU implementation, what its CPU users run."""
+    assert PROVIDERS["spikingjelly"].unavailable(CPU, torch.float32) is None
+    assert PROVIDERS["spikingjelly"].implementation(CPU) == "spikingjelly cpu"
+
+
+def test_fused_cpu_provider_runs_on_the_cpu_only():
+    provider = PROVIDERS["mpd_triton_cpu"]
+    assert provider.unavailable(CPU, torch.float32) == (None if mt.cpu_kernels_unavailable() is None else
+                                                         f"the CPU kernels are unavailable: {mt.cpu_kernels_unavailable()}")
+    assert "run on the CPU" in provider.unavailable(torch.device("cuda"), torch.float32)
 
 
 def test_a_failing_provider_is_recorded_or_raised_with_strict():
@@ -311,7 +320,37 @@ def test_targets_are_computed_from_the_largest_size():
     for name, (value, met) in expected.items():
         assert targets[name]["value"] == pytest.approx(value), name
         assert targets[name]["met"] is met, name
-    assert all(t["met"] is None for t in report.evaluate_targets(records, on_gpu=False)), "CPU runs are not judged"
+    cpu_targets = report.evaluate_targets(records, on_gpu=False)
+    assert not {t["target"] for t in cpu_targets} & set(expected), "the GPU targets are judged on a GPU only"
+
+
+def test_cpu_targets():
+    records = [
+        _fake("mpd_triton_cpu", "both", True, 1.0, copy_fraction=0.5, elements=1 << 20),
+        _fake("spikingjelly", "both", True, 2.5, elements=1 << 20),
+        _fake("mpd_triton_cpu", "both", True, 1.0, copy_fraction=0.1, elements=1 << 18),  # smaller: ignored
+        _fake("mpd_triton_cpu", "both", True, 1.0, copy_fraction=0.1, T=4, elements=1 << 22),  # T = 4: ignored
+    ]
+    rec = lambda p, ms: dict(provider=p, model="small", T=4, batch=64, median_ms=ms)  # noqa: E731
+    model = [rec("torch_eager", 90.0), rec("mpd_triton_cpu", 40.0), rec("mpd_triton_cpu_compile", 30.0)]
+    targets = {t["target"]: t for t in report.evaluate_targets(records, model, on_gpu=False)}
+    share = targets["CPU: fwd+bwd with statistics, share of copy bandwidth"]
+    assert (share["value"], share["met"], share["case"]) == (0.5, True, "float32, T=8, T*N=2^20")
+    speedup = targets["CPU: speed-up over spikingjelly + PyTorch statistics"]
+    assert (speedup["value"], speedup["met"]) == (pytest.approx(2.5), False)
+    step = targets["CPU: training step speed-up over the eager reference"]
+    assert (step["value"], step["met"]) == (pytest.approx(3.0), True)
+    assert "best: mpd_triton_cpu_compile" in step["case"]
+    assert not any(t["target"].startswith("CPU") for t in report.evaluate_targets(records, model, on_gpu=True))
+
+
+def test_bench_small_model_defaults_are_the_quick_preset():
+    from train.config import PRESETS, RunConfig
+
+    quick = {**RunConfig().to_dict(), **PRESETS["quick"]}
+    assert model_step.QUICK_MODEL["T"] == quick["T"] and model_step.QUICK_MODEL["batch"] == quick["batch_size"]
+    assert quick["data"] == "fmnist-subset" and quick["model"] == "small"
+    assert (model_step.QUICK_MODEL["image_size"], model_step.QUICK_MODEL["in_channels"]) == (28, 1)  # Fashion-MNIST
 
 
 def test_model_targets_compare_time_and_peak_memory():
@@ -328,9 +367,7 @@ def test_quick_cli_writes_json_markdown_and_plots(tmp_path, capsys, monkeypatch)
     monkeypatch.setitem(kernels.PROVIDERS, "spikingjelly", SpikingJellyProvider(require_triton=False))
     names = ["mpd_triton", "torch_eager"] + ([] if SPIKINGJELLY_MISSING else ["spikingjelly"])
     argv = ["--quick", "--dtype", "float32", "--out", str(tmp_path), "--providers", *names, "--rep-ms", "1",
-            "--warmup-ms", "1", "--no-progress", "--strict"]
-    if DEVICE.type == "cuda":  # --quick's sizes on a GPU are the full 2^27: keep the test small
-        argv += ["--T", "4", "--sizes", "2^12"]
+            "--warmup-ms", "1", "--no-progress", "--strict", "--T", "4", "--sizes", "2^12"]  # small: the interpreter
     assert kernels.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].startswith("No CUDA" if not torch.cuda.is_available() else "mpd-triton")
@@ -345,7 +382,7 @@ def test_quick_cli_writes_json_markdown_and_plots(tmp_path, capsys, monkeypatch)
         assert r["skipped"] is None and r["median_ms"] > 0
     markdown = (tmp_path / "results.md").read_text()
     assert "| dtype | T | T*N | pass | stats | mpd_triton | torch_eager |" in markdown
-    assert "## Targets (issue 5)" in markdown
+    assert "## Targets" in markdown
     plot = tmp_path / "kernels_float32_T4.png"
     assert plot.stat().st_size > 10_000 and f"]({plot.name})" in markdown
 
@@ -369,12 +406,16 @@ def test_model_step_runs_every_variant_on_the_same_model(tmp_path, monkeypatch):
     variants = {"mpd_triton": PROVIDERS["mpd_triton"], "torch_eager": PROVIDERS["torch_eager"]}
     if not SPIKINGJELLY_MISSING:
         variants["spikingjelly"] = SpikingJellyProvider(require_triton=False)
+    if DEVICE.type == "cpu" and mt.cpu_kernels_unavailable() is None:  # the fused C kernels, eager and compiled
+        variants["mpd_triton_cpu"] = PROVIDERS["mpd_triton_cpu"]
+        variants["mpd_triton_cpu_compile"] = PROVIDERS["mpd_triton_cpu"]
     records = model_step.run_variants(variants, "small", T=2, batch=2, image_size=8, device=DEVICE, warmup_ms=1,
                                       rep_ms=1, strict=True)
     assert [r["provider"] for r in records] == list(variants)
     for r in records:
         assert tuple(r) == model_step.MODEL_RECORD_FIELDS
-        assert r["skipped"] is None and r["median_ms"] > 0
+        assert r["skipped"] is None and r["median_ms"] > 0 and r["first_step_ms"] > 0
+        assert ("torch.compile" in r["implementation"]) == r["provider"].endswith("_compile")
     # Same initial weights and data: every variant starts from the same loss (task loss + eta * L_MPD).
     first = records[0]["loss_first"]
     assert all(r["loss_first"] == pytest.approx(first, rel=1e-5) for r in records), [r["loss_first"] for r in records]
@@ -383,7 +424,8 @@ def test_model_step_runs_every_variant_on_the_same_model(tmp_path, monkeypatch):
 def test_spikingjelly_variant_replaces_every_lif_layer():
     if SPIKINGJELLY_MISSING:
         pytest.skip(SPIKINGJELLY_MISSING)
-    model, reg = model_step.build_variant("spikingjelly", "vgg11", T=2, image_size=32, device=CPU)
+    model, reg, forward = model_step.build_variant("spikingjelly", "vgg11", T=2, image_size=32, device=CPU)
+    assert forward is model
     lif_layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
     assert len(lif_layers) == 10 and all(isinstance(m, peers.SpikingJellyLIF) for m in lif_layers)
     assert len(reg.layers) == 10

@@ -61,7 +61,7 @@ def test_every_option_combination(surrogate, v_reset, detach_reset, tau, decay_i
        with_v_init=st.booleans())
 def test_kernel_matches_reference(shape, opts, seed, terms, scale, offset, channels_innermost, with_v_init):
     x = make_input(shape, seed, scale=scale, offset=offset)
-    if channels_innermost:  # copied to the contiguous layout before the launch
+    if channels_innermost:  # the channels-last layout, generalized to any rank (rows of C channels)
         x = x.movedim(2, -1).contiguous().movedim(-1, 2)
     v_init = make_input(shape[1:], seed + 7, scale=0.5, offset=0.0) if with_v_init else None
     compare_with_reference("cpu", x, opts, seed, terms, v_init=v_init)
@@ -193,13 +193,16 @@ LAYOUTS = {
     "contiguous": lambda v: (lambda leaf: (leaf, leaf))(v.clone().requires_grad_(True)),
     "channels_last": lambda v: (lambda leaf: (leaf, leaf))(_channels_last_steps(v).requires_grad_(True)),
     "expanded_over_T": lambda v: (lambda leaf: (leaf, leaf.expand(v.shape)))(v[0].clone().requires_grad_(True)),
+    "channels_last_expanded_over_T": lambda v: (lambda leaf: (leaf, leaf.expand(v.shape)))(
+        v[0].contiguous(memory_format=torch.channels_last).requires_grad_(True)),
     "batch_major": lambda v: (lambda leaf: (leaf, leaf.transpose(0, 1)))(
         v.transpose(0, 1).contiguous().requires_grad_(True)),
     "transposed_spatial": lambda v: (lambda leaf: (leaf, leaf.transpose(3, 4)))(
         v.transpose(3, 4).contiguous().requires_grad_(True)),
 }
-# Read in place: any time stride (0 too), dense steps. The others are copied once.
-IN_PLACE_LAYOUTS = ("contiguous", "expanded_over_T", "batch_major")
+# Read in place: any time stride (0 too), dense samples (channels-last: dense steps). The others are copied once.
+IN_PLACE_LAYOUTS = ("contiguous", "expanded_over_T", "batch_major", "channels_last", "channels_last_expanded_over_T")
+CHANNELS_LAST_LAYOUTS = ("channels_last", "channels_last_expanded_over_T")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -216,7 +219,12 @@ def test_memory_formats_match_reference(layout):
         s, mean, var, v_T = mt.lif(x, **opts, backend=backend, return_stats=True, v_init=v0, return_state=True)
         ((s * w).sum() + mean.sum() + 2 * var.sum() + v_T.sum()).backward()
         out[backend] = dict(spikes=s, mean=mean, var=var, v_T=v_T, grad_x=leaf.grad, grad_v_init=v0.grad)
-    assert out["cpu"]["spikes"].is_contiguous()
+    s = out["cpu"]["spikes"]
+    if layout in CHANNELS_LAST_LAYOUTS:  # written in the input's format, as the Triton kernels do
+        assert s.flatten(0, 1).is_contiguous(memory_format=torch.channels_last), s.stride()
+        assert out["cpu"]["v_T"].is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert s.is_contiguous(), s.stride()
     assert_close("spikes", out["cpu"]["spikes"], out["torch"]["spikes"], atol=0, rtol=0)
     for name in ("mean", "var", "v_T", "grad_x", "grad_v_init"):
         assert_close(name, out["cpu"][name], out["torch"][name], atol=2e-5, rtol=1e-4)
@@ -241,7 +249,7 @@ def test_what_is_copied(layout):
     with _CopyCounter() as forward:
         _, u_saved, _, _, _ = cpu_kernels.lif_forward(x.detach(), params, stats=True, save_state=True)
     with _CopyCounter() as backward:
-        cpu_kernels.lif_backward(torch.ones(x.shape), u_saved, params, grad_v_T=torch.ones_like(u_saved[0]),
+        cpu_kernels.lif_backward(torch.ones_like(u_saved), u_saved, params, grad_v_T=torch.ones_like(u_saved[0]),
                                  need_grad_v0=True)
     assert forward.copies == int(layout not in IN_PLACE_LAYOUTS)
     assert backward.copies == 0

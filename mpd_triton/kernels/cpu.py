@@ -9,10 +9,12 @@ one reverse pass for the backward with the MPD-SGR term a + b u added in it.
 
 Differences from the Triton launchers:
 
-* Layout: x and grad_spikes are read through any time and batch strides (0 too: an
-  input expanded over T is never materialized) but each sample must be dense in
-  [C, *spatial] order; anything else (channels-last, a transposed view) is copied once
-  with ``.contiguous()``. The outputs are always contiguous.
+* Layout: the outputs are in x's memory format, contiguous or channels-last, as the
+  Triton launchers make them (``kernels.lif.forward_buffers``). x and grad_spikes are read
+  in place through any time stride (0 too: an input expanded over T is never
+  materialized) when each sample is dense in that format (any batch stride in the
+  contiguous format); anything else is copied once. A channels-last step [B, S, C] is
+  handed to the kernels as B * S rows of C channels.
 * Parallelism: the tiles (block_b samples x block_c channels x all positions) are split
   over ``torch.get_num_threads()`` Python threads; ctypes releases the GIL for the call.
   Small tensors run on the calling thread.
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -44,8 +45,11 @@ import torch
 
 from ..neuron import KernelParams
 from ..surrogates import SURROGATE_KINDS
+# The layouts and the output buffers are the Triton launchers' (the same outputs, the same fake
+# implementation for torch.compile).
+from .lif import _dense_in, _empty, backward_buffers, forward_buffers, step_layout
 
-__all__ = ["available", "unavailable_reason", "lif_forward", "lif_backward", "forward_buffers", "backward_buffers",
+__all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward", "lif_backward", "forward_buffers", "backward_buffers",
            "tile_shape", "library_path", "DISABLE_ENV", "CACHE_ENV", "TILE_ELEMENTS"]
 
 DISABLE_ENV = "MPD_TRITON_CPU_KERNELS"  # "0": do not build or use the CPU kernels
@@ -205,12 +209,35 @@ def available(dtype: torch.dtype | None = None) -> bool:
     return dtype != torch.float16 or bool(lib.lif_cpu_has_float16())
 
 
+# ---------------------------------------------------------------- the process's allocator
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the OS (Linux only).
+
+    By default glibc serves a multi-megabyte allocation with a fresh mmap, or trims the heap
+    when a large block is freed; either way the next tensor of that size faults its pages in
+    again, one 4 KiB page at a time, which on this project's machines costs more than the LIF
+    kernels themselves (a [4, 64, 16, 28, 28] float32 forward: 2 ms with reused pages, up to
+    17 ms with fresh ones). Raising the trim and mmap thresholds to 1 GiB makes repeated
+    allocations reuse pages. The process's memory then does not shrink after a peak. Called
+    by train.run, train.eval and the benchmarks at start-up; a library does not change its
+    user's allocator on its own. Returns True if the allocator took the settings.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+
+
 # ---------------------------------------------------------------- layout and tiles
-
-
-def _view_shape(t: torch.Tensor) -> tuple[int, int, int, int]:
-    T, B, C = t.shape[:3]
-    return T, B, C, math.prod(t.shape[3:])
 
 
 def _dense_samples(t: torch.Tensor) -> torch.Tensor:
@@ -285,25 +312,6 @@ def _run_tiles(fn, args_before, args_after, n_tiles: int, elements: int, scratch
 # ---------------------------------------------------------------- launchers
 
 
-def forward_buffers(x: torch.Tensor, *, stats: bool, save_state: bool, save_u: bool):
-    """New contiguous (spikes, u_saved, mean, var, v_T) for ``lif_forward(x, ...)`` (the custom
-    operator's fake implementation uses this too). Entries not asked for are None."""
-    T, _, C = x.shape[:3]
-    spikes = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    u_saved = torch.empty_like(spikes) if save_u else None
-    mean = torch.empty((T, C), dtype=torch.float32, device=x.device) if stats else None
-    var = torch.empty_like(mean) if stats else None
-    v_T = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device) if save_state else None
-    return spikes, u_saved, mean, var, v_T
-
-
-def backward_buffers(u_saved: torch.Tensor, *, need_grad_v0: bool):
-    """New contiguous (grad_x in u_saved's dtype, grad_v0 float32 or None)."""
-    grad_x = torch.empty(u_saved.shape, dtype=u_saved.dtype, device=u_saved.device)
-    grad_v0 = torch.empty(u_saved.shape[1:], dtype=torch.float32, device=u_saved.device) if need_grad_v0 else None
-    return grad_x, grad_v0
-
-
 def _check_kind(params: KernelParams) -> None:
     if params.surrogate not in SURROGATE_KINDS:
         raise ValueError(f"unknown surrogate id {params.surrogate}; known: {sorted(SURROGATE_KINDS)}")
@@ -319,20 +327,41 @@ def _kernel(direction: str, dtype: torch.dtype):
     return getattr(lib, f"lif_{direction}_{_DTYPE_SUFFIX[dtype]}")
 
 
+def _kernel_view(t: torch.Tensor, channels_last: bool):
+    """(t or a copy of it, (T, B, C, S), (time stride, batch stride)): how the kernels address
+    t. Contiguous layout: [T, B, C, S], each sample dense [C, S], any time and batch strides.
+    Channels-last: every step is [B * S, C] rows of C channels (S = 1 for the kernels: a
+    position is a row, as in a linear layer), any time stride."""
+    layout = step_layout(t)
+    T, B, C, S = layout.T, layout.B, layout.C, layout.S
+    if not channels_last:
+        t = _dense_samples(t)
+        return t, (T, B, C, S), (_stride(t, 0), _stride(t, 1))
+    st, sb, sc, ss = layout.strides if layout.strides is not None else (None,) * 4
+    if not (sc == 1 and ss == C and (B == 1 or sb == S * C)):
+        t = _empty(t.shape, True, dtype=t.dtype, device=t.device, channel_dim=2).copy_(t)
+    return t, (T, B * S, C, 1), (_stride(t, 0), C)
+
+
 def lif_forward(x: torch.Tensor, params: KernelParams, *, v_init: torch.Tensor | None = None, stats: bool = False,
                 save_state: bool = False, save_u: bool = True):
     """Forward over x [T, B, C, *spatial] (or [T, B, F]) on the CPU; returns (spikes, u_saved,
-    mean, var, v_T) as made by ``forward_buffers`` (see ``kernels.lif.lif_forward``)."""
+    mean, var, v_T) as made by ``forward_buffers`` (see ``kernels.lif.lif_forward``): in x's
+    memory format, contiguous or channels-last."""
     fn = _kernel("fwd", x.dtype)
-    x = _dense_samples(x)
-    T, B, C, S = _view_shape(x)
+    layout = step_layout(x)
+    if layout.strides is None:  # spatial dims that do not merge: one copy
+        x = x.contiguous()
+        layout = step_layout(x)
+    channels_last = layout.channels_last
+    x, (T, B, C, S), x_strides = _kernel_view(x, channels_last)
     spikes, u_saved, mean, var, v_T = forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u)
-    v0 = v_init.to(torch.float32).contiguous() if v_init is not None else None
+    v0 = (_dense_in(v_init.to(torch.float32), channels_last, channel_dim=1) if v_init is not None else None)
     block_b, block_c = tile_shape(B, C, S)
     P, n_ctiles = -(-B // block_b), -(-C // block_c)
     partials = _buffer("partials", 2 * T * P * C, torch.float64) if stats else None
     pmean, pm2 = (partials[:T * P * C], partials[T * P * C:]) if stats else (None, None)
-    _run_tiles(fn, (x.data_ptr(), _stride(x, 0), _stride(x, 1), spikes.data_ptr(), _ptr(u_saved), _ptr(v0), _ptr(v_T), _ptr(pmean),
+    _run_tiles(fn, (x.data_ptr(), *x_strides, spikes.data_ptr(), _ptr(u_saved), _ptr(v0), _ptr(v_T), _ptr(pmean),
                     _ptr(pm2), T, B, C, S, block_b, block_c, params.inv_tau, params.v_th, params.v_rest,
                     int(params.decay_input), int(params.hard_reset)),
                (), P * n_ctiles, T * B * C * S, _scratch_floats(block_b, block_c, S))
@@ -347,15 +376,22 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
                  grad_v_T: torch.Tensor | None = None, need_grad_v0: bool = False,
                  surrogate_param: torch.Tensor | None = None):
     """Reverse time loop over u_saved (as written by ``lif_forward``) on the CPU; returns
-    (grad_x in u_saved's dtype, grad_v0 float32 or None). surrogate_param: an optional
-    float32 [C] parameter per channel in place of params.surrogate_param."""
+    (grad_x in u_saved's dtype and memory format, grad_v0 float32 or None). surrogate_param:
+    an optional float32 [C] parameter per channel in place of params.surrogate_param."""
     _check_kind(params)
     fn = _kernel("bwd", u_saved.dtype)
-    u_saved = u_saved.contiguous()  # as lif_forward wrote it: no copy
-    T, B, C, S = _view_shape(u_saved)
+    channels_last = step_layout(u_saved).channels_last
+    u_saved = _dense_in(u_saved, channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
+    _, (T, B, C, S), _ = _kernel_view(u_saved, channels_last)
+    gs_strides = (0, 0)
     if grad_spikes is not None:
-        grad_spikes = _dense_samples(grad_spikes.to(u_saved.dtype))
-    gvT = grad_v_T.to(torch.float32).contiguous() if grad_v_T is not None else None
+        grad_spikes = grad_spikes.to(u_saved.dtype)
+        if step_layout(grad_spikes).strides is None:
+            grad_spikes = _dense_in(grad_spikes, channels_last, channel_dim=2)
+        if step_layout(grad_spikes).channels_last != channels_last:
+            grad_spikes = _dense_in(grad_spikes, channels_last, channel_dim=2)
+        grad_spikes, _, gs_strides = _kernel_view(grad_spikes, channels_last)
+    gvT = _dense_in(grad_v_T.to(torch.float32), channels_last, channel_dim=1) if grad_v_T is not None else None
     mpd_a = mpd_a.to(torch.float32).contiguous() if mpd_a is not None else None
     mpd_b = mpd_b.to(torch.float32).contiguous() if mpd_b is not None else None
     if surrogate_param is not None:
@@ -363,7 +399,6 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
     grad_x, grad_v0 = backward_buffers(u_saved, need_grad_v0=need_grad_v0)
     block_b, block_c = tile_shape(B, C, S)
     n_tiles = -(-B // block_b) * -(-C // block_c)
-    gs_strides = (_stride(grad_spikes, 0), _stride(grad_spikes, 1)) if grad_spikes is not None else (0, 0)
     _run_tiles(fn, (_ptr(grad_spikes), *gs_strides, u_saved.data_ptr(), _ptr(mpd_a), _ptr(mpd_b),
                     _ptr(surrogate_param), _ptr(gvT), grad_x.data_ptr(), _ptr(grad_v0), T, B, C, S, block_b, block_c,
                     params.inv_tau, params.v_th, params.v_rest, params.surrogate_param, params.surrogate,

@@ -13,34 +13,47 @@
 #define LIF_MIN(a, b) ((a) < (b) ? (a) : (b))
 #endif
 
-/* One contiguous run of n elements of one time step (design: docs/design.md, "The neuron").
+/* One time step of a tile: `rows` rows of n contiguous elements; row r of x starts at
+ * x + r * x_rs, of the outputs (s, us) at r * o_rs, of the state and u in scratch at r * n.
  * decay and save_u are compile-time constants at every call site. */
-INLINE void LIF_NAME(fwd_run)(const LIF_TYPE* RESTRICT x, LIF_TYPE* RESTRICT s, LIF_TYPE* RESTRICT us,
-                              float* RESTRICT v, float* RESTRICT u_keep, int64_t n, float inv_tau, float v_th,
-                              float v_rest, int hard, const int decay, const int save_u) {
-    for (int64_t k = 0; k < n; k++) {
-        const float xv = LIF_LOAD(x[k]);
-        const float vv = v[k];
-        const float h = decay ? vv + (xv - (vv - v_rest)) * inv_tau : vv - (vv - v_rest) * inv_tau + xv;
-        const float u = h - v_th;
-        const int spike = u >= 0.0f;
-        const float sf = spike ? 1.0f : 0.0f;
-        v[k] = hard ? (spike ? v_rest : h) : h - v_th * sf;
-        s[k] = LIF_STORE(sf);
-        if (save_u) us[k] = LIF_STORE(spike ? fabsf(u) : u); /* the spike in the sign bit */
-        u_keep[k] = u;
+INLINE void LIF_NAME(fwd_rows)(const LIF_TYPE* RESTRICT x, int64_t x_rs, LIF_TYPE* RESTRICT s,
+                               LIF_TYPE* RESTRICT us, int64_t o_rs, float* RESTRICT v, float* RESTRICT u_keep,
+                               int64_t rows, int64_t n, float inv_tau, float v_th, float v_rest, int hard,
+                               const int decay, const int save_u) {
+    for (int64_t r = 0; r < rows; r++) {
+        const LIF_TYPE* RESTRICT xr = x + r * x_rs;
+        LIF_TYPE* RESTRICT sr = s + r * o_rs;
+        LIF_TYPE* RESTRICT ur = save_u ? us + r * o_rs : us;
+        float* RESTRICT vr = v + r * n;
+        float* RESTRICT kr = u_keep + r * n;
+        for (int64_t k = 0; k < n; k++) {
+            const float xv = LIF_LOAD(xr[k]);
+            const float vv = vr[k];
+            const float h = decay ? vv + (xv - (vv - v_rest)) * inv_tau : vv - (vv - v_rest) * inv_tau + xv;
+            const float u = h - v_th;
+            const int spike = u >= 0.0f;
+            const float sf = spike ? 1.0f : 0.0f;
+            vr[k] = hard ? (spike ? v_rest : h) : h - v_th * sf;
+            sr[k] = LIF_STORE(sf);
+            if (save_u) ur[k] = LIF_STORE(spike ? fabsf(u) : u); /* the spike in the sign bit */
+            kr[k] = u;
+        }
     }
 }
 
-static void LIF_NAME(fwd_dispatch)(const LIF_TYPE* x, LIF_TYPE* s, LIF_TYPE* us, float* v, float* u_keep, int64_t n,
-                                   float inv_tau, float v_th, float v_rest, int hard, int decay) {
+static void LIF_NAME(fwd_dispatch)(const LIF_TYPE* x, int64_t x_rs, LIF_TYPE* s, LIF_TYPE* us, int64_t o_rs, float* v,
+                                   float* u_keep, int64_t rows, int64_t n, float inv_tau, float v_th, float v_rest,
+                                   int hard, int decay) {
+#define LIF_FWD_CALL(DECAY, SAVE_U) \
+    LIF_NAME(fwd_rows)(x, x_rs, s, us, o_rs, v, u_keep, rows, n, inv_tau, v_th, v_rest, hard, DECAY, SAVE_U)
     if (decay) {
-        if (us) LIF_NAME(fwd_run)(x, s, us, v, u_keep, n, inv_tau, v_th, v_rest, hard, 1, 1);
-        else LIF_NAME(fwd_run)(x, s, us, v, u_keep, n, inv_tau, v_th, v_rest, hard, 1, 0);
+        if (us) LIF_FWD_CALL(1, 1);
+        else LIF_FWD_CALL(1, 0);
     } else {
-        if (us) LIF_NAME(fwd_run)(x, s, us, v, u_keep, n, inv_tau, v_th, v_rest, hard, 0, 1);
-        else LIF_NAME(fwd_run)(x, s, us, v, u_keep, n, inv_tau, v_th, v_rest, hard, 0, 0);
+        if (us) LIF_FWD_CALL(0, 1);
+        else LIF_FWD_CALL(0, 0);
     }
+#undef LIF_FWD_CALL
 }
 
 /* Forward over tiles [tile_begin, tile_end). x: [T, B, C, S] with dense [C, S] per sample,
@@ -67,13 +80,11 @@ void LIF_NAME(lif_fwd)(const LIF_TYPE* x, int64_t x_stride_t, int64_t x_stride_b
             const int64_t off = (b0 + bi) * C * S + c0 * S;
             for (int64_t k = 0; k < n_row; k++) v[bi * n_row + k] = v0 ? v0[off + k] : v_rest;
         }
+        const int64_t off = b0 * C * S + c0 * S;
         for (int64_t t = 0; t < T; t++) {
-            for (int64_t bi = 0; bi < n_b; bi++) {
-                const int64_t off = (b0 + bi) * C * S + c0 * S;
-                LIF_NAME(fwd_dispatch)(x + t * x_stride_t + (b0 + bi) * x_stride_b + c0 * S, spikes + t * N + off,
-                                       u_saved ? u_saved + t * N + off : NULL, v + bi * n_row, u + bi * n_row, n_row,
-                                       inv_tau, v_th, v_rest, hard_reset, decay_input);
-            }
+            LIF_NAME(fwd_dispatch)(x + t * x_stride_t + b0 * x_stride_b + c0 * S, x_stride_b, spikes + t * N + off,
+                                   u_saved ? u_saved + t * N + off : NULL, C * S, v, u, n_b, n_row, inv_tau, v_th,
+                                   v_rest, hard_reset, decay_input);
             if (pmean) {
                 const int64_t part = (t * P + pb) * C + c0;
                 tile_stats(u, n_b, n_c, S, pmean + part, pm2 + part, acc);
@@ -88,40 +99,53 @@ void LIF_NAME(lif_fwd)(const LIF_TYPE* x, int64_t x_stride_t, int64_t x_stride_b
     }
 }
 
-/* One contiguous run of n elements of one time step, in reverse time. a, b (the MPD-SGR
- * term dL/du = a + b u) and p (the surrogate parameter) are per element (step = 1: the run
- * walks channels) or one value (step = 0: the run is one channel's positions). gs is a row
- * of zeros when the spikes have no gradient. kind and step are compile-time constants at
- * every call site. */
-INLINE void LIF_NAME(bwd_run)(const LIF_TYPE* RESTRICT gs, const LIF_TYPE* RESTRICT us, LIF_TYPE* RESTRICT gx,
-                              float* RESTRICT gv, int64_t n, const float* RESTRICT a, const float* RESTRICT b,
-                              const float* RESTRICT p, float gx_scale, float keep, float v_th, float v_rest, int hard,
-                              int detach, const int kind, const int step) {
-    for (int64_t k = 0; k < n; k++) {
-        const LIF_TYPE raw = us[k];
-        const int silent = LIF_NEGATIVE(raw);
-        const float u = LIF_LOAD(raw);
-        const int64_t j = step ? k : 0;
-        const float g = surrogate_grad(kind, u, p[j]);
-        /* dv_t / dh_t, both resets computed and one selected (no branch: the loop vectorizes) */
-        const float dv_hard = (silent ? 1.0f : 0.0f) + (detach ? 0.0f : (v_rest - v_th - u) * g);
-        const float dv_soft = 1.0f - (detach ? 0.0f : v_th * g);
-        float e = gv[k] * (hard ? dv_hard : dv_soft);
-        e += LIF_LOAD(gs[k]) * g;
-        e += a[j] + b[j] * u;
-        gx[k] = LIF_STORE(e * gx_scale);
-        gv[k] = e * keep;
+/* One time step of a tile, in reverse time: `rows` rows of n contiguous elements; row r of
+ * grad_spikes starts at gs + r * gs_rs (gs_rs = 0 and gs a row of zeros when the spikes have
+ * no gradient), of u_saved and grad_x at r * o_rs, of dL/dv in scratch at r * gv_rs.
+ * a, b (the MPD-SGR term dL/du = a + b u) and p (the surrogate parameter) are per element of
+ * a row (step = 1: a row walks channels) or one value (step = 0: a row is one channel's
+ * positions). kind and step are compile-time constants at every call site. */
+INLINE void LIF_NAME(bwd_rows)(const LIF_TYPE* RESTRICT gs, int64_t gs_rs, const LIF_TYPE* RESTRICT us,
+                               LIF_TYPE* RESTRICT gx, int64_t o_rs, float* RESTRICT gv, int64_t gv_rs, int64_t rows,
+                               int64_t n, const float* RESTRICT a, const float* RESTRICT b, const float* RESTRICT p,
+                               float gx_scale, float keep, float v_th, float v_rest, int hard, int detach,
+                               const int kind, const int step) {
+    const float hard_w = hard ? 1.0f : 0.0f, soft_w = 1.0f - hard_w, attached = detach ? 0.0f : 1.0f;
+    for (int64_t r = 0; r < rows; r++) {
+        const LIF_TYPE* RESTRICT gsr = gs + r * gs_rs;
+        const LIF_TYPE* RESTRICT usr = us + r * o_rs;
+        LIF_TYPE* RESTRICT gxr = gx + r * o_rs;
+        float* RESTRICT gvr = gv + r * gv_rs;
+        for (int64_t k = 0; k < n; k++) {
+            const LIF_TYPE raw = usr[k];
+            const int silent = LIF_NEGATIVE(raw);
+            const float u = LIF_LOAD(raw);
+            const int64_t j = step ? k : 0;
+            const float g = surrogate_grad(kind, u, p[j]);
+            /* dv_t / dh_t of both resets, blended by 0/1 weights (exact: x * 1 + y * 0 = x for
+             * finite y), so that the loop has no branch on the runtime flags and vectorizes */
+            const float dv_hard = (float)silent + attached * ((v_rest - v_th - u) * g);
+            const float dv_soft = 1.0f - attached * (v_th * g);
+            float e = gvr[k] * (hard_w * dv_hard + soft_w * dv_soft);
+            e += LIF_LOAD(gsr[k]) * g;
+            e += a[j] + b[j] * u;
+            gxr[k] = LIF_STORE(e * gx_scale);
+            gvr[k] = e * keep;
+        }
     }
 }
 
-static void LIF_NAME(bwd_dispatch)(const LIF_TYPE* gs, const LIF_TYPE* us, LIF_TYPE* gx, float* gv, int64_t n,
-                                   const float* a, const float* b, const float* p, int step, float gx_scale, float keep,
-                                   float v_th, float v_rest, int hard, int detach, int kind) {
-#define LIF_BWD_CALL(KIND)                                                                                        \
-    if (step)                                                                                                     \
-        LIF_NAME(bwd_run)(gs, us, gx, gv, n, a, b, p, gx_scale, keep, v_th, v_rest, hard, detach, KIND, 1);        \
-    else                                                                                                          \
-        LIF_NAME(bwd_run)(gs, us, gx, gv, n, a, b, p, gx_scale, keep, v_th, v_rest, hard, detach, KIND, 0);        \
+static void LIF_NAME(bwd_dispatch)(const LIF_TYPE* gs, int64_t gs_rs, const LIF_TYPE* us, LIF_TYPE* gx, int64_t o_rs,
+                                   float* gv, int64_t gv_rs, int64_t rows, int64_t n, const float* a, const float* b,
+                                   const float* p, int step, float gx_scale, float keep, float v_th, float v_rest,
+                                   int hard, int detach, int kind) {
+#define LIF_BWD_CALL(KIND)                                                                                      \
+    if (step)                                                                                                   \
+        LIF_NAME(bwd_rows)(gs, gs_rs, us, gx, o_rs, gv, gv_rs, rows, n, a, b, p, gx_scale, keep, v_th, v_rest,   \
+                           hard, detach, KIND, 1);                                                              \
+    else                                                                                                        \
+        LIF_NAME(bwd_rows)(gs, gs_rs, us, gx, o_rs, gv, gv_rs, rows, n, a, b, p, gx_scale, keep, v_th, v_rest,   \
+                           hard, detach, KIND, 0);                                                              \
     break;
     switch (kind) {
     case SG_TRIANGLE: LIF_BWD_CALL(SG_TRIANGLE)
@@ -162,30 +186,29 @@ void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t
             const int64_t off = (b0 + bi) * C * S + c0 * S;
             for (int64_t k = 0; k < n_row; k++) gv[bi * n_row + k] = gvT ? gvT[off + k] : 0.0f;
         }
+        const int64_t off = b0 * C * S + c0 * S;
         for (int64_t i = 0; i < T; i++) {
             const int64_t t = T - 1 - i;
-            const LIF_TYPE* gs_t = grad_spikes ? grad_spikes + t * gs_stride_t : NULL;
-            for (int64_t bi = 0; bi < n_b; bi++) {
-                const int64_t off = (b0 + bi) * C * S + c0 * S;
-                const LIF_TYPE* gs_row = gs_t ? gs_t + (b0 + bi) * gs_stride_b + c0 * S : (const LIF_TYPE*)zeros;
-                if (S == 1) { /* one run over the tile's channels */
-                    const float* a = mpd_a ? mpd_a + t * C + c0 : zeros;
-                    const float* b = mpd_b ? mpd_b + t * C + c0 : zeros;
-                    const float* p = sg_param_c ? sg_param_c + c0 : params;
-                    LIF_NAME(bwd_dispatch)(gs_row, u_saved + t * N + off, grad_x + t * N + off,
-                                           gv + bi * n_row, n_row, a, b, p, 1, gx_scale, keep, v_th, v_rest,
-                                           hard_reset, detach_reset, kind);
-                    continue;
-                }
-                for (int64_t cc = 0; cc < n_c; cc++) { /* one run per channel */
-                    const int64_t c = c0 + cc, o = off + cc * S;
-                    const float a = mpd_a ? mpd_a[t * C + c] : 0.0f;
-                    const float b = mpd_b ? mpd_b[t * C + c] : 0.0f;
-                    const float p = sg_param_c ? sg_param_c[c] : sg_param;
-                    LIF_NAME(bwd_dispatch)(gs_row + cc * S, u_saved + t * N + o, grad_x + t * N + o,
-                                           gv + bi * n_row + cc * S, S, &a, &b, &p, 0, gx_scale, keep, v_th, v_rest,
-                                           hard_reset, detach_reset, kind);
-                }
+            const LIF_TYPE* gs = grad_spikes ? grad_spikes + t * gs_stride_t + b0 * gs_stride_b + c0 * S
+                                             : (const LIF_TYPE*)zeros;
+            const int64_t gs_rs = grad_spikes ? gs_stride_b : 0;
+            if (S == 1) { /* a row per sample, walking the tile's channels */
+                const float* a = mpd_a ? mpd_a + t * C + c0 : zeros;
+                const float* b = mpd_b ? mpd_b + t * C + c0 : zeros;
+                const float* p = sg_param_c ? sg_param_c + c0 : params;
+                LIF_NAME(bwd_dispatch)(gs, gs_rs, u_saved + t * N + off, grad_x + t * N + off, C * S, gv, n_row, n_b,
+                                       n_row, a, b, p, 1, gx_scale, keep, v_th, v_rest, hard_reset, detach_reset,
+                                       kind);
+                continue;
+            }
+            for (int64_t cc = 0; cc < n_c; cc++) { /* a row per sample, one channel's positions */
+                const int64_t c = c0 + cc;
+                const float a = mpd_a ? mpd_a[t * C + c] : 0.0f;
+                const float b = mpd_b ? mpd_b[t * C + c] : 0.0f;
+                const float p = sg_param_c ? sg_param_c[c] : sg_param;
+                LIF_NAME(bwd_dispatch)(grad_spikes ? gs + cc * S : gs, gs_rs, u_saved + t * N + off + cc * S,
+                                       grad_x + t * N + off + cc * S, C * S, gv + cc * S, n_row, n_b, S, &a, &b, &p,
+                                       0, gx_scale, keep, v_th, v_rest, hard_reset, detach_reset, kind);
             }
         }
         if (gv0) {
