@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from mpd_triton.kernels.cpu import keep_freed_memory
+
 from .measure import (PASSES, copy_bandwidth, describe_failure, gb_per_s, machine_info, minimal_bytes, peak_memory,
                       reset_grads, time_call)
 from .providers import NEURON, PROVIDER_NAMES, PROVIDERS, Provider, make_input, make_output_grads, pass_callable
@@ -282,6 +284,7 @@ def command_line(argv: list[str], module: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # steady-state timings: no page faults from reallocated buffers
     model_option = argparse.ArgumentParser(add_help=False)
     model_option.add_argument("--model")
     if model_option.parse_known_args(argv)[0].model is not None:  # its own options: hand over before parsing

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 import mpd_triton as mt
 from models import ENCODINGS, MODEL_NAMES, NeuronOptions
 
+from .compiling import COMPILE_MIN_STEPS
 from .data import DATASETS
 
 __all__ = ["RunConfig", "PRESETS", "ConfigError", "parse_args", "build_parser", "fraction"]
@@ -73,6 +74,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = False
+    compile: bool | None = None  # torch.compile the model; None: when the run is long enough (train/compiling.py)
     deterministic: bool = False
     out: str | None = None
 
@@ -183,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the model under torch.compile (full batches); default: when the run has at least "
+                        f"{COMPILE_MIN_STEPS} training steps, where compiling pays")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
     g.add_argument("--resume", action="store_true",

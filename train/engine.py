@@ -19,6 +19,7 @@ from models import build_model
 
 from .attacks import pgd
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .compiling import compile_for_batches
 from .config import RunConfig
 from .data import DatasetInfo, EpochLoader, ImageData
 
@@ -28,7 +29,7 @@ CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 METRICS = "metrics.jsonl"
 # Config entries that may differ when a run is resumed (where it runs, not what it computes).
-RESUMABLE_DIFFERENCES = {"out", "device", "download", "data_dir", "eval_attacks", "eval_limit", "eval_eps"}
+RESUMABLE_DIFFERENCES = {"out", "device", "download", "data_dir", "eval_attacks", "eval_limit", "eval_eps", "compile"}
 
 
 @dataclass
@@ -147,8 +148,9 @@ def _check_resumable(saved: dict, cfg: RunConfig, name: str, eta: float, path: P
 
 
 def train_run(cfg: RunConfig, name: str, eta: float, run_dir: Path, train: ImageData, test: ImageData,
-              info: DatasetInfo, ctx: RunContext, resume: bool) -> RunResult:
-    """Train one model (eta = 0: plain) in ``run_dir``, resuming from its checkpoint if asked."""
+              info: DatasetInfo, ctx: RunContext, resume: bool, compile_model: bool = False) -> RunResult:
+    """Train one model (eta = 0: plain) in ``run_dir``, resuming from its checkpoint if asked;
+    with compile_model, full batches run under torch.compile (train/compiling.py)."""
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     model = build_for(cfg, info).to(ctx.device)
@@ -175,6 +177,7 @@ def train_run(cfg: RunConfig, name: str, eta: float, run_dir: Path, train: Image
     ctx.barrier()
 
     net = nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
+    net = compile_for_batches(net, cfg.batch_size, compile_model)
     loader = EpochLoader(train, cfg.batch_size, shuffle=True, augment=info.augment, seed=cfg.seed,
                          rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     for epoch in range(start_epoch, cfg.epochs):

@@ -24,9 +24,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from models import build_model  # noqa: E402
+from mpd_triton.kernels.cpu import keep_freed_memory  # noqa: E402
 
-from .attacks import GRADIENT_SOURCES  # noqa: E402
+from .attacks import GRADIENT_ATTACKS, GRADIENT_SOURCES  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from .compiling import COMPILE_MIN_STEPS, compile_for_batches, should_compile  # noqa: E402
 from .config import ConfigError, fraction  # noqa: E402
 from .data import DataError, load_dataset  # noqa: E402
 from .robustness import EvalSettings, evaluate_robustness, parse_attacks  # noqa: E402
@@ -130,6 +132,16 @@ def plot(names: list[str], results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def evaluation_passes(settings: EvalSettings, n_images: int) -> int:
+    """About how many forward-backward passes of full batches one model's evaluation makes
+    (what decides whether compiling it pays)."""
+    per_eps = {"fgsm": 1, "pgd": settings.steps, "bim": settings.steps, "apgd": settings.apgd_steps,
+               "square": settings.n_queries // 3}
+    per_batch = sum(per_eps.get(a, 1) * (len(settings.gradients) if a in GRADIENT_ATTACKS else 1)
+                    for a in settings.attacks) * len(settings.eps) * settings.eot
+    return (n_images // settings.batch_size) * per_batch
+
+
 def build_parser() -> argparse.ArgumentParser:
     class Parser(argparse.ArgumentParser):
         def error(self, message):
@@ -160,12 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the models under torch.compile (full batches); default: when the evaluation makes at "
+                        f"least {COMPILE_MIN_STEPS} forward-backward passes per model, where compiling pays")
     p.add_argument("--out", help="output folder (default: eval-<time> beside the first checkpoint)")
     return p
 
 
 def main(argv=None) -> int:
     command = "python -m train.eval " + " ".join(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -217,9 +233,12 @@ def main(argv=None) -> int:
           f"eps {[round(e * 255, 3) for e in eps]}/255, gradients {gradients}, eot {settings.eot}", flush=True)
     out = Path(args.out) if args.out else Path(args.checkpoint[0]).resolve().parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
+    compile_models, why = should_compile(args.compile, evaluation_passes(settings, len(images)))
+    print(f"torch.compile: {'on' if compile_models else 'off'} ({why})", flush=True)
     results = []
     for name, (model, spec), path in zip(names, models, args.checkpoint):
         t0 = time.perf_counter()
+        model = compile_for_batches(model, settings.batch_size, compile_models)
         r = evaluate_robustness(model, images, labels, settings, source=source, num_classes=spec["num_classes"],
                                 desc=name)
         r["seconds"] = time.perf_counter() - t0

@@ -15,7 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mpd_triton.kernels.cpu import keep_freed_memory
+
 from .checkpoint import CheckpointError
+from .compiling import should_compile
 from .config import ConfigError, RunConfig, parse_args
 from .data import DataError, ImageData, load_dataset
 from .engine import RunContext, build_for, setup_context, train_run
@@ -74,10 +77,14 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
               f"({len(train)} train / {len(test)} test, from {info.source}), device {ctx.device}"
               f"{f' x {ctx.world_size} processes' if ctx.distributed else ''}, out {out}", flush=True)
     runs = [("plain", 0.0), ("mpd", cfg.eta)] if cfg.compare else [("mpd" if cfg.eta > 0 else "plain", cfg.eta)]
+    full_steps = cfg.epochs * (len(train) // (cfg.batch_size * ctx.world_size)) * len(runs)
+    compile_model, why = should_compile(cfg.compile, full_steps)
+    if ctx.is_main:
+        print(f"torch.compile: {'on' if compile_model else 'off'} ({why})", flush=True)
     reports, samples = [], {}
     probe = test.images[:256].float().div(255.0).to(ctx.device)
     for name, eta in runs:
-        result = train_run(cfg, name, eta, out / name, train, test, info, ctx, resume)
+        result = train_run(cfg, name, eta, out / name, train, test, info, ctx, resume, compile_model)
         if not ctx.is_main:
             continue
         model = build_for(cfg, info).to(ctx.device)
@@ -104,6 +111,7 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()
     try:
         cfg, resume = parse_args(argv)
         run(cfg, resume)
