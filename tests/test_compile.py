@@ -294,23 +294,28 @@ def _fwd_samples():
     ]
 
 
+# The Triton kernels' operators and the C kernels' (suffix _cpu); the same schemas.
+OP_SUFFIXES = ["", "_cpu"] if mt.cpu_kernels_unavailable() is None else [""]
+
+
+@pytest.mark.parametrize("suffix", OP_SUFFIXES, ids=lambda s: s or "triton")
 @pytest.mark.parametrize("index", range(4))
-def test_opcheck_lif_fwd(index):
-    torch.library.opcheck(torch.ops.mpd_triton.lif_fwd.default, _fwd_samples()[index])
+def test_opcheck_lif_fwd(index, suffix):
+    torch.library.opcheck(getattr(torch.ops.mpd_triton, f"lif_fwd{suffix}").default, _fwd_samples()[index])
 
 
-def test_opcheck_lif_bwd():
+@pytest.mark.parametrize("suffix", OP_SUFFIXES, ids=lambda s: s or "triton")
+def test_opcheck_lif_bwd(suffix):
+    fwd, bwd = (getattr(torch.ops.mpd_triton, f"{name}{suffix}") for name in ("lif_fwd", "lif_bwd"))
     x = make_input((3, 2, 4, 2, 3), 0)
     for params, x_in in ((PARAMS, x), (SOFT_PARAMS, _channels_last_steps(x))):
-        _, u_saved, mean, _, _ = torch.ops.mpd_triton.lif_fwd(x_in, None, *params, True, True, True)
+        _, u_saved, mean, _, _ = fwd(x_in, None, *params, True, True, True)
         T, C = mean.shape
         grad_spikes = make_input(x.shape, 3)  # contiguous, whatever u_saved's layout
         mpd_a, mpd_b = make_input((T, C), 4), make_input((T, C), 5)
         grad_v_T = torch.ones_like(u_saved[0])
-        torch.library.opcheck(torch.ops.mpd_triton.lif_bwd.default,
-                              (grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, *params, True))
-        torch.library.opcheck(torch.ops.mpd_triton.lif_bwd.default,
-                              (None, u_saved, None, None, None, *params, False))
+        torch.library.opcheck(bwd.default, (grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, *params, True))
+        torch.library.opcheck(bwd.default, (None, u_saved, None, None, None, *params, False))
 
 
 def test_op_outputs_match_lif():
