@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 on a GPU machine in one call: the test suite on the GPU (no interpreter), the kernel sweep and
+# The GPU work of docs/benchmarks.md in one call: the test suite on the GPU (no interpreter), the kernel sweep and
 # the VGG11 training step; everything it leaves is under $OUT (at most 7 files, none nested).
 #
 #   bash bench/device_run.sh [tests] [kernels] [model]     # no stage named: all three, in that order

@@ -42,7 +42,7 @@ __all__ = ["main", "parse_sizes", "bench_shape", "run_sweep", "RECORD_FIELDS", "
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS_CHOICES = {"off": (False,), "on": (True,), "both": (False, True)}
 
-# Default sweeps. On the CPU the CPU providers are timed for real (T*N = 2^20 is issue 10's case);
+# Default sweeps. On the CPU the CPU providers are timed for real (T*N = 2^20 is the CPU targets' case);
 # the Triton kernels run there only in the interpreter, at small sizes.
 CUDA_FULL = dict(T=(4, 8, 16), sizes=(1 << 21, 1 << 23, 1 << 25, 1 << 27))
 CUDA_QUICK = dict(T=(8,), sizes=(1 << 24, 1 << 27))

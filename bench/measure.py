@@ -1,6 +1,6 @@
 """What a benchmark measures, in one place: the byte model, the timers, peak memory and the copy ceiling.
 
-Byte model (design section 7). Per element (one neuron at one time step),
+Byte model (docs/design.md, section 6). Per element (one neuron at one time step),
 with b bytes per input/output value and b_h bytes per saved potential, a
 fused LIF must at least
 

@@ -57,7 +57,7 @@ CUDA_QUICK = dict(T=8, batch=128, image_size=32, rep_ms=500.0)
 CPU_DEFAULTS = dict(T=2, batch=2, image_size=32, rep_ms=200.0)  # harness check only for the big models
 CPU_QUICK = dict(T=2, batch=1, image_size=32, rep_ms=50.0)
 # The quick preset's model and batch (train/config.py PRESETS["quick"]; a test keeps them in step):
-# the CPU training step of issue 10, on 28 x 28 one-channel images.
+# the CPU training step of the CPU targets (docs/benchmarks.md), on 28 x 28 one-channel images.
 QUICK_MODEL = dict(T=4, batch=64, image_size=28, in_channels=1)
 SMALL_CPU = dict(QUICK_MODEL, rep_ms=3000.0)
 NUM_CLASSES = 10

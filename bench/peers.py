@@ -70,7 +70,7 @@ def _spikingjelly_surrogate(surrogate: mt.Surrogate, sj):
 
 def pre_spike_potential(x: torch.Tensor, v_init: torch.Tensor, v_seq: torch.Tensor,
                         config: mt.LIFConfig) -> torch.Tensor:
-    """h_t of every step (float32) from the post-reset potentials v_1..v_T and the input (design section 2)."""
+    """h_t of every step (float32) from the post-reset potentials v_1..v_T and the input (docs/design.md, section 2)."""
     v_prev = torch.cat([v_init.unsqueeze(0), v_seq[:-1]])
     current = x.float()
     if config.decay_input:

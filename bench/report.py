@@ -150,7 +150,7 @@ def plot_kernels(records: Sequence[dict], copy_gb_per_s: float | None, out_dir: 
     return paths
 
 
-# ------------------------------------------------------------------ targets (issues 5 and 10)
+# ------------------------------------------------------------------ targets (docs/benchmarks.md)
 
 def _index(records: Sequence[dict]) -> dict:
     return {(r["provider"], r["pass_name"], r["stats"], r["dtype"], r["T"], r["elements"]): r
@@ -167,7 +167,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
-# Issue 10's CPU targets (2-core machine): share of the copy bandwidth and speed-up over the peer's CPU path
+# The CPU targets (docs/benchmarks.md, "CPU"; 2-core machine): share of the copy bandwidth and speed-up over the peer's CPU path
 # for the fused C kernels at T = 8, and the quick preset's training step against the eager reference.
 CPU_KERNEL_T = 8
 CPU_COPY_SHARE = 0.40
@@ -177,8 +177,8 @@ CPU_STEP_VARIANTS = ("mpd_triton_cpu", "mpd_triton_cpu_compile", "torch_compile"
 
 
 def evaluate_targets(records: Sequence[dict], model_records: Sequence[dict] = (), *, on_gpu: bool) -> list[dict]:
-    """The targets that apply where the benchmark ran: on a GPU issue 5's (H100 timings, judged
-    only there), on the CPU issue 10's (judged only there), at the largest T*N measured.
+    """The targets that apply where the benchmark ran: on a GPU the H100 targets (judged
+    only there), on the CPU the CPU targets (judged only there), at the largest T*N measured.
 
     A target whose inputs were not measured has value None and met None.
     """

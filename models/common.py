@@ -1,6 +1,6 @@
 """Building blocks shared by the spiking models.
 
-Conventions (design section 6): a model takes images [B, C, H, W] in [0, 1]
+Conventions (docs/training.md): a model takes images [B, C, H, W] in [0, 1]
 (normalization is inside, so attacks work in pixel space), encodes them to
 T time steps, runs convolutions and BatchNorm on the merged [T*B, ...] batch
 and the LIF neurons on [T, B, ...], and returns the mean of the logits over T.

@@ -1,6 +1,6 @@
 """The LIF neuron's parameters and conventions, shared by the reference and the kernels.
 
-Multi-step, time-major LIF (design section 2). For t = 1..T::
+Multi-step, time-major LIF (docs/design.md, section 2). For t = 1..T::
 
     decay_input=True :  h_t = v_{t-1} + (x_t - (v_{t-1} - v_rest)) * inv_tau
     decay_input=False:  h_t = v_{t-1} - (v_{t-1} - v_rest) * inv_tau + x_t

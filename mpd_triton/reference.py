@@ -64,7 +64,7 @@ def lif_reference(
     return_stats: bool = False,
     compute_dtype: torch.dtype | None = None,
 ) -> ReferenceOutputs:
-    """Run the LIF of design section 2 over x [T, B, ...].
+    """Run the LIF of docs/design.md (section 2) over x [T, B, ...].
 
     compute_dtype defaults to float32 (float64 for float64 input); pass the
     input's own low precision to get "plain PyTorch in that precision".

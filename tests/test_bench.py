@@ -43,10 +43,10 @@ def cpu_providers() -> dict:
     return {**PROVIDERS, "spikingjelly": SpikingJellyProvider(require_triton=False)}
 
 
-# ------------------------------------------------------------------ byte model (design section 7)
+# ------------------------------------------------------------------ byte model (docs/design.md, section 6)
 
 @pytest.mark.parametrize("pass_name, dtype, T, N, C, stats, expected", [
-    # 24 bytes per element for forward + backward at b = 4, 12 at b = 2 (design section 7)
+    # 24 bytes per element for forward + backward at b = 4, 12 at b = 2 (docs/design.md, section 6)
     ("both", torch.float32, 8, 1 << 24, 128, False, 24 << 27),
     ("both", torch.bfloat16, 8, 1 << 24, 128, False, 12 << 27),
     ("forward", torch.float32, 4, 1024, 16, False, 4 * 1024 * 12),

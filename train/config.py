@@ -86,7 +86,7 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in fields(NeuronOptions)}
 
 
-# The paper protocol (design section 6): T = 8, SGD lr 0.1, momentum 0.9,
+# The paper protocol (docs/training.md): T = 8, SGD lr 0.1, momentum 0.9,
 # weight decay 5e-4, cosine schedule, batch 128, 200 epochs; AT: PGD 2/255, 1/255, 2 steps.
 # eta: the paper's value is not known to us. eta = 1 silences the small network (Omega -> 0,
 # accuracy at chance); on the quick setting 0.01 cost 1-2 points of clean accuracy and 0.03 cost 7

@@ -30,7 +30,7 @@ the spike encoded in its sign bit: spiking elements store |u| (so -0.0 becomes
 float16/bfloat16. The backward reads the spike back from the sign bit, so it
 always agrees with the forward, in every dtype.
 
-Statistics (design section 4): for each time step every program reduces the
+Statistics (docs/design.md, section 4): for each time step every program reduces the
 count, mean and M2 of u over its tile per channel (mean first, then squared
 deviations from it, from registers: no second read of h) and writes them to a
 [T, P, C] partial buffer (P = number of (B, S) tiles). ``_stats_merge_kernel``
@@ -63,7 +63,7 @@ __all__ = [
     "tile_shape", "device_guard", "INTERPRETED", "INTERPRETER_PROBLEM", "interpreter_numpy_problem",
 ]
 
-# Elements per program tile. Issue 5 tunes this on the GPU.
+# Elements per program tile; to be tuned on a GPU (docs/benchmarks.md).
 TILE_ELEMENTS = 2048
 
 

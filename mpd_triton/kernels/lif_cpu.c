@@ -9,7 +9,7 @@
  * (forward) or dL/dv (backward) kept in float32 in `scratch`, so each element of the big
  * tensors is read or written once per pass.
  *
- * Statistics (docs/design.md, "Membrane statistics"): per tile and time step, the mean of u
+ * Statistics (docs/design.md, section 4): per tile and time step, the mean of u
  * over the tile's (b, s) for each channel, then the sum of squared deviations from it, both
  * from the tile's u still in `scratch` (no second read of memory), accumulated in double;
  * lif_stats_merge combines the per-tile partials in a fixed order with Chan's formula.
