@@ -340,3 +340,33 @@ def test_build_is_cached(tmp_path):
     second = _python(probe, env)
     assert "REASON None" in second.stdout, second.stdout + second.stderr
     assert [line for line in log.read_text().splitlines() if "lif_cpu.c" in line] == compiles
+
+
+# ---------------------------------------------------------------- a surrogate parameter per channel or element
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 2, 3), (4, 6, 7)], ids=["conv", "linear"])
+@pytest.mark.parametrize("surrogate", [mt.Triangle(), mt.Sigmoid(), mt.SuperSpike()], ids=lambda s: s.name)
+def test_surrogate_parameter_per_channel_and_per_element(shape, surrogate):
+    """Per channel: each channel's gradient equals the scalar path's with that channel's value.
+    Per element (broadcast over T, or varying over T): constant per channel gives the same bits."""
+    params = mt.LIFConfig(tau=2.0, v_th=0.9, surrogate=surrogate).kernel_params
+    x = make_input(shape, 3)
+    _, u_saved, _, _, _ = cpu_kernels.lif_forward(x, params)
+    grad_spikes = make_input(shape, 4)
+    C = shape[2]
+    per_channel = torch.linspace(0.5, 2.0, C) * params.surrogate_param
+    grad_c, _ = cpu_kernels.lif_backward(grad_spikes, u_saved, params, surrogate_param=per_channel)
+    for c in range(C):
+        one = params._replace(surrogate_param=float(per_channel[c]))
+        grad_one, _ = cpu_kernels.lif_backward(grad_spikes[:, :, c:c + 1].contiguous(),
+                                               u_saved[:, :, c:c + 1].contiguous(), one)
+        assert torch.equal(grad_c[:, :, c:c + 1], grad_one), c
+    view = (1, 1, C) + (1,) * (len(shape) - 3)
+    for element in (per_channel.view(view), per_channel.view(view).expand(shape[:2] + shape[2:]).clone(),
+                    per_channel.view(view).expand(shape).clone()):
+        grad_e, _ = cpu_kernels.lif_backward(grad_spikes, u_saved, params, surrogate_param=element)
+        assert torch.equal(grad_e, grad_c)
+    varying = per_channel.view(view) * torch.arange(1.0, shape[0] + 1).view((-1,) + (1,) * (len(shape) - 1))
+    grad_v, _ = cpu_kernels.lif_backward(grad_spikes, u_saved, params, surrogate_param=varying)
+    assert not torch.equal(grad_v, grad_c), "a parameter that varies over T must change the gradient"

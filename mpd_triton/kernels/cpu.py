@@ -54,7 +54,7 @@ __all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward"
 
 DISABLE_ENV = "MPD_TRITON_CPU_KERNELS"  # "0": do not build or use the CPU kernels
 CACHE_ENV = "MPD_TRITON_CACHE_DIR"
-ABI_VERSION = 2  # lif_cpu_abi_version() of the C source this module calls
+ABI_VERSION = 3  # lif_cpu_abi_version() of the C source this module calls
 SOURCES = ("lif_cpu.c", "lif_cpu_body.h")
 SOURCE_DIR = Path(__file__).resolve().parent
 
@@ -70,7 +70,7 @@ _DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 _FWD_ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _F32, _I32, _I32,
                  _I64, _I64, _P]
-_BWD_ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _F32, _F32, _I32,
+_BWD_ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _F32, _F32, _I32,
                  _I32, _I32, _I32, _I64, _I64, _P]
 _MERGE_ARGTYPES = [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64]
 
@@ -266,8 +266,9 @@ def tile_shape(B: int, C: int, S: int) -> tuple[int, int]:
 
 def _scratch_floats(block_b: int, block_c: int, S: int) -> int:
     """Floats of scratch one thread needs (the C kernels' layout of it): forward: a tile's state and u,
-    then block_c doubles; backward: a tile's dL/dv, a tile row of zeros and block_c parameters."""
-    return 2 * block_b * block_c * S + block_c * S + 4 * block_c + 2
+    then block_c doubles; backward: a tile's dL/dv, a tile of zeros, a row of block_c x S parameters."""
+    tile = block_b * block_c * S
+    return max(2 * tile + 4 * block_c + 2, 2 * tile + block_c * S)
 
 
 def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -371,13 +372,28 @@ def lif_forward(x: torch.Tensor, params: KernelParams, *, v_init: torch.Tensor |
     return spikes, u_saved, mean, var, v_T
 
 
+def _surrogate_param_operands(surrogate_param: torch.Tensor | None, u_saved: torch.Tensor, channels_last: bool):
+    """(per-channel [C] tensor or None, per-element tensor or None, its time stride): the C
+    kernels' surrogate parameter. Per element, it is made dense per step in u_saved's format,
+    with time stride 0 when it does not vary over T (no copy of the T steps)."""
+    if surrogate_param is None:
+        return None, None, 0
+    p = surrogate_param.to(torch.float32)
+    if p.dim() == 1:
+        return p.contiguous(), None, 0
+    shape = (p.shape[0],) + tuple(u_saved.shape[1:]) if p.shape[0] == 1 else tuple(u_saved.shape)
+    p = _dense_in(p.expand(shape), channels_last, channel_dim=2)
+    return None, p, (p.stride(0) if p.shape[0] > 1 else 0)
+
+
 def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params: KernelParams, *,
                  mpd_a: torch.Tensor | None = None, mpd_b: torch.Tensor | None = None,
                  grad_v_T: torch.Tensor | None = None, need_grad_v0: bool = False,
                  surrogate_param: torch.Tensor | None = None):
     """Reverse time loop over u_saved (as written by ``lif_forward``) on the CPU; returns
     (grad_x in u_saved's dtype and memory format, grad_v0 float32 or None). surrogate_param:
-    an optional float32 [C] parameter per channel in place of params.surrogate_param."""
+    None (the scalar params.surrogate_param), a [C] tensor (per channel), or a tensor of
+    u_saved's rank whose dims are 1 or u_saved's (per element, broadcast)."""
     _check_kind(params)
     fn = _kernel("bwd", u_saved.dtype)
     channels_last = step_layout(u_saved).channels_last
@@ -394,13 +410,12 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
     gvT = _dense_in(grad_v_T.to(torch.float32), channels_last, channel_dim=1) if grad_v_T is not None else None
     mpd_a = mpd_a.to(torch.float32).contiguous() if mpd_a is not None else None
     mpd_b = mpd_b.to(torch.float32).contiguous() if mpd_b is not None else None
-    if surrogate_param is not None:
-        surrogate_param = surrogate_param.to(torch.float32).contiguous()
+    sgp_channel, sgp_element, sgp_stride_t = _surrogate_param_operands(surrogate_param, u_saved, channels_last)
     grad_x, grad_v0 = backward_buffers(u_saved, need_grad_v0=need_grad_v0)
     block_b, block_c = tile_shape(B, C, S)
     n_tiles = -(-B // block_b) * -(-C // block_c)
     _run_tiles(fn, (_ptr(grad_spikes), *gs_strides, u_saved.data_ptr(), _ptr(mpd_a), _ptr(mpd_b),
-                    _ptr(surrogate_param), _ptr(gvT), grad_x.data_ptr(), _ptr(grad_v0), T, B, C, S, block_b, block_c,
+                    _ptr(sgp_channel), _ptr(sgp_element), sgp_stride_t, _ptr(gvT), grad_x.data_ptr(), _ptr(grad_v0), T, B, C, S, block_b, block_c,
                     params.inv_tau, params.v_th, params.v_rest, params.surrogate_param, params.surrogate,
                     int(params.decay_input), int(params.hard_reset), int(params.detach_reset)),
                (), n_tiles, T * B * C * S, _scratch_floats(block_b, block_c, S))

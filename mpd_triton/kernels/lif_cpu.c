@@ -35,7 +35,7 @@
 enum { SG_TRIANGLE = 0, SG_RECTANGULAR = 1, SG_SIGMOID = 2, SG_ATAN = 3, SG_SUPERSPIKE = 4, SG_COUNT = 5 };
 
 /* Bumped whenever an exported signature changes (cpu.py checks it). */
-int64_t lif_cpu_abi_version(void) { return 2; }
+int64_t lif_cpu_abi_version(void) { return 3; }
 int64_t lif_cpu_surrogate_count(void) { return SG_COUNT; }
 
 /* g(u) for surrogate `kind` with parameter p (gamma or alpha), as in surrogates.py. */

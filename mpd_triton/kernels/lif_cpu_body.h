@@ -101,27 +101,29 @@ void LIF_NAME(lif_fwd)(const LIF_TYPE* x, int64_t x_stride_t, int64_t x_stride_b
 
 /* One time step of a tile, in reverse time: `rows` rows of n contiguous elements; row r of
  * grad_spikes starts at gs + r * gs_rs (gs_rs = 0 and gs a row of zeros when the spikes have
- * no gradient), of u_saved and grad_x at r * o_rs, of dL/dv in scratch at r * gv_rs.
- * a, b (the MPD-SGR term dL/du = a + b u) and p (the surrogate parameter) are per element of
- * a row (step = 1: a row walks channels) or one value (step = 0: a row is one channel's
- * positions). kind and step are compile-time constants at every call site. */
+ * no gradient), of u_saved and grad_x at r * o_rs, of dL/dv in scratch at r * gv_rs, of the
+ * surrogate's parameter at p + r * p_rs (p_rs = 0: the same row for every sample). a and b
+ * (the MPD-SGR term dL/du = a + b u) are per element of a row (step = 1: a row walks
+ * channels) or one value (step = 0: a row is one channel's positions). kind and step are
+ * compile-time constants at every call site. */
 INLINE void LIF_NAME(bwd_rows)(const LIF_TYPE* RESTRICT gs, int64_t gs_rs, const LIF_TYPE* RESTRICT us,
                                LIF_TYPE* RESTRICT gx, int64_t o_rs, float* RESTRICT gv, int64_t gv_rs, int64_t rows,
                                int64_t n, const float* RESTRICT a, const float* RESTRICT b, const float* RESTRICT p,
-                               float gx_scale, float keep, float v_th, float v_rest, int hard, int detach,
-                               const int kind, const int step) {
+                               int64_t p_rs, float gx_scale, float keep, float v_th, float v_rest, int hard,
+                               int detach, const int kind, const int step) {
     const float hard_w = hard ? 1.0f : 0.0f, soft_w = 1.0f - hard_w, attached = detach ? 0.0f : 1.0f;
     for (int64_t r = 0; r < rows; r++) {
         const LIF_TYPE* RESTRICT gsr = gs + r * gs_rs;
         const LIF_TYPE* RESTRICT usr = us + r * o_rs;
         LIF_TYPE* RESTRICT gxr = gx + r * o_rs;
         float* RESTRICT gvr = gv + r * gv_rs;
+        const float* RESTRICT pr = p + r * p_rs;
         for (int64_t k = 0; k < n; k++) {
             const LIF_TYPE raw = usr[k];
             const int silent = LIF_NEGATIVE(raw);
             const float u = LIF_LOAD(raw);
             const int64_t j = step ? k : 0;
-            const float g = surrogate_grad(kind, u, p[j]);
+            const float g = surrogate_grad(kind, u, pr[k]);
             /* dv_t / dh_t of both resets, blended by 0/1 weights (exact: x * 1 + y * 0 = x for
              * finite y), so that the loop has no branch on the runtime flags and vectorizes */
             const float dv_hard = (float)silent + attached * ((v_rest - v_th - u) * g);
@@ -137,15 +139,15 @@ INLINE void LIF_NAME(bwd_rows)(const LIF_TYPE* RESTRICT gs, int64_t gs_rs, const
 
 static void LIF_NAME(bwd_dispatch)(const LIF_TYPE* gs, int64_t gs_rs, const LIF_TYPE* us, LIF_TYPE* gx, int64_t o_rs,
                                    float* gv, int64_t gv_rs, int64_t rows, int64_t n, const float* a, const float* b,
-                                   const float* p, int step, float gx_scale, float keep, float v_th, float v_rest,
-                                   int hard, int detach, int kind) {
+                                   int step, const float* p, int64_t p_rs, float gx_scale, float keep, float v_th,
+                                   float v_rest, int hard, int detach, int kind) {
 #define LIF_BWD_CALL(KIND)                                                                                      \
     if (step)                                                                                                   \
-        LIF_NAME(bwd_rows)(gs, gs_rs, us, gx, o_rs, gv, gv_rs, rows, n, a, b, p, gx_scale, keep, v_th, v_rest,   \
-                           hard, detach, KIND, 1);                                                              \
+        LIF_NAME(bwd_rows)(gs, gs_rs, us, gx, o_rs, gv, gv_rs, rows, n, a, b, p, p_rs, gx_scale, keep, v_th,     \
+                           v_rest, hard, detach, KIND, 1);                                                      \
     else                                                                                                        \
-        LIF_NAME(bwd_rows)(gs, gs_rs, us, gx, o_rs, gv, gv_rs, rows, n, a, b, p, gx_scale, keep, v_th, v_rest,   \
-                           hard, detach, KIND, 0);                                                              \
+        LIF_NAME(bwd_rows)(gs, gs_rs, us, gx, o_rs, gv, gv_rs, rows, n, a, b, p, p_rs, gx_scale, keep, v_th,     \
+                           v_rest, hard, detach, KIND, 0);                                                      \
     break;
     switch (kind) {
     case SG_TRIANGLE: LIF_BWD_CALL(SG_TRIANGLE)
@@ -158,25 +160,26 @@ static void LIF_NAME(bwd_dispatch)(const LIF_TYPE* gs, int64_t gs_rs, const LIF_
 }
 
 /* Reverse time loop over tiles [tile_begin, tile_end). grad_spikes (or NULL): [T, B, C, S]
- * with dense [C, S] per sample, time and batch strides gs_stride_t, gs_stride_b; u_saved as lif_fwd wrote it; mpd_a, mpd_b
- * (or NULL): float32 [T, C]; sg_param_c (or NULL: sg_param everywhere): float32 [C];
- * gvT (or NULL) and gv0 (or NULL): float32 [B, C, S]; grad_x: dense [T, B, C, S]. */
-void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t gs_stride_b, const LIF_TYPE* u_saved, const float* mpd_a,
-                       const float* mpd_b, const float* sg_param_c, const float* gvT, LIF_TYPE* grad_x, float* gv0,
-                       int64_t T, int64_t B, int64_t C, int64_t S, int64_t block_b, int64_t block_c, float inv_tau,
-                       float v_th, float v_rest, float sg_param, int32_t kind, int32_t decay_input,
-                       int32_t hard_reset, int32_t detach_reset, int64_t tile_begin, int64_t tile_end,
-                       float* scratch) {
+ * with dense [C, S] per sample, time and batch strides gs_stride_t, gs_stride_b; u_saved as
+ * lif_fwd wrote it; mpd_a, mpd_b (or NULL): float32 [T, C]. The surrogate's parameter:
+ * sg_param_e (per element: float32 dense [B, C, S] per step, time stride sgp_stride_t, 0
+ * allowed), else sg_param_c (per channel: float32 [C]), else the scalar sg_param. gvT (or
+ * NULL) and gv0 (or NULL): float32 [B, C, S]; grad_x: dense [T, B, C, S]. */
+void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t gs_stride_b, const LIF_TYPE* u_saved,
+                       const float* mpd_a, const float* mpd_b, const float* sg_param_c, const float* sg_param_e,
+                       int64_t sgp_stride_t, const float* gvT, LIF_TYPE* grad_x, float* gv0, int64_t T, int64_t B,
+                       int64_t C, int64_t S, int64_t block_b, int64_t block_c, float inv_tau, float v_th,
+                       float v_rest, float sg_param, int32_t kind, int32_t decay_input, int32_t hard_reset,
+                       int32_t detach_reset, int64_t tile_begin, int64_t tile_end, float* scratch) {
     const int64_t N = B * C * S;
     const int64_t n_ctiles = (C + block_c - 1) / block_c;
     const int64_t tile_elems = block_b * block_c * S;
     const float gx_scale = decay_input ? inv_tau : 1.0f;
     const float keep = 1.0f - inv_tau;
     float* gv = scratch;
-    float* zeros = scratch + tile_elems;   /* a tile row of zeros: grad_spikes, a and b when absent */
-    float* params = zeros + block_c * S;   /* block_c copies of sg_param */
-    for (int64_t k = 0; k < block_c * S; k++) zeros[k] = 0.0f;
-    for (int64_t k = 0; k < block_c; k++) params[k] = sg_param;
+    float* zeros = scratch + tile_elems;  /* a tile of zeros: grad_spikes, a and b when absent */
+    float* params = zeros + tile_elems;   /* the tile's [n_c, S] parameters when not per element */
+    for (int64_t k = 0; k < tile_elems; k++) zeros[k] = 0.0f;
     for (int64_t tile = tile_begin; tile < tile_end; tile++) {
         const int64_t pb = tile / n_ctiles, pc = tile % n_ctiles;
         const int64_t b0 = pb * block_b, c0 = pc * block_c;
@@ -186,29 +189,35 @@ void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t
             const int64_t off = (b0 + bi) * C * S + c0 * S;
             for (int64_t k = 0; k < n_row; k++) gv[bi * n_row + k] = gvT ? gvT[off + k] : 0.0f;
         }
+        if (!sg_param_e) /* one row of parameters, the same for every sample and step */
+            for (int64_t cc = 0; cc < n_c; cc++) {
+                const float value = sg_param_c ? sg_param_c[c0 + cc] : sg_param;
+                for (int64_t s = 0; s < S; s++) params[cc * S + s] = value;
+            }
         const int64_t off = b0 * C * S + c0 * S;
         for (int64_t i = 0; i < T; i++) {
             const int64_t t = T - 1 - i;
             const LIF_TYPE* gs = grad_spikes ? grad_spikes + t * gs_stride_t + b0 * gs_stride_b + c0 * S
                                              : (const LIF_TYPE*)zeros;
             const int64_t gs_rs = grad_spikes ? gs_stride_b : 0;
+            const float* p = sg_param_e ? sg_param_e + t * sgp_stride_t + off : params;
+            const int64_t p_rs = sg_param_e ? C * S : 0;
             if (S == 1) { /* a row per sample, walking the tile's channels */
                 const float* a = mpd_a ? mpd_a + t * C + c0 : zeros;
                 const float* b = mpd_b ? mpd_b + t * C + c0 : zeros;
-                const float* p = sg_param_c ? sg_param_c + c0 : params;
                 LIF_NAME(bwd_dispatch)(gs, gs_rs, u_saved + t * N + off, grad_x + t * N + off, C * S, gv, n_row, n_b,
-                                       n_row, a, b, p, 1, gx_scale, keep, v_th, v_rest, hard_reset, detach_reset,
-                                       kind);
+                                       n_row, a, b, 1, p, p_rs, gx_scale, keep, v_th, v_rest, hard_reset,
+                                       detach_reset, kind);
                 continue;
             }
             for (int64_t cc = 0; cc < n_c; cc++) { /* a row per sample, one channel's positions */
                 const int64_t c = c0 + cc;
                 const float a = mpd_a ? mpd_a[t * C + c] : 0.0f;
                 const float b = mpd_b ? mpd_b[t * C + c] : 0.0f;
-                const float p = sg_param_c ? sg_param_c[c] : sg_param;
                 LIF_NAME(bwd_dispatch)(grad_spikes ? gs + cc * S : gs, gs_rs, u_saved + t * N + off + cc * S,
-                                       grad_x + t * N + off + cc * S, C * S, gv + cc * S, n_row, n_b, S, &a, &b, &p,
-                                       0, gx_scale, keep, v_th, v_rest, hard_reset, detach_reset, kind);
+                                       grad_x + t * N + off + cc * S, C * S, gv + cc * S, n_row, n_b, S, &a, &b, 0,
+                                       p + cc * S, p_rs, gx_scale, keep, v_th, v_rest, hard_reset, detach_reset,
+                                       kind);
             }
         }
         if (gv0) {
