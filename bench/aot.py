@@ -35,7 +35,8 @@ import triton
 from mpd_triton.kernels import lif as lif_kernels
 from mpd_triton.neuron import LIFConfig
 
-from .kernels import bench_shape, command_line
+from .cli import command_line
+from .kernels import bench_shape
 from .report import markdown_table, text_table, write_json
 
 __all__ = ["ARCHS", "CASES", "QUICK_CASES", "compile_case", "resource_usage", "occupancy", "main"]

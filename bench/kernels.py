@@ -17,11 +17,8 @@ the harness.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import math
-import os
-import shlex
 import sys
 import traceback
 from dataclasses import dataclass
@@ -31,6 +28,7 @@ import torch
 
 from mpd_triton.kernels.cpu import keep_freed_memory
 
+from .cli import command_line, default_out, first_line
 from .measure import (PASSES, copy_bandwidth, describe_failure, gb_per_s, machine_info, minimal_bytes, peak_memory,
                       reset_grads, time_call)
 from .providers import NEURON, PROVIDER_NAMES, PROVIDERS, Provider, make_input, make_output_grads, pass_callable
@@ -165,20 +163,6 @@ def _parse_compile_T(values: list[str]) -> list[int] | None:
     return Ts
 
 
-def first_line(device: torch.device, what: str = "kernel benchmark") -> str:
-    """The run's first printed line: where it runs, and on the CPU that it is no speed measurement."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return (f"mpd-triton {what} on {props.name} (CUDA {torch.version.cuda}, torch {torch.__version__}): "
-                "triton.testing.do_bench medians")
-    kernels = (f"mpd_triton's Triton kernels run in the Triton interpreter (up to T*N = {INTERPRETER_MAX_ELEMENTS}: "
-               "a check of the harness, not a speed)"
-               if PROVIDERS["mpd_triton"].unavailable(device, torch.float32) is None
-               else "mpd_triton's Triton kernels are skipped (set TRITON_INTERPRET=1 to run them in the interpreter)")
-    return (f"No CUDA: the {what} runs on the CPU ({os.cpu_count()} cores, torch {torch.get_num_threads()} "
-            f"threads) with a wall-clock timer; the CPU implementations are timed for real, {kernels}")
-
-
 def _record(provider, implementation, pass_name, stats, dtype_name, shape, copy_gb_per_s=None, **measured) -> dict:
     """One measurement; effective GB/s and the share of the copy ceiling follow from bytes and the median."""
     T, B, C, S = shape
@@ -271,15 +255,6 @@ def _measure(step, x, grads, pass_name, device, plan: Plan) -> dict:
     peak, peak_note = peak_memory(fn, device, grad_to_none=[x])
     return dict(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, timer=timing.timer,
                 peak_memory_bytes=peak, peak_memory_note=peak_note)
-
-
-def default_out(kind: str) -> Path:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path("runs") / "bench" / f"{kind}-{stamp}"
-
-
-def command_line(argv: list[str], module: str) -> str:
-    return " ".join(["python -m", module] + [shlex.quote(a) for a in argv])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ import mpd_triton as mt
 from models import MODEL_NAMES, NeuronOptions, build_model
 from mpd_triton.kernels.cpu import keep_freed_memory
 
-from .kernels import command_line, default_out, first_line
+from .cli import command_line, default_out, first_line
 from .measure import describe_failure, machine_info, peak_memory, time_call
 from .peers import SpikingJellyLIF
 from .providers import MPD_ETA, NEURON, PROVIDERS, Provider
