@@ -64,17 +64,23 @@ INLINE float surrogate_grad(const int kind, float u, float p) {
 }
 
 /* Sum of a row and sum of squared deviations from `mean`, in LANES float accumulators
- * (independent, so the loop vectorizes without reassociating) added up in double. A row
- * has at most TILE_ELEMENTS values, LANES-way split: each lane sums a few hundred. */
+ * (independent, so the loop vectorizes without reassociating), added up pairwise at the end
+ * of the row (a short tree, not a serial chain: rows are short) and returned in double. A
+ * row has at most TILE_ELEMENTS values, LANES-way split: each lane sums a few hundred. */
 #define LANES 16
+static inline float lanes_total(float* acc) {
+    for (int j = 0; j < 8; j++) acc[j] += acc[j + 8];
+    for (int j = 0; j < 4; j++) acc[j] += acc[j + 4];
+    return (acc[0] + acc[2]) + (acc[1] + acc[3]);
+}
+
 static double row_sum(const float* RESTRICT u, int64_t n) {
     float acc[LANES] = {0.0f};
     int64_t s = 0;
     for (; s + LANES <= n; s += LANES)
         for (int j = 0; j < LANES; j++) acc[j] += u[s + j];
-    double total = 0.0;
+    double total = (double)lanes_total(acc);
     for (; s < n; s++) total += (double)u[s];
-    for (int j = 0; j < LANES; j++) total += (double)acc[j];
     return total;
 }
 
@@ -86,12 +92,11 @@ static double row_m2(const float* RESTRICT u, int64_t n, float mean) {
             const float d = u[s + j] - mean;
             acc[j] += d * d;
         }
-    double total = 0.0;
+    double total = (double)lanes_total(acc);
     for (; s < n; s++) {
         const double d = (double)u[s] - (double)mean;
         total += d * d;
     }
-    for (int j = 0; j < LANES; j++) total += (double)acc[j];
     return total;
 }
 
