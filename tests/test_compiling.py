@@ -87,3 +87,15 @@ def test_train_eval_with_compile_end_to_end(tmp_path, capsys):
     assert "torch.compile: on (--compile)" in capsys.readouterr().out
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]["a"]
     assert result["n"] == 10  # two full batches compiled, the last two images eagerly
+
+
+def test_channels_last_default_and_same_results():
+    assert compiling.use_channels_last(None, torch.device("cpu"))
+    assert not compiling.use_channels_last(None, torch.device("cuda"))
+    assert compiling.use_channels_last(True, torch.device("cuda")) and not compiling.use_channels_last(False, torch.device("cpu"))
+    model = _small_model()
+    x = torch.rand(3, 1, 8, 8)
+    expected = model(x)
+    fast = compiling.to_memory_format(_small_model(), True)
+    assert fast.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)

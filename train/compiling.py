@@ -1,4 +1,4 @@
-"""torch.compile for training and evaluation (``--compile`` of train.run and train.eval).
+"""How train.run and train.eval run a model fast: ``--compile`` and ``--channels-last``.
 
 The model is compiled whole (``torch.compile(model)``, Inductor): the LIF layers are
 opaque custom operators (the fused kernels), and Inductor fuses what surrounds them
@@ -14,6 +14,11 @@ opaque custom operators (the fused kernels), and Inductor fuses what surrounds t
 
 Inductor caches what it compiled on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under
 the system's temporary folder), so a second run of the same model starts faster.
+
+``--channels-last`` stores the model's convolution weights, and so its activations, in
+``torch.channels_last``: on the CPU, oneDNN's convolutions and PyTorch's pooling are faster in
+that layout, and the LIF kernels read and write it in place. The default (``auto``) is on for
+the CPU and off on a GPU, where it has not been measured yet.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["COMPILE_MIN_STEPS", "RECOMPILE_LIMIT", "should_compile", "BatchCompiled", "compile_for_batches"]
+__all__ = ["COMPILE_MIN_STEPS", "RECOMPILE_LIMIT", "should_compile", "BatchCompiled", "compile_for_batches",
+           "use_channels_last", "to_memory_format"]
 
 # Full training steps from which compiling pays (docs/benchmarks.md, "CPU": on the 2-core CPU the
 # quick preset's model compiles in about 20 s and then saves about 10 ms a step).
@@ -72,3 +78,13 @@ class BatchCompiled(nn.Module):
 def compile_for_batches(model: nn.Module, batch_size: int, enabled: bool) -> nn.Module:
     """``BatchCompiled(model, batch_size)`` if enabled, else ``model`` itself."""
     return BatchCompiled(model, batch_size) if enabled else model
+
+
+def use_channels_last(flag: bool | None, device: torch.device) -> bool:
+    """--channels-last (True), --no-channels-last (False) or auto (None: on for the CPU)."""
+    return flag if flag is not None else device.type == "cpu"
+
+
+def to_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
+    """The model with its 4-d weights in channels-last (in place, as ``Module.to``), or as it is."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model

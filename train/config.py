@@ -75,6 +75,7 @@ class RunConfig:
     device: str = "auto"
     bf16: bool = False
     compile: bool | None = None  # torch.compile the model; None: when the run is long enough (train/compiling.py)
+    channels_last: bool | None = None  # channels-last activations; None: on for the CPU (train/compiling.py)
     deterministic: bool = False
     out: str | None = None
 
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the model under torch.compile (full batches); default: when the run has at least "
                         f"{COMPILE_MIN_STEPS} training steps, where compiling pays")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep activations in torch.channels_last; default: on for the CPU, where it is faster")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
     g.add_argument("--resume", action="store_true",

@@ -19,7 +19,7 @@ from models import build_model
 
 from .attacks import pgd
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .compiling import compile_for_batches
+from .compiling import compile_for_batches, to_memory_format, use_channels_last
 from .config import RunConfig
 from .data import DatasetInfo, EpochLoader, ImageData
 
@@ -29,7 +29,8 @@ CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 METRICS = "metrics.jsonl"
 # Config entries that may differ when a run is resumed (where it runs, not what it computes).
-RESUMABLE_DIFFERENCES = {"out", "device", "download", "data_dir", "eval_attacks", "eval_limit", "eval_eps", "compile"}
+RESUMABLE_DIFFERENCES = {"out", "device", "download", "data_dir", "eval_attacks", "eval_limit", "eval_eps", "compile",
+                         "channels_last"}
 
 
 @dataclass
@@ -153,7 +154,7 @@ def train_run(cfg: RunConfig, name: str, eta: float, run_dir: Path, train: Image
     with compile_model, full batches run under torch.compile (train/compiling.py)."""
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
-    model = build_for(cfg, info).to(ctx.device)
+    model = to_memory_format(build_for(cfg, info).to(ctx.device), use_channels_last(cfg.channels_last, ctx.device))
     reg = mt.MPDSGR(model, eta=eta, granularity=cfg.granularity, gamma=cfg.gamma)
     opt = _optimizer(cfg, model)
     sched = _scheduler(cfg, opt)

@@ -28,7 +28,8 @@ from mpd_triton.kernels.cpu import keep_freed_memory  # noqa: E402
 
 from .attacks import GRADIENT_ATTACKS, GRADIENT_SOURCES  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from .compiling import COMPILE_MIN_STEPS, compile_for_batches, should_compile  # noqa: E402
+from .compiling import (COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format,  # noqa: E402
+                        use_channels_last)
 from .config import ConfigError, fraction  # noqa: E402
 from .data import DataError, load_dataset  # noqa: E402
 from .robustness import EvalSettings, evaluate_robustness, parse_attacks  # noqa: E402
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep activations in torch.channels_last; default: on for the CPU, where it is faster")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the models under torch.compile (full batches); default: when the evaluation makes at "
                         f"least {COMPILE_MIN_STEPS} forward-backward passes per model, where compiling pays")
@@ -238,6 +241,7 @@ def main(argv=None) -> int:
     results = []
     for name, (model, spec), path in zip(names, models, args.checkpoint):
         t0 = time.perf_counter()
+        model = to_memory_format(model, use_channels_last(args.channels_last, device))
         model = compile_for_batches(model, settings.batch_size, compile_models)
         r = evaluate_robustness(model, images, labels, settings, source=source, num_classes=spec["num_classes"],
                                 desc=name)

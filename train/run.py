@@ -18,7 +18,7 @@ import torch.distributed as dist
 from mpd_triton.kernels.cpu import keep_freed_memory
 
 from .checkpoint import CheckpointError
-from .compiling import should_compile
+from .compiling import should_compile, to_memory_format, use_channels_last
 from .config import ConfigError, RunConfig, parse_args
 from .data import DataError, ImageData, load_dataset
 from .engine import RunContext, build_for, setup_context, train_run
@@ -87,7 +87,7 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
         result = train_run(cfg, name, eta, out / name, train, test, info, ctx, resume, compile_model)
         if not ctx.is_main:
             continue
-        model = build_for(cfg, info).to(ctx.device)
+        model = to_memory_format(build_for(cfg, info).to(ctx.device), use_channels_last(cfg.channels_last, ctx.device))
         model.load_state_dict(torch.load(out / name / "model.pt", map_location=ctx.device, weights_only=False)["model"])
         samples[name] = membrane_samples(model, probe, seed=cfg.seed)
         robustness = robustness_summary(model, test, cfg, info.num_classes, name)
