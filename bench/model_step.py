@@ -79,8 +79,9 @@ def _swap_lif_layers(model: torch.nn.Module, make) -> int:
 
 
 def build_variant(variant: str, model_name: str, *, T: int, image_size: int, device: torch.device,
-                  in_channels: int = 3):
-    """(model, MPDSGR regularizer, the module a step calls: the model or its compiled form) for one variant."""
+                  in_channels: int = 3, channels_last: bool = False):
+    """(model, MPDSGR regularizer, the module a step calls: the model or its compiled form) for one variant;
+    channels_last: the model's weights, and so its activations, in torch.channels_last."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
     backend, compiled, _ = VARIANTS[variant]
@@ -93,6 +94,8 @@ def build_variant(variant: str, model_name: str, *, T: int, image_size: int, dev
     if variant == "spikingjelly":
         _swap_lif_layers(model, SpikingJellyLIF.like)
     model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     reg = mt.MPDSGR(model, eta=MPD_ETA)
     return model, reg, (torch.compile(model) if compiled else model)
 
@@ -131,7 +134,7 @@ def _implementation(variant: str, provider: Provider, device: torch.device) -> s
 
 def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batch: int, image_size: int,
                  device: torch.device, warmup_ms: float, rep_ms: float, strict: bool = False,
-                 in_channels: int = 3) -> list[dict]:
+                 in_channels: int = 3, channels_last: bool = False) -> list[dict]:
     """Time one training step per variant (name -> the provider whose availability it shares)."""
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.rand((batch, in_channels, image_size, image_size), generator=gen, device=device)
@@ -147,7 +150,7 @@ def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batc
         try:
             torch.manual_seed(0)  # the same initial weights in every variant
             model, reg, forward = build_variant(variant, model_name, T=T, image_size=image_size, device=device,
-                                                in_channels=in_channels)
+                                                in_channels=in_channels, channels_last=channels_last)
             step, losses = _training_step(model, reg, images, labels, forward)
             start = time.perf_counter()
             step()  # the first step (compilation for the compiled variants), timed apart
@@ -187,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-ms", type=float, default=200.0)
     parser.add_argument("--rep-ms", type=float, help="timed repetitions per variant (default 2000 on CUDA)")
     parser.add_argument("--strict", action="store_true", help="stop at the first error instead of recording it")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="every variant's model in torch.channels_last (default: on for the CPU, as train.run)")
     return parser
 
 
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         defaults = CPU_QUICK if args.quick else CPU_DEFAULTS
     in_channels = defaults.get("in_channels", 3)
+    channels_last = args.channels_last if args.channels_last is not None else device.type == "cpu"
     T = args.T or defaults["T"]
     batch = args.batch or defaults["batch"]
     image_size = args.image_size or defaults["image_size"]
@@ -221,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         ["torch_compile", "mpd_triton_cpu_compile"] if device.type == "cpu" and args.model == "small" else [])
     variants = {name: PROVIDERS[VARIANTS[name][2]] for name in dict.fromkeys(names)}
     records = run_variants(variants, args.model, T=T, batch=batch, image_size=image_size, device=device,
-                           warmup_ms=args.warmup_ms, rep_ms=rep_ms, strict=args.strict, in_channels=in_channels)
+                           warmup_ms=args.warmup_ms, rep_ms=rep_ms, strict=args.strict, in_channels=in_channels,
+                           channels_last=channels_last)
     targets = evaluate_targets([], records, on_gpu=device.type == "cuda")
     headers, rows = model_table(records)
     target_headers, target_rows = targets_table(targets)
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"benchmark": "model_step", "command": command,
                "first_line": first_line(device, f"{args.model} training-step benchmark"), "machine": info,
                "settings": {"model": args.model, "T": T, "batch": batch, "image_size": image_size,
-                            "in_channels": in_channels,
+                            "in_channels": in_channels, "channels_last": channels_last,
                             "warmup_ms": args.warmup_ms, "rep_ms": rep_ms, "eta": MPD_ETA,
                             "optimizer": "SGD lr 0.1, momentum 0.9, weight decay 5e-4"},
                "measurements": records, "targets": targets}
@@ -245,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- {payload['first_line']}",
         f"- machine: {where}; torch {info['torch']}, triton {info['triton']}",
         f"- date (UTC): {info['date_utc']}",
-        f"- command: `{command}`", "",
+        f"- command: `{command}`",
+        f"- step: T = {T}, batch {batch}, {image_size} x {image_size} x {in_channels} images, "
+        f"{'channels-last' if channels_last else 'contiguous'} activations, SGD + cross-entropy + {MPD_ETA} L_MPD",
+        "",
         markdown_table(headers, rows), "",
         "## Targets", "",
         markdown_table(target_headers, target_rows), "",
