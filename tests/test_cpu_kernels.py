@@ -370,3 +370,25 @@ def test_surrogate_parameter_per_channel_and_per_element(shape, surrogate):
     varying = per_channel.view(view) * torch.arange(1.0, shape[0] + 1).view((-1,) + (1,) * (len(shape) - 1))
     grad_v, _ = cpu_kernels.lif_backward(grad_spikes, u_saved, params, surrogate_param=varying)
     assert not torch.equal(grad_v, grad_c), "a parameter that varies over T must change the gradient"
+
+
+@settings(max_examples=60)
+@given(shape=input_shapes(max_T=8), opts=neuron_options(), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), channels_innermost=st.booleans())
+def test_low_precision_forward_matches_reference(shape, opts, seed, dtype, channels_innermost):
+    """float16 / bfloat16 in and out, float32 state: the spikes equal the reference's on the same input
+    (it computes in float32 too), the statistics agree to float32 rounding, the final state to one
+    rounding in the dtype."""
+    if not cpu_kernels.available(dtype):
+        pytest.skip(f"this machine's C compiler has no {dtype}")
+    x = make_input(shape, seed, dtype=dtype)
+    if channels_innermost:
+        x = x.movedim(2, -1).contiguous().movedim(-1, 2)
+    s, mean, var, v_T = mt.lif(x, **opts, backend="cpu", return_stats=True, return_state=True)
+    ref = mt.lif_reference(x, mt.LIFConfig(**opts), return_stats=True)
+    assert s.dtype == dtype and v_T.dtype == dtype
+    assert torch.equal(s, ref.spikes)
+    scale = 1.0 + float(ref.u.abs().max())
+    assert_close("mean", mean, ref.mean, atol=2e-6 * scale, rtol=1e-5)
+    assert_close("var", var, ref.var, atol=4e-6 * scale * scale, rtol=1e-4)
+    assert_close("v_T", v_T, ref.v, atol=0, rtol=2.0 ** -(8 if dtype == torch.bfloat16 else 11))
