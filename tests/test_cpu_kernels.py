@@ -392,3 +392,30 @@ def test_low_precision_forward_matches_reference(shape, opts, seed, dtype, chann
     assert_close("mean", mean, ref.mean, atol=2e-6 * scale, rtol=1e-5)
     assert_close("var", var, ref.var, atol=4e-6 * scale * scale, rtol=1e-4)
     assert_close("v_T", v_T, ref.v, atol=0, rtol=2.0 ** -(8 if dtype == torch.bfloat16 else 11))
+
+
+FORK_PROBE = """
+    import multiprocessing, numpy as np, torch, mpd_triton as mt
+    # Inputs from numpy and sums in numpy: a parallel torch op before the fork would start OpenMP,
+    # which then hangs in the child by itself (libgomp is not fork-safe), whatever the kernels do.
+    torch.set_num_threads(2)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 64, 16, 16, 16), dtype=np.float32))
+
+    def count(x):
+        torch.set_num_threads(2)
+        return float(mt.lif(x, backend="cpu").numpy().sum())
+
+    parent = count(x)  # the parent's thread pool exists from here on
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(count, (x,)).get(timeout=120)
+    print("COUNTS", parent, child)
+"""
+
+
+def test_forked_child_runs_the_kernels_on_threads():
+    """A child forked after the thread pool exists inherits the pool object but not its threads:
+    it must make its own instead of waiting forever on work no thread picks up."""
+    done = _python(FORK_PROBE, {"TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    parent, child = done.stdout.split("COUNTS")[1].split()
+    assert parent == child and float(parent) > 0

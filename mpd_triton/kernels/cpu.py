@@ -79,6 +79,7 @@ _state: dict = {}  # "lib" or "reason", once decided
 _workspace = threading.local()  # per calling thread: scratch and statistics partials, grown as needed
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0  # a forked child inherits the pool object but not its threads: it makes its own
 
 
 # ---------------------------------------------------------------- build and load
@@ -291,17 +292,17 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _run_tiles(fn, args_before, args_after, n_tiles: int, elements: int, scratch_floats: int) -> None:
     """fn(*args_before, tile_begin, tile_end, scratch, ...) over all tiles, split over threads."""
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     workers = max(1, min(torch.get_num_threads(), n_tiles, elements // THREAD_MIN_ELEMENTS))
     scratch = _buffer("scratch", workers * scratch_floats, torch.float32).view(workers, scratch_floats)
     if workers == 1:
         fn(*args_before, 0, n_tiles, scratch.data_ptr(), *args_after)
         return
-    if _pool_size < workers:
+    if _pool_size < workers or _pool_pid != os.getpid():
         with _lock:
-            if _pool_size < workers:
+            if _pool_size < workers or _pool_pid != os.getpid():
                 _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mpd_triton_cpu")
-                _pool_size = workers
+                _pool_size, _pool_pid = workers, os.getpid()
     bounds = [n_tiles * i // workers for i in range(workers + 1)]
     futures = [_pool.submit(fn, *args_before, bounds[i], bounds[i + 1], scratch[i].data_ptr(), *args_after)
                for i in range(1, workers)]
