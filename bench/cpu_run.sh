@@ -35,7 +35,7 @@ done
 note() { echo "== $(date -u +%H:%M:%SZ) $* (load: $(cut -d' ' -f1-3 /proc/loadavg))" | tee -a "$LOG"; }
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  stages: ${stages[*]}  commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores"
+    echo "cpu: $(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2- | xargs), $(getconf _NPROCESSORS_ONLN) cores"
     "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'threads', torch.get_num_threads(), 'triton', triton.__version__)"
 } | tee -a "$LOG"
 

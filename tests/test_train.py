@@ -178,3 +178,14 @@ def test_run_config_neuron_defaults_match_the_models():
 
     assert RunConfig().neuron_options() == dataclasses.asdict(NeuronOptions())
     assert RunConfig(tau=3.0, surrogate="atan").neuron_options()["tau"] == 3.0
+
+
+def test_help_shows_effective_defaults(capsys):
+    """--help shows each option's value in the default preset (and other presets' values), not argparse's None."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: None" not in text
+    assert "(default: 4; 8 in fmnist-vgg11" in text  # --T
+    assert "use only the first N training images (default: all)" in text
+    assert "default: auto" in text  # --compile

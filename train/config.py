@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train.run",
         description="Train a spiking network with MPD-SGR (and optionally adversarial training). "
                     "With no arguments: the 'quick' preset, a small SNN on the bundled Fashion-MNIST subset, "
-                    "trained plain and with MPD-SGR from the same seed and compared.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "trained plain and with MPD-SGR from the same seed and compared. Every option's default is "
+                    "the chosen preset's value; --help shows the quick preset's (and what the other presets set).",
     )
     a = p.add_argument
     a("--preset", default="quick", help=f"one of: {', '.join(PRESETS)}")
@@ -195,7 +195,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out (default: the newest runs/<preset>-*)")
+    _show_defaults(p)
     return p
+
+
+# What an option left at None means (RunConfig keeps None for "decided elsewhere").
+_NONE_MEANS = {"train_limit": "all", "test_limit": "all", "eval_limit": "all", "compile": "auto",
+               "channels_last": "auto", "surrogate_param": "the surrogate's own", "data_dir": "none",
+               "v_reset": "soft reset"}
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each option's effective default to its help: the quick preset's value, and the
+    values other presets set. (The parser's own defaults are None, meaning "the preset's".)"""
+    base = {**RunConfig().to_dict(), **PRESETS["quick"]}
+    for action in parser._actions:
+        name = action.dest
+        if name not in base or name == "preset" or (action.help and "default:" in action.help):
+            continue
+        by_value: dict[str, list[str]] = {}
+        for preset, values in PRESETS.items():
+            if preset != "quick" and name in values and values[name] != base[name]:
+                by_value.setdefault(_shown(name, values[name]), []).append(preset)
+        note = f"default: {_shown(name, base[name])}" + "".join(
+            f"; {value} in {', '.join(presets)}" for value, presets in by_value.items())
+        action.help = f"{action.help} ({note})" if action.help else f"({note})"
+
+
+def _shown(name: str, value) -> str:
+    if value is None:
+        return _NONE_MEANS.get(name, "none")
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
 
 
 def parse_args(argv=None) -> tuple[RunConfig, bool]:
