@@ -19,7 +19,10 @@ Schemas carry no Python objects: the neuron travels as the fields of
 order. The Python floats reach the kernels as float32 arguments (Triton types
 a Python float as fp32; the kernels cast explicitly too), so no float64
 scalar enters the compiled code. Outputs that were not asked for are empty
-tensors (an operator returns a fixed number of tensors).
+tensors (an operator returns a fixed number of tensors). The last, optional
+argument of both, ``surrogate_param_tensor``, overrides the surrogate's scalar
+parameter per channel or per element in the backward (``mt.lif(...,
+surrogate_param=)``); ``lif_fwd`` takes it only to hand it to the backward.
 
 These are internal: call ``mt.lif`` (it validates its input first).
 """
@@ -51,8 +54,10 @@ def lif_fwd(
     inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
     surrogate: int, surrogate_param: float,
     stats: bool, save_state: bool, save_u: bool,
+    surrogate_param_tensor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(spikes, u_saved, mean, var, v_T); see ``kernels.lif.lif_forward``."""
+    """(spikes, u_saved, mean, var, v_T); see ``kernels.lif.lif_forward``. The forward does not
+    read ``surrogate_param_tensor``: it is an input only so that the backward gets it."""
     params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate, surrogate_param)
     with _kernels.device_guard(x):
         outputs = _kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=save_u)
@@ -61,7 +66,7 @@ def lif_fwd(
 
 @lif_fwd.register_fake
 def _lif_fwd_fake(x, v_init, inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate,
-                  surrogate_param, stats, save_state, save_u):
+                  surrogate_param, stats, save_state, save_u, surrogate_param_tensor=None):
     return _forward_outputs(x, _kernels.forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u))
 
 
@@ -72,19 +77,21 @@ def lif_bwd(
     inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
     surrogate: int, surrogate_param: float,
     need_grad_v0: bool,
+    surrogate_param_tensor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_v0 float32); see ``kernels.lif.lif_backward``. No autograd formula is
     registered for it, so double backward through the kernels is refused."""
     params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate, surrogate_param)
     with _kernels.device_guard(u_saved):
         grad_x, grad_v0 = _kernels.lif_backward(grad_spikes, u_saved, params, mpd_a=mpd_a, mpd_b=mpd_b,
-                                                grad_v_T=grad_v_T, need_grad_v0=need_grad_v0)
+                                                grad_v_T=grad_v_T, need_grad_v0=need_grad_v0,
+                                                surrogate_param=surrogate_param_tensor)
     return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
 
 
 @lif_bwd.register_fake
 def _lif_bwd_fake(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, inv_tau, v_th, v_rest, decay_input, hard_reset,
-                  detach_reset, surrogate, surrogate_param, need_grad_v0):
+                  detach_reset, surrogate, surrogate_param, need_grad_v0, surrogate_param_tensor=None):
     grad_x, grad_v0 = _kernels.backward_buffers(u_saved, need_grad_v0=need_grad_v0)
     return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
 
@@ -94,11 +101,11 @@ _N_PARAMS = len(KernelParams._fields)
 
 def _lif_fwd_setup_context(ctx, inputs, output):
     x, v_init, *rest = inputs
-    params, (stats, save_state, save_u) = rest[:_N_PARAMS], rest[_N_PARAMS:]
+    params, (stats, save_state, save_u, *sg_tensor) = rest[:_N_PARAMS], rest[_N_PARAMS:]
     _, u_saved, mean, _, _ = output
     ctx.mark_non_differentiable(u_saved)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(u_saved, mean)
+    ctx.save_for_backward(u_saved, mean, sg_tensor[0] if sg_tensor else None)
     ctx.params = tuple(params)
     ctx.saved_u, ctx.stats, ctx.save_state = save_u, stats, save_state
     ctx.v_init_dtype = v_init.dtype if v_init is not None else None
@@ -107,7 +114,7 @@ def _lif_fwd_setup_context(ctx, inputs, output):
 def _lif_fwd_backward(ctx, grad_spikes, grad_u_saved, grad_mean, grad_var, grad_v_T):
     if not ctx.saved_u:
         raise RuntimeError("mpd_triton::lif_fwd was called with save_u=False, so it cannot be differentiated")
-    u_saved, mean = ctx.saved_tensors
+    u_saved, mean, sg_tensor = ctx.saved_tensors
     if not ctx.stats:  # the placeholders of outputs not asked for carry no gradient
         grad_mean = grad_var = None
     if not ctx.save_state:
@@ -123,9 +130,9 @@ def _lif_fwd_backward(ctx, grad_spikes, grad_u_saved, grad_mean, grad_var, grad_
         mpd_b = (gvar * 2 / M).contiguous()
         mpd_a = (gm / M - mpd_b * mean).contiguous()
     grad_x, grad_v0 = torch.ops.mpd_triton.lif_bwd(
-        grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, *ctx.params, ctx.needs_input_grad[1])
+        grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, *ctx.params, ctx.needs_input_grad[1], sg_tensor)
     grad_v0 = grad_v0.to(ctx.v_init_dtype) if ctx.needs_input_grad[1] else None
-    return (grad_x, grad_v0) + (None,) * (_N_PARAMS + 3)
+    return (grad_x, grad_v0) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 lif_fwd.register_autograd(_lif_fwd_backward, setup_context=_lif_fwd_setup_context)
