@@ -190,6 +190,23 @@ def test_lif_module_surrogate_param_attribute():
         layer(x)
 
 
+@pytest.mark.parametrize("backend", mt.BACKENDS)
+def test_surrogate_param_reaches_every_backend(backend):
+    """Every backend (and whatever "auto" picks for this device) honours surrogate_param: the gradient is
+    the reference's with it, not the scalar surrogate's."""
+    x = make_input((3, 2, 4, 5), 9)
+    param = torch.tensor([0.5, 2.0, 4.0, 8.0], device=x.device)
+
+    def grad(backend, **kw):
+        xx = x.clone().requires_grad_(True)
+        mt.lif(xx, surrogate=mt.ATan(2.0), backend=backend, **kw).sum().backward()
+        return xx.grad
+
+    expected = grad("torch", surrogate_param=param)
+    assert not torch.allclose(expected, grad("torch"))
+    torch.testing.assert_close(grad(backend, surrogate_param=param), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_lif_module_backends_agree():
     x = make_input((5, 3, 4, 3, 3), 4)
     a = mt.LIF(backend="torch")(x)
