@@ -155,7 +155,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                 elif attack == "assg":
                     survived = clean.clone()
                     for level in settings.assg_levels:
-                        x_adv = run_attack("assg", model, x, y, eps, steps=settings.sapgd_steps, eot=settings.eot,
+                        x_adv = run_attack("assg", model, x, y, eps, steps=_steps(settings, "assg"), eot=settings.eot,
                                            assg_options=ASSGOptions(level=level))
                         ok = clean & _correct(model, x_adv, y)
                         add((attack, _key(eps), _level_key(level)), ok.sum())
