@@ -420,7 +420,8 @@ class AdaptiveSharpness:
 
     def sharpness(self) -> list[torch.Tensor]:
         """The alpha of each (layer, call) of the last pass, in layer order (for plots and tests)."""
-        return [self.options.omega / (M + self.options.relax * D + ASSG_EPS) for _, (M, D) in sorted(self.stats.items())]
+        opts = self.options
+        return [opts.omega / (M + opts.relax * D + ASSG_EPS) for _, (M, D) in sorted(self.stats.items())]
 
 
 def assg(model, x, y, eps: float, steps: int = SAPGD_STEPS, eot: int = 1,
