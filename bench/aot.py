@@ -67,6 +67,7 @@ class Case:
     grad_spikes: bool = True
     grad_v_T: bool = False
     need_grad_v0: bool = False
+    surrogate_param: str | None = None  # backward: None (scalar), "channel" ([C]) or "element" (x's shape)
 
 
 def _hot_shape(T: int = 8) -> tuple[int, ...]:
@@ -94,6 +95,11 @@ CASES = [
     Case("bwd f32 v_T grad, v0 grad, no spike grad", "backward", (8, 32, 64, 17, 17), grad_spikes=False,
          grad_v_T=True, need_grad_v0=True),
     Case("bwd f32 channels-last, strided grad", "backward", (8, 32, 64, 17, 17), layout="channels_last", mpd=True),
+    # the attacker's backward (ASSG): the surrogate's parameter per channel, and per element
+    Case("bwd f32 atan, alpha per channel", "backward", (8, 32, 64, 17, 17), cfg=LIFConfig(surrogate="atan"),
+         surrogate_param="channel"),
+    Case("bwd f32 atan, alpha per element", "backward", (8, 32, 64, 17, 17), cfg=LIFConfig(surrogate="atan"),
+         surrogate_param="element"),
 ]
 QUICK_CASES = [c for c in CASES if "(training)" in c.name]
 
@@ -181,8 +187,10 @@ def _run_case(case: Case) -> None:
             case.shape[:2] + (C * 2,) + case.shape[3:], dtype=case.dtype, device="meta")[:, :, ::2]
     mpd = torch.empty((T, C), device="meta") if case.mpd else None
     grad_v_T = torch.empty(case.shape[1:], dtype=case.dtype, device="meta") if case.grad_v_T else None
+    sg_param = {None: None, "channel": torch.empty((C,), device="meta"),
+                "element": torch.empty(case.shape, device="meta")}[case.surrogate_param]
     lif_kernels.lif_backward(grad, x, params, mpd_a=mpd, mpd_b=mpd, grad_v_T=grad_v_T,
-                             need_grad_v0=case.need_grad_v0)
+                             need_grad_v0=case.need_grad_v0, surrogate_param=sg_param)
 
 
 def _tool(name: str) -> Path:

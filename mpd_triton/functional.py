@@ -11,10 +11,10 @@ import warnings
 
 import torch
 
-from . import ops as _ops  # noqa: F401  (registers torch.ops.mpd_triton.*)
+from . import ops as _ops  # registers torch.ops.mpd_triton.* too
 from .kernels import cpu as _cpu_kernels
 from .kernels import lif as _kernels
-from .neuron import LIFConfig, check_bool
+from .neuron import LIFConfig, check_bool, check_surrogate_param
 from .reference import lif_reference
 from .surrogates import Surrogate, Triangle
 
@@ -117,11 +117,11 @@ def _resolve_backend(backend, x: torch.Tensor) -> str:
     return backend
 
 
-def _lif_fused(backend: str, x, v_init, cfg: LIFConfig, stats: bool, save_state: bool):
+def _lif_fused(backend: str, x, v_init, cfg: LIFConfig, stats: bool, save_state: bool, surrogate_param=None):
     # u is saved for backward only when a gradient can be asked for.
     save_u = torch.is_grad_enabled() and (x.requires_grad or (v_init is not None and v_init.requires_grad))
-    op = torch.ops.mpd_triton.lif_fwd if backend == "triton" else torch.ops.mpd_triton.lif_fwd_cpu
-    spikes, _, mean, var, v_T = op(x, v_init, *cfg.kernel_params, stats, save_state, save_u)
+    spikes, mean, var, v_T = _ops.fused_lif(backend, x, v_init, cfg.kernel_params, stats, save_state, save_u,
+                                            surrogate_param)
     return spikes, (mean if stats else None), (var if stats else None), (v_T if save_state else None)
 
 
@@ -138,6 +138,7 @@ def lif(
     return_stats: bool = False,
     v_init: torch.Tensor | None = None,
     return_state: bool = False,
+    surrogate_param: torch.Tensor | None = None,
 ):
     """Multi-step LIF neuron over time-major input.
 
@@ -161,6 +162,11 @@ def lif(
         v_init: initial membrane potential [B, C, *spatial] (default: v_reset,
             or 0 for a soft reset).
         return_state: also return the final membrane potential v_T.
+        surrogate_param: a tensor that replaces the surrogate's scalar parameter
+            (gamma or alpha) in the backward only: [C] (one per channel), or of
+            x's rank with dims 1 or x's (e.g. x.shape: one per element and time
+            step); finite, > 0, on x's device. The forward is unaffected.
+            Attacks set it (train/attacks.py, ASSG).
 
     Returns:
         spikes (x.dtype, same shape as x); with return_stats ``(spikes, mean,
@@ -172,12 +178,13 @@ def lif(
     _check_v_init(v_init, x)
     check_bool("return_stats", return_stats)
     check_bool("return_state", return_state)
+    check_surrogate_param(surrogate_param, x)
     cfg = LIFConfig(tau, v_th, v_reset, decay_input, detach_reset, surrogate)
     resolved = _resolve_backend(backend, x)
     if resolved != "torch":
-        spikes, mean, var, v_T = _lif_fused(resolved, x, v_init, cfg, return_stats, return_state)
+        spikes, mean, var, v_T = _lif_fused(resolved, x, v_init, cfg, return_stats, return_state, surrogate_param)
     else:
-        out = lif_reference(x, cfg, v_init=v_init, return_stats=return_stats)
+        out = lif_reference(x, cfg, v_init=v_init, return_stats=return_stats, surrogate_param=surrogate_param)
         spikes, mean, var, v_T = out.spikes, out.mean, out.var, out.v
     result = (spikes,)
     if return_stats:

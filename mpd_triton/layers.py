@@ -41,7 +41,10 @@ class LIF(nn.Module):
 
     The neuron parameters are those of :func:`mpd_triton.lif`; they can be
     changed after construction (``layer.surrogate = mt.Sigmoid()`` swaps the
-    surrogate, e.g. for an attacker's gradient). ``backward_mode = "rate"``
+    surrogate, e.g. for an attacker's gradient). ``surrogate_param`` (None by
+    default) is passed to :func:`mpd_triton.lif`: a tensor that replaces the
+    surrogate's scalar parameter per channel or per element in the backward
+    (the ASSG attack sets it before each forward). ``backward_mode = "rate"``
     replaces backpropagation through time by the rate backward of
     :func:`rate_backward` (an attacker's option; statistics are not recorded then).
     """
@@ -69,6 +72,7 @@ class LIF(nn.Module):
         self.keep_all_records = False
         self.mpd_records: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.backward_mode = "bptt"
+        self.surrogate_param: torch.Tensor | None = None
 
     # Neuron parameters, read through the validated config.
     def _replace(self, **changes):
@@ -113,8 +117,8 @@ class LIF(nn.Module):
             raise ValueError(f"backward_mode must be one of {BACKWARD_MODES}, got {self.backward_mode!r}")
         args = (x, c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, self.backend)
         if not self.record_mpd:
-            return lif(*args)
-        spikes, mean, var = lif(*args, return_stats=True)
+            return lif(*args, surrogate_param=self.surrogate_param)
+        spikes, mean, var = lif(*args, return_stats=True, surrogate_param=self.surrogate_param)
         self.record_stats(mean, var)
         return spikes
 

@@ -23,9 +23,11 @@ import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
 from .surrogates import Surrogate, as_surrogate
 
-__all__ = ["LIFConfig", "KernelParams", "check_real", "check_bool"]
+__all__ = ["LIFConfig", "KernelParams", "check_real", "check_bool", "check_surrogate_param", "surrogate_param_at"]
 
 
 def check_real(name: str, value, *, allow_inf: bool = False, positive: bool = False,
@@ -51,6 +53,46 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def check_surrogate_param(value, x: torch.Tensor) -> torch.Tensor | None:
+    """Validate ``surrogate_param`` of ``mt.lif`` for input x [T, B, C, *spatial] (or [T, B, F]).
+
+    None, or a floating-point tensor on x's device, finite and > 0, of shape [C]
+    (one value per channel; C = F for [T, B, F] input) or of x's rank with every
+    dim either 1 or x's (broadcast: [1, B, C, 1, 1] per sample and channel, x.shape
+    per element). Returns it unchanged.
+    """
+    if value is None:
+        return None
+    shape = tuple(x.shape)
+    what = f"[C] = [{shape[2]}] or a shape of {x.dim()} dims each 1 or equal to x's {shape}"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"surrogate_param must be None or a tensor of shape {what}, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"surrogate_param must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device != x.device:
+        raise ValueError(f"surrogate_param is on {value.device} but x is on {x.device}; put both on one device")
+    ok = (tuple(value.shape) == (shape[2],) if value.dim() == 1 else
+          value.dim() == x.dim() and all(n in (1, m) for n, m in zip(value.shape, shape)))
+    if not ok:
+        raise ValueError(f"surrogate_param must have shape {what}; got {tuple(value.shape)}")
+    # A data-dependent check (a device sync); skipped while torch.compile traces.
+    if not torch.compiler.is_compiling() and not bool(((value > 0) & torch.isfinite(value)).all()):
+        bad = value[~((value > 0) & torch.isfinite(value))].flatten()[0].item()
+        raise ValueError(f"surrogate_param must be finite and > 0 everywhere (it is the surrogate's gamma or "
+                         f"alpha), got {bad}")
+    return value
+
+
+def surrogate_param_at(value: torch.Tensor | None, t: int, step_dims: int) -> torch.Tensor | None:
+    """The part of a validated ``surrogate_param`` that applies to time step t, shaped to broadcast
+    against that step's [B, C, *spatial] (``step_dims`` dims)."""
+    if value is None:
+        return None
+    if value.dim() == 1:
+        return value.view((value.shape[0],) + (1,) * (step_dims - 2))
+    return value[t if value.shape[0] > 1 else 0]
 
 
 class KernelParams(NamedTuple):

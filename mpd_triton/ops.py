@@ -1,27 +1,32 @@
-"""The fused kernels as PyTorch custom operators: ``torch.ops.mpd_triton.lif_fwd`` / ``lif_bwd``
-(the Triton kernels) and ``lif_fwd_cpu`` / ``lif_bwd_cpu`` (the C kernels of ``kernels/cpu.py``),
-with the same schemas and the same autograd formula.
+"""The fused kernels as PyTorch operators: the custom operators ``torch.ops.mpd_triton.lif_fwd`` /
+``lif_bwd`` (the Triton kernels) and ``lif_fwd_cpu`` / ``lif_bwd_cpu`` (the C kernels of
+``kernels/cpu.py``), and the eager path ``fused_lif`` that calls the same launchers with less
+overhead. One backward formula (``_backward``) serves both.
 
-Registering them (schema, fake implementation, autograd) lets ``torch.compile``
-trace ``mt.lif`` / ``mt.LIF`` with ``fullgraph=True``: Dynamo puts one opaque
-node per call in the graph, AOTAutograd takes the backward from the
-registered formula (which calls ``lif_bwd``), and fake tensors get the output
-shapes, dtypes and strides from the same allocation code as the real launch
-(``kernels.lif.forward_buffers`` / ``backward_buffers``).
+Registering the custom operators (schema, fake implementation, autograd) lets ``torch.compile``
+trace ``mt.lif`` / ``mt.LIF`` with ``fullgraph=True``: Dynamo puts one opaque node per call in the
+graph, AOTAutograd takes the backward from the registered formula (which calls ``lif_bwd``), and
+fake tensors get the output shapes, dtypes and strides from the same allocation code as the real
+launch (``kernels.lif.forward_buffers`` / ``backward_buffers``).
 
-They are ``torch.library.custom_op`` rather than ``triton_op``: the kernels
-already fuse everything there is to fuse around the LIF, and an opaque op
-runs the same host launcher eagerly, under ``opcheck`` and under
-``torch.compile``, on a GPU and under the Triton interpreter alike (a
-``triton_op`` traces its launcher with fake tensors, which the interpreter
-cannot run, so it could not be tested without a GPU).
+Outside ``torch.compile`` a custom operator costs tens of microseconds of Python per call (its
+schema handling and dispatch), more than a small layer's kernels; eagerly, ``fused_lif`` runs the
+launchers through a ``torch.autograd.Function`` instead. Both paths call the same launchers with
+the same arguments and the same backward, so they return the same bits (``tests/test_compile.py``).
 
-Schemas carry no Python objects: the neuron travels as the fields of
-``KernelParams`` (floats, bools and the surrogate's integer id), in that
-order. The Python floats reach the kernels as float32 arguments (Triton types
-a Python float as fp32; the kernels cast explicitly too), so no float64
-scalar enters the compiled code. Outputs that were not asked for are empty
-tensors (an operator returns a fixed number of tensors).
+They are ``torch.library.custom_op`` rather than ``triton_op``: the kernels already fuse
+everything there is to fuse around the LIF, and an opaque op runs the same host launcher eagerly,
+under ``opcheck`` and under ``torch.compile``, on a GPU and under the Triton interpreter alike (a
+``triton_op`` traces its launcher with fake tensors, which the interpreter cannot run, so it could
+not be tested without a GPU).
+
+Schemas carry no Python objects: the neuron travels as the fields of ``KernelParams`` (floats,
+bools and the surrogate's integer id), in that order. The Python floats reach the kernels as
+float32 arguments, so no float64 scalar enters the compiled code. Outputs that were not asked for
+are empty tensors (an operator returns a fixed number of tensors). The last, optional argument of
+both, ``surrogate_param_tensor``, overrides the surrogate's scalar parameter per channel or per
+element in the backward (``mt.lif(..., surrogate_param=)``); ``lif_fwd`` takes it only to hand it
+to the backward.
 
 These are internal: call ``mt.lif`` (it validates its input first).
 """
@@ -36,7 +41,12 @@ from .kernels import cpu as _cpu_kernels
 from .kernels import lif as _kernels
 from .neuron import KernelParams
 
-__all__ = ["lif_fwd", "lif_bwd", "lif_fwd_cpu", "lif_bwd_cpu"]
+__all__ = ["lif_fwd", "lif_bwd", "lif_fwd_cpu", "lif_bwd_cpu", "fused_lif", "KERNELS"]
+
+# backend name -> (the launchers' module, the device context of a launch)
+KERNELS = {"triton": (_kernels, _kernels.device_guard), "cpu": (_cpu_kernels, lambda t: contextlib.nullcontext())}
+
+_N_PARAMS = len(KernelParams._fields)
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -49,13 +59,49 @@ def _forward_outputs(x: Tensor, outputs) -> tuple[Tensor, Tensor, Tensor, Tensor
             _or_empty(var, x, torch.float32), _or_empty(v_T, x, x.dtype))
 
 
-_N_PARAMS = len(KernelParams._fields)
+def _mpd_terms(u_saved: Tensor, mean: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor]):
+    """(a, b), float32 [T, C], with dL/du = a + b u for every element of (t, c), from the gradients of
+    the statistics (docs/design.md, section 4); (None, None) when neither has a gradient."""
+    if grad_mean is None and grad_var is None:
+        return None, None
+    # Integer scalars only: a Python float derived from a (symbolic) size would be a float64 scalar
+    # in the compiled graph.
+    M = u_saved.numel() // (u_saved.shape[0] * u_saved.shape[2])
+    gm = grad_mean.float() if grad_mean is not None else torch.zeros_like(mean)
+    gvar = grad_var.float() if grad_var is not None else torch.zeros_like(mean)
+    mpd_b = (gvar * 2 / M).contiguous()
+    mpd_a = (gm / M - mpd_b * mean).contiguous()
+    return mpd_a, mpd_b
+
+
+def _backward(run_bwd, ctx, grad_spikes, grad_mean, grad_var, grad_v_T):
+    """The backward of both paths: (grad_x, grad_v_init). run_bwd(grad_spikes, u_saved, mpd_a, mpd_b,
+    grad_v_T, params, need_grad_v0, surrogate_param) -> (grad_x, grad_v0 float32)."""
+    if not ctx.saved_u:
+        raise RuntimeError("the fused LIF forward ran with save_u=False (no input required a gradient), so it "
+                           "cannot be differentiated")
+    u_saved, mean, sg_tensor = ctx.saved_tensors
+    if not ctx.stats:  # the placeholders of outputs not asked for carry no gradient
+        grad_mean = grad_var = None
+    if not ctx.save_state:
+        grad_v_T = None
+    mpd_a, mpd_b = _mpd_terms(u_saved, mean, grad_mean, grad_var)
+    need_grad_v0 = ctx.needs_input_grad[1]
+    grad_x, grad_v0 = run_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, ctx.params, need_grad_v0, sg_tensor)
+    return grad_x, (grad_v0.to(ctx.v_init_dtype) if need_grad_v0 else None)
+
+
+def _save(ctx, v_init, u_saved, mean, params, stats, save_state, save_u, sg_tensor):
+    ctx.save_for_backward(u_saved, mean, sg_tensor)
+    ctx.params = tuple(params)
+    ctx.saved_u, ctx.stats, ctx.save_state = save_u, stats, save_state
+    ctx.v_init_dtype = v_init.dtype if v_init is not None else None
 
 
 def _define(suffix: str, kernels, device_guard):
-    """Register ``mpd_triton::lif_fwd{suffix}`` / ``lif_bwd{suffix}`` (schemas, fake
-    implementations, autograd) over one implementation of the kernels: a module with
-    ``lif_forward``, ``lif_backward``, ``forward_buffers`` and ``backward_buffers``."""
+    """Register ``mpd_triton::lif_fwd{suffix}`` / ``lif_bwd{suffix}`` (schemas, fake implementations,
+    autograd) over one implementation of the kernels: a module with ``lif_forward``,
+    ``lif_backward``, ``forward_buffers`` and ``backward_buffers``."""
 
     @torch.library.custom_op(f"mpd_triton::lif_fwd{suffix}", mutates_args=())
     def lif_fwd(
@@ -63,8 +109,10 @@ def _define(suffix: str, kernels, device_guard):
         inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
         surrogate: int, surrogate_param: float,
         stats: bool, save_state: bool, save_u: bool,
+        surrogate_param_tensor: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(spikes, u_saved, mean, var, v_T); see ``kernels.lif.lif_forward``."""
+        """(spikes, u_saved, mean, var, v_T); see ``kernels.lif.lif_forward``. The forward does not
+        read ``surrogate_param_tensor``: it is an input only so that the backward gets it."""
         params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate,
                               surrogate_param)
         with device_guard(x):
@@ -73,7 +121,7 @@ def _define(suffix: str, kernels, device_guard):
 
     @lif_fwd.register_fake
     def _lif_fwd_fake(x, v_init, inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate,
-                      surrogate_param, stats, save_state, save_u):
+                      surrogate_param, stats, save_state, save_u, surrogate_param_tensor=None):
         return _forward_outputs(x, kernels.forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u))
 
     @torch.library.custom_op(f"mpd_triton::lif_bwd{suffix}", mutates_args=())
@@ -83,6 +131,7 @@ def _define(suffix: str, kernels, device_guard):
         inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
         surrogate: int, surrogate_param: float,
         need_grad_v0: bool,
+        surrogate_param_tensor: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         """(grad_x, grad_v0 float32); see ``kernels.lif.lif_backward``. No autograd formula is
         registered for it, so double backward through the kernels is refused."""
@@ -90,53 +139,84 @@ def _define(suffix: str, kernels, device_guard):
                               surrogate_param)
         with device_guard(u_saved):
             grad_x, grad_v0 = kernels.lif_backward(grad_spikes, u_saved, params, mpd_a=mpd_a, mpd_b=mpd_b,
-                                                   grad_v_T=grad_v_T, need_grad_v0=need_grad_v0)
+                                                   grad_v_T=grad_v_T, need_grad_v0=need_grad_v0,
+                                                   surrogate_param=surrogate_param_tensor)
         return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
 
     @lif_bwd.register_fake
     def _lif_bwd_fake(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, inv_tau, v_th, v_rest, decay_input, hard_reset,
-                      detach_reset, surrogate, surrogate_param, need_grad_v0):
+                      detach_reset, surrogate, surrogate_param, need_grad_v0, surrogate_param_tensor=None):
         grad_x, grad_v0 = kernels.backward_buffers(u_saved, need_grad_v0=need_grad_v0)
         return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
 
     def setup_context(ctx, inputs, output):
         x, v_init, *rest = inputs
-        params, (stats, save_state, save_u) = rest[:_N_PARAMS], rest[_N_PARAMS:]
+        params, (stats, save_state, save_u, *sg_tensor) = rest[:_N_PARAMS], rest[_N_PARAMS:]
         _, u_saved, mean, _, _ = output
         ctx.mark_non_differentiable(u_saved)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(u_saved, mean)
-        ctx.params = tuple(params)
-        ctx.saved_u, ctx.stats, ctx.save_state = save_u, stats, save_state
-        ctx.v_init_dtype = v_init.dtype if v_init is not None else None
+        _save(ctx, v_init, u_saved, mean, params, stats, save_state, save_u, sg_tensor[0] if sg_tensor else None)
+
+    def run_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, params, need_grad_v0, sg_tensor):
+        return lif_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, *params, need_grad_v0, sg_tensor)
 
     def backward(ctx, grad_spikes, grad_u_saved, grad_mean, grad_var, grad_v_T):
-        if not ctx.saved_u:
-            raise RuntimeError(f"mpd_triton::lif_fwd{suffix} was called with save_u=False, so it cannot be "
-                               "differentiated")
-        u_saved, mean = ctx.saved_tensors
-        if not ctx.stats:  # the placeholders of outputs not asked for carry no gradient
-            grad_mean = grad_var = None
-        if not ctx.save_state:
-            grad_v_T = None
-        mpd_a = mpd_b = None
-        if grad_mean is not None or grad_var is not None:
-            # dL/du of every element of (t, c): gm/M + gvar * 2 (u - mean)/M = a + b u.
-            # Integer scalars only: a Python float derived from a (symbolic) size would be a
-            # float64 scalar in the compiled graph.
-            M = u_saved.numel() // (u_saved.shape[0] * u_saved.shape[2])
-            gm = grad_mean.float() if grad_mean is not None else torch.zeros_like(mean)
-            gvar = grad_var.float() if grad_var is not None else torch.zeros_like(mean)
-            mpd_b = (gvar * 2 / M).contiguous()
-            mpd_a = (gm / M - mpd_b * mean).contiguous()
-        grad_x, grad_v0 = lif_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, *ctx.params, ctx.needs_input_grad[1])
-        grad_v0 = grad_v0.to(ctx.v_init_dtype) if ctx.needs_input_grad[1] else None
-        return (grad_x, grad_v0) + (None,) * (_N_PARAMS + 3)
+        grad_x, grad_v0 = _backward(run_bwd, ctx, grad_spikes, grad_mean, grad_var, grad_v_T)
+        return (grad_x, grad_v0) + (None,) * (len(ctx.needs_input_grad) - 2)
 
     lif_fwd.register_autograd(backward, setup_context=setup_context)
     return lif_fwd, lif_bwd
 
 
-# The Triton kernels (CUDA, or any device under TRITON_INTERPRET=1) and the C kernels (CPU).
-lif_fwd, lif_bwd = _define("", _kernels, _kernels.device_guard)
-lif_fwd_cpu, lif_bwd_cpu = _define("_cpu", _cpu_kernels, lambda t: contextlib.nullcontext())
+lif_fwd, lif_bwd = _define("", *KERNELS["triton"])
+lif_fwd_cpu, lif_bwd_cpu = _define("_cpu", *KERNELS["cpu"])
+_OPS = {"triton": lif_fwd, "cpu": lif_fwd_cpu}
+
+
+class _FusedLIF(torch.autograd.Function):
+    """The eager path: the custom operators' launchers and backward, without their dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, v_init, backend, params, stats, save_state, save_u, sg_tensor):
+        kernels, device_guard = KERNELS[backend]
+        with device_guard(x):
+            outputs = kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=save_u)
+        spikes, u_saved, mean, var, v_T = _forward_outputs(x, outputs)
+        ctx.set_materialize_grads(False)
+        ctx.backend = backend
+        _save(ctx, v_init, u_saved, mean, params, stats, save_state, save_u, sg_tensor)
+        return spikes, mean, var, v_T
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_mean, grad_var, grad_v_T):
+        kernels, device_guard = KERNELS[ctx.backend]
+
+        def run_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, params, need_grad_v0, sg_tensor):
+            with device_guard(u_saved):
+                return kernels.lif_backward(grad_spikes, u_saved, KernelParams(*params), mpd_a=mpd_a, mpd_b=mpd_b,
+                                            grad_v_T=grad_v_T, need_grad_v0=need_grad_v0,
+                                            surrogate_param=sg_tensor)
+
+        grad_x, grad_v0 = _backward(run_bwd, ctx, grad_spikes, grad_mean, grad_var, grad_v_T)
+        return grad_x, grad_v0, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, *grads):  # pragma: no cover - forward-mode AD is not implemented
+        raise NotImplementedError("forward-mode AD through the fused LIF kernels is not implemented")
+
+
+def fused_lif(backend: str, x: Tensor, v_init: Optional[Tensor], params: KernelParams, stats: bool,
+              save_state: bool, save_u: bool, surrogate_param: Optional[Tensor] = None):
+    """(spikes, mean, var, v_T) of the fused kernels ("triton" or "cpu"); mean/var/v_T are empty
+    tensors when not asked for. Under torch.compile the custom operator (one opaque graph node),
+    otherwise the same launchers through ``_FusedLIF``."""
+    if torch.compiler.is_compiling():
+        spikes, _, mean, var, v_T = _OPS[backend](x, v_init, *params, stats, save_state, save_u, surrogate_param)
+        return spikes, mean, var, v_T
+    if not save_u:  # nothing to differentiate: no autograd node
+        kernels, device_guard = KERNELS[backend]
+        with device_guard(x):
+            outputs = kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=False)
+        spikes, _, mean, var, v_T = _forward_outputs(x, outputs)
+        return spikes, mean, var, v_T
+    return _FusedLIF.apply(x, v_init, backend, params, stats, save_state, save_u, surrogate_param)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .neuron import LIFConfig
+from .neuron import LIFConfig, check_surrogate_param, surrogate_param_at
 from .surrogates import Surrogate
 
 __all__ = ["spike_function", "lif_reference", "membrane_stats", "stat_dims", "ReferenceOutputs"]
@@ -21,20 +21,21 @@ __all__ = ["spike_function", "lif_reference", "membrane_stats", "stat_dims", "Re
 
 class _SpikeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, surrogate):
-        ctx.save_for_backward(u)
+    def forward(ctx, u, surrogate, param):
+        ctx.save_for_backward(u, param)
         ctx.surrogate = surrogate
         return (u >= 0).to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_spike):
-        (u,) = ctx.saved_tensors
-        return grad_spike * ctx.surrogate.grad(u), None
+        u, param = ctx.saved_tensors
+        return grad_spike * ctx.surrogate.grad(u, param), None, None
 
 
-def spike_function(u: torch.Tensor, surrogate: Surrogate) -> torch.Tensor:
-    """s = 1[u >= 0] with ds/du := surrogate.grad(u)."""
-    return _SpikeFunction.apply(u, surrogate)
+def spike_function(u: torch.Tensor, surrogate: Surrogate, param: torch.Tensor | None = None) -> torch.Tensor:
+    """s = 1[u >= 0] with ds/du := surrogate.grad(u, param) (param: a tensor broadcast against u
+    that replaces the surrogate's scalar parameter, or None). No gradient flows to param."""
+    return _SpikeFunction.apply(u, surrogate, None if param is None else param.detach())
 
 
 def stat_dims(ndim: int) -> tuple[int, ...]:
@@ -63,12 +64,16 @@ def lif_reference(
     v_init: torch.Tensor | None = None,
     return_stats: bool = False,
     compute_dtype: torch.dtype | None = None,
+    surrogate_param: torch.Tensor | None = None,
 ) -> ReferenceOutputs:
     """Run the LIF of docs/design.md (section 2) over x [T, B, ...].
 
     compute_dtype defaults to float32 (float64 for float64 input); pass the
     input's own low precision to get "plain PyTorch in that precision".
+    surrogate_param: as ``mt.lif``'s (a tensor that replaces the surrogate's
+    scalar parameter per channel or per element in the backward).
     """
+    check_surrogate_param(surrogate_param, x)
     if compute_dtype is None:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     cfg = config
@@ -85,7 +90,8 @@ def lif_reference(
         else:
             h = v - (v - v_rest) * inv_tau + xt
         u = h - v_th
-        s = spike_function(u, cfg.surrogate)
+        param_t = surrogate_param_at(surrogate_param, t, u.dim())
+        s = spike_function(u, cfg.surrogate, None if param_t is None else param_t.to(compute_dtype))
         s_reset = s.detach() if cfg.detach_reset else s
         if cfg.hard_reset:
             v = h * (1.0 - s_reset) + cfg.v_reset * s_reset

@@ -3,7 +3,9 @@
 Every surrogate replaces ds/du of the Heaviside spike s = H(u), u = h - V_th, by
 a function g(u). Each class here carries
 
-* ``grad(u)``: the PyTorch formula (used by the reference and the tests),
+* ``grad(u, param=None)``: the PyTorch formula (used by the reference and the
+  tests); ``param`` overrides ``self.param`` with a tensor broadcast against u
+  (a parameter per channel or per element, as ``mt.lif(surrogate_param=)``),
 * ``kind`` / ``param``: what the Triton kernels need; ``surrogate_grad`` below
   dispatches on ``kind`` at compile time to the matching ``@triton.jit`` helper,
 * ``window``: the half-width gamma of the interval [-gamma, gamma] that MPD-SGR
@@ -63,7 +65,8 @@ class Surrogate:
         self.param = param
         self.window = window
 
-    def grad(self, u: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def grad(self, u: torch.Tensor, param: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        """g(u); ``param`` (broadcast against u) replaces ``self.param`` when given."""
         raise NotImplementedError
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
@@ -97,8 +100,8 @@ class Triangle(Surrogate):
         gamma = _positive_finite("gamma", gamma)
         super().__init__(gamma, gamma)
 
-    def grad(self, u):
-        gamma = self.param
+    def grad(self, u, param=None):
+        gamma = self.param if param is None else param
         return torch.clamp(gamma - u.abs(), min=0.0) / (gamma * gamma)
 
 
@@ -116,8 +119,8 @@ class Rectangular(Surrogate):
         gamma = _positive_finite("gamma", gamma)
         super().__init__(gamma, gamma)
 
-    def grad(self, u):
-        gamma = self.param
+    def grad(self, u, param=None):
+        gamma = self.param if param is None else param
         return (u.abs() < gamma).to(u.dtype) / (2.0 * gamma)
 
 
@@ -140,9 +143,10 @@ class Sigmoid(Surrogate):
             gamma = 2.0 * math.atanh(math.sqrt(1.0 - WINDOW_PEAK_FRACTION)) / alpha
         super().__init__(alpha, _positive_finite("gamma", gamma))
 
-    def grad(self, u):
-        sig = torch.sigmoid(self.param * u)
-        return self.param * sig * (1.0 - sig)
+    def grad(self, u, param=None):
+        alpha = self.param if param is None else param
+        sig = torch.sigmoid(alpha * u)
+        return alpha * sig * (1.0 - sig)
 
 
 @triton.jit
@@ -165,9 +169,10 @@ class ATan(Surrogate):
             gamma = 2.0 * math.sqrt(1.0 / WINDOW_PEAK_FRACTION - 1.0) / (math.pi * alpha)
         super().__init__(alpha, _positive_finite("gamma", gamma))
 
-    def grad(self, u):
-        z = (math.pi / 2.0) * self.param * u
-        return (self.param / 2.0) / (1.0 + z * z)
+    def grad(self, u, param=None):
+        alpha = self.param if param is None else param
+        z = (math.pi / 2.0) * alpha * u
+        return (alpha / 2.0) / (1.0 + z * z)
 
 
 @triton.jit
@@ -190,8 +195,9 @@ class SuperSpike(Surrogate):
             gamma = (math.sqrt(1.0 / WINDOW_PEAK_FRACTION) - 1.0) / alpha
         super().__init__(alpha, _positive_finite("gamma", gamma))
 
-    def grad(self, u):
-        d = 1.0 + self.param * u.abs()
+    def grad(self, u, param=None):
+        alpha = self.param if param is None else param
+        d = 1.0 + alpha * u.abs()
         return 1.0 / (d * d)
 
 

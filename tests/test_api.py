@@ -65,6 +65,17 @@ BAD_PARAMS = [
     (dict(v_init=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "v_init must be a floating-point tensor"),
     (dict(v_init=torch.zeros(2, 4, device="meta")), ValueError, "v_init is on meta but x is on"),
     (dict(v_init=1.0), TypeError, "v_init must be None or a tensor"),
+    # GOOD is [T, B, F] = [3, 2, 4]: a per-channel surrogate_param is [4]
+    (dict(surrogate_param=2.0), TypeError, r"surrogate_param must be None or a tensor of shape \[C\] = \[4\]"),
+    (dict(surrogate_param=torch.ones(3)), ValueError, r"surrogate_param must have shape \[C\] = \[4\].*got \(3,\)"),
+    (dict(surrogate_param=torch.ones(2, 4)), ValueError, r"of 3 dims each 1 or equal to x's \(3, 2, 4\); got \(2, 4\)"),
+    (dict(surrogate_param=torch.ones(3, 3, 4)), ValueError, r"got \(3, 3, 4\)"),
+    (dict(surrogate_param=torch.ones(4, dtype=torch.int64)), TypeError, "surrogate_param must be a floating-point"),
+    (dict(surrogate_param=torch.ones(4, device="meta")), ValueError, "surrogate_param is on meta but x is on"),
+    (dict(surrogate_param=torch.tensor([1.0, 0.0, 1.0, 1.0])), ValueError, "finite and > 0 everywhere.*got 0.0"),
+    (dict(surrogate_param=torch.tensor([1.0, 1.0, -2.0, 1.0])), ValueError, "got -2.0"),
+    (dict(surrogate_param=torch.full((1, 2, 4), math.nan)), ValueError, "got nan"),
+    (dict(surrogate_param=torch.full((3, 1, 1), math.inf)), ValueError, "got inf"),
 ]
 
 
@@ -155,6 +166,49 @@ def test_lif_module_parameters_and_repr():
         mt.LIF(tau=-1)
     with pytest.raises(TypeError, match="record_mpd must be True or False"):
         mt.LIF(record_mpd="yes")
+
+
+def test_lif_module_surrogate_param_attribute():
+    """mt.LIF.surrogate_param (None by default) reaches mt.lif: the backward changes, the forward not;
+    a bad tensor is refused with mt.lif's message."""
+    layer = mt.LIF(tau=2.0, surrogate=mt.ATan(2.0), backend="torch")
+    assert layer.surrogate_param is None
+    x = make_input((3, 2, 4, 3, 3), 5)
+
+    def grad():
+        xx = x.clone().requires_grad_(True)
+        s = layer(xx)
+        s.sum().backward()
+        return s.detach(), xx.grad
+
+    s0, g0 = grad()
+    layer.surrogate_param = torch.full((4,), 2.0, device=x.device)
+    s1, g1 = grad()
+    layer.surrogate_param = torch.tensor([2.0, 8.0, 0.5, 2.0], device=x.device)
+    s2, g2 = grad()
+    assert torch.equal(s0, s1) and torch.equal(s0, s2)
+    assert torch.equal(g0, g1) and not torch.allclose(g0[:, :, 1], g2[:, :, 1])
+    assert torch.equal(g0[:, :, 0], g2[:, :, 0])  # channel 0 kept alpha = 2
+    layer.surrogate_param = torch.ones(3, device=x.device)
+    with pytest.raises(ValueError, match=r"surrogate_param must have shape \[C\] = \[4\]"):
+        layer(x)
+
+
+@pytest.mark.parametrize("backend", mt.BACKENDS)
+def test_surrogate_param_reaches_every_backend(backend):
+    """Every backend (and whatever "auto" picks for this device) honours surrogate_param: the gradient is
+    the reference's with it, not the scalar surrogate's."""
+    x = make_input((3, 2, 4, 5), 9)
+    param = torch.tensor([0.5, 2.0, 4.0, 8.0], device=x.device)
+
+    def grad(backend, **kw):
+        xx = x.clone().requires_grad_(True)
+        mt.lif(xx, surrogate=mt.ATan(2.0), backend=backend, **kw).sum().backward()
+        return xx.grad
+
+    expected = grad("torch", surrogate_param=param)
+    assert not torch.allclose(expected, grad("torch"))
+    torch.testing.assert_close(grad(backend, surrogate_param=param), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_lif_module_backends_agree():

@@ -50,6 +50,24 @@ def test_end_to_end_two_models_with_transfer(checkpoints, tmp_path, capsys):
     assert (tmp_path / "robustness.png").stat().st_size > 0
 
 
+def test_reliable_preset_end_to_end(checkpoints, tmp_path, capsys):
+    """--reliable: APGD with the five-gradient ensemble, ASSG + SA-PGD, Square, transfer with --source (and
+    FGSM for the checks); ASSG in the worst case, the table, the plot's panels and the masking checks."""
+    code = main(["--checkpoint", str(checkpoints["a"]), "--reliable", "--source", str(checkpoints["b"]),
+                 "--eps", "8/255", "--limit", "6", "--apgd-steps", "2", "--sapgd-steps", "2", "--queries", "5",
+                 "--steps", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "assg @ 8/255" in out and "assg @ eps 1 (check)" in out
+    r = json.loads((tmp_path / "eval.json").read_text())["models"]["a"]
+    assert list(r["accuracy"]) == ["fgsm", "apgd", "assg", "square", "transfer"]
+    assert r["settings"]["gradients"] == ["own", "triangle", "sigmoid", "atan", "bptr"]
+    key = f"{8 / 255:.6g}"
+    assert r["worst_case"][key] <= min(v[key] for v in r["accuracy"].values())
+    assert "assg" in r["large_eps"]["by_attack"]
+    assert (tmp_path / "robustness.png").stat().st_size > 0
+
+
 BAD = [
     (["--attacks", "fgsm,cw"], "unknown attack 'cw'"),
     (["--eps", "2"], r"eps must be in [0, 1]"),
@@ -58,6 +76,11 @@ BAD = [
     (["--data", "cifar10"], "is a model for fmnist-subset, not cifar10"),
     (["--gradients", "relu"], "unknown gradient source 'relu'"),
     (["--steps", "0"], "steps must be >= 1"),
+    (["--sapgd-steps", "0"], "sapgd_steps must be >= 1"),
+    (["--assg-level", "0.7"], r"ASSG level must be in (0, 0.5)"),
+    (["--assg-level", "big"], "--assg-level: expected numbers in (0, 0.5), got 'big'"),
+    (["--reliable", "--attacks", "fgsm"], "--reliable sets the attacks and the gradients"),
+    (["--reliable", "--gradients", "own"], "--reliable sets the attacks and the gradients"),
 ]
 
 

@@ -286,3 +286,95 @@ def test_only_unmergeable_inputs_are_copied(layout):
     baseline = _launch_copies(values)
     _, x = LAYOUTS[layout](values)
     assert _launch_copies(x.detach()) == baseline + int(layout in COPYING_LAYOUTS)
+
+
+# ---------------------------------------------------------------- surrogate parameter per channel / element
+
+
+def _surrogate_param(kind: str, shape, seed: int) -> torch.Tensor:
+    """A surrogate_param tensor of the given granularity for input shape [T, B, C, *spatial]."""
+    g = torch.Generator().manual_seed(seed)
+    T, B, C = shape[:3]
+    ones = (1,) * (len(shape) - 3)
+    size = {"channel": (C,), "element": tuple(shape), "sample_channel": (1, B, C) + ones,
+            "time_position": (T, 1, 1) + tuple(shape[3:])}[kind]
+    return (torch.rand(size, generator=g, dtype=torch.float64) * 1.5 + 0.3).float().to(DEVICE)
+
+
+FUSED_BACKENDS = ["triton"] + (["cpu"] if mt.cpu_kernels_unavailable() is None else [])
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("surrogate", ALL_SURROGATES, ids=lambda s: s.name)
+@pytest.mark.parametrize("kind", ["channel", "element", "sample_channel", "time_position"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_surrogate_param_tensor_matches_reference(surrogate, kind, layout, backend):
+    """The kernel's per-channel (loaded once) and strided per-element surrogate parameter against the
+    reference, every output in the loss (the MPD term included), with v_init."""
+    shape = (4, 3, 5, 3, 2)
+    values = make_input(shape, 41, scale=1.2, offset=0.6)
+    v_init = make_input(shape[1:], 42, scale=0.3, offset=0.0)
+    param = _surrogate_param(kind, shape, 43)
+    weights = output_weights(values, 41)
+    opts = dict(tau=2.0, v_th=0.9, v_reset=0.0, surrogate=surrogate)
+    out = {}
+    for run in ("torch", backend):
+        leaf, x = LAYOUTS[layout](values)
+        v0 = v_init.clone().requires_grad_(True)
+        s, mean, var, v_T = mt.lif(x, **opts, backend=run, return_stats=True, v_init=v0, return_state=True,
+                                   surrogate_param=param)
+        loss = ((s * weights["spikes"]).sum() + mt.mpd_overlap(mean, var, surrogate.window).mean()
+                + (v_T * weights["state"]).sum())
+        loss.backward()
+        out[run] = dict(spikes=s, grad_x=leaf.grad, grad_v_init=v0.grad)
+    assert_close("spikes", out[backend]["spikes"], out["torch"]["spikes"], atol=0, rtol=0)
+    for name in ("grad_x", "grad_v_init"):
+        assert_close(name, out[backend][name], out["torch"][name], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_surrogate_param_for_fully_connected_input_and_low_precision(backend):
+    """[T, B, F] input (C = F) with a per-feature and a per-element parameter; bfloat16 I/O."""
+    x = make_input((5, 4, 7), 51)
+    for param in (_surrogate_param("channel", x.shape, 52), _surrogate_param("element", x.shape, 53)):
+        for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
+            grads = {}
+            for run in ("torch", backend):
+                xx = x.to(dtype).clone().requires_grad_(True)
+                s = mt.lif(xx, surrogate=mt.ATan(2.0), backend=run, surrogate_param=param)
+                (s.float() * torch.linspace(-1, 1, s.numel()).view(s.shape).to(DEVICE)).sum().backward()
+                grads[run] = xx.grad.float()
+            assert_close(f"grad_x {dtype} {tuple(param.shape)}", grads[backend], grads["torch"], atol=tol, rtol=tol)
+
+
+def test_surrogate_param_changes_only_the_backward_and_scalar_path_is_unchanged(monkeypatch):
+    """A constant tensor equal to the scalar gives the scalar path's gradient bit for bit; another value
+    changes the gradient, never the spikes; no tensor keeps the scalar kernel variant (SG_PARAM = 0)."""
+    x = make_input((3, 2, 4, 5), 61)
+    sur = mt.Sigmoid(3.0)
+
+    def run(param):
+        xx = x.clone().requires_grad_(True)
+        s = mt.lif(xx, surrogate=sur, backend="triton", surrogate_param=param)
+        s.sum().backward()
+        return s.detach(), xx.grad
+
+    modes = []
+    launch = lif_kernels._lif_bwd_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def run_kernel(*args, **kwargs):
+                modes.append(kwargs["SG_PARAM"])
+                return launch[grid](*args, **kwargs)
+            return run_kernel
+
+    monkeypatch.setattr(lif_kernels, "_lif_bwd_kernel", Recorder())
+    s0, g0 = run(None)
+    s1, g1 = run(torch.full((4,), 3.0, device=DEVICE))
+    s2, g2 = run(torch.full((3, 2, 4, 5), 3.0, device=DEVICE))
+    s3, g3 = run(torch.full((4,), 1.0, device=DEVICE))
+    assert modes == [lif_kernels.SG_PARAM_SCALAR, lif_kernels.SG_PARAM_CHANNEL, lif_kernels.SG_PARAM_STRIDED,
+                     lif_kernels.SG_PARAM_CHANNEL]
+    assert torch.equal(g0, g1) and torch.equal(g0, g2)
+    assert torch.equal(s0, s3) and not torch.allclose(g0, g3)

@@ -156,3 +156,52 @@ def test_membrane_stats_and_granularities():
     assert float(v_l) == pytest.approx(float(u.var(unbiased=False)), abs=1e-12)
     with pytest.raises(ValueError, match="granularity must be one of"):
         mt.combine_stats(mean, var, "pixel")
+
+
+@pytest.mark.parametrize("surrogate", [mt.Triangle(), mt.Rectangular(), mt.Sigmoid(), mt.ATan(), mt.SuperSpike()],
+                         ids=lambda s: s.name)
+def test_per_channel_surrogate_param_equals_one_scalar_surrogate_per_channel(surrogate):
+    """The oracle of the per-channel / per-element surrogate parameter, built without it: channels
+    of a LIF are independent, so running each channel alone with the scalar surrogate of its own
+    parameter must give the same gradient (and per-element, each single neuron alone)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 2, 3, 4, generator=g, dtype=torch.float64) * 1.5 + 0.6)
+    param = torch.rand(3, generator=g, dtype=torch.float64) * 2 + 0.3
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    cfg = mt.LIFConfig(tau=2.0, v_th=0.9, surrogate=surrogate)
+
+    def grad_x(xin, config, **kw):
+        xin = xin.clone().requires_grad_(True)
+        (mt.lif_reference(xin, config, **kw).spikes * w[:, :, : xin.shape[2]]).sum().backward()
+        return xin.grad
+
+    split = []
+    for c in range(3):
+        cfg_c = mt.LIFConfig(tau=2.0, v_th=0.9, surrogate=type(surrogate)(float(param[c])))
+        xin = x[:, :, c:c + 1].clone().requires_grad_(True)
+        (mt.lif_reference(xin, cfg_c).spikes * w[:, :, c:c + 1]).sum().backward()
+        split.append(xin.grad)
+    expected = torch.cat(split, dim=2)
+    assert_close("per channel", grad_x(x, cfg, surrogate_param=param), expected, atol=1e-12, rtol=1e-10)
+    assert_close("per element", grad_x(x, cfg, surrogate_param=param.view(1, 1, 3, 1).expand(x.shape).clone()),
+                 expected, atol=1e-12, rtol=1e-10)
+    # and it is not the scalar surrogate's gradient (the test could fail)
+    assert not torch.allclose(grad_x(x, cfg), expected)
+    # per element and time step: one neuron (b, c, s) with a different parameter at each t
+    per_t = torch.rand(x.shape, generator=g, dtype=torch.float64) + 0.5
+    full = grad_x(x, cfg, surrogate_param=per_t)
+    b, c, s = 1, 2, 3
+    us = mt.lif_reference(x[:, b:b + 1, c:c + 1, s:s + 1], cfg).u.flatten()
+    # design recursion for that neuron with g_t = surrogate.grad(u_t, param_t)
+    _, _, grads = _design_lif_scalar(x[:, b, c, s].tolist(), 2.0, 0.9, 0.0, True, False,
+                                     _per_step_grad(surrogate, us, per_t[:, b, c, s]), w[:, b, c, s].tolist())
+    assert_close("per element and step", full[:, b, c, s], torch.tensor(grads, dtype=torch.float64),
+                 atol=1e-12, rtol=1e-10)
+
+
+def _per_step_grad(surrogate, us, params):
+    """g(u) for the design recursion, with the parameter of the step whose u it is given."""
+    table = {float(u): float(p) for u, p in zip(us, params)}
+    return lambda u: float(surrogate.grad(torch.tensor(u, dtype=torch.float64),
+                                          torch.tensor(table[min(table, key=lambda k: abs(k - u))],
+                                                       dtype=torch.float64)))

@@ -4,7 +4,7 @@ Every attack puts the model in eval mode and restores its mode afterwards,
 leaves the parameters' .grad untouched, and returns images inside the eps ball
 around x and inside [0, 1].
 
-Gradient-based attacks (fgsm, pgd, bim, apgd) take the attacker's gradient
+Gradient-based attacks (fgsm, pgd, bim, apgd, sapgd) take the attacker's gradient
 through ``gradient_source``:
 
 - ``"own"``: backpropagation through time with the model's own surrogate;
@@ -14,14 +14,20 @@ through ``gradient_source``:
 
 and ``eot`` > 1 averages the gradient over that many forward/backward passes
 (expectation over transformation, for Poisson-encoded models whose forward is
-random). Score-based and random attacks (square, gaussian, uniform) need no
-gradient; ``transfer`` crafts PGD examples on a source model.
+random). ``assg`` is SA-PGD through the adaptive-sharpness surrogate gradient
+(ASSG) of Wang et al., "Towards Reliable Evaluation of Adversarial Robustness for
+Spiking Neural Networks" (arXiv 2512.22522): its own gradient, whose surrogate
+sharpness follows the membrane potentials the attack meets (``AdaptiveSharpness``;
+docs/evaluation.md says what was implemented and where it departs from the paper).
+Score-based and random attacks (square, gaussian, uniform) need no gradient;
+``transfer`` crafts PGD examples on a source model.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,12 +35,18 @@ from torch import nn
 import mpd_triton as mt
 
 __all__ = [
-    "fgsm", "pgd", "bim", "apgd", "square", "gaussian_noise", "uniform_noise", "transfer", "input_gradient",
-    "gradient_source", "GRADIENT_SOURCES", "GRADIENT_ATTACKS", "ATTACKS", "run_attack", "margin",
+    "fgsm", "pgd", "bim", "apgd", "sapgd", "assg", "square", "gaussian_noise", "uniform_noise", "transfer",
+    "input_gradient", "gradient_source", "GRADIENT_SOURCES", "GRADIENT_ATTACKS", "WHITE_BOX_ATTACKS",
+    "ITERATIVE_ATTACKS", "ATTACKS", "run_attack", "margin", "ASSGOptions", "AdaptiveSharpness", "SAPGD_STEPS",
+    "sapgd_halvings",
 ]
 
-GRADIENT_ATTACKS = ("fgsm", "pgd", "bim", "apgd")
-ATTACKS = GRADIENT_ATTACKS + ("gaussian", "uniform", "square", "transfer")
+# Attacks that take a gradient source (and so run once per source of an ensemble).
+GRADIENT_ATTACKS = ("fgsm", "pgd", "bim", "apgd", "sapgd")
+# Every attack that follows the model's (surrogate) gradient: ASSG brings its own.
+WHITE_BOX_ATTACKS = GRADIENT_ATTACKS + ("assg",)
+ITERATIVE_ATTACKS = ("pgd", "bim", "apgd", "sapgd", "assg")
+ATTACKS = WHITE_BOX_ATTACKS + ("gaussian", "uniform", "square", "transfer")
 GRADIENT_SOURCES = ("own", "bptr") + mt.SURROGATE_NAMES
 
 
@@ -44,17 +56,18 @@ def gradient_source(model: nn.Module, source: str):
     if source not in GRADIENT_SOURCES:
         raise ValueError(f"unknown gradient source {source!r}; choose one of {', '.join(GRADIENT_SOURCES)}")
     layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
-    saved = [(layer.config, layer.backward_mode) for layer in layers]
+    saved = [(layer.config, layer.backward_mode, layer.surrogate_param) for layer in layers]
     try:
         for layer in layers:
             if source == "bptr":
                 layer.backward_mode = "rate"
             elif source != "own":
                 layer.surrogate = source
+                layer.surrogate_param = None  # the named surrogate with its default parameter
         yield model
     finally:
-        for layer, (config, mode) in zip(layers, saved):
-            layer.config, layer.backward_mode = config, mode
+        for layer, (config, mode, param) in zip(layers, saved):
+            layer.config, layer.backward_mode, layer.surrogate_param = config, mode, param
 
 
 @contextmanager
@@ -71,20 +84,30 @@ def _logits(model, x):
     return model(x).float()
 
 
+def _gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int = 1, loss: str = "ce",
+              before_draw=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (d loss / dx averaged over ``eot`` passes, per-image loss and logits of the last pass).
+    ``before_draw(i)`` is called before the i-th pass (ASSG updates its statistics on the first)."""
+    grad = torch.zeros_like(x)
+    for i in range(eot):
+        if before_draw is not None:
+            before_draw(i)
+        xi = x.detach().requires_grad_(True)
+        z = _logits(model, xi)
+        per_image = nn.functional.cross_entropy(z, y, reduction="none") if loss == "ce" else -margin(z, y)
+        (g,) = torch.autograd.grad(per_image.sum(), xi)
+        grad += g
+    return grad / eot, per_image.detach(), z.detach()
+
+
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int = 1,
                    loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
     """-> (d loss / dx averaged over ``eot`` passes, per-image loss of the last pass).
 
     loss "ce": cross-entropy per image; "margin": max_{j != y} z_j - z_y (larger = closer to fooled).
     """
-    grad = torch.zeros_like(x)
-    for _ in range(eot):
-        xi = x.detach().requires_grad_(True)
-        z = _logits(model, xi)
-        per_image = nn.functional.cross_entropy(z, y, reduction="none") if loss == "ce" else -margin(z, y)
-        (g,) = torch.autograd.grad(per_image.sum(), xi)
-        grad += g
-    return grad / eot, per_image.detach()
+    grad, per_image, _ = _gradient(model, x, y, eot, loss)
+    return grad, per_image
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -187,6 +210,227 @@ def apgd(model, x, y, eps: float, steps: int = 100, eot: int = 1, rho: float = 0
         return torch.where(fooled.view(view), x_fooled, x_best).detach()
 
 
+# ---------------------------------------------------------------- SA-PGD and ASSG (arXiv 2512.22522)
+
+SAPGD_STEPS = 100  # the paper's budget
+# SA-PGD's constants, as in the authors' code: decay of the L1-normalized momentum and of the
+# normalized second moment; the step size starts at eps and is halved after 22% of the
+# iterations, then at intervals that shrink by 3% of them down to 6%.
+SAPGD_MOMENTUM, SAPGD_SECOND_MOMENT = 0.5, 0.8
+SAPGD_FIRST_HALVING, SAPGD_INTERVAL_DECREASE, SAPGD_MIN_INTERVAL = 0.22, 0.03, 0.06
+_TINY = 1e-12
+
+
+def _per_image_mean(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).mean(1).view((t.shape[0],) + (1,) * (t.dim() - 1))
+
+
+def sapgd_halvings(steps: int) -> list[int]:
+    """Iterations (1-based) after which SA-PGD halves its step: first after 22% of ``steps``, then at
+    intervals 3% shorter each time, down to 6% (each at least one iteration)."""
+    interval = max(int(SAPGD_FIRST_HALVING * steps), 1)
+    decrease = max(int(SAPGD_INTERVAL_DECREASE * steps), 1)
+    shortest = max(int(SAPGD_MIN_INTERVAL * steps), 1)
+    out, k = [], interval
+    while k <= steps:
+        out.append(k)
+        interval = max(interval - decrease, shortest)
+        k += interval
+    return out
+
+
+def sapgd(model, x, y, eps: float, steps: int = SAPGD_STEPS, eot: int = 1, before_draw=None) -> torch.Tensor:
+    """Stable Adaptive PGD (SA-PGD, Wang et al. 2025), L-inf, on the cross-entropy.
+
+    From a random start on the surface of the eps ball (uniform noise scaled so that its largest
+    entry is eps), each iteration, per image:
+
+        g~ = g / mean|g|                       (L1-normalized gradient)
+        m  = g~                 (first step),  m = 0.5 m + g~
+        v  = g~^2 / mean(g~^2)  (first step),  v = 0.8 v + g~^2 / mean(g~^2)
+        x  = P(x + clip(eta * m / (sqrt(v) + 1e-12), -eta, eta))
+
+    with P the projection onto the eps ball and [0, 1], and the step eta = eps halved after the
+    iterations of ``sapgd_halvings(steps)`` (for every image alike). ``before_draw``
+    is passed to each gradient computation (ASSG's hook). Returns, per image, the first
+    misclassified point found, else the point of highest loss.
+    """
+    with _eval_mode(model):
+        x = x.detach()
+        B = x.shape[0]
+        view = (B,) + (1,) * (x.dim() - 1)
+        noise = torch.empty_like(x).uniform_(-1.0, 1.0)
+        noise = noise / noise.flatten(1).abs().amax(1).clamp_min(_TINY).view(view)
+        x_adv = _project(x + eps * noise, x, eps)
+        grad, loss, logits = _gradient(model, x_adv, y, eot, before_draw=before_draw)
+        fooled = logits.argmax(1) != y
+        x_fooled = x_adv.clone()
+        best_loss, x_best = loss.clone(), x_adv.clone()
+        step = torch.full(view, float(eps), device=x.device)
+        halvings = set(sapgd_halvings(steps))
+        m = v = None
+        for k in range(steps):
+            g = grad / _per_image_mean(grad.abs()).clamp_min(_TINY)
+            g2 = g * g
+            g2 = g2 / _per_image_mean(g2).clamp_min(_TINY)
+            m = g if m is None else SAPGD_MOMENTUM * m + g
+            v = g2 if v is None else SAPGD_SECOND_MOMENT * v + g2
+            delta = torch.max(torch.min(step * m / (v.sqrt() + _TINY), step), -step)
+            x_adv = _project(x_adv + delta, x, eps)
+            grad, loss, logits = _gradient(model, x_adv, y, eot, before_draw=before_draw)
+            wrong = logits.argmax(1) != y
+            newly = wrong & ~fooled
+            x_fooled[newly] = x_adv[newly]
+            fooled |= wrong
+            better = loss > best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            x_best[better] = x_adv[better]
+            if k + 1 in halvings:
+                step = step / 2.0
+        return torch.where(fooled.view(view), x_fooled, x_best).detach()
+
+
+# ASSG's defaults and constants, those of the authors' code: the statistics start at M = 1,
+# D = 0 (in units of u = h - V_th), and 1e-4 keeps the sharpness finite where |u| stays 0.
+ASSG_LEVEL, ASSG_RELAX, ASSG_BETA1, ASSG_BETA2 = 0.425, 1.5, 0.9, 0.9
+ASSG_INIT_M, ASSG_INIT_D, ASSG_EPS = 1.0, 0.0, 1e-4
+ASSG_GRANULARITIES = ("neuron", "channel")
+# The paper's search range of the level (its ternary search over the evaluation set).
+ASSG_LEVEL_RANGE = (0.35, 0.49)
+
+
+@dataclass(frozen=True)
+class ASSGOptions:
+    """Options of the adaptive-sharpness surrogate gradient.
+
+    The surrogate is the arctangent one, g(u) = (alpha/2) / (1 + (pi/2 alpha u)^2) (``mt.ATan``),
+    with, per neuron, time step and image, alpha = omega / (M + relax * D + 1e-4): M an exponential
+    moving average over the attack's iterations of |u| (decay beta1), D one of ||u| - M| (decay
+    beta2). ``level`` (the paper's A/2, in (0, 0.5)) sets omega = (2/pi) tan(pi * level): at
+    |u| = M + relax * D the surrogate's smoothed step 1/2 + arctan(pi/2 alpha u)/pi has risen to
+    1/2 + level. ``granularity`` "neuron" (the paper) keeps one alpha per element of [T, B, C,
+    *spatial]; "channel" one per (time step, image, channel), from |u| averaged over positions.
+    """
+
+    level: float = ASSG_LEVEL
+    relax: float = ASSG_RELAX
+    beta1: float = ASSG_BETA1
+    beta2: float = ASSG_BETA2
+    granularity: str = "neuron"
+
+    def __post_init__(self):
+        for name in ("level", "relax", "beta1", "beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise TypeError(f"ASSG {name} must be a real number, got {value!r}")
+        if not 0.0 < self.level < 0.5:
+            raise ValueError(f"ASSG level must be in (0, 0.5) (the paper's A/2; its default {ASSG_LEVEL}), "
+                             f"got {self.level}")
+        if not 0.0 <= self.relax < math.inf:
+            raise ValueError(f"ASSG relax must be finite and >= 0, got {self.relax}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ASSG {name} must be in [0, 1) (a moving average's decay), got {getattr(self, name)}")
+        if self.granularity not in ASSG_GRANULARITIES:
+            raise ValueError(f"ASSG granularity must be one of {ASSG_GRANULARITIES}, got {self.granularity!r}")
+
+    @property
+    def omega(self) -> float:
+        return 2.0 / math.pi * math.tan(math.pi * self.level)
+
+
+class AdaptiveSharpness:
+    """ASSG on every ``mt.LIF`` of a model for the duration of a ``with`` block.
+
+    Each LIF gets the arctangent surrogate and, before each of its forward calls, a
+    ``surrogate_param`` tensor alpha = omega / (M + relax D + 1e-4) from the statistics of the
+    membrane potentials u of that very call (recomputed from the layer's input by the
+    reference, without gradient) and of the earlier calls at the same place in earlier passes.
+    Statistics are updated on passes begun with ``begin_pass(update=True)`` only (the first draw
+    of an EOT average, as in the paper), and kept per (layer, call within the pass). One object
+    per attacked batch: a new batch starts from M = 1, D = 0. A model without LIF layers is
+    left as it is. Every layer's surrogate, backward mode and surrogate_param are restored on exit.
+    """
+
+    def __init__(self, model: nn.Module, options: ASSGOptions | None = None):
+        self.options = options or ASSGOptions()
+        self.layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
+        self.stats: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.update = True
+        self._calls = [0] * len(self.layers)
+        self._hooks = []
+        self._saved = []
+
+    def __enter__(self):
+        self._saved = [(layer.config, layer.backward_mode, layer.surrogate_param) for layer in self.layers]
+        for i, layer in enumerate(self.layers):
+            layer.surrogate = mt.ATan()  # its scalar alpha is replaced by the tensor in every call
+            layer.backward_mode = "bptt"
+            self._hooks.append(layer.register_forward_pre_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for layer, (config, mode, param) in zip(self.layers, self._saved):
+            layer.config, layer.backward_mode, layer.surrogate_param = config, mode, param
+        return False
+
+    def begin_pass(self, update: bool = True) -> None:
+        """Start a forward pass: calls are counted from 0; statistics move only if ``update``."""
+        self._calls = [0] * len(self.layers)
+        self.update = update
+
+    def draw(self, i: int) -> None:
+        """``before_draw`` hook of ``sapgd``: update the statistics on the first EOT draw only."""
+        self.begin_pass(update=i == 0)
+
+    def _abs_u(self, layer: mt.LIF, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        u = mt.lif_reference(x.detach().float(), layer.config).u
+        a = u.abs()
+        if self.options.granularity == "channel" and a.dim() > 3:
+            return a.mean(dim=tuple(range(3, a.dim())), keepdim=True), a
+        return a, None
+
+    def _hook(self, i: int):
+        opts = self.options
+
+        def hook(layer, args):
+            x = args[0]
+            key = (i, self._calls[i])
+            self._calls[i] += 1
+            with torch.no_grad():
+                a, per_element = self._abs_u(layer, x)
+                if key not in self.stats:
+                    self.stats[key] = (torch.full_like(a, ASSG_INIT_M), torch.full_like(a, ASSG_INIT_D))
+                M, D = self.stats[key]
+                if M.shape != a.shape:
+                    raise RuntimeError(f"ASSG: LIF layer {i} got input of shape {tuple(x.shape)} after "
+                                       f"{tuple(M.shape)}; use one AdaptiveSharpness per attacked batch")
+                if self.update:
+                    M = opts.beta1 * M + (1.0 - opts.beta1) * a
+                    dev = (a - M).abs() if per_element is None else (per_element - M).abs().mean(
+                        dim=tuple(range(3, per_element.dim())), keepdim=True)
+                    D = opts.beta2 * D + (1.0 - opts.beta2) * dev
+                    self.stats[key] = (M, D)
+                layer.surrogate_param = opts.omega / (M + opts.relax * D + ASSG_EPS)
+
+        return hook
+
+    def sharpness(self) -> list[torch.Tensor]:
+        """The alpha of each (layer, call) of the last pass, in layer order (for plots and tests)."""
+        opts = self.options
+        return [opts.omega / (M + opts.relax * D + ASSG_EPS) for _, (M, D) in sorted(self.stats.items())]
+
+
+def assg(model, x, y, eps: float, steps: int = SAPGD_STEPS, eot: int = 1,
+         options: ASSGOptions | None = None) -> torch.Tensor:
+    """SA-PGD through the adaptive-sharpness surrogate gradient (ASSG + SA-PGD, the paper's attack)."""
+    with _eval_mode(model), AdaptiveSharpness(model, options) as sharp:
+        return sapgd(model, x, y, eps, steps, eot, before_draw=sharp.draw)
+
+
 def _square_p(p_init: float, it: int, n_queries: int) -> float:
     """Share of pixels changed at iteration ``it``, the schedule of the Square attack rescaled to n_queries."""
     it = int(it / n_queries * 10_000)
@@ -256,11 +500,14 @@ def transfer(source: nn.Module, x, y, eps: float, alpha: float, steps: int, eot:
 
 def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 7,
                alpha: float = 0.01, eot: int = 1, gradient: str = "own", source: nn.Module | None = None,
-               n_queries: int = 1000, seed: int = 0) -> torch.Tensor:
-    """One attack by name on a batch; returns the adversarial images."""
+               n_queries: int = 1000, seed: int = 0, assg_options: ASSGOptions | None = None) -> torch.Tensor:
+    """One attack by name on a batch; returns the adversarial images. ``steps`` is the iteration
+    count of every iterative attack (PGD, BIM, APGD, SA-PGD, ASSG)."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
     g = torch.Generator().manual_seed(seed)
+    if name == "assg":
+        return assg(model, x, y, eps, steps=steps, eot=eot, options=assg_options)
     if name in GRADIENT_ATTACKS:
         with gradient_source(model, gradient):
             if name == "fgsm":
@@ -269,6 +516,8 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
                 return pgd(model, x, y, eps, alpha, steps, eot=eot)
             if name == "bim":
                 return bim(model, x, y, eps, alpha, steps, eot=eot)
+            if name == "sapgd":
+                return sapgd(model, x, y, eps, steps=steps, eot=eot)
             return apgd(model, x, y, eps, steps=steps, eot=eot)
     if name == "gaussian":
         return gaussian_noise(model, x, y, eps, generator=g)

@@ -2,6 +2,9 @@
 
     python -m train.eval --checkpoint runs/quick-*/plain/model.pt --checkpoint runs/quick-*/mpd/model.pt \\
         --attacks fgsm,pgd,bim,apgd,noise,square --eps 2/255,4/255,8/255 --ensemble
+    # the strongest set in one command: APGD with the five-gradient ensemble, ASSG + SA-PGD,
+    # Square (and transfer with --source), with FGSM for the masking checks
+    python -m train.eval --checkpoint runs/quick-*/mpd/model.pt --reliable --eps 8/255,16/255
 
 Prints a table (clean and robust accuracy per attack and eps, the mean L1 norm
 of the input gradient), writes eval.json / eval.md and robustness.png, and runs
@@ -26,15 +29,18 @@ import torch  # noqa: E402
 from models import build_model  # noqa: E402
 from mpd_triton.kernels.cpu import keep_freed_memory  # noqa: E402
 
-from .attacks import GRADIENT_ATTACKS, GRADIENT_SOURCES  # noqa: E402
+from .attacks import ASSG_LEVEL, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from .compiling import (COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format,  # noqa: E402
                         use_channels_last)
 from .config import ConfigError, fraction  # noqa: E402
 from .data import DataError, load_dataset  # noqa: E402
-from .robustness import EvalSettings, evaluate_robustness, parse_attacks  # noqa: E402
+from .robustness import EvalSettings, attack_steps, evaluate_robustness, parse_attacks  # noqa: E402
 
 ENSEMBLE = ["own", "triangle", "sigmoid", "atan", "bptr"]
+DEFAULT_ATTACKS = "fgsm,pgd,bim,gaussian"
+# --reliable: the strongest set (FGSM only feeds the masking checks); + transfer when --source is given.
+RELIABLE_ATTACKS = ["fgsm", "apgd", "assg", "square"]
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
@@ -66,7 +72,11 @@ def result_table(names: list[str], results: list[dict]) -> str:
     for eps in results[0]["worst_case"]:
         rows.append((f"all attacks @ {float(eps) * 255:.3g}/255", [_fmt(r["worst_case"][eps]) for r in results]))
     if results[0].get("large_eps"):
-        rows.append((f"pgd @ eps {results[0]['large_eps']['eps']:g} (check)", [_fmt(r["large_eps"]["acc"]) for r in results]))
+        large = results[0]["large_eps"]
+        for attack in large.get("by_attack", {"pgd": None}):
+            rows.append((f"{attack} @ eps {large['eps']:g} (check)",
+                         [_fmt(r["large_eps"].get("by_attack", {"pgd": r["large_eps"]["acc"]})[attack])
+                          for r in results]))
     rows.append(("input-gradient L1", [f"{r['grad_l1']:.4g}" for r in results]))
     rows.append(("sanity checks", ["pass" if r["all_checks_passed"] else "FAILED" for r in results]))
     width = max(len(k) for k, _ in rows) + 2
@@ -93,6 +103,13 @@ def markdown(names: list[str], results: list[dict], command: str) -> str:
                 for eps, by_g in by_eps.items():
                     md.append(f"| {attack} @ {float(eps) * 255:.3g}/255 | "
                               + " | ".join(_fmt(by_g[g]) for g in r["settings"]["gradients"]) + " |")
+        levels = r["settings"].get("assg_levels", [])
+        if r.get("assg_by_level") and len(levels) > 1:
+            keys = list(next(iter(r["assg_by_level"].values())))
+            md += ["", f"## {name}: ASSG accuracy per level (the table above is the per-image worst case)", "",
+                   "| eps | " + " | ".join(f"level {k}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+            for eps, by_level in r["assg_by_level"].items():
+                md.append(f"| {float(eps) * 255:.3g}/255 | " + " | ".join(_fmt(by_level[k]) for k in keys) + " |")
         md += ["", f"## {name}: gradient-masking sanity checks", ""]
         for c in r["checks"]:
             flag = "PASS" if c["passed"] else "**FAIL**"
@@ -136,10 +153,16 @@ def plot(names: list[str], results: list[dict], path: Path) -> None:
 def evaluation_passes(settings: EvalSettings, n_images: int) -> int:
     """About how many forward-backward passes of full batches one model's evaluation makes
     (what decides whether compiling it pays)."""
-    per_eps = {"fgsm": 1, "pgd": settings.steps, "bim": settings.steps, "apgd": settings.apgd_steps,
-               "square": settings.n_queries // 3}
-    per_batch = sum(per_eps.get(a, 1) * (len(settings.gradients) if a in GRADIENT_ATTACKS else 1)
-                    for a in settings.attacks) * len(settings.eps) * settings.eot
+    def cost(attack: str) -> int:
+        if attack in ("gaussian", "uniform"):
+            return 1
+        if attack == "square":
+            return settings.n_queries // 3  # forward passes only
+        steps = 1 if attack == "fgsm" else attack_steps(settings, attack)
+        runs = len(settings.gradients) if attack in GRADIENT_ATTACKS else 1
+        return steps * runs * (len(settings.assg_levels) if attack == "assg" else 1)
+
+    per_batch = sum(cost(a) for a in settings.attacks) * len(settings.eps) * settings.eot
     return (n_images // settings.batch_size) * per_batch
 
 
@@ -153,14 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", required=True,
                    help="model.pt or checkpoint.pt of train.run (repeat to compare models)")
     p.add_argument("--name", action="append", help="column name per checkpoint (default: the run folder name)")
-    p.add_argument("--attacks", default="fgsm,pgd,bim,gaussian",
-                   help="comma-separated: fgsm, pgd, bim, apgd, gaussian (noise), uniform, square, transfer")
+    p.add_argument("--attacks", help=f"comma-separated: fgsm, pgd, bim, apgd, sapgd, assg, gaussian (noise), "
+                                      f"uniform, square, transfer (default {DEFAULT_ATTACKS})")
+    p.add_argument("--reliable", action="store_true",
+                   help=f"the strongest set in one command: --attacks {','.join(RELIABLE_ATTACKS)} (+ transfer "
+                        f"with --source) --ensemble")
     p.add_argument("--eps", default="2/255,4/255,8/255", help="comma-separated eps list (fractions allowed)")
     p.add_argument("--steps", type=int, default=7, help="PGD / BIM steps")
     p.add_argument("--step-size", type=fraction, default=0.01, help="PGD / BIM step size")
     p.add_argument("--apgd-steps", type=int, default=50)
-    p.add_argument("--gradients", default="own",
-                   help=f"attacker gradients, comma-separated: {', '.join(GRADIENT_SOURCES)}")
+    p.add_argument("--sapgd-steps", type=int, default=SAPGD_STEPS, help="SA-PGD and ASSG iterations")
+    p.add_argument("--assg-level", default=f"{ASSG_LEVEL:g}",
+                   help="ASSG level(s) in (0, 0.5), the paper's A/2, comma-separated: several run as an ensemble "
+                        "(per-image worst case)")
+    p.add_argument("--gradients",
+                   help=f"attacker gradients, comma-separated: {', '.join(GRADIENT_SOURCES)} (default own)")
     p.add_argument("--ensemble", action="store_true",
                    help=f"shortcut for --gradients {','.join(ENSEMBLE)} (per-image worst case)")
     p.add_argument("--eot", type=int, help="gradient draws averaged per step (default 1; 8 for Poisson models)")
@@ -188,12 +218,23 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-        attacks = parse_attacks(args.attacks)
+        if args.reliable and (args.attacks or args.gradients):
+            raise ConfigError("--reliable sets the attacks and the gradients; drop --attacks / --gradients "
+                              "(or drop --reliable)")
+        if args.reliable:
+            attacks = RELIABLE_ATTACKS + (["transfer"] if args.source else [])
+        else:
+            attacks = parse_attacks(args.attacks or DEFAULT_ATTACKS)
         try:
             eps = [fraction(e) for e in args.eps.split(",") if e.strip()]
         except argparse.ArgumentTypeError as e:
             raise ConfigError(f"--eps: {e}") from None
-        gradients = ENSEMBLE if args.ensemble else [g.strip() for g in args.gradients.split(",") if g.strip()]
+        try:
+            assg_levels = [float(v) for v in args.assg_level.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--assg-level: expected numbers in (0, 0.5), got {args.assg_level!r}") from None
+        gradients = (ENSEMBLE if args.ensemble or args.reliable else
+                     [g.strip() for g in (args.gradients or "own").split(",") if g.strip()])
         if "transfer" in attacks and not args.source:
             raise ConfigError("the transfer attack needs --source CHECKPOINT (an independently trained model)")
         if args.name and len(args.name) != len(args.checkpoint):
@@ -220,7 +261,8 @@ def main(argv=None) -> int:
                                   f"{spec0['num_classes']} and {spec0['in_channels']}")
         poisson = any(spec["encoding"] == "poisson" for _, spec in models)
         settings = EvalSettings(attacks=attacks, eps=eps, steps=args.steps, alpha=args.step_size,
-                                apgd_steps=args.apgd_steps, gradients=gradients,
+                                apgd_steps=args.apgd_steps, sapgd_steps=args.sapgd_steps,
+                                assg_levels=assg_levels, gradients=gradients,
                                 eot=args.eot or (8 if poisson else 1), n_queries=args.queries,
                                 batch_size=args.batch_size, seed=args.seed,
                                 large_eps_check=not args.no_large_eps_check)

@@ -8,13 +8,15 @@ eps: the number to report as robust accuracy.
 With several gradient sources (``gradients=["own", "sigmoid", "bptr", ...]``)
 an image counts as robust only if it survives every one of them (the
 ensemble, a per-image worst case); the reported accuracy of a gradient attack
-is that worst case.
+is that worst case. ASSG (``assg``) brings its own adaptive gradient and runs
+once per level in ``assg_levels`` (a per-image worst case over them likewise).
 
 Sanity checks (Carlini et al. 2019; Athalye et al. 2018), each PASS / FAIL with figures:
 - ``eps_monotone``: accuracy does not rise as eps grows (per attack);
-- ``iterative_beats_one_step``: PGD / BIM / APGD are at least as strong as FGSM;
+- ``iterative_beats_one_step``: PGD / BIM / APGD / SA-PGD / ASSG are at least as strong as FGSM;
 - ``white_box_strongest``: noise, Square and transfer are weaker than the strongest white-box attack;
-- ``large_eps``: PGD with a very large eps (1.0: any image) brings accuracy near zero.
+- ``large_eps``: PGD with a very large eps (1.0: any image) brings accuracy near zero, and so does
+  ASSG + SA-PGD when it is evaluated (its adaptive gradient must lead somewhere too).
 A tolerance of max(1%, 2 images) absorbs the randomness of the random attacks.
 """
 
@@ -26,13 +28,25 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import ATTACKS, GRADIENT_ATTACKS, GRADIENT_SOURCES, input_gradient, run_attack
+from .attacks import (
+    ASSG_LEVEL,
+    ATTACKS,
+    GRADIENT_ATTACKS,
+    GRADIENT_SOURCES,
+    ITERATIVE_ATTACKS,
+    SAPGD_STEPS,
+    WHITE_BOX_ATTACKS,
+    ASSGOptions,
+    input_gradient,
+    run_attack,
+)
 
-__all__ = ["EvalSettings", "evaluate_robustness", "sanity_checks", "parse_attacks", "ATTACK_ALIASES"]
+__all__ = ["EvalSettings", "evaluate_robustness", "sanity_checks", "parse_attacks", "ATTACK_ALIASES", "attack_steps"]
 
 ATTACK_ALIASES = {"noise": "gaussian"}
 # eps = 1 admits any image; 10 steps of 0.2 cross the whole [0, 1] box twice from the random start.
 LARGE_EPS, LARGE_EPS_STEPS, LARGE_EPS_ALPHA = 1.0, 10, 0.2
+_LARGE_EPS_NAMES = {"pgd": "PGD", "assg": "ASSG + SA-PGD"}
 
 
 def parse_attacks(text: str) -> list[str]:
@@ -50,6 +64,8 @@ class EvalSettings:
     steps: int = 7
     alpha: float = 0.01
     apgd_steps: int = 50
+    sapgd_steps: int = SAPGD_STEPS  # SA-PGD and ASSG iterations
+    assg_levels: list[float] = field(default_factory=lambda: [ASSG_LEVEL])
     gradients: list[str] = field(default_factory=lambda: ["own"])
     eot: int = 1
     n_queries: int = 1000
@@ -67,15 +83,29 @@ class EvalSettings:
         for e in self.eps:
             if not 0.0 <= e <= 1.0:
                 raise ValueError(f"eps must be in [0, 1] (images are in [0, 1]), got {e}")
-        for name in ("steps", "apgd_steps", "eot", "n_queries", "batch_size"):
+        for name in ("steps", "apgd_steps", "sapgd_steps", "eot", "n_queries", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.assg_levels:
+            raise ValueError("assg_levels must list at least one ASSG level")
+        for level in self.assg_levels:
+            ASSGOptions(level=level)  # its message names the valid range
         if not self.alpha > 0:
             raise ValueError(f"step size must be > 0, got {self.alpha}")
 
 
 def _key(eps: float) -> str:
     return f"{eps:.6g}"
+
+
+def _level_key(level: float) -> str:
+    return f"{level:g}"
+
+
+def attack_steps(settings: EvalSettings, attack: str) -> int:
+    """The iteration budget of an attack under these settings."""
+    return {"apgd": settings.apgd_steps, "sapgd": settings.sapgd_steps, "assg": settings.sapgd_steps}.get(
+        attack, settings.steps)
 
 
 @torch.no_grad()
@@ -101,7 +131,8 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         counts[key] = counts.get(key, 0) + int(value)
 
     batches = range(0, n, settings.batch_size)
-    for start in tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=1.0):
+    bar = tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=1.0)
+    for start in bar:
         x = images[start:start + settings.batch_size].to(device)
         y = labels[start:start + settings.batch_size].to(device)
         clean = _correct(model, x, y)
@@ -111,14 +142,23 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         survived_all = {_key(eps): clean.clone() for eps in settings.eps}
         for attack in settings.attacks:
             for eps in settings.eps:
+                bar.set_postfix_str(f"{attack} @ {eps * 255:.3g}/255", refresh=False)
                 if attack in GRADIENT_ATTACKS:
                     survived = clean.clone()
                     for source_name in settings.gradients:
-                        steps = settings.apgd_steps if attack == "apgd" else settings.steps
-                        x_adv = run_attack(attack, model, x, y, eps, steps=steps, alpha=settings.alpha,
-                                           eot=settings.eot, gradient=source_name, seed=settings.seed + start)
+                        x_adv = run_attack(attack, model, x, y, eps, steps=attack_steps(settings, attack),
+                                           alpha=settings.alpha, eot=settings.eot, gradient=source_name,
+                                           seed=settings.seed + start)
                         ok = clean & _correct(model, x_adv, y)
                         add((attack, _key(eps), source_name), ok.sum())
+                        survived &= ok
+                elif attack == "assg":
+                    survived = clean.clone()
+                    for level in settings.assg_levels:
+                        x_adv = run_attack("assg", model, x, y, eps, steps=attack_steps(settings, "assg"), eot=settings.eot,
+                                           assg_options=ASSGOptions(level=level))
+                        ok = clean & _correct(model, x_adv, y)
+                        add((attack, _key(eps), _level_key(level)), ok.sum())
                         survived &= ok
                 else:
                     x_adv = run_attack(attack, model, x, y, eps, steps=settings.steps, alpha=settings.alpha,
@@ -130,24 +170,38 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         for eps_key, survived in survived_all.items():
             add(("all", eps_key, "worst"), survived.sum())
         if settings.large_eps_check:
+            bar.set_postfix_str(f"large-eps check (eps {LARGE_EPS:g})", refresh=False)
             survived = clean.clone()
             for source_name in settings.gradients:
                 x_adv = run_attack("pgd", model, x, y, LARGE_EPS, steps=LARGE_EPS_STEPS, alpha=LARGE_EPS_ALPHA,
                                    eot=settings.eot, gradient=source_name, seed=settings.seed + start)
                 survived &= _correct(model, x_adv, y)
             add(("large_eps", _key(LARGE_EPS), "worst"), survived.sum())
+            if "assg" in settings.attacks:
+                x_adv = run_attack("assg", model, x, y, LARGE_EPS, steps=LARGE_EPS_STEPS, eot=settings.eot,
+                                   assg_options=ASSGOptions(level=settings.assg_levels[0]))
+                add(("large_eps", _key(LARGE_EPS), "assg"), (clean & _correct(model, x_adv, y)).sum())
     model.train(was_training)
 
     accuracy = {a: {_key(e): counts[(a, _key(e), "worst")] / n for e in settings.eps} for a in settings.attacks}
     by_gradient = {a: {_key(e): {g: counts[(a, _key(e), g)] / n for g in settings.gradients} for e in settings.eps}
                    for a in settings.attacks if a in GRADIENT_ATTACKS}
+    by_level = ({_key(e): {_level_key(lv): counts[("assg", _key(e), _level_key(lv))] / n
+                           for lv in settings.assg_levels} for e in settings.eps}
+                if "assg" in settings.attacks else None)
+    large_eps = None
+    if settings.large_eps_check:
+        # "acc": PGD over the gradient sources; "by_attack" adds ASSG + SA-PGD when it was evaluated
+        pgd_large = counts[("large_eps", _key(LARGE_EPS), "worst")] / n
+        large_eps = {"eps": LARGE_EPS, "steps": LARGE_EPS_STEPS, "alpha": LARGE_EPS_ALPHA, "acc": pgd_large,
+                     "by_attack": {"pgd": pgd_large}}
+        if "assg" in settings.attacks:
+            large_eps["by_attack"]["assg"] = counts[("large_eps", _key(LARGE_EPS), "assg")] / n
     result = {
         "n": n, "clean": clean_total / n, "grad_l1": grad_l1_total / n, "settings": asdict(settings),
-        "accuracy": accuracy, "by_gradient": by_gradient,
+        "accuracy": accuracy, "by_gradient": by_gradient, "assg_by_level": by_level,
         "worst_case": {_key(e): counts[("all", _key(e), "worst")] / n for e in settings.eps},
-        "large_eps": ({"eps": LARGE_EPS, "steps": LARGE_EPS_STEPS, "alpha": LARGE_EPS_ALPHA,
-                       "acc": counts[("large_eps", _key(LARGE_EPS), "worst")] / n}
-                      if settings.large_eps_check else None),
+        "large_eps": large_eps,
     }
     result["checks"] = sanity_checks(result, num_classes)
     result["all_checks_passed"] = all(c["passed"] for c in result["checks"])
@@ -177,7 +231,7 @@ def sanity_checks(result: dict, num_classes: int = 10) -> list[dict]:
 
     failures, compared = [], False
     if "fgsm" in acc:
-        for attack in ("pgd", "bim", "apgd"):
+        for attack in ITERATIVE_ATTACKS:
             for eps, value in acc.get(attack, {}).items():
                 if eps in acc["fgsm"]:
                     compared = True
@@ -187,7 +241,7 @@ def sanity_checks(result: dict, num_classes: int = 10) -> list[dict]:
         check("iterative_beats_one_step", failures, "iterative attacks are at least as strong as FGSM" + within)
 
     failures, compared = [], False
-    white = [a for a in acc if a in GRADIENT_ATTACKS]
+    white = [a for a in acc if a in WHITE_BOX_ATTACKS]
     for attack in ("gaussian", "uniform", "square", "transfer"):
         for eps, value in acc.get(attack, {}).items():
             strongest = [acc[w][eps] for w in white if eps in acc[w]]
@@ -202,7 +256,9 @@ def sanity_checks(result: dict, num_classes: int = 10) -> list[dict]:
     large = result.get("large_eps")
     if large is not None:
         limit = max(0.05, 0.5 / num_classes)
-        failures = [] if large["acc"] <= limit else [
-            f"PGD at eps {large['eps']} leaves {100 * large['acc']:.1f}% accuracy (> {100 * limit:.0f}%)"]
-        check("large_eps", failures, f"PGD at eps {large['eps']} leaves {100 * large['acc']:.1f}% accuracy")
+        by_attack = large.get("by_attack", {"pgd": large["acc"]})
+        found = [f"{_LARGE_EPS_NAMES.get(a, a)} at eps {large['eps']} leaves {100 * v:.1f}% accuracy"
+                 for a, v in by_attack.items()]
+        failures = [f"{line} (> {100 * limit:.0f}%)" for line, v in zip(found, by_attack.values()) if v > limit]
+        check("large_eps", failures, "; ".join(found))
     return checks

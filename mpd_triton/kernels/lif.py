@@ -318,14 +318,15 @@ def _stats_merge_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def _lif_bwd_kernel(
-    gs_ptr, u_ptr, a_ptr, b_ptr, gvT_ptr, gx_ptr, gv0_ptr,
+    gs_ptr, u_ptr, a_ptr, b_ptr, gvT_ptr, gx_ptr, gv0_ptr, sgp_ptr,
     T, B, C, S, N,
     gs_stride_t, gs_stride_b, gs_stride_c, gs_stride_s,
+    sgp_stride_t, sgp_stride_b, sgp_stride_c, sgp_stride_s,
     inv_tau, v_th, v_rest, sg_param,
     SURROGATE: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, HAS_GRAD_S: tl.constexpr, MPD: tl.constexpr,
     HAS_GRAD_VT: tl.constexpr, WRITE_GRAD_V0: tl.constexpr, U_BITS: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, GS_DENSE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, GS_DENSE: tl.constexpr, SG_PARAM: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     offs, gs_offs, mask, c, _ = _tile(B, C, S, gs_stride_b, gs_stride_c, gs_stride_s, CHANNELS_LAST, GS_DENSE,
@@ -333,12 +334,21 @@ def _lif_bwd_kernel(
     inv_tau = tl.cast(inv_tau, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_rest = tl.cast(v_rest, tl.float32)
-    sg_param = tl.cast(sg_param, tl.float32)
+    c_mask = c < C
+    # The surrogate's parameter: the scalar (SG_PARAM_SCALAR), one per channel loaded once
+    # (SG_PARAM_CHANNEL, like the MPD terms), or one per element read through its strides
+    # every step (SG_PARAM_STRIDED). Masked lanes get 1.0 so no formula divides by zero.
+    if SG_PARAM == 1:
+        sg_param = tl.load(sgp_ptr + c, mask=c_mask, other=1.0).to(tl.float32)[:, None, None]
+    elif SG_PARAM == 2:
+        _, sgp_offs, _, _, _ = _tile(B, C, S, sgp_stride_b, sgp_stride_c, sgp_stride_s, CHANNELS_LAST, False,
+                                     BLOCK_C, BLOCK_B, BLOCK_S)
+    else:
+        sg_param = tl.cast(sg_param, tl.float32)
     if HAS_GRAD_VT:
         gv = tl.load(gvT_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         gv = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_S], dtype=tl.float32)
-    c_mask = c < C
     for i in range(T):
         t = T - 1 - i
         t_off = tl.cast(t, tl.int64) * N
@@ -348,7 +358,12 @@ def _lif_bwd_kernel(
         else:
             silent = raw.to(tl.int32, bitcast=True) < 0
         u = raw.to(tl.float32)
-        g = surrogate_grad(u, sg_param, SURROGATE)
+        if SG_PARAM == 2:
+            param = tl.load(sgp_ptr + tl.cast(t, tl.int64) * sgp_stride_t + sgp_offs, mask=mask,
+                            other=1.0).to(tl.float32)
+        else:
+            param = sg_param
+        g = surrogate_grad(u, param, SURROGATE)
         # dv_t/dh_t
         if HARD_RESET:
             dv_dh = tl.where(silent, 1.0, 0.0)
@@ -443,13 +458,17 @@ def lif_backward(
     mpd_b: torch.Tensor | None = None,
     grad_v_T: torch.Tensor | None = None,
     need_grad_v0: bool = False,
+    surrogate_param: torch.Tensor | None = None,
 ):
     """Reverse time loop over u_saved (as written by ``lif_forward``); grad_spikes is read
     through its strides.
 
     mpd_a, mpd_b: float32 [T, C] with dL/du = a + b * u from the statistics'
-    gradients (or both None). Returns (grad_x in u_saved's dtype and layout,
-    grad_v0 float32 or None).
+    gradients (or both None). surrogate_param: None (the surrogate's scalar
+    ``params.surrogate_param``), a float32 [C] tensor (one value per channel), or a
+    float32 tensor of u_saved's rank whose dims are 1 or u_saved's (per element,
+    broadcast, read through its strides). Returns (grad_x in u_saved's dtype and
+    layout, grad_v0 float32 or None).
     """
     layout = step_layout(u_saved)
     u_saved = _dense_in(u_saved, layout.channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
@@ -464,20 +483,38 @@ def lif_backward(
         gs_strides, gs_dense = (0, 0, 0, 0), True
     if grad_v_T is not None:
         grad_v_T = _dense_in(grad_v_T, layout.channels_last, channel_dim=1)
+    sg_mode, sgp, sgp_strides = _surrogate_param_operand(surrogate_param, u_saved, layout.channels_last)
     grad_x, grad_v0 = backward_buffers(u_saved, need_grad_v0=need_grad_v0)
     _lif_bwd_kernel[grid](
-        grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, grad_x, grad_v0,
+        grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, grad_x, grad_v0, sgp,
         T, B, C, S, B * C * S,
-        *gs_strides,
+        *gs_strides, *sgp_strides,
         params.inv_tau, params.v_th, params.v_rest, params.surrogate_param,
         SURROGATE=params.surrogate, DECAY_INPUT=params.decay_input, HARD_RESET=params.hard_reset,
         DETACH_RESET=params.detach_reset, HAS_GRAD_S=grad_spikes is not None, MPD=mpd_a is not None,
         HAS_GRAD_VT=grad_v_T is not None, WRITE_GRAD_V0=need_grad_v0,
         U_BITS=u_saved.element_size() * 8,
-        CHANNELS_LAST=layout.channels_last, GS_DENSE=gs_dense,
+        CHANNELS_LAST=layout.channels_last, GS_DENSE=gs_dense, SG_PARAM=sg_mode,
         BLOCK_C=block_c, BLOCK_B=block_b, BLOCK_S=block_s,
     )
     return grad_x, grad_v0
+
+
+# The backward kernel's SG_PARAM modes: where the surrogate's parameter comes from.
+SG_PARAM_SCALAR, SG_PARAM_CHANNEL, SG_PARAM_STRIDED = 0, 1, 2
+
+
+def _surrogate_param_operand(surrogate_param: torch.Tensor | None, u_saved: torch.Tensor, channels_last: bool):
+    """(SG_PARAM mode, tensor or None, its (t, b, c, s) element strides) for the backward kernel."""
+    if surrogate_param is None:
+        return SG_PARAM_SCALAR, None, (0, 0, 0, 0)
+    p = surrogate_param.to(torch.float32)
+    if p.dim() == 1:  # [C]: loaded once per program
+        return SG_PARAM_CHANNEL, p.contiguous(), (0, 0, 0, 0)
+    # Broadcast to u's shape without copying (stride 0 on the dims of size 1); copied once only
+    # when the spatial dims of the expanded view do not merge into one stride.
+    p, p_layout = _readable(p.expand(u_saved.shape), channels_last)
+    return SG_PARAM_STRIDED, p, p_layout.strides
 
 
 def _is_interpreted(fn) -> bool:
