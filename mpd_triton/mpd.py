@@ -41,9 +41,44 @@ def mpd_overlap(mean: torch.Tensor, var: torch.Tensor, gamma, eps: float = DEFAU
     else:
         gamma = check_real("gamma (the surrogate window half-width)", gamma, positive=True)
     eps = check_real("eps", eps, nonnegative=True)
-    sigma = torch.sqrt(var + eps)
-    m = mean.abs()
-    return torch.special.ndtr((gamma - m) / sigma) - torch.special.ndtr((-gamma - m) / sigma)
+    if isinstance(gamma, torch.Tensor):  # a tensor window: autograd through the formula (gamma may need a gradient)
+        sigma = torch.sqrt(var + eps)
+        m = mean.abs()
+        return torch.special.ndtr((gamma - m) / sigma) - torch.special.ndtr((-gamma - m) / sigma)
+    return _Overlap.apply(mean, var, gamma, eps)
+
+
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+class _Overlap(torch.autograd.Function):
+    """Omega with its gradient in closed form: one autograd node instead of a dozen (each a kernel
+    launch on a GPU and tens of microseconds on a CPU, per layer and step). With z1 = (gamma - |m|) /
+    sigma, z2 = (-gamma - |m|) / sigma and phi the standard normal density:
+
+        dOmega/d|m|   = (phi(z2) - phi(z1)) / sigma
+        dOmega/dsigma = (z2 phi(z2) - z1 phi(z1)) / sigma,   dsigma/dvar = 1 / (2 sigma)
+
+    and d|m|/dm = sign(m) (0 at m = 0, as autograd's abs)."""
+
+    @staticmethod
+    def forward(ctx, mean, var, gamma: float, eps: float):
+        sigma = torch.sqrt(var + eps)
+        m = mean.abs()
+        z1 = (gamma - m) / sigma
+        z2 = (-gamma - m) / sigma
+        ctx.save_for_backward(mean, sigma, z1, z2)
+        return torch.special.ndtr(z1) - torch.special.ndtr(z2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mean, sigma, z1, z2 = ctx.saved_tensors
+        phi1 = torch.exp(-0.5 * z1 * z1) * _INV_SQRT_2PI
+        phi2 = torch.exp(-0.5 * z2 * z2) * _INV_SQRT_2PI
+        g = grad / sigma
+        grad_mean = g * (phi2 - phi1) * torch.sign(mean) if ctx.needs_input_grad[0] else None
+        grad_var = g * (z2 * phi2 - z1 * phi1) / (2 * sigma) if ctx.needs_input_grad[1] else None
+        return grad_mean, grad_var, None, None
 
 
 def combine_stats(mean: torch.Tensor, var: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
