@@ -16,6 +16,7 @@ from .mpd import DEFAULT_EPS, GRANULARITIES, MPDSGR, combine_stats, mpd_overlap
 from .neuron import LIFConfig
 from .reference import lif_reference, membrane_stats, spike_function
 from .surrogates import (
+    SURROGATE_KINDS,
     SURROGATE_NAMES,
     WINDOW_PEAK_FRACTION,
     ATan,
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "lif", "LIF", "MPDSGR", "mpd_overlap", "combine_stats", "LIFConfig", "lif_reference", "membrane_stats",
     "spike_function", "Surrogate", "Triangle", "Rectangular", "Sigmoid", "ATan", "SuperSpike", "as_surrogate",
-    "SURROGATE_NAMES", "WINDOW_PEAK_FRACTION", "BACKENDS", "KERNEL_DTYPES", "DEFAULT_EPS", "GRANULARITIES",
+    "SURROGATE_NAMES", "SURROGATE_KINDS", "WINDOW_PEAK_FRACTION", "BACKENDS", "KERNEL_DTYPES", "DEFAULT_EPS", "GRANULARITIES",
     "triton_interpreted", "cpu_kernels_unavailable", "BACKWARD_MODES", "rate_backward", "from_spikingjelly",
     "SPIKINGJELLY_SURROGATES",
 ]

@@ -38,12 +38,19 @@ __all__ = [
     "WINDOW_PEAK_FRACTION",
     "SURROGATE_NAMES",
     "SURROGATE_KINDS",
+    "check_surrogate_kind",
 ]
 
 WINDOW_PEAK_FRACTION = 0.1
 
-# Compile-time ids of the Triton helpers; one per class below.
+# The ids the kernels dispatch on, one per class below (the C kernels' enum in kernels/lif_cpu.c
+# has the same values; a test compares the two), and the same as Triton constants for the jit code.
 _TRIANGLE, _RECTANGULAR, _SIGMOID, _ATAN, _SUPERSPIKE = 0, 1, 2, 3, 4
+_K_TRIANGLE: tl.constexpr = tl.constexpr(_TRIANGLE)
+_K_RECTANGULAR: tl.constexpr = tl.constexpr(_RECTANGULAR)
+_K_SIGMOID: tl.constexpr = tl.constexpr(_SIGMOID)
+_K_ATAN: tl.constexpr = tl.constexpr(_ATAN)
+_K_SUPERSPIKE: tl.constexpr = tl.constexpr(_SUPERSPIKE)
 
 
 def _positive_finite(name: str, value) -> float:
@@ -209,23 +216,35 @@ def _superspike_grad(u, alpha):
 
 @triton.jit
 def surrogate_grad(u, param, KIND: tl.constexpr):
-    """g(u) for the surrogate with compile-time id KIND (the ``kind`` of a class above)."""
-    if KIND == 0:
+    """g(u) for the surrogate with compile-time id KIND (the ``kind`` of a class above); any other
+    id fails to compile (the launchers refuse it before that, with a clear error)."""
+    if KIND == _K_TRIANGLE:
         return _triangle_grad(u, param)
-    elif KIND == 1:
+    elif KIND == _K_RECTANGULAR:
         return _rectangular_grad(u, param)
-    elif KIND == 2:
+    elif KIND == _K_SIGMOID:
         return _sigmoid_grad(u, param)
-    elif KIND == 3:
+    elif KIND == _K_ATAN:
         return _atan_grad(u, param)
-    else:
+    elif KIND == _K_SUPERSPIKE:
         return _superspike_grad(u, param)
+    else:
+        tl.static_assert(False, "unknown surrogate id")
 
 
 _BY_NAME = {cls.name: cls for cls in (Triangle, Rectangular, Sigmoid, ATan, SuperSpike)}
 SURROGATE_NAMES = tuple(_BY_NAME)
 # The ids the kernels dispatch on (Triton helpers above, the C kernels' enum), and their names.
 SURROGATE_KINDS = {cls.kind: cls.name for cls in _BY_NAME.values()}
+
+
+def check_surrogate_kind(kind) -> int:
+    """kind itself if it is one of SURROGATE_KINDS, else a ValueError (an unknown id must not fall
+    through to some surrogate's formula)."""
+    if kind not in SURROGATE_KINDS:
+        raise ValueError(f"unknown surrogate id {kind!r}; known: "
+                         + ", ".join(f"{k} ({name})" for k, name in SURROGATE_KINDS.items()))
+    return kind
 
 
 def as_surrogate(surrogate) -> Surrogate:

@@ -378,3 +378,22 @@ def test_surrogate_param_changes_only_the_backward_and_scalar_path_is_unchanged(
                      lif_kernels.SG_PARAM_CHANNEL]
     assert torch.equal(g0, g1) and torch.equal(g0, g2)
     assert torch.equal(s0, s3) and not torch.allclose(g0, g3)
+
+
+def test_unknown_surrogate_id_is_refused_not_treated_as_another():
+    params = mt.LIFConfig().kernel_params
+    x = make_input((3, 2, 4), 0)
+    _, u_saved, _, _, _ = lif_kernels.lif_forward(x, params)
+    with pytest.raises(ValueError, match=r"unknown surrogate id 5; known: 0 \(triangle\)"):
+        lif_kernels.lif_backward(None, u_saved, params._replace(surrogate=5))
+
+
+def test_surrogate_ids_agree_with_the_c_kernels_enum():
+    """The C kernels dispatch on their own enum: its values must be the Python classes' kind."""
+    import re
+    from pathlib import Path
+
+    source = (Path(mt.__file__).parent / "kernels" / "lif_cpu.c").read_text()
+    enum = dict((name.lower(), int(value)) for name, value in re.findall(r"SG_([A-Z]+) = (\d+)", source)
+                if name != "COUNT")
+    assert enum == {name: kind for kind, name in mt.SURROGATE_KINDS.items()}

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from ..neuron import KernelParams
-from ..surrogates import SURROGATE_KINDS
+from ..surrogates import SURROGATE_KINDS, check_surrogate_kind
 # The layouts and the output buffers are the Triton launchers' (the same outputs, the same fake
 # implementation for torch.compile).
 from .lif import _dense_in, _empty, backward_buffers, forward_buffers, step_layout
@@ -314,11 +314,6 @@ def _run_tiles(fn, args_before, args_after, n_tiles: int, elements: int, scratch
 # ---------------------------------------------------------------- launchers
 
 
-def _check_kind(params: KernelParams) -> None:
-    if params.surrogate not in SURROGATE_KINDS:
-        raise ValueError(f"unknown surrogate id {params.surrogate}; known: {sorted(SURROGATE_KINDS)}")
-
-
 def _kernel(direction: str, dtype: torch.dtype):
     lib = _library()
     if lib is None:
@@ -395,7 +390,7 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
     (grad_x in u_saved's dtype and memory format, grad_v0 float32 or None). surrogate_param:
     None (the scalar params.surrogate_param), a [C] tensor (per channel), or a tensor of
     u_saved's rank whose dims are 1 or u_saved's (per element, broadcast)."""
-    _check_kind(params)
+    check_surrogate_kind(params.surrogate)
     fn = _kernel("bwd", u_saved.dtype)
     channels_last = step_layout(u_saved).channels_last
     u_saved = _dense_in(u_saved, channels_last, channel_dim=2)  # as lif_forward wrote it: no copy

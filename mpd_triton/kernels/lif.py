@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from ..neuron import KernelParams
-from ..surrogates import surrogate_grad
+from ..surrogates import check_surrogate_kind, surrogate_grad
 
 __all__ = [
     "lif_forward", "lif_backward", "forward_buffers", "backward_buffers", "step_layout", "StepLayout",
@@ -470,6 +470,7 @@ def lif_backward(
     broadcast, read through its strides). Returns (grad_x in u_saved's dtype and
     layout, grad_v0 float32 or None).
     """
+    check_surrogate_kind(params.surrogate)
     layout = step_layout(u_saved)
     u_saved = _dense_in(u_saved, layout.channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
     layout = step_layout(u_saved)
