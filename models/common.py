@@ -38,9 +38,13 @@ class NeuronOptions:
     def make_surrogate(self) -> mt.Surrogate:
         cls = type(mt.as_surrogate(self.surrogate))
         args = () if self.surrogate_param is None else (self.surrogate_param,)
-        if self.window is not None and cls in (mt.Sigmoid, mt.ATan, mt.SuperSpike):
-            return cls(*args, gamma=self.window)
-        return cls(*args)
+        if self.window is None:
+            return cls(*args)
+        if cls in (mt.Triangle, mt.Rectangular):
+            raise ValueError(f"window: the {cls.name} surrogate's MPD-SGR window is its support, set by its gamma "
+                             "(--surrogate-param); window (--window) is for the smooth surrogates (sigmoid, atan, "
+                             "superspike), and --gamma sets one window for every layer whatever the surrogate")
+        return cls(*args, gamma=self.window)
 
     def make(self) -> mt.LIF:
         return mt.LIF(self.tau, self.v_th, self.v_reset, self.decay_input, self.detach_reset,

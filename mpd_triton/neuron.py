@@ -108,7 +108,7 @@ class KernelParams(NamedTuple):
     decay_input: bool
     hard_reset: bool
     detach_reset: bool
-    surrogate: int  # Surrogate.kind: which @triton.jit helper the backward uses
+    surrogate_kind: int  # Surrogate.kind: which surrogate the backward evaluates (mt.SURROGATE_KINDS)
     surrogate_param: float  # Surrogate.param (gamma or alpha)
 
 

@@ -107,20 +107,20 @@ def _define(suffix: str, kernels, device_guard):
     def lif_fwd(
         x: Tensor, v_init: Optional[Tensor],
         inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
-        surrogate: int, surrogate_param: float,
+        surrogate_kind: int, surrogate_param: float,
         stats: bool, save_state: bool, save_u: bool,
         surrogate_param_tensor: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(spikes, u_saved, mean, var, v_T); see ``kernels.lif.lif_forward``. The forward does not
         read ``surrogate_param_tensor``: it is an input only so that the backward gets it."""
-        params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate,
+        params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate_kind,
                               surrogate_param)
         with device_guard(x):
             outputs = kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=save_u)
         return _forward_outputs(x, outputs)
 
     @lif_fwd.register_fake
-    def _lif_fwd_fake(x, v_init, inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate,
+    def _lif_fwd_fake(x, v_init, inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate_kind,
                       surrogate_param, stats, save_state, save_u, surrogate_param_tensor=None):
         return _forward_outputs(x, kernels.forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u))
 
@@ -129,13 +129,13 @@ def _define(suffix: str, kernels, device_guard):
         grad_spikes: Optional[Tensor], u_saved: Tensor,
         mpd_a: Optional[Tensor], mpd_b: Optional[Tensor], grad_v_T: Optional[Tensor],
         inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
-        surrogate: int, surrogate_param: float,
+        surrogate_kind: int, surrogate_param: float,
         need_grad_v0: bool,
         surrogate_param_tensor: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         """(grad_x, grad_v0 float32); see ``kernels.lif.lif_backward``. No autograd formula is
         registered for it, so double backward through the kernels is refused."""
-        params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate,
+        params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate_kind,
                               surrogate_param)
         with device_guard(u_saved):
             grad_x, grad_v0 = kernels.lif_backward(grad_spikes, u_saved, params, mpd_a=mpd_a, mpd_b=mpd_b,
@@ -145,7 +145,7 @@ def _define(suffix: str, kernels, device_guard):
 
     @lif_bwd.register_fake
     def _lif_bwd_fake(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, inv_tau, v_th, v_rest, decay_input, hard_reset,
-                      detach_reset, surrogate, surrogate_param, need_grad_v0, surrogate_param_tensor=None):
+                      detach_reset, surrogate_kind, surrogate_param, need_grad_v0, surrogate_param_tensor=None):
         grad_x, grad_v0 = kernels.backward_buffers(u_saved, need_grad_v0=need_grad_v0)
         return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
 

@@ -265,7 +265,7 @@ def test_bad_input():
     params = mt.LIFConfig().kernel_params
     _, u_saved, _, _, _ = cpu_kernels.lif_forward(x, params)
     with pytest.raises(ValueError, match="unknown surrogate id 7"):
-        cpu_kernels.lif_backward(None, u_saved, params._replace(surrogate=7))
+        cpu_kernels.lif_backward(None, u_saved, params._replace(surrogate_kind=7))
 
 
 def test_double_backward_is_refused():

@@ -385,7 +385,7 @@ def test_unknown_surrogate_id_is_refused_not_treated_as_another():
     x = make_input((3, 2, 4), 0)
     _, u_saved, _, _, _ = lif_kernels.lif_forward(x, params)
     with pytest.raises(ValueError, match=r"unknown surrogate id 5; known: 0 \(triangle\)"):
-        lif_kernels.lif_backward(None, u_saved, params._replace(surrogate=5))
+        lif_kernels.lif_backward(None, u_saved, params._replace(surrogate_kind=5))
 
 
 def test_surrogate_ids_agree_with_the_c_kernels_enum():

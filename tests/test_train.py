@@ -117,6 +117,7 @@ BAD = [
     (["--batch-size", "0"], "batch_size must be >= 1"),
     (["--tau", "0"], "tau must be > 0"),
     (["--surrogate", "relu"], "surrogate: unknown name 'relu'"),
+    (["--window", "0.5"], "window: the triangle surrogate's MPD-SGR window is its support"),
     (["--model", "vgg16"], "model vgg16 on fmnist-subset (28x28): image too small"),
     (["--data", "cifar10", "--data-dir", "/nonexistent"], "--data-dir /nonexistent does not exist"),
 ]

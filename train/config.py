@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--detach-reset", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--surrogate", help=f"one of: {', '.join(mt.SURROGATE_NAMES)}")
     g.add_argument("--surrogate-param", type=float, help="gamma (triangle, rectangular) or alpha (sigmoid, atan, superspike)")
-    g.add_argument("--window", type=float, help="MPD-SGR window of a smooth surrogate (default: its convention)")
+    g.add_argument("--window", type=float, help="MPD-SGR window of a smooth surrogate (sigmoid, atan, superspike; "
+                                                  "default: where g falls to a tenth of its peak); the triangle's "
+                                                  "and rectangular's window is their gamma")
     g.add_argument("--backend", help=f"LIF backend: {', '.join(mt.BACKENDS)}")
     g = p.add_argument_group("MPD-SGR")
     g.add_argument("--eta", type=float, help="regularizer weight (0: plain training)")

@@ -390,7 +390,7 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
     (grad_x in u_saved's dtype and memory format, grad_v0 float32 or None). surrogate_param:
     None (the scalar params.surrogate_param), a [C] tensor (per channel), or a tensor of
     u_saved's rank whose dims are 1 or u_saved's (per element, broadcast)."""
-    check_surrogate_kind(params.surrogate)
+    check_surrogate_kind(params.surrogate_kind)
     fn = _kernel("bwd", u_saved.dtype)
     channels_last = step_layout(u_saved).channels_last
     u_saved = _dense_in(u_saved, channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
@@ -412,7 +412,7 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
     n_tiles = -(-B // block_b) * -(-C // block_c)
     _run_tiles(fn, (_ptr(grad_spikes), *gs_strides, u_saved.data_ptr(), _ptr(mpd_a), _ptr(mpd_b),
                     _ptr(sgp_channel), _ptr(sgp_element), sgp_stride_t, _ptr(gvT), grad_x.data_ptr(), _ptr(grad_v0), T, B, C, S, block_b, block_c,
-                    params.inv_tau, params.v_th, params.v_rest, params.surrogate_param, params.surrogate,
+                    params.inv_tau, params.v_th, params.v_rest, params.surrogate_param, params.surrogate_kind,
                     int(params.decay_input), int(params.hard_reset), int(params.detach_reset)),
                (), n_tiles, T * B * C * S, _scratch_floats(block_b, block_c, S))
     return grad_x, grad_v0

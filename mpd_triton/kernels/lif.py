@@ -322,8 +322,8 @@ def _lif_bwd_kernel(
     T, B, C, S, N,
     gs_stride_t, gs_stride_b, gs_stride_c, gs_stride_s,
     sgp_stride_t, sgp_stride_b, sgp_stride_c, sgp_stride_s,
-    inv_tau, v_th, v_rest, sg_param,
-    SURROGATE: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr,
+    inv_tau, v_th, v_rest, surrogate_param,
+    SURROGATE_KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, HAS_GRAD_S: tl.constexpr, MPD: tl.constexpr,
     HAS_GRAD_VT: tl.constexpr, WRITE_GRAD_V0: tl.constexpr, U_BITS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, GS_DENSE: tl.constexpr, SG_PARAM: tl.constexpr,
@@ -339,12 +339,12 @@ def _lif_bwd_kernel(
     # (SG_PARAM_CHANNEL, like the MPD terms), or one per element read through its strides
     # every step (SG_PARAM_STRIDED). Masked lanes get 1.0 so no formula divides by zero.
     if SG_PARAM == 1:
-        sg_param = tl.load(sgp_ptr + c, mask=c_mask, other=1.0).to(tl.float32)[:, None, None]
+        surrogate_param = tl.load(sgp_ptr + c, mask=c_mask, other=1.0).to(tl.float32)[:, None, None]
     elif SG_PARAM == 2:
         _, sgp_offs, _, _, _ = _tile(B, C, S, sgp_stride_b, sgp_stride_c, sgp_stride_s, CHANNELS_LAST, False,
                                      BLOCK_C, BLOCK_B, BLOCK_S)
     else:
-        sg_param = tl.cast(sg_param, tl.float32)
+        surrogate_param = tl.cast(surrogate_param, tl.float32)
     if HAS_GRAD_VT:
         gv = tl.load(gvT_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -362,8 +362,8 @@ def _lif_bwd_kernel(
             param = tl.load(sgp_ptr + tl.cast(t, tl.int64) * sgp_stride_t + sgp_offs, mask=mask,
                             other=1.0).to(tl.float32)
         else:
-            param = sg_param
-        g = surrogate_grad(u, param, SURROGATE)
+            param = surrogate_param
+        g = surrogate_grad(u, param, SURROGATE_KIND)
         # dv_t/dh_t
         if HARD_RESET:
             dv_dh = tl.where(silent, 1.0, 0.0)
@@ -470,7 +470,7 @@ def lif_backward(
     broadcast, read through its strides). Returns (grad_x in u_saved's dtype and
     layout, grad_v0 float32 or None).
     """
-    check_surrogate_kind(params.surrogate)
+    check_surrogate_kind(params.surrogate_kind)
     layout = step_layout(u_saved)
     u_saved = _dense_in(u_saved, layout.channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
     layout = step_layout(u_saved)
@@ -491,7 +491,7 @@ def lif_backward(
         T, B, C, S, B * C * S,
         *gs_strides, *sgp_strides,
         params.inv_tau, params.v_th, params.v_rest, params.surrogate_param,
-        SURROGATE=params.surrogate, DECAY_INPUT=params.decay_input, HARD_RESET=params.hard_reset,
+        SURROGATE_KIND=params.surrogate_kind, DECAY_INPUT=params.decay_input, HARD_RESET=params.hard_reset,
         DETACH_RESET=params.detach_reset, HAS_GRAD_S=grad_spikes is not None, MPD=mpd_a is not None,
         HAS_GRAD_VT=grad_v_T is not None, WRITE_GRAD_V0=need_grad_v0,
         U_BITS=u_saved.element_size() * 8,

@@ -162,14 +162,14 @@ static void LIF_NAME(bwd_dispatch)(const LIF_TYPE* gs, int64_t gs_rs, const LIF_
 /* Reverse time loop over tiles [tile_begin, tile_end). grad_spikes (or NULL): [T, B, C, S]
  * with dense [C, S] per sample, time and batch strides gs_stride_t, gs_stride_b; u_saved as
  * lif_fwd wrote it; mpd_a, mpd_b (or NULL): float32 [T, C]. The surrogate's parameter:
- * sg_param_e (per element: float32 dense [B, C, S] per step, time stride sgp_stride_t, 0
- * allowed), else sg_param_c (per channel: float32 [C]), else the scalar sg_param. gvT (or
+ * surrogate_param_e (per element: float32 dense [B, C, S] per step, time stride surrogate_param_stride_t, 0
+ * allowed), else surrogate_param_c (per channel: float32 [C]), else the scalar surrogate_param. gvT (or
  * NULL) and gv0 (or NULL): float32 [B, C, S]; grad_x: dense [T, B, C, S]. */
 void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t gs_stride_b, const LIF_TYPE* u_saved,
-                       const float* mpd_a, const float* mpd_b, const float* sg_param_c, const float* sg_param_e,
-                       int64_t sgp_stride_t, const float* gvT, LIF_TYPE* grad_x, float* gv0, int64_t T, int64_t B,
+                       const float* mpd_a, const float* mpd_b, const float* surrogate_param_c, const float* surrogate_param_e,
+                       int64_t surrogate_param_stride_t, const float* gvT, LIF_TYPE* grad_x, float* gv0, int64_t T, int64_t B,
                        int64_t C, int64_t S, int64_t block_b, int64_t block_c, float inv_tau, float v_th,
-                       float v_rest, float sg_param, int32_t kind, int32_t decay_input, int32_t hard_reset,
+                       float v_rest, float surrogate_param, int32_t surrogate_kind, int32_t decay_input, int32_t hard_reset,
                        int32_t detach_reset, int64_t tile_begin, int64_t tile_end, float* scratch) {
     const int64_t N = B * C * S;
     const int64_t n_ctiles = (C + block_c - 1) / block_c;
@@ -189,9 +189,9 @@ void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t
             const int64_t off = (b0 + bi) * C * S + c0 * S;
             for (int64_t k = 0; k < n_row; k++) gv[bi * n_row + k] = gvT ? gvT[off + k] : 0.0f;
         }
-        if (!sg_param_e) /* one row of parameters, the same for every sample and step */
+        if (!surrogate_param_e) /* one row of parameters, the same for every sample and step */
             for (int64_t cc = 0; cc < n_c; cc++) {
-                const float value = sg_param_c ? sg_param_c[c0 + cc] : sg_param;
+                const float value = surrogate_param_c ? surrogate_param_c[c0 + cc] : surrogate_param;
                 for (int64_t s = 0; s < S; s++) params[cc * S + s] = value;
             }
         const int64_t off = b0 * C * S + c0 * S;
@@ -200,14 +200,14 @@ void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t
             const LIF_TYPE* gs = grad_spikes ? grad_spikes + t * gs_stride_t + b0 * gs_stride_b + c0 * S
                                              : (const LIF_TYPE*)zeros;
             const int64_t gs_rs = grad_spikes ? gs_stride_b : 0;
-            const float* p = sg_param_e ? sg_param_e + t * sgp_stride_t + off : params;
-            const int64_t p_rs = sg_param_e ? C * S : 0;
+            const float* p = surrogate_param_e ? surrogate_param_e + t * surrogate_param_stride_t + off : params;
+            const int64_t p_rs = surrogate_param_e ? C * S : 0;
             if (S == 1) { /* a row per sample, walking the tile's channels */
                 const float* a = mpd_a ? mpd_a + t * C + c0 : zeros;
                 const float* b = mpd_b ? mpd_b + t * C + c0 : zeros;
                 LIF_NAME(bwd_dispatch)(gs, gs_rs, u_saved + t * N + off, grad_x + t * N + off, C * S, gv, n_row, n_b,
                                        n_row, a, b, 1, p, p_rs, gx_scale, keep, v_th, v_rest, hard_reset,
-                                       detach_reset, kind);
+                                       detach_reset, surrogate_kind);
                 continue;
             }
             for (int64_t cc = 0; cc < n_c; cc++) { /* a row per sample, one channel's positions */
@@ -217,7 +217,7 @@ void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t
                 LIF_NAME(bwd_dispatch)(grad_spikes ? gs + cc * S : gs, gs_rs, u_saved + t * N + off + cc * S,
                                        grad_x + t * N + off + cc * S, C * S, gv + cc * S, n_row, n_b, S, &a, &b, 0,
                                        p + cc * S, p_rs, gx_scale, keep, v_th, v_rest, hard_reset, detach_reset,
-                                       kind);
+                                       surrogate_kind);
             }
         }
         if (gv0) {
