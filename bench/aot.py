@@ -33,6 +33,7 @@ import torch
 import triton
 
 from mpd_triton.kernels import lif as lif_kernels
+from mpd_triton.kernels import runtime
 from mpd_triton.neuron import LIFConfig
 
 from .cli import command_line
@@ -45,7 +46,6 @@ __all__ = ["ARCHS", "CASES", "QUICK_CASES", "compile_case", "resource_usage", "o
 # sm_100 keeps them): 64K 32-bit registers, 64 resident warps, 32 resident blocks.
 SM_REGISTERS, SM_MAX_WARPS, SM_MAX_BLOCKS = 65536, 64, 32
 ARCHS = {"80": "A100", "86": "RTX 30xx / A10", "89": "L4 / RTX 40xx", "90": "H100 / H200", "100": "B200"}
-KERNELS = ("_lif_fwd_kernel", "_stats_merge_kernel", "_lif_bwd_kernel")
 HOT_SIZE = 2**27  # T*N of the issue's bandwidth targets
 
 
@@ -144,19 +144,18 @@ def _compiling_for(arch: str, num_warps: int | None, tile_elements: int | None):
     from triton.runtime.driver import driver
 
     compiled: list = []
-    saved = {name: getattr(lif_kernels, name) for name in KERNELS}
+    saved = dict(lif_kernels.KERNELS)  # the launchers' registry: every kernel they run, by role
     saved_tile = lif_kernels.TILE_ELEMENTS
     saved_driver = getattr(driver, "_active", None)  # reset_active() would look for a real GPU driver
     driver.set_active(_TargetDriver(GPUTarget("cuda", int(arch), 32)))
     try:
-        for name in KERNELS:
-            setattr(lif_kernels, name, _Compile(saved[name], compiled, num_warps))
+        for name in saved:
+            lif_kernels.KERNELS[name] = _Compile(saved[name], compiled, num_warps)
         if tile_elements is not None:
             lif_kernels.TILE_ELEMENTS = tile_elements
         yield compiled
     finally:
-        for name, fn in saved.items():
-            setattr(lif_kernels, name, fn)
+        lif_kernels.KERNELS.update(saved)
         lif_kernels.TILE_ELEMENTS = saved_tile
         driver.set_active(saved_driver)
 
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in args.warps:
         if w not in (1, 2, 4, 8, 16, 32):
             parser.error(f"--warps take 1, 2, 4, 8, 16 or 32, got {w}")
-    if lif_kernels.INTERPRETED:
+    if runtime.INTERPRETED:
         print("error: TRITON_INTERPRET=1 is set, so the kernels are interpreter functions that do not compile; "
               "run `env -u TRITON_INTERPRET python -m bench.aot`", file=sys.stderr)
         return 2

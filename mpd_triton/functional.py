@@ -13,7 +13,7 @@ import torch
 
 from . import ops as _ops  # registers torch.ops.mpd_triton.* too
 from .kernels import cpu as _cpu_kernels
-from .kernels import lif as _kernels
+from .kernels import runtime as _runtime
 from .neuron import LIFConfig, check_bool, check_surrogate_param
 from .reference import lif_reference
 from .surrogates import Surrogate, Triangle
@@ -27,7 +27,7 @@ _REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 def triton_interpreted() -> bool:
     """True when the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
-    return _kernels.INTERPRETED
+    return _runtime.INTERPRETED
 
 
 def cpu_kernels_unavailable() -> str | None:
@@ -96,7 +96,7 @@ def _resolve_backend(backend, x: torch.Tensor) -> str:
             raise TypeError(
                 f"backend='triton' takes float32, float16 or bfloat16 input, got {x.dtype}; use backend='torch'"
             )
-        if not x.is_cuda and not _kernels.INTERPRETED:
+        if not x.is_cuda and not _runtime.INTERPRETED:
             raise ValueError(
                 f"backend='triton' needs a CUDA tensor, x is on {x.device}; set TRITON_INTERPRET=1 before "
                 "triton is first imported to run the kernels on the CPU, or use backend='torch'"

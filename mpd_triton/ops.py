@@ -7,7 +7,7 @@ Registering the custom operators (schema, fake implementation, autograd) lets ``
 trace ``mt.lif`` / ``mt.LIF`` with ``fullgraph=True``: Dynamo puts one opaque node per call in the
 graph, AOTAutograd takes the backward from the registered formula (which calls ``lif_bwd``), and
 fake tensors get the output shapes, dtypes and strides from the same allocation code as the real
-launch (``kernels.lif.forward_buffers`` / ``backward_buffers``).
+launch (``kernels.layout.forward_buffers`` / ``backward_buffers``).
 
 Outside ``torch.compile`` a custom operator costs tens of microseconds of Python per call (its
 schema handling and dispatch), more than a small layer's kernels; eagerly, ``fused_lif`` runs the
@@ -39,12 +39,14 @@ from torch import Tensor
 
 from .kernels import cpu as _cpu_kernels
 from .kernels import lif as _kernels
+from .kernels import runtime as _runtime
 from .neuron import KernelParams
 
-__all__ = ["lif_fwd", "lif_bwd", "lif_fwd_cpu", "lif_bwd_cpu", "fused_lif", "KERNELS"]
+__all__ = ["lif_fwd", "lif_bwd", "lif_fwd_cpu", "lif_bwd_cpu", "fused_lif", "BACKEND_KERNELS"]
 
 # backend name -> (the launchers' module, the device context of a launch)
-KERNELS = {"triton": (_kernels, _kernels.device_guard), "cpu": (_cpu_kernels, lambda t: contextlib.nullcontext())}
+BACKEND_KERNELS = {"triton": (_kernels, _runtime.device_guard),
+                   "cpu": (_cpu_kernels, lambda t: contextlib.nullcontext())}
 
 _N_PARAMS = len(KernelParams._fields)
 
@@ -168,8 +170,8 @@ def _define(suffix: str, kernels, device_guard):
     return lif_fwd, lif_bwd
 
 
-lif_fwd, lif_bwd = _define("", *KERNELS["triton"])
-lif_fwd_cpu, lif_bwd_cpu = _define("_cpu", *KERNELS["cpu"])
+lif_fwd, lif_bwd = _define("", *BACKEND_KERNELS["triton"])
+lif_fwd_cpu, lif_bwd_cpu = _define("_cpu", *BACKEND_KERNELS["cpu"])
 _OPS = {"triton": lif_fwd, "cpu": lif_fwd_cpu}
 
 
@@ -178,7 +180,7 @@ class _FusedLIF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v_init, backend, params, stats, save_state, save_u, sg_tensor):
-        kernels, device_guard = KERNELS[backend]
+        kernels, device_guard = BACKEND_KERNELS[backend]
         with device_guard(x):
             outputs = kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=save_u)
         spikes, u_saved, mean, var, v_T = _forward_outputs(x, outputs)
@@ -189,7 +191,7 @@ class _FusedLIF(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spikes, grad_mean, grad_var, grad_v_T):
-        kernels, device_guard = KERNELS[ctx.backend]
+        kernels, device_guard = BACKEND_KERNELS[ctx.backend]
 
         def run_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, params, need_grad_v0, sg_tensor):
             with device_guard(u_saved):
@@ -214,7 +216,7 @@ def fused_lif(backend: str, x: Tensor, v_init: Optional[Tensor], params: KernelP
         spikes, _, mean, var, v_T = _OPS[backend](x, v_init, *params, stats, save_state, save_u, surrogate_param)
         return spikes, mean, var, v_T
     if not save_u:  # nothing to differentiate: no autograd node
-        kernels, device_guard = KERNELS[backend]
+        kernels, device_guard = BACKEND_KERNELS[backend]
         with device_guard(x):
             outputs = kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=False)
         spikes, _, mean, var, v_T = _forward_outputs(x, outputs)

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    from mpd_triton.kernels.lif import INTERPRETER_PROBLEM
+    from mpd_triton.kernels.runtime import INTERPRETER_PROBLEM
 
     if INTERPRETER_PROBLEM:  # every kernel test would fail with the interpreter's cryptic error
         pytest.exit(INTERPRETER_PROBLEM, returncode=4)

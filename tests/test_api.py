@@ -10,6 +10,7 @@ from helpers import DEVICE, make_input
 
 import mpd_triton as mt
 from mpd_triton.kernels import lif as lif_kernels
+from mpd_triton.kernels import runtime
 
 BACKENDS = ["torch", "triton", "cpu"]
 
@@ -87,7 +88,7 @@ def test_bad_parameters(no_launch, backend, kwargs, exc, msg):
 
 
 def test_triton_backend_needs_gpu_or_interpreter(monkeypatch, no_launch):
-    monkeypatch.setattr(lif_kernels, "INTERPRETED", False)
+    monkeypatch.setattr(runtime, "INTERPRETED", False)
     with pytest.raises(ValueError, match="backend='triton' needs a CUDA tensor.*TRITON_INTERPRET=1"):
         mt.lif(torch.zeros(2, 2, 2), backend="triton")
 
@@ -244,7 +245,7 @@ def test_interpreter_numpy_guard(triton_version, numpy_version, broken):
     """mpd_triton warns at import, and conftest stops the run with a clear line, where triton < 3.7's
     interpreter meets numpy >= 2.4 (checked by hand: triton 3.6.0 + numpy 2.4.6 fails every kernel
     test, + numpy 2.3.5 passes them)."""
-    from mpd_triton.kernels.lif import interpreter_numpy_problem
+    from mpd_triton.kernels.runtime import interpreter_numpy_problem
 
     problem = interpreter_numpy_problem(triton_version, numpy_version)
     assert (problem is not None) == broken

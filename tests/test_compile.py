@@ -237,7 +237,7 @@ def test_float_arguments_stay_float32(backend, monkeypatch):
     """Neuron floats passed as Python floats into a compiled function: no float64 in the
     generated code, and the kernels get Python floats (Triton's fp32)."""
     scalars = []
-    launch = lif_kernels._lif_fwd_kernel
+    launch = lif_kernels.KERNELS["forward"]
 
     class Recorder:
         def __getitem__(self, grid):
@@ -247,7 +247,7 @@ def test_float_arguments_stay_float32(backend, monkeypatch):
 
             return run
 
-    monkeypatch.setattr(lif_kernels, "_lif_fwd_kernel", Recorder())
+    monkeypatch.setitem(lif_kernels.KERNELS, "forward", Recorder())
 
     def fn(x, tau, v_th, gamma):
         s, mean, var = mt.lif(x, tau=tau, v_th=v_th, surrogate=mt.Triangle(gamma), backend=backend,

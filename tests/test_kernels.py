@@ -360,7 +360,7 @@ def test_surrogate_param_changes_only_the_backward_and_scalar_path_is_unchanged(
         return s.detach(), xx.grad
 
     modes = []
-    launch = lif_kernels._lif_bwd_kernel
+    launch = lif_kernels.KERNELS["backward"]
 
     class Recorder:
         def __getitem__(self, grid):
@@ -369,7 +369,7 @@ def test_surrogate_param_changes_only_the_backward_and_scalar_path_is_unchanged(
                 return launch[grid](*args, **kwargs)
             return run_kernel
 
-    monkeypatch.setattr(lif_kernels, "_lif_bwd_kernel", Recorder())
+    monkeypatch.setitem(lif_kernels.KERNELS, "backward", Recorder())
     s0, g0 = run(None)
     s1, g1 = run(torch.full((4,), 3.0, device=DEVICE))
     s2, g2 = run(torch.full((3, 2, 4, 5), 3.0, device=DEVICE))

@@ -10,7 +10,7 @@ one reverse pass for the backward with the MPD-SGR term a + b u added in it.
 Differences from the Triton launchers:
 
 * Layout: the outputs are in x's memory format, contiguous or channels-last, as the
-  Triton launchers make them (``kernels.lif.forward_buffers``). x and grad_spikes are read
+  Triton launchers make them (``kernels.layout.forward_buffers``). x and grad_spikes are read
   in place through any time stride (0 too: an input expanded over T is never
   materialized) when each sample is dense in that format (any batch stride in the
   contiguous format); anything else is copied once. A channels-last step [B, S, C] is
@@ -47,7 +47,7 @@ from ..neuron import KernelParams
 from ..surrogates import SURROGATE_KINDS, check_surrogate_kind
 # The layouts and the output buffers are the Triton launchers' (the same outputs, the same fake
 # implementation for torch.compile).
-from .lif import _dense_in, _empty, backward_buffers, forward_buffers, step_layout
+from .layout import backward_buffers, dense_in, empty_in, forward_buffers, step_layout
 
 __all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward", "lif_backward", "forward_buffers", "backward_buffers",
            "tile_shape", "library_path", "DISABLE_ENV", "CACHE_ENV", "TILE_ELEMENTS"]
@@ -336,7 +336,7 @@ def _kernel_view(t: torch.Tensor, channels_last: bool):
         return t, (T, B, C, S), (_stride(t, 0), _stride(t, 1))
     st, sb, sc, ss = layout.strides if layout.strides is not None else (None,) * 4
     if not (sc == 1 and ss == C and (B == 1 or sb == S * C)):
-        t = _empty(t.shape, True, dtype=t.dtype, device=t.device, channel_dim=2).copy_(t)
+        t = empty_in(t.shape, True, dtype=t.dtype, device=t.device, channel_dim=2).copy_(t)
     return t, (T, B * S, C, 1), (_stride(t, 0), C)
 
 
@@ -353,7 +353,7 @@ def lif_forward(x: torch.Tensor, params: KernelParams, *, v_init: torch.Tensor |
     channels_last = layout.channels_last
     x, (T, B, C, S), x_strides = _kernel_view(x, channels_last)
     spikes, u_saved, mean, var, v_T = forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u)
-    v0 = (_dense_in(v_init.to(torch.float32), channels_last, channel_dim=1) if v_init is not None else None)
+    v0 = (dense_in(v_init.to(torch.float32), channels_last, channel_dim=1) if v_init is not None else None)
     block_b, block_c = tile_shape(B, C, S)
     P, n_ctiles = -(-B // block_b), -(-C // block_c)
     partials = _buffer("partials", 2 * T * P * C, torch.float64) if stats else None
@@ -378,7 +378,7 @@ def _surrogate_param_operands(surrogate_param: torch.Tensor | None, u_saved: tor
     if p.dim() == 1:
         return p.contiguous(), None, 0
     shape = (p.shape[0],) + tuple(u_saved.shape[1:]) if p.shape[0] == 1 else tuple(u_saved.shape)
-    p = _dense_in(p.expand(shape), channels_last, channel_dim=2)
+    p = dense_in(p.expand(shape), channels_last, channel_dim=2)
     return None, p, (p.stride(0) if p.shape[0] > 1 else 0)
 
 
@@ -393,17 +393,17 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
     check_surrogate_kind(params.surrogate_kind)
     fn = _kernel("bwd", u_saved.dtype)
     channels_last = step_layout(u_saved).channels_last
-    u_saved = _dense_in(u_saved, channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
+    u_saved = dense_in(u_saved, channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
     _, (T, B, C, S), _ = _kernel_view(u_saved, channels_last)
     gs_strides = (0, 0)
     if grad_spikes is not None:
         grad_spikes = grad_spikes.to(u_saved.dtype)
         if step_layout(grad_spikes).strides is None:
-            grad_spikes = _dense_in(grad_spikes, channels_last, channel_dim=2)
+            grad_spikes = dense_in(grad_spikes, channels_last, channel_dim=2)
         if step_layout(grad_spikes).channels_last != channels_last:
-            grad_spikes = _dense_in(grad_spikes, channels_last, channel_dim=2)
+            grad_spikes = dense_in(grad_spikes, channels_last, channel_dim=2)
         grad_spikes, _, gs_strides = _kernel_view(grad_spikes, channels_last)
-    gvT = _dense_in(grad_v_T.to(torch.float32), channels_last, channel_dim=1) if grad_v_T is not None else None
+    gvT = dense_in(grad_v_T.to(torch.float32), channels_last, channel_dim=1) if grad_v_T is not None else None
     mpd_a = mpd_a.to(torch.float32).contiguous() if mpd_a is not None else None
     mpd_b = mpd_b.to(torch.float32).contiguous() if mpd_b is not None else None
     sgp_channel, sgp_element, sgp_stride_t = _surrogate_param_operands(surrogate_param, u_saved, channels_last)

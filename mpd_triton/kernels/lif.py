@@ -45,138 +45,19 @@ when |mean| >> std.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import warnings
-from typing import NamedTuple
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from ..neuron import KernelParams
 from ..surrogates import check_surrogate_kind, surrogate_grad
+from .layout import StepLayout, backward_buffers, dense_in, forward_buffers, readable, step_layout
 
-__all__ = [
-    "lif_forward", "lif_backward", "forward_buffers", "backward_buffers", "step_layout", "StepLayout",
-    "tile_shape", "device_guard", "INTERPRETED", "INTERPRETER_PROBLEM", "interpreter_numpy_problem",
-]
+__all__ = ["lif_forward", "lif_backward", "forward_buffers", "backward_buffers", "tile_shape", "KERNELS",
+           "SG_PARAM_SCALAR", "SG_PARAM_CHANNEL", "SG_PARAM_STRIDED"]
 
 # Elements per program tile; to be tuned on a GPU (docs/benchmarks.md).
 TILE_ELEMENTS = 2048
-
-
-def device_guard(x: torch.Tensor):
-    """Launch on x's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------- layouts (host side)
-
-
-class StepLayout(NamedTuple):
-    """A [T, B, C, *spatial] tensor seen as [T, B, C, S]."""
-
-    T: int
-    B: int
-    C: int
-    S: int
-    # Element strides (t, b, c, s) of the [T, B, C, S] view; None when the
-    # spatial dims do not merge into one stride.
-    strides: tuple[int, int, int, int] | None
-    # Channels vary faster than positions: the kernels write their outputs as [B, S, C] per step.
-    channels_last: bool
-
-    def dense_strides(self) -> tuple[int, int, int, int]:
-        """Strides of the dense tensor the kernels write in this layout."""
-        C, S = self.C, self.S
-        if self.channels_last:
-            return self.B * C * S, C * S, 1, C
-        return self.B * C * S, C * S, S, 1
-
-    def is_dense(self, *, time: bool = True) -> bool:
-        """Laid out as the kernels write (ignoring the time stride unless ``time``)."""
-        if self.strides is None:
-            return False
-        sizes = (self.T if time else 1, self.B, self.C, self.S)
-        return all(n == 1 or st == want for n, st, want in zip(sizes, self.strides, self.dense_strides()))
-
-
-def _merged_stride(sizes, strides) -> int | None:
-    """The stride of the spatial dims flattened into one, or None if they do not merge."""
-    dims = [(n, st) for n, st in zip(sizes, strides) if n != 1]
-    if not dims:
-        return 1
-    for (_, outer), (n, inner) in zip(dims, dims[1:]):
-        if outer != inner * n:
-            return None
-    return dims[-1][1]
-
-
-def step_layout(t: torch.Tensor) -> StepLayout:
-    """Shape and strides of a [T, B, C, *spatial] (or [T, B, F]) tensor as [T, B, C, S]."""
-    T, B, C = t.shape[:3]
-    S = math.prod(t.shape[3:])
-    s_stride = _merged_stride(t.shape[3:], t.stride()[3:])
-    strides = None if s_stride is None else (t.stride(0), t.stride(1), t.stride(2), s_stride)
-    channels_last = strides is not None and C > 1 and S > 1 and strides[2] < strides[3]
-    return StepLayout(T, B, C, S, strides, channels_last)
-
-
-def _empty(shape, channels_last: bool, *, dtype, device, channel_dim: int) -> torch.Tensor:
-    """A new dense tensor of ``shape``, channels innermost if ``channels_last``."""
-    shape = tuple(shape)
-    if not channels_last:
-        return torch.empty(shape, dtype=dtype, device=device)
-    moved = shape[:channel_dim] + shape[channel_dim + 1:] + shape[channel_dim:channel_dim + 1]
-    return torch.empty(moved, dtype=dtype, device=device).movedim(-1, channel_dim)
-
-
-def _dense_in(t: torch.Tensor, channels_last: bool, *, channel_dim: int) -> torch.Tensor:
-    """t itself if it is dense in the given order, else a copy that is (one copy). For
-    [T, B, C, *spatial] tensors (channel_dim 2) and [B, C, *spatial] states (channel_dim 1)."""
-    steps = t if channel_dim == 2 else t.unsqueeze(0)
-    if step_layout(steps)._replace(channels_last=channels_last).is_dense():
-        return t
-    return _empty(t.shape, channels_last, dtype=t.dtype, device=t.device, channel_dim=channel_dim).copy_(t)
-
-
-def _readable(t: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, StepLayout]:
-    """t (read-only by the kernels) and its layout; copied once to the written layout only
-    when its spatial dims do not merge into one stride."""
-    layout = step_layout(t)
-    if layout.strides is None:
-        t = _empty(t.shape, channels_last, dtype=t.dtype, device=t.device, channel_dim=2).copy_(t)
-        layout = step_layout(t)
-    return t, layout
-
-
-def forward_buffers(x: torch.Tensor, *, stats: bool, save_state: bool, save_u: bool):
-    """New (spikes, u_saved, mean, var, v_T) for ``lif_forward(x, ...)``: shapes, dtypes and
-    strides (the custom operator's fake implementation uses this too). Entries not asked for are None."""
-    layout = step_layout(x)
-    cl = layout.channels_last
-
-    def steps():
-        return _empty(x.shape, cl, dtype=x.dtype, device=x.device, channel_dim=2)
-
-    spikes = steps()
-    u_saved = steps() if save_u else None
-    mean = torch.empty((layout.T, layout.C), dtype=torch.float32, device=x.device) if stats else None
-    var = torch.empty_like(mean) if stats else None
-    v_T = _empty(x.shape[1:], cl, dtype=x.dtype, device=x.device, channel_dim=1) if save_state else None
-    return spikes, u_saved, mean, var, v_T
-
-
-def backward_buffers(u_saved: torch.Tensor, *, need_grad_v0: bool):
-    """New (grad_x, grad_v0 or None) for ``lif_backward``: grad_x in u_saved's dtype and
-    layout, grad_v0 float32."""
-    cl = step_layout(u_saved).channels_last
-    grad_x = _empty(u_saved.shape, cl, dtype=u_saved.dtype, device=u_saved.device, channel_dim=2)
-    grad_v0 = (_empty(u_saved.shape[1:], cl, dtype=torch.float32, device=u_saved.device, channel_dim=1)
-               if need_grad_v0 else None)
-    return grad_x, grad_v0
 
 
 def tile_shape(B: int, C: int, S: int, channels_last: bool = False) -> tuple[int, int, int]:
@@ -392,6 +273,11 @@ def _lif_bwd_kernel(
         tl.store(gv0_ptr + offs, gv, mask=mask)
 
 
+# The kernels the launchers run, by role. Tools that build them another way (bench/aot.py
+# compiles each variant for a GPU it does not have) swap entries here, by these names.
+KERNELS = {"forward": _lif_fwd_kernel, "stats_merge": _stats_merge_kernel, "backward": _lif_bwd_kernel}
+
+
 # ---------------------------------------------------------------- launchers
 
 
@@ -418,18 +304,18 @@ def lif_forward(
     channels-last); u_saved is None unless save_u (only backward needs it),
     mean/var are float32 [T, C] or None, v_T is x.shape[1:] in x.dtype or None.
     """
-    x, layout = _readable(x, channels_last=False)
+    x, layout = readable(x, channels_last=False)
     T, B, C, S = layout.T, layout.B, layout.C, layout.S
     grid, P, (block_c, block_b, block_s) = _grid(layout)
     spikes, u_saved, mean, var, v_T = forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u)
     if v_init is not None:
-        v_init = _dense_in(v_init, layout.channels_last, channel_dim=1)
+        v_init = dense_in(v_init, layout.channels_last, channel_dim=1)
     if stats:
         pmean = torch.empty((T, P, C), dtype=torch.float32, device=x.device)
         pm2 = torch.empty_like(pmean)
     else:
         pmean = pm2 = None
-    _lif_fwd_kernel[grid](
+    KERNELS["forward"][grid](
         x, spikes, u_saved, v_init, v_T, pmean, pm2,
         T, B, C, S, B * C * S, P,
         *layout.strides,
@@ -441,7 +327,7 @@ def lif_forward(
     )
     if stats:
         merge_block_c = min(triton.next_power_of_2(C), 64)
-        _stats_merge_kernel[(T, triton.cdiv(C, merge_block_c))](
+        KERNELS["stats_merge"][(T, triton.cdiv(C, merge_block_c))](
             pmean, pm2, mean, var, B, C, S, P,
             TILE_B=block_b, TILE_S=block_s,
             BLOCK_C=merge_block_c, BLOCK_P=min(triton.next_power_of_2(P), 64),
@@ -472,21 +358,21 @@ def lif_backward(
     """
     check_surrogate_kind(params.surrogate_kind)
     layout = step_layout(u_saved)
-    u_saved = _dense_in(u_saved, layout.channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
+    u_saved = dense_in(u_saved, layout.channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
     layout = step_layout(u_saved)
     T, B, C, S = layout.T, layout.B, layout.C, layout.S
     grid, _, (block_c, block_b, block_s) = _grid(layout)
     if grad_spikes is not None:
-        grad_spikes, gs_layout = _readable(grad_spikes, layout.channels_last)
+        grad_spikes, gs_layout = readable(grad_spikes, layout.channels_last)
         gs_strides, gs_dense = gs_layout.strides, gs_layout._replace(channels_last=layout.channels_last).is_dense(
             time=False)
     else:
         gs_strides, gs_dense = (0, 0, 0, 0), True
     if grad_v_T is not None:
-        grad_v_T = _dense_in(grad_v_T, layout.channels_last, channel_dim=1)
+        grad_v_T = dense_in(grad_v_T, layout.channels_last, channel_dim=1)
     sg_mode, sgp, sgp_strides = _surrogate_param_operand(surrogate_param, u_saved, layout.channels_last)
     grad_x, grad_v0 = backward_buffers(u_saved, need_grad_v0=need_grad_v0)
-    _lif_bwd_kernel[grid](
+    KERNELS["backward"][grid](
         grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, grad_x, grad_v0, sgp,
         T, B, C, S, B * C * S,
         *gs_strides, *sgp_strides,
@@ -514,36 +400,7 @@ def _surrogate_param_operand(surrogate_param: torch.Tensor | None, u_saved: torc
         return SG_PARAM_CHANNEL, p.contiguous(), (0, 0, 0, 0)
     # Broadcast to u's shape without copying (stride 0 on the dims of size 1); copied once only
     # when the spatial dims of the expanded view do not merge into one stride.
-    p, p_layout = _readable(p.expand(u_saved.shape), channels_last)
+    p, p_layout = readable(p.expand(u_saved.shape), channels_last)
     return SG_PARAM_STRIDED, p, p_layout.strides
 
 
-def _is_interpreted(fn) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(fn, InterpretedFunction)
-
-
-def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> str | None:
-    """Why this triton + numpy pair cannot run the kernels in the interpreter, or None.
-
-    Triton < 3.7's interpreter turns a scalar kernel argument into an int with
-    int(one-element array), which NumPy >= 2.4 rejects ("only 0-dimensional arrays
-    can be converted to Python scalars"): every launch would fail with it.
-    """
-
-    def major_minor(v: str) -> tuple[int, int]:
-        parts = v.split("+")[0].split(".")
-        return int(parts[0]), int(parts[1])
-
-    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
-        return (f"the Triton interpreter of triton {triton_version} does not work with numpy {numpy_version} "
-                "(it needs numpy < 2.4; triton >= 3.7 works with any): pip install 'numpy<2.4'")
-    return None
-
-
-INTERPRETED = _is_interpreted(_lif_fwd_kernel)
-# Known at import; said once here, since the interpreter's own error names neither cause nor fix.
-INTERPRETER_PROBLEM = interpreter_numpy_problem(triton.__version__, np.__version__) if INTERPRETED else None
-if INTERPRETER_PROBLEM:
-    warnings.warn(f"mpd_triton: {INTERPRETER_PROBLEM}", RuntimeWarning, stacklevel=2)
