@@ -14,7 +14,7 @@ from .functional import BACKENDS, KERNEL_DTYPES, cpu_kernels_unavailable, lif, t
 from .layers import BACKWARD_MODES, LIF, rate_backward
 from .mpd import DEFAULT_EPS, GRANULARITIES, MPDSGR, combine_stats, mpd_overlap
 from .neuron import LIFConfig
-from .reference import lif_reference, membrane_stats, spike_function
+from .reference import lif_reference, membrane_stats
 from .surrogates import (
     SURROGATE_KINDS,
     SURROGATE_NAMES,
@@ -26,6 +26,7 @@ from .surrogates import (
     Surrogate,
     Triangle,
     as_surrogate,
+    spike_function,
 )
 
 __version__ = "0.1.0"

@@ -14,28 +14,9 @@ from typing import NamedTuple
 import torch
 
 from .neuron import LIFConfig, check_surrogate_param, surrogate_param_at
-from .surrogates import Surrogate
+from .surrogates import spike_function
 
-__all__ = ["spike_function", "lif_reference", "membrane_stats", "stat_dims", "ReferenceOutputs"]
-
-
-class _SpikeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, surrogate, param):
-        ctx.save_for_backward(u, param)
-        ctx.surrogate = surrogate
-        return (u >= 0).to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_spike):
-        u, param = ctx.saved_tensors
-        return grad_spike * ctx.surrogate.grad(u, param), None, None
-
-
-def spike_function(u: torch.Tensor, surrogate: Surrogate, param: torch.Tensor | None = None) -> torch.Tensor:
-    """s = 1[u >= 0] with ds/du := surrogate.grad(u, param) (param: a tensor broadcast against u
-    that replaces the surrogate's scalar parameter, or None). No gradient flows to param."""
-    return _SpikeFunction.apply(u, surrogate, None if param is None else param.detach())
+__all__ = ["lif_reference", "membrane_stats", "stat_dims", "ReferenceOutputs"]
 
 
 def stat_dims(ndim: int) -> tuple[int, ...]:

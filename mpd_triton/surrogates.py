@@ -39,6 +39,7 @@ __all__ = [
     "SURROGATE_NAMES",
     "SURROGATE_KINDS",
     "check_surrogate_kind",
+    "spike_function",
 ]
 
 WINDOW_PEAK_FRACTION = 0.1
@@ -78,8 +79,6 @@ class Surrogate:
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         """Heaviside spike of ``u`` whose backward is this surrogate (pure PyTorch)."""
-        from .reference import spike_function
-
         return spike_function(u, self)
 
     def __eq__(self, other) -> bool:
@@ -230,6 +229,25 @@ def surrogate_grad(u, param, KIND: tl.constexpr):
         return _superspike_grad(u, param)
     else:
         tl.static_assert(False, "unknown surrogate id")
+
+
+class _SpikeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, surrogate, param):
+        ctx.save_for_backward(u, param)
+        ctx.surrogate = surrogate
+        return (u >= 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_spike):
+        u, param = ctx.saved_tensors
+        return grad_spike * ctx.surrogate.grad(u, param), None, None
+
+
+def spike_function(u: torch.Tensor, surrogate: Surrogate, param: torch.Tensor | None = None) -> torch.Tensor:
+    """s = 1[u >= 0] with ds/du := surrogate.grad(u, param) (param: a tensor broadcast against u
+    that replaces the surrogate's scalar parameter, or None). No gradient flows to param."""
+    return _SpikeFunction.apply(u, surrogate, None if param is None else param.detach())
 
 
 _BY_NAME = {cls.name: cls for cls in (Triangle, Rectangular, Sigmoid, ATan, SuperSpike)}
