@@ -48,7 +48,7 @@ class NeuronOptions:
 
     def make(self) -> mt.LIF:
         return mt.LIF(self.tau, self.v_th, self.v_reset, self.decay_input, self.detach_reset,
-                      self.make_surrogate(), self.backend)
+                      self.make_surrogate(), backend=self.backend)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -246,8 +246,7 @@ def from_spikingjelly(model: nn.Module, *, backend: str = "auto", record_mpd: bo
         except ValueError as error:
             refusals.append(f"  {label}: {error}")
             continue
-        layer = LIF(config.tau, config.v_th, config.v_reset, config.decay_input, config.detach_reset,
-                    config.surrogate, backend=backend, record_mpd=record_mpd)
+        layer = LIF.from_config(config, backend=backend, record_mpd=record_mpd)
         layer.train(node.training)
         replacements[key] = layer
     if refusals:

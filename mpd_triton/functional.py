@@ -18,7 +18,7 @@ from .neuron import LIFConfig, check_bool, check_surrogate_param
 from .reference import lif_reference
 from .surrogates import Surrogate, Triangle
 
-__all__ = ["lif", "BACKENDS", "KERNEL_DTYPES", "triton_interpreted", "cpu_kernels_unavailable"]
+__all__ = ["lif", "lif_with_config", "BACKENDS", "KERNEL_DTYPES", "triton_interpreted", "cpu_kernels_unavailable"]
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -174,17 +174,28 @@ def lif(
         backend reads x through its strides and writes spikes and the final
         state channels-last when x is (see docs/compile.md for what is copied).
     """
+    return lif_with_config(x, LIFConfig(tau, v_th, v_reset, decay_input, detach_reset, surrogate), backend,
+                           return_stats=return_stats, v_init=v_init, return_state=return_state,
+                           surrogate_param=surrogate_param)
+
+
+def lif_with_config(x: torch.Tensor, config: LIFConfig, backend: str = "auto", *, return_stats: bool = False,
+                    v_init: torch.Tensor | None = None, return_state: bool = False,
+                    surrogate_param: torch.Tensor | None = None):
+    """``mt.lif`` with the neuron given as a validated ``LIFConfig`` (what ``mt.LIF`` calls at every
+    forward: the neuron was checked once, when the config was made). Same outputs as ``mt.lif``."""
+    if not isinstance(config, LIFConfig):
+        raise TypeError(f"config must be an mt.LIFConfig, got {type(config).__name__}")
     _check_x(x)
     _check_v_init(v_init, x)
     check_bool("return_stats", return_stats)
     check_bool("return_state", return_state)
     check_surrogate_param(surrogate_param, x)
-    cfg = LIFConfig(tau, v_th, v_reset, decay_input, detach_reset, surrogate)
     resolved = _resolve_backend(backend, x)
     if resolved != "torch":
-        spikes, mean, var, v_T = _lif_fused(resolved, x, v_init, cfg, return_stats, return_state, surrogate_param)
+        spikes, mean, var, v_T = _lif_fused(resolved, x, v_init, config, return_stats, return_state, surrogate_param)
     else:
-        out = lif_reference(x, cfg, v_init=v_init, return_stats=return_stats, surrogate_param=surrogate_param)
+        out = lif_reference(x, config, v_init=v_init, return_stats=return_stats, surrogate_param=surrogate_param)
         spikes, mean, var, v_T = out.spikes, out.mean, out.var, out.v
     result = (spikes,)
     if return_stats:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 from torch import nn
 
-from .functional import BACKENDS, lif
+from .functional import BACKENDS, lif_with_config
 from .neuron import LIFConfig, check_bool
-from .surrogates import Surrogate, Triangle
+from .surrogates import Surrogate
 
 __all__ = ["LIF", "BACKWARD_MODES", "rate_backward"]
 
@@ -49,19 +50,11 @@ class LIF(nn.Module):
     :func:`rate_backward` (an attacker's option; statistics are not recorded then).
     """
 
-    def __init__(
-        self,
-        tau: float = 2.0,
-        v_th: float = 1.0,
-        v_reset: float | None = 0.0,
-        decay_input: bool = True,
-        detach_reset: bool = False,
-        surrogate: Surrogate | str = Triangle(1.0),
-        backend: str = "auto",
-        record_mpd: bool = False,
-    ):
+    def __init__(self, *args, backend: str = "auto", record_mpd: bool = False, **neuron):
+        """``args`` and ``neuron``: the neuron, as :class:`mpd_triton.LIFConfig` takes it (tau, v_th,
+        v_reset, decay_input, detach_reset, surrogate; positionally or by name), validated once, here."""
         super().__init__()
-        self.config = LIFConfig(tau, v_th, v_reset, decay_input, detach_reset, surrogate)
+        self.config = LIFConfig(*args, **neuron)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -108,17 +101,25 @@ class LIF(nn.Module):
         else:
             self.mpd_records = [(mean, var)]
 
+    @classmethod
+    def from_config(cls, config: LIFConfig, *, backend: str = "auto", record_mpd: bool = False) -> "LIF":
+        """A layer for an already validated neuron."""
+        if not isinstance(config, LIFConfig):
+            raise TypeError(f"config must be an mt.LIFConfig, got {type(config).__name__}")
+        layer = cls(backend=backend, record_mpd=record_mpd)
+        layer.config = config
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.config
         if self.backward_mode == "rate":
-            spikes = lif(x.detach(), c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, self.backend)
-            return rate_backward(x, spikes, c)
+            spikes = lif_with_config(x.detach(), self.config, self.backend)
+            return rate_backward(x, spikes, self.config)
         if self.backward_mode != "bptt":
             raise ValueError(f"backward_mode must be one of {BACKWARD_MODES}, got {self.backward_mode!r}")
-        args = (x, c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, self.backend)
         if not self.record_mpd:
-            return lif(*args, surrogate_param=self.surrogate_param)
-        spikes, mean, var = lif(*args, return_stats=True, surrogate_param=self.surrogate_param)
+            return lif_with_config(x, self.config, self.backend, surrogate_param=self.surrogate_param)
+        spikes, mean, var = lif_with_config(x, self.config, self.backend, return_stats=True,
+                                            surrogate_param=self.surrogate_param)
         self.record_stats(mean, var)
         return spikes
 
@@ -128,3 +129,15 @@ class LIF(nn.Module):
         return (f"tau={c.tau:g}, v_th={c.v_th:g}, {reset}, decay_input={c.decay_input}, "
                 f"detach_reset={c.detach_reset}, surrogate={c.surrogate!r}, backend={self.backend!r}, "
                 f"record_mpd={self.record_mpd}")
+
+
+def _signature() -> inspect.Signature:
+    """LIF(tau=2.0, v_th=1.0, ..., *, backend="auto", record_mpd=False), from LIFConfig's fields."""
+    neuron = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default,
+                                annotation=f.type) for f in dataclasses.fields(LIFConfig)]
+    options = [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation="str"),
+               inspect.Parameter("record_mpd", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")]
+    return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + neuron + options)
+
+
+LIF.__init__.__signature__ = _signature()
