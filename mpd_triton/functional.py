@@ -112,7 +112,7 @@ def _resolve_backend(backend, x: torch.Tensor) -> str:
         if reason is not None:
             raise ValueError(f"backend='cpu' is unavailable: {reason}; use backend='torch'")
         if not _cpu_kernels.available(x.dtype):
-            raise TypeError(f"backend='cpu': this machine's C compiler has no float16 type; pass float32 or "
+            raise TypeError("backend='cpu': this machine's C compiler has no float16 type; pass float32 or "
                             "bfloat16, or use backend='torch'")
     return backend
 

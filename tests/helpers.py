@@ -112,6 +112,30 @@ def compare_with_reference(backend, x, opts, seed, terms, *, v_init=None):
         assert_close("grad_v_init", out["grad_v0"], ref["grad_v0"], atol=2e-5 * gscale, rtol=1e-4, mask=grad_mask[0])
 
 
+# ---------------------------------------------------------------- memory formats
+
+
+def _channels_last_steps(x):
+    """[T, B, C, H, W] whose [T*B, C, H, W] view is torch.channels_last (BatchNorm2d output in that format)."""
+    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, x.shape[:2])
+
+
+# name: builds (leaf, x) from dense values of x's shape; the gradient compared is the leaf's.
+LAYOUTS = {
+    "contiguous": lambda v: (lambda leaf: (leaf, leaf))(v.clone().requires_grad_(True)),
+    "channels_last": lambda v: (lambda leaf: (leaf, leaf))(_channels_last_steps(v).requires_grad_(True)),
+    # The direct encoding's first layer: one current repeated over T (time stride 0).
+    "expanded_over_T": lambda v: (lambda leaf: (leaf, leaf.expand(v.shape)))(v[0].clone().requires_grad_(True)),
+    "channels_last_expanded_over_T": lambda v: (lambda leaf: (leaf, leaf.expand(v.shape)))(
+        v[0].contiguous(memory_format=torch.channels_last).requires_grad_(True)),
+    "batch_major": lambda v: (lambda leaf: (leaf, leaf.transpose(0, 1)))(
+        v.transpose(0, 1).contiguous().requires_grad_(True)),
+    # Spatial dims that do not merge into one stride: the one case that is copied.
+    "transposed_spatial": lambda v: (lambda leaf: (leaf, leaf.transpose(3, 4)))(
+        v.transpose(3, 4).contiguous().requires_grad_(True)),
+}
+
+
 # ---------------------------------------------------------------- strategies
 
 SURROGATES = st.one_of(

@@ -1,14 +1,14 @@
-"""The fused CPU kernels (backend="cpu", what "auto" picks for CPU tensors) against the reference.
+"""What is particular to the fused CPU kernels (backend="cpu", what "auto" picks for CPU tensors).
 
-The same comparisons as the Triton kernels' (tests/test_kernels.py: spikes exactly, statistics,
-final state, gradients through every output with the MPD-SGR term), over random shapes and
-every neuron option, plus what is particular to the C kernels: tiles, threads, layouts they
-copy, the build and its fallback. They run natively, so there are many more examples here.
+What both fused backends must do (every option, multi-tile shapes, thresholds, determinism,
+statistics at |mean| >> std, low precision, memory formats, the surrogate parameter tensor) is
+tested on both in tests/test_kernels.py. Here: many more random examples (the C kernels run
+natively), tiles and threads, what is copied, float16/bfloat16 forwards, the build, its cache
+and its fallback, a forked child, bad input.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -16,20 +16,17 @@ import textwrap
 
 import pytest
 import torch
-from helpers import (assert_close, compare_with_reference, input_shapes, make_input, neuron_options,
-                     poison_kernel_outputs, rel_error)
+from helpers import LAYOUTS, assert_close, compare_with_reference, input_shapes, make_input, neuron_options, poison_kernel_outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpd_triton as mt
 from mpd_triton.kernels import cpu as cpu_kernels
-from mpd_triton.reference import stat_dims
 
 REASON = mt.cpu_kernels_unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the CPU kernels are unavailable here: {REASON}")
 
-ALL_SURROGATES = [mt.Triangle(0.8), mt.Rectangular(0.4), mt.Sigmoid(3.0), mt.ATan(1.5), mt.SuperSpike(6.0)]
 TERMS = st.sampled_from([
     ("spikes",), ("stats",), ("overlap",), ("state",), ("spikes", "stats"), ("spikes", "overlap", "state"),
 ])
@@ -38,21 +35,6 @@ TERMS = st.sampled_from([
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     poison_kernel_outputs(monkeypatch)
-
-
-@pytest.mark.parametrize("surrogate", ALL_SURROGATES, ids=lambda s: s.name)
-@pytest.mark.parametrize("v_reset", [0.0, -0.2, None], ids=["hard0", "hard-0.2", "soft"])
-@pytest.mark.parametrize("detach_reset", [False, True], ids=["attached", "detached"])
-@pytest.mark.parametrize("tau,decay_input", [(2.0, True), (3.0, False), (math.inf, False)], ids=["decay", "nodecay", "IF"])
-@pytest.mark.parametrize("shape", [(6, 3, 5, 3, 3), (5, 7, 11)], ids=["conv", "linear"])
-def test_every_option_combination(surrogate, v_reset, detach_reset, tau, decay_input, shape):
-    """Every neuron option on a ragged conv shape and a linear one (S = 1: the kernels walk
-    channels innermost), every output in the loss, with an initial state."""
-    opts = dict(tau=tau, v_th=0.9, v_reset=v_reset, decay_input=decay_input, detach_reset=detach_reset,
-                surrogate=surrogate)
-    x = make_input(shape, 1234, scale=1.2, offset=0.6)
-    v_init = make_input(shape[1:], 99, scale=0.3, offset=0.0)
-    compare_with_reference("cpu", x, opts, 1234, ("spikes", "overlap", "state"), v_init=v_init)
 
 
 @settings(max_examples=150)
@@ -65,15 +47,6 @@ def test_kernel_matches_reference(shape, opts, seed, terms, scale, offset, chann
         x = x.movedim(2, -1).contiguous().movedim(-1, 2)
     v_init = make_input(shape[1:], seed + 7, scale=0.5, offset=0.0) if with_v_init else None
     compare_with_reference("cpu", x, opts, seed, terms, v_init=v_init)
-
-
-@pytest.mark.parametrize("shape", [(3, 70, 1, 2100), (2, 3, 5, 37, 41), (4, 130, 300), (2, 3, 2, 100, 100),
-                                   (3, 200, 3, 5)])
-def test_multi_tile_shapes(shape):
-    """Statistics over many tiles, ragged last tiles, rows longer than a tile (S >= TILE_ELEMENTS)."""
-    x = make_input(shape, 11)
-    opts = dict(tau=2.0, v_th=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate=mt.Triangle())
-    compare_with_reference("cpu", x, opts, 11, ("spikes", "overlap"))
 
 
 @given(B=st.integers(1, 3000), C=st.integers(1, 5000), S=st.integers(1, 20000))
@@ -109,125 +82,11 @@ def test_bitwise_repeatable_and_independent_of_threads():
         assert torch.equal(p, r), f"{name} differs between one and two threads"
 
 
-@pytest.mark.parametrize("shape", [(1, 64, 3, 300), (3, 2, 2, 3000), (2, 500, 4)])
-def test_statistics_accurate_when_mean_dwarfs_std(shape):
-    """|mean| / std = 1e3: a sum-and-sum-of-squares reduction would lose the variance."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g, dtype=torch.float64)
-    x[0] += -1000.0
-    x = x.float()
-    _, mean, var = mt.lif(x, tau=math.inf, decay_input=False, backend="cpu", return_stats=True)
-    u64 = torch.cumsum(x.double(), 0) - 1.0
-    dims = stat_dims(x.dim())
-    mean64, var64 = u64.mean(dim=dims), u64.var(dim=dims, unbiased=False)
-    assert float((mean64.abs() / var64.sqrt()).min()) > 500
-    assert rel_error(var, var64) < 1e-3, rel_error(var, var64)
-    assert rel_error(mean, mean64) < 1e-6
-
-
-@pytest.mark.parametrize("surrogate", ALL_SURROGATES, ids=lambda s: s.name)
-@pytest.mark.parametrize("v_reset", [0.0, None])
-def test_exactly_at_and_next_to_threshold(surrogate, v_reset):
-    """h == V_th fires (u = 0: the surrogate's peak); one ulp below does not; the same as the reference."""
-    one = torch.tensor(1.0)
-    below = torch.nextafter(one, torch.tensor(-math.inf))
-    above = torch.nextafter(one, torch.tensor(math.inf))
-    first = torch.stack([one, below, above, torch.tensor(0.0), 2.0 * one])
-    x = torch.stack([first, torch.full_like(first, 0.25), torch.full_like(first, 1.0)])[:, None, :]
-    opts = dict(tau=math.inf, v_th=1.0, v_reset=v_reset, decay_input=False, surrogate=surrogate)
-    out = {}
-    for backend in ("cpu", "torch"):
-        xs = x.clone().requires_grad_(True)
-        s = mt.lif(xs, **opts, backend=backend)
-        s[0].sum().backward()
-        out[backend] = (s, xs.grad)
-    assert out["cpu"][0][0, 0].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
-    assert torch.equal(out["cpu"][0], out["torch"][0])
-    assert float(out["cpu"][1][0, 0, 0]) == pytest.approx(float(surrogate.grad(torch.zeros(()))), rel=1e-6)
-    assert_close("grad at threshold", out["cpu"][1], out["torch"][1], atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_low_precision_no_worse_than_plain_pytorch(dtype, seed):
-    """Distance from float64: the kernels (float32 state, low-precision I/O) are no worse than
-    plain PyTorch computing in that precision."""
-    if not cpu_kernels.available(dtype):
-        pytest.skip(f"this machine's C compiler has no {dtype}")
-    shape = (8, 6, 5, 7, 7)
-    x = make_input(shape, seed, dtype=dtype)
-    opts = dict(tau=2.0, v_th=1.0, surrogate=mt.Sigmoid())
-    cfg = mt.LIFConfig(**opts)
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-    def grads(fn, xin):
-        xin = xin.detach().clone().requires_grad_(True)
-        s, mean, var = fn(xin)
-        loss = (s.double() * w).sum() / w.numel() + mt.mpd_overlap(mean.double(), var.double(), 1.0).mean()
-        loss.backward()
-        return s.detach().double(), mean.detach().double(), var.detach().double(), xin.grad.double()
-
-    def plain_fn(xx):
-        out = mt.lif_reference(xx, cfg, return_stats=True, compute_dtype=dtype)
-        return out.spikes, out.mean, out.var
-
-    exact = grads(lambda xx: mt.lif(xx, **opts, backend="torch", return_stats=True), x.double())
-    kernel = grads(lambda xx: mt.lif(xx, **opts, backend="cpu", return_stats=True), x)
-    plain = grads(plain_fn, x)
-    floor = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)
-    for name, k, p, e in zip(("spikes", "mean", "var", "grad_x"), kernel, plain, exact):
-        err_k, err_p = rel_error(k, e), rel_error(p, e)
-        assert err_k <= max(err_p, floor), f"{name}: kernel error {err_k:.3e} > plain {dtype} error {err_p:.3e}"
-    s, _, _, vT = mt.lif(x.requires_grad_(True), backend="cpu", return_stats=True, return_state=True)
-    assert s.dtype == dtype and vT.dtype == dtype
-
-
 # ---------------------------------------------------------------- layouts
 
 
-def _channels_last_steps(x):
-    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, x.shape[:2])
-
-
-LAYOUTS = {
-    "contiguous": lambda v: (lambda leaf: (leaf, leaf))(v.clone().requires_grad_(True)),
-    "channels_last": lambda v: (lambda leaf: (leaf, leaf))(_channels_last_steps(v).requires_grad_(True)),
-    "expanded_over_T": lambda v: (lambda leaf: (leaf, leaf.expand(v.shape)))(v[0].clone().requires_grad_(True)),
-    "channels_last_expanded_over_T": lambda v: (lambda leaf: (leaf, leaf.expand(v.shape)))(
-        v[0].contiguous(memory_format=torch.channels_last).requires_grad_(True)),
-    "batch_major": lambda v: (lambda leaf: (leaf, leaf.transpose(0, 1)))(
-        v.transpose(0, 1).contiguous().requires_grad_(True)),
-    "transposed_spatial": lambda v: (lambda leaf: (leaf, leaf.transpose(3, 4)))(
-        v.transpose(3, 4).contiguous().requires_grad_(True)),
-}
 # Read in place: any time stride (0 too), dense samples (channels-last: dense steps). The others are copied once.
 IN_PLACE_LAYOUTS = ("contiguous", "expanded_over_T", "batch_major", "channels_last", "channels_last_expanded_over_T")
-CHANNELS_LAST_LAYOUTS = ("channels_last", "channels_last_expanded_over_T")
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_memory_formats_match_reference(layout):
-    shape = (4, 3, 5, 3, 4)
-    values = make_input(shape, 31)
-    v_init = make_input(shape[1:], 32, scale=0.3, offset=0.0)
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-    opts = dict(tau=2.0, v_th=0.9, v_reset=0.0, surrogate=mt.Sigmoid(3.0))
-    out = {}
-    for backend in ("torch", "cpu"):
-        leaf, x = LAYOUTS[layout](values)
-        v0 = v_init.clone().requires_grad_(True)
-        s, mean, var, v_T = mt.lif(x, **opts, backend=backend, return_stats=True, v_init=v0, return_state=True)
-        ((s * w).sum() + mean.sum() + 2 * var.sum() + v_T.sum()).backward()
-        out[backend] = dict(spikes=s, mean=mean, var=var, v_T=v_T, grad_x=leaf.grad, grad_v_init=v0.grad)
-    s = out["cpu"]["spikes"]
-    if layout in CHANNELS_LAST_LAYOUTS:  # written in the input's format, as the Triton kernels do
-        assert s.flatten(0, 1).is_contiguous(memory_format=torch.channels_last), s.stride()
-        assert out["cpu"]["v_T"].is_contiguous(memory_format=torch.channels_last)
-    else:
-        assert s.is_contiguous(), s.stride()
-    assert_close("spikes", out["cpu"]["spikes"], out["torch"]["spikes"], atol=0, rtol=0)
-    for name in ("mean", "var", "v_T", "grad_x", "grad_v_init"):
-        assert_close(name, out["cpu"][name], out["torch"][name], atol=2e-5, rtol=1e-4)
 
 
 class _CopyCounter(TorchDispatchMode):

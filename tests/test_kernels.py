@@ -11,13 +11,14 @@ import math
 
 import pytest
 import torch
-from helpers import (DEVICE, assert_close, compare_with_reference, input_shapes, make_input, neuron_options,
-                     output_weights, poison_kernel_outputs, rel_error)
+from helpers import (DEVICE, LAYOUTS, assert_close, compare_with_reference, input_shapes, make_input,
+                     neuron_options, output_weights, poison_kernel_outputs, rel_error)
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpd_triton as mt
+from mpd_triton.kernels import cpu as cpu_kernels
 from mpd_triton.kernels import lif as lif_kernels
 from mpd_triton.reference import stat_dims
 
@@ -28,19 +29,25 @@ def _poison(monkeypatch):
 
 
 ALL_SURROGATES = [mt.Triangle(0.8), mt.Rectangular(0.4), mt.Sigmoid(3.0), mt.ATan(1.5), mt.SuperSpike(6.0)]
+# The fused kernels: Triton (the interpreter without a GPU) and C (the CPU kernels, where a compiler built them).
+# The tests of what both must do run on both; tests/test_cpu_kernels.py has what is particular to the C ones.
+FUSED_BACKENDS = ["triton"] + (["cpu"] if mt.cpu_kernels_unavailable() is None else [])
 
 
 @pytest.mark.parametrize("surrogate", ALL_SURROGATES, ids=lambda s: s.name)
 @pytest.mark.parametrize("v_reset", [0.0, -0.2, None], ids=["hard0", "hard-0.2", "soft"])
 @pytest.mark.parametrize("detach_reset", [False, True], ids=["attached", "detached"])
 @pytest.mark.parametrize("tau,decay_input", [(2.0, True), (3.0, False), (math.inf, False)], ids=["decay", "nodecay", "IF"])
-def test_every_option_combination(surrogate, v_reset, detach_reset, tau, decay_input):
-    """Every neuron option on one ragged conv shape, every output in the loss."""
+@pytest.mark.parametrize("backend,shape", [(b, s) for b in FUSED_BACKENDS for s in ((6, 3, 5, 3, 3), (5, 7, 11))],
+                         ids=lambda v: v if isinstance(v, str) else ("conv" if len(v) == 5 else "linear"))
+def test_every_option_combination(surrogate, v_reset, detach_reset, tau, decay_input, backend, shape):
+    """Every neuron option on a ragged conv shape and a linear one ([T, B, F]: the C kernels walk
+    channels innermost there), every output in the loss, with an initial state."""
     opts = dict(tau=tau, v_th=0.9, v_reset=v_reset, decay_input=decay_input, detach_reset=detach_reset,
                 surrogate=surrogate)
-    x = make_input((6, 3, 5, 3, 3), 1234, scale=1.2, offset=0.6)
-    v_init = make_input((3, 5, 3, 3), 99, scale=0.3, offset=0.0)
-    compare_with_reference("triton", x, opts, 1234, ("spikes", "overlap", "state"), v_init=v_init)
+    x = make_input(shape, 1234, scale=1.2, offset=0.6)
+    v_init = make_input(shape[1:], 99, scale=0.3, offset=0.0)
+    compare_with_reference(backend, x, opts, 1234, ("spikes", "overlap", "state"), v_init=v_init)
 
 
 TERMS = st.sampled_from([
@@ -64,41 +71,47 @@ def test_kernel_matches_reference_with_initial_state(shape, opts, seed, terms):
     compare_with_reference("triton", x, opts, seed, terms, v_init=v_init)
 
 
-@pytest.mark.parametrize("shape", [(3, 70, 1, 2100), (2, 3, 5, 37, 41), (4, 130, 300)])
-def test_kernel_multi_tile_shapes(shape):
-    """Shapes whose statistics span many tiles (P > the merge block) and ragged edges."""
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 70, 1, 2100), (2, 3, 5, 37, 41), (4, 130, 300), (2, 3, 2, 100, 100),
+                                   (3, 200, 3, 5)])
+def test_kernel_multi_tile_shapes(shape, backend):
+    """Shapes whose statistics span many tiles (P > the merge block), ragged edges, rows longer
+    than a C kernel's tile."""
     x = make_input(shape, 11)
     opts = dict(tau=2.0, v_th=1.0, v_reset=0.0, decay_input=True, detach_reset=False, surrogate=mt.Triangle())
-    compare_with_reference("triton", x, opts, 11, ("spikes", "overlap"))
+    compare_with_reference(backend, x, opts, 11, ("spikes", "overlap"))
 
 
-def test_non_contiguous_input_gives_same_result():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_non_contiguous_input_gives_same_result(backend):
     opts = dict(tau=2.0, surrogate=mt.ATan())
     base = make_input((6, 4, 5, 3, 3), 3)
     x_nc = base.transpose(3, 4)  # not contiguous
     assert not x_nc.is_contiguous()
     x_c = x_nc.contiguous()
-    a = mt.lif(x_nc, **opts, backend="triton", return_stats=True)
-    b = mt.lif(x_c, **opts, backend="triton", return_stats=True)
+    a = mt.lif(x_nc, **opts, backend=backend, return_stats=True)
+    b = mt.lif(x_c, **opts, backend=backend, return_stats=True)
     for name, p, q in zip(("spikes", "mean", "var"), a, b):
         assert torch.equal(p, q), name
 
 
-def test_inference_path_without_grad_matches():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_inference_path_without_grad_matches(backend):
     x = make_input((5, 3, 4, 6), 5)
     with torch.no_grad():
-        s1, m1, v1 = mt.lif(x, backend="triton", return_stats=True)
-    s2, m2, v2 = mt.lif(x.clone().requires_grad_(True), backend="triton", return_stats=True)
+        s1, m1, v1 = mt.lif(x, backend=backend, return_stats=True)
+    s2, m2, v2 = mt.lif(x.clone().requires_grad_(True), backend=backend, return_stats=True)
     assert torch.equal(s1, s2.detach()) and torch.equal(m1, m2.detach()) and torch.equal(v1, v2.detach())
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("with_stats", [False, True])
-def test_deterministic_bitwise(with_stats):
+def test_deterministic_bitwise(with_stats, backend):
     x = make_input((8, 9, 6, 40, 50), 21)
 
     def once():
         xx = x.clone().requires_grad_(True)
-        s, m, v = mt.lif(xx, backend="triton", return_stats=True, surrogate=mt.Sigmoid())
+        s, m, v = mt.lif(xx, backend=backend, return_stats=True, surrogate=mt.Sigmoid())
         loss = s.sum() + (mt.mpd_overlap(m, v, 1.0).sum() if with_stats else 0.0)
         loss.backward()
         return s, m, v, xx.grad
@@ -108,15 +121,16 @@ def test_deterministic_bitwise(with_stats):
         assert torch.equal(p, q), f"{name} differs between two identical calls"
 
 
-@pytest.mark.parametrize("shape", [(1, 64, 3, 300), (3, 2, 2, 3000)])
-def test_statistics_accurate_when_mean_dwarfs_std(shape):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 64, 3, 300), (3, 2, 2, 3000), (2, 500, 4)])
+def test_statistics_accurate_when_mean_dwarfs_std(shape, backend):
     """|mean| / std = 1e3: a sum-and-sum-of-squares reduction would lose the variance."""
     g = torch.Generator().manual_seed(0)
     # Integrate-and-fire with no spikes: u_t = sum_{k<=t} x_k - v_th, far below threshold.
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     x[0] += -1000.0
     x = x.float().to(DEVICE)
-    _, mean, var = mt.lif(x, tau=math.inf, decay_input=False, backend="triton", return_stats=True)
+    _, mean, var = mt.lif(x, tau=math.inf, decay_input=False, backend=backend, return_stats=True)
     u64 = torch.cumsum(x.double(), 0) - 1.0
     dims = stat_dims(x.dim())
     mean64, var64 = u64.mean(dim=dims), u64.var(dim=dims, unbiased=False)
@@ -125,9 +139,10 @@ def test_statistics_accurate_when_mean_dwarfs_std(shape):
     assert rel_error(mean.cpu(), mean64.cpu()) < 1e-6
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("surrogate", [mt.Triangle(), mt.Rectangular(), mt.Sigmoid(), mt.ATan(), mt.SuperSpike()])
 @pytest.mark.parametrize("v_reset", [0.0, None])
-def test_exactly_at_and_next_to_threshold(surrogate, v_reset):
+def test_exactly_at_and_next_to_threshold(surrogate, v_reset, backend):
     """h == V_th fires (u = 0 gives the surrogate's peak); one ulp below does not."""
     v_th = 1.0
     one = torch.tensor(v_th)
@@ -138,7 +153,7 @@ def test_exactly_at_and_next_to_threshold(surrogate, v_reset):
     x = torch.stack([first, torch.full_like(first, 0.25), torch.full_like(first, v_th)])[:, None, :].to(DEVICE)
     opts = dict(tau=math.inf, v_th=v_th, v_reset=v_reset, decay_input=False, surrogate=surrogate)
     xs = x.clone().requires_grad_(True)
-    s = mt.lif(xs, **opts, backend="triton")
+    s = mt.lif(xs, **opts, backend=backend)
     assert s[0, 0].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
     (s[0].sum()).backward()
     xr = x.clone().requires_grad_(True)
@@ -154,16 +169,19 @@ def test_threshold_hits_in_leaky_sequence():
     """tau = 2, decay_input: x = 2 makes h exactly V_th = 1 at several steps."""
     below_two = float(torch.nextafter(torch.tensor(2.0), torch.tensor(0.0)))
     x = torch.tensor([2.0, 2.0, 0.0, 2.0, below_two, 2.0])[:, None, None].repeat(1, 2, 3).to(DEVICE)
-    for backend in ("torch", "triton"):
+    for backend in ["torch"] + FUSED_BACKENDS:
         s = mt.lif(x, tau=2.0, v_th=1.0, backend=backend)
         assert s[:, 0, 0].tolist() == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0], backend
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_low_precision_no_worse_than_plain_pytorch(dtype, seed):
+def test_low_precision_no_worse_than_plain_pytorch(dtype, seed, backend):
     """Distance from a float64 reference: the kernel (float32 state, low-precision I/O)
     is no worse than plain PyTorch computing in that precision."""
+    if backend == "cpu" and not cpu_kernels.available(dtype):
+        pytest.skip(f"this machine's C compiler has no {dtype}")
     shape = (8, 6, 5, 7, 7)
     x = make_input(shape, seed, dtype=dtype)
     opts = dict(tau=2.0, v_th=1.0, surrogate=mt.Sigmoid())
@@ -179,7 +197,7 @@ def test_low_precision_no_worse_than_plain_pytorch(dtype, seed):
         return s.detach().double(), mean.detach().double(), var.detach().double(), xin.grad.double()
 
     exact = grads(lambda xx: mt.lif(xx, **opts, backend="torch", return_stats=True), x.double())
-    kernel = grads(lambda xx: mt.lif(xx, **opts, backend="triton", return_stats=True), x)
+    kernel = grads(lambda xx: mt.lif(xx, **opts, backend=backend, return_stats=True), x)
 
     def plain_fn(xx):
         out = mt.lif_reference(xx, cfg, return_stats=True, compute_dtype=dtype)
@@ -194,10 +212,11 @@ def test_low_precision_no_worse_than_plain_pytorch(dtype, seed):
         assert err_k <= max(err_p, floor), f"{name}: kernel error {err_k:.3e} > plain {dtype} error {err_p:.3e}"
 
 
-def test_float16_and_bfloat16_outputs_keep_dtype():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_float16_and_bfloat16_outputs_keep_dtype(backend):
     for dtype in (torch.float16, torch.bfloat16):
         x = make_input((4, 2, 3, 5), 0, dtype=dtype).requires_grad_(True)
-        s, m, v, vT = mt.lif(x, backend="triton", return_stats=True, return_state=True)
+        s, m, v, vT = mt.lif(x, backend=backend, return_stats=True, return_state=True)
         assert s.dtype == dtype and vT.dtype == dtype and m.dtype == torch.float32 and v.dtype == torch.float32
         s.sum().backward()
         assert x.grad.dtype == dtype
@@ -206,31 +225,13 @@ def test_float16_and_bfloat16_outputs_keep_dtype():
 # ---------------------------------------------------------------- memory formats
 
 
-def _channels_last_steps(x):
-    """[T, B, C, H, W] whose [T*B, C, H, W] view is torch.channels_last (BatchNorm2d output in that format)."""
-    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, x.shape[:2])
-
-
-# name: builds (leaf, x) from dense values of x's shape; the gradient compared is the leaf's.
-LAYOUTS = {
-    "contiguous": lambda v: (lambda leaf: (leaf, leaf))(v.clone().requires_grad_(True)),
-    "channels_last": lambda v: (lambda leaf: (leaf, leaf))(_channels_last_steps(v).requires_grad_(True)),
-    # The direct encoding's first layer: one current repeated over T (time stride 0).
-    "expanded_over_T": lambda v: (lambda leaf: (leaf, leaf.expand(v.shape)))(v[0].clone().requires_grad_(True)),
-    "channels_last_expanded_over_T": lambda v: (lambda leaf: (leaf, leaf.expand(v.shape)))(
-        v[0].contiguous(memory_format=torch.channels_last).requires_grad_(True)),
-    "batch_major": lambda v: (lambda leaf: (leaf, leaf.transpose(0, 1)))(
-        v.transpose(0, 1).contiguous().requires_grad_(True)),
-    # Spatial dims that do not merge into one stride: the one case that is copied.
-    "transposed_spatial": lambda v: (lambda leaf: (leaf, leaf.transpose(3, 4)))(
-        v.transpose(3, 4).contiguous().requires_grad_(True)),
-}
 CHANNELS_LAST_LAYOUTS = ("channels_last", "channels_last_expanded_over_T")
 COPYING_LAYOUTS = ("transposed_spatial",)
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_memory_formats_match_reference(layout):
+def test_memory_formats_match_reference(layout, backend):
     """Strided inputs read in place, outputs written in the input's format, every gradient
     (spikes weighted by a contiguous tensor: grad_spikes and u differ in layout)."""
     shape = (4, 3, 5, 3, 4)
@@ -239,23 +240,23 @@ def test_memory_formats_match_reference(layout):
     weights = output_weights(values, 31)
     opts = dict(tau=2.0, v_th=0.9, v_reset=0.0, surrogate=mt.Sigmoid(3.0))
     out = {}
-    for backend in ("torch", "triton"):
+    for run in ("torch", backend):
         leaf, x = LAYOUTS[layout](values)
         v0 = v_init.clone().requires_grad_(True)
-        s, mean, var, v_T = mt.lif(x, **opts, backend=backend, return_stats=True, v_init=v0, return_state=True)
+        s, mean, var, v_T = mt.lif(x, **opts, backend=run, return_stats=True, v_init=v0, return_state=True)
         loss = ((s * weights["spikes"]).sum() + (mean * weights["mean"]).sum() + (var * weights["var"]).sum()
                 + (v_T * weights["state"]).sum())
         loss.backward()
-        out[backend] = dict(spikes=s, mean=mean, var=var, v_T=v_T, grad_x=leaf.grad, grad_v_init=v0.grad)
-    s = out["triton"]["spikes"]
+        out[run] = dict(spikes=s, mean=mean, var=var, v_T=v_T, grad_x=leaf.grad, grad_v_init=v0.grad)
+    s = out[backend]["spikes"]
     if layout in CHANNELS_LAST_LAYOUTS:
         assert s.flatten(0, 1).is_contiguous(memory_format=torch.channels_last), s.stride()
-        assert out["triton"]["v_T"].is_contiguous(memory_format=torch.channels_last)
+        assert out[backend]["v_T"].is_contiguous(memory_format=torch.channels_last)
     else:
         assert s.is_contiguous(), s.stride()
     assert_close("spikes", s, out["torch"]["spikes"], atol=0, rtol=0)
     for name in ("mean", "var", "v_T", "grad_x", "grad_v_init"):
-        assert_close(name, out["triton"][name], out["torch"][name], atol=2e-5, rtol=1e-4)
+        assert_close(name, out[backend][name], out["torch"][name], atol=2e-5, rtol=1e-4)
 
 
 class _CopyCounter(TorchDispatchMode):
@@ -299,9 +300,6 @@ def _surrogate_param(kind: str, shape, seed: int) -> torch.Tensor:
     size = {"channel": (C,), "element": tuple(shape), "sample_channel": (1, B, C) + ones,
             "time_position": (T, 1, 1) + tuple(shape[3:])}[kind]
     return (torch.rand(size, generator=g, dtype=torch.float64) * 1.5 + 0.3).float().to(DEVICE)
-
-
-FUSED_BACKENDS = ["triton"] + (["cpu"] if mt.cpu_kernels_unavailable() is None else [])
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
