@@ -14,7 +14,7 @@ import torch
 from . import ops as _ops  # registers torch.ops.mpd_triton.* too
 from .kernels import cpu as _cpu_kernels
 from .kernels import runtime as _runtime
-from .neuron import LIFConfig, check_bool, check_surrogate_param
+from .neuron import LIFConfig, check_bool, check_float_tensor, check_surrogate_param
 from .reference import lif_reference
 from .surrogates import Surrogate, Triangle
 
@@ -67,12 +67,7 @@ def _check_x(x) -> None:
 def _check_v_init(v_init, x: torch.Tensor) -> None:
     if v_init is None:
         return
-    if not isinstance(v_init, torch.Tensor):
-        raise TypeError(f"v_init must be None or a tensor of shape {tuple(x.shape[1:])}, got {type(v_init).__name__}")
-    if not v_init.is_floating_point():
-        raise TypeError(f"v_init must be a floating-point tensor, got dtype {v_init.dtype}")
-    if v_init.device != x.device:
-        raise ValueError(f"v_init is on {v_init.device} but x is on {x.device}; put both on one device")
+    check_float_tensor("v_init", v_init, x, str(tuple(x.shape[1:])))
     if tuple(v_init.shape) != tuple(x.shape[1:]):
         raise ValueError(f"v_init must have shape x.shape[1:] = {tuple(x.shape[1:])}, got {tuple(v_init.shape)}")
 

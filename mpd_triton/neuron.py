@@ -27,7 +27,8 @@ import torch
 
 from .surrogates import Surrogate, as_surrogate
 
-__all__ = ["LIFConfig", "KernelParams", "check_real", "check_bool", "check_surrogate_param", "surrogate_param_at"]
+__all__ = ["LIFConfig", "KernelParams", "check_real", "check_bool", "check_float_tensor", "check_surrogate_param",
+           "surrogate_param_at"]
 
 
 def check_real(name: str, value, *, allow_inf: bool = False, positive: bool = False,
@@ -55,6 +56,17 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_float_tensor(name: str, value, x: torch.Tensor, shape_text: str) -> None:
+    """value is a floating-point tensor on x's device (a tensor argument given beside the input x);
+    shape_text says what shape it should have, for the message."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be None or a tensor of shape {shape_text}, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device != x.device:
+        raise ValueError(f"{name} is on {value.device} but x is on {x.device}; put both on one device")
+
+
 def check_surrogate_param(value, x: torch.Tensor) -> torch.Tensor | None:
     """Validate ``surrogate_param`` of ``mt.lif`` for input x [T, B, C, *spatial] (or [T, B, F]).
 
@@ -67,12 +79,7 @@ def check_surrogate_param(value, x: torch.Tensor) -> torch.Tensor | None:
         return None
     shape = tuple(x.shape)
     what = f"[C] = [{shape[2]}] or a shape of {x.dim()} dims each 1 or equal to x's {shape}"
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"surrogate_param must be None or a tensor of shape {what}, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"surrogate_param must be a floating-point tensor, got dtype {value.dtype}")
-    if value.device != x.device:
-        raise ValueError(f"surrogate_param is on {value.device} but x is on {x.device}; put both on one device")
+    check_float_tensor("surrogate_param", value, x, what)
     ok = (tuple(value.shape) == (shape[2],) if value.dim() == 1 else
           value.dim() == x.dim() and all(n in (1, m) for n, m in zip(value.shape, shape)))
     if not ok:

@@ -38,3 +38,16 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: the CI machine's 2 cores are shared with other work, and
+    the small tensors of these tests run faster on one thread (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch as _torch
+
+    before = _torch.get_num_threads()
+    _torch.set_num_threads(1)
+    yield
+    _torch.set_num_threads(before)

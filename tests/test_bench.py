@@ -29,13 +29,7 @@ needs_spikingjelly = pytest.mark.skipif(SPIKINGJELLY_MISSING is not None, reason
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine has 2 cores shared with other work; tiny ops run far faster on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cpu_providers() -> dict:

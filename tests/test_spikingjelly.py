@@ -31,13 +31,7 @@ except ImportError as error:  # the Makefile installs it; a bare environment ski
     pytest.skip(f"spikingjelly is not importable ({error})", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine has 2 cores shared with other work; these small models run faster on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ comparison helpers

@@ -23,12 +23,7 @@ torchattacks = pytest.importorskip("torchattacks", reason="torchattacks (the `te
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images_and_labels():

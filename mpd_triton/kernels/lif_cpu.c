@@ -158,6 +158,31 @@ void lif_stats_merge(const double* RESTRICT pmean, const double* RESTRICT pm2, f
     }
 }
 
+/* A tile of lif_fwd / lif_bwd: block_b samples x block_c channels (fewer at the ragged edges) x all S
+ * positions; pb is its index along the batch (the statistics partials' row). */
+typedef struct {
+    int64_t pb, b0, c0, n_b, n_c, n_row, offset;
+} tile_t;
+
+static inline tile_t tile_at(int64_t tile, int64_t B, int64_t C, int64_t S, int64_t block_b, int64_t block_c) {
+    const int64_t n_ctiles = (C + block_c - 1) / block_c;
+    tile_t t;
+    t.pb = tile / n_ctiles;
+    t.b0 = t.pb * block_b;
+    t.c0 = (tile % n_ctiles) * block_c;
+    t.n_b = (B - t.b0) < block_b ? (B - t.b0) : block_b;
+    t.n_c = (C - t.c0) < block_c ? (C - t.c0) : block_c;
+    t.n_row = t.n_c * S;
+    t.offset = t.b0 * C * S + t.c0 * S; /* of its first element in a dense [B, C, S] step */
+    return t;
+}
+
+/* The tile's rows of a dense float32 [B, C, S] tensor into scratch (fill where src is NULL), and back. */
+static void tile_load(float* RESTRICT dst, const float* RESTRICT src, float fill, tile_t t, int64_t C, int64_t S) {
+    for (int64_t bi = 0; bi < t.n_b; bi++)
+        for (int64_t k = 0; k < t.n_row; k++) dst[bi * t.n_row + k] = src ? src[t.offset + bi * C * S + k] : fill;
+}
+
 /* ---- dtypes: load as float32, store from float32 (round to nearest even), sign bit ---- */
 
 INLINE float f32_load(float v) { return v; }

@@ -10,7 +10,6 @@
 #define LIF_CAT_(a, b) a##_##b
 #define LIF_CAT(a, b) LIF_CAT_(a, b)
 #define LIF_NAME(name) LIF_CAT(name, LIF_SUFFIX)
-#define LIF_MIN(a, b) ((a) < (b) ? (a) : (b))
 #endif
 
 /* One time step of a tile: `rows` rows of n contiguous elements; row r of x starts at
@@ -65,22 +64,16 @@ void LIF_NAME(lif_fwd)(const LIF_TYPE* x, int64_t x_stride_t, int64_t x_stride_b
                        int64_t block_b, int64_t block_c, float inv_tau, float v_th, float v_rest, int32_t decay_input,
                        int32_t hard_reset, int64_t tile_begin, int64_t tile_end, float* scratch) {
     const int64_t N = B * C * S;
-    const int64_t n_ctiles = (C + block_c - 1) / block_c;
     const int64_t P = (B + block_b - 1) / block_b;
     const int64_t tile_elems = block_b * block_c * S;
     float* v = scratch;
     float* u = scratch + tile_elems;
     double* acc = (double*)(scratch + 2 * tile_elems + (tile_elems & 1)); /* 8-byte aligned */
     for (int64_t tile = tile_begin; tile < tile_end; tile++) {
-        const int64_t pb = tile / n_ctiles, pc = tile % n_ctiles;
-        const int64_t b0 = pb * block_b, c0 = pc * block_c;
-        const int64_t n_b = LIF_MIN(block_b, B - b0), n_c = LIF_MIN(block_c, C - c0);
-        const int64_t n_row = n_c * S;
-        for (int64_t bi = 0; bi < n_b; bi++) {
-            const int64_t off = (b0 + bi) * C * S + c0 * S;
-            for (int64_t k = 0; k < n_row; k++) v[bi * n_row + k] = v0 ? v0[off + k] : v_rest;
-        }
-        const int64_t off = b0 * C * S + c0 * S;
+        const tile_t tl = tile_at(tile, B, C, S, block_b, block_c);
+        const int64_t pb = tl.pb, b0 = tl.b0, c0 = tl.c0, n_b = tl.n_b, n_c = tl.n_c, n_row = tl.n_row;
+        const int64_t off = tl.offset;
+        tile_load(v, v0, v_rest, tl, C, S);
         for (int64_t t = 0; t < T; t++) {
             LIF_NAME(fwd_dispatch)(x + t * x_stride_t + b0 * x_stride_b + c0 * S, x_stride_b, spikes + t * N + off,
                                    u_saved ? u_saved + t * N + off : NULL, C * S, v, u, n_b, n_row, inv_tau, v_th,
@@ -90,12 +83,9 @@ void LIF_NAME(lif_fwd)(const LIF_TYPE* x, int64_t x_stride_t, int64_t x_stride_b
                 tile_stats(u, n_b, n_c, S, pmean + part, pm2 + part, acc);
             }
         }
-        if (vT) {
-            for (int64_t bi = 0; bi < n_b; bi++) {
-                const int64_t off = (b0 + bi) * C * S + c0 * S;
-                for (int64_t k = 0; k < n_row; k++) vT[off + k] = LIF_STORE(v[bi * n_row + k]);
-            }
-        }
+        if (vT)
+            for (int64_t bi = 0; bi < n_b; bi++)
+                for (int64_t k = 0; k < n_row; k++) vT[off + bi * C * S + k] = LIF_STORE(v[bi * n_row + k]);
     }
 }
 
@@ -172,7 +162,6 @@ void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t
                        float v_rest, float surrogate_param, int32_t surrogate_kind, int32_t decay_input, int32_t hard_reset,
                        int32_t detach_reset, int64_t tile_begin, int64_t tile_end, float* scratch) {
     const int64_t N = B * C * S;
-    const int64_t n_ctiles = (C + block_c - 1) / block_c;
     const int64_t tile_elems = block_b * block_c * S;
     const float gx_scale = decay_input ? inv_tau : 1.0f;
     const float keep = 1.0f - inv_tau;
@@ -181,20 +170,15 @@ void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t
     float* params = zeros + tile_elems;   /* the tile's [n_c, S] parameters when not per element */
     for (int64_t k = 0; k < tile_elems; k++) zeros[k] = 0.0f;
     for (int64_t tile = tile_begin; tile < tile_end; tile++) {
-        const int64_t pb = tile / n_ctiles, pc = tile % n_ctiles;
-        const int64_t b0 = pb * block_b, c0 = pc * block_c;
-        const int64_t n_b = LIF_MIN(block_b, B - b0), n_c = LIF_MIN(block_c, C - c0);
-        const int64_t n_row = n_c * S;
-        for (int64_t bi = 0; bi < n_b; bi++) {
-            const int64_t off = (b0 + bi) * C * S + c0 * S;
-            for (int64_t k = 0; k < n_row; k++) gv[bi * n_row + k] = gvT ? gvT[off + k] : 0.0f;
-        }
+        const tile_t tl = tile_at(tile, B, C, S, block_b, block_c);
+        const int64_t b0 = tl.b0, c0 = tl.c0, n_b = tl.n_b, n_c = tl.n_c, n_row = tl.n_row;
+        tile_load(gv, gvT, 0.0f, tl, C, S);
         if (!surrogate_param_e) /* one row of parameters, the same for every sample and step */
             for (int64_t cc = 0; cc < n_c; cc++) {
                 const float value = surrogate_param_c ? surrogate_param_c[c0 + cc] : surrogate_param;
                 for (int64_t s = 0; s < S; s++) params[cc * S + s] = value;
             }
-        const int64_t off = b0 * C * S + c0 * S;
+        const int64_t off = tl.offset;
         for (int64_t i = 0; i < T; i++) {
             const int64_t t = T - 1 - i;
             const LIF_TYPE* gs = grad_spikes ? grad_spikes + t * gs_stride_t + b0 * gs_stride_b + c0 * S
@@ -220,12 +204,9 @@ void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t
                                        surrogate_kind);
             }
         }
-        if (gv0) {
-            for (int64_t bi = 0; bi < n_b; bi++) {
-                const int64_t off = (b0 + bi) * C * S + c0 * S;
-                for (int64_t k = 0; k < n_row; k++) gv0[off + k] = gv[bi * n_row + k];
-            }
-        }
+        if (gv0)
+            for (int64_t bi = 0; bi < n_b; bi++)
+                for (int64_t k = 0; k < n_row; k++) gv0[off + bi * C * S + k] = gv[bi * n_row + k];
     }
 }
 
