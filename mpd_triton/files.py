@@ -62,17 +62,18 @@ class WriteError(RuntimeError):
 
 
 class _RecordingFile:
-    """A file object that remembers the OS error of a failed write: torch's serializer turns it into
-    "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", losing the cause."""
+    """A file object that remembers the exception of a failed write (an OSError, or Ctrl-C / SIGTERM
+    arriving then): torch's serializer turns any of them into "RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos", losing the cause."""
 
     def __init__(self, f: BinaryIO):
         self._f = f
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
 
     def write(self, data) -> int:
         try:
             return self._f.write(data)
-        except OSError as e:
+        except BaseException as e:
             self.error = self.error or e
             raise
 
@@ -101,6 +102,12 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``path`` (the permissions of a plain open(), unlike mkstemp's 0600)."""
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+
+
 def write_with(path: Path | str, write: Callable[[BinaryIO], Any]) -> Path:
     """Write ``path`` atomically: ``write(f)`` fills a binary file object (``torch.save(obj, f)``,
     ``f.write(data)``, ``fig.savefig(f, format=...)``), which then replaces ``path``.
@@ -113,10 +120,9 @@ def write_with(path: Path | str, write: Callable[[BinaryIO], Any]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WriteError.from_os_error(path.parent, e) from None
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
-    recorder = None
+    recorder, tmp = None, None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        fd, tmp = _create_temporary(path)
         with os.fdopen(fd, "wb") as f:
             recorder = _RecordingFile(f)
             write(recorder)
@@ -125,12 +131,15 @@ def write_with(path: Path | str, write: Callable[[BinaryIO], Any]) -> Path:
         os.replace(tmp, path)
     except OSError as e:
         raise WriteError.from_os_error(path, e) from None
-    except Exception:
-        if recorder is not None and recorder.error is not None:
-            raise WriteError.from_os_error(path, recorder.error) from None
+    except Exception as e:
+        cause = recorder.error if recorder is not None else None
+        if isinstance(cause, OSError):
+            raise WriteError.from_os_error(path, cause) from None
+        if cause is not None and cause is not e:
+            raise cause.with_traceback(None) from None  # e.g. KeyboardInterrupt, lost inside torch.save
         raise
     finally:
-        if tmp.exists():  # anything but success: an error, KeyboardInterrupt, SIGTERM turned into an exception
+        if tmp is not None and tmp.exists():  # anything but success: an error, Ctrl-C, SIGTERM made an exception
             _remove(tmp)
     _sync_folder(path.parent)
     return path
@@ -208,19 +217,31 @@ def ensure_writable(folder: Path | str, need_bytes: int = 0, what: str = "the ou
     Raises WriteError naming the folder and the cause; run it before the work starts.
     """
     folder = Path(folder)
+    created = [p for p in [folder, *folder.parents] if not p.exists()]  # what a refusal removes again
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise WriteError.from_os_error(folder, e) from None
-    if not folder.is_dir():
-        raise WriteError(folder, "not a folder", errno.ENOTDIR)
-    write_bytes(folder / ".write-test", b"mpd-triton write test\n")
-    _remove(folder / ".write-test")
-    if need_bytes > 0:
-        free = free_bytes(folder)
-        if free < need_bytes:
-            raise WriteError(folder, f"{what} needs about {format_bytes(need_bytes)} but only {format_bytes(free)} "
-                                     "are free there", errno.ENOSPC)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteError.from_os_error(folder, e) from None
+        if not folder.is_dir():
+            raise WriteError(folder, "not a folder", errno.ENOTDIR)
+        try:
+            write_bytes(folder / ".write-test", b"mpd-triton write test\n")
+        except WriteError as e:
+            raise WriteError(folder, e.cause, e.errno) from None
+        _remove(folder / ".write-test")
+        if need_bytes > 0:
+            free = free_bytes(folder)
+            if free < need_bytes:
+                raise WriteError(folder, f"{what} needs about {format_bytes(need_bytes)} but only "
+                                         f"{format_bytes(free)} are free there", errno.ENOSPC)
+    except WriteError:
+        for path in created:  # leaf first; only folders this call made, and only while empty
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
     return folder
 
 
@@ -235,5 +256,6 @@ def remove_leftovers(folder: Path | str, recursive: bool = False) -> list[Path]:
     for path in sorted(folder.rglob(f"*{TMP_SUFFIX}") if recursive else folder.glob(f"*{TMP_SUFFIX}")):
         if path.is_file():
             _remove(path)
-            removed.append(path)
+            if not path.exists():
+                removed.append(path)
     return removed

@@ -36,6 +36,7 @@ MODEL_FILE = "model.pt"
 METRICS = "metrics.jsonl"
 RUN_FILES = (CHECKPOINT, PREVIOUS, MODEL_FILE)  # what --force removes before a run starts over
 REPORT_BYTES = 4 << 20  # reports, plots and metrics of one run, generously
+STARTUP_TIMEOUT = 300.0  # seconds the processes of a torchrun wait for each other at the start
 # Config entries that may differ when a run is resumed (where it runs, not what it computes).
 RESUMABLE_DIFFERENCES = {"out", "device", "download", "data_dir", "eval_attacks", "eval_limit", "eval_eps", "compile",
                          "channels_last", "force", "keep_previous", "dist_timeout"}
@@ -97,14 +98,26 @@ def setup_context(cfg: RunConfig) -> RunContext:
     if world_size > 1 and not dist.is_initialized():
         # A bounded wait in every collective (--dist-timeout): a rank that hangs stops the others with an
         # error instead of holding them forever; a rank that dies closes its connections, which ends
-        # the others' waits at once.
+        # the others' waits at once. Meeting at the start allows longer: one process may take longer to
+        # import and start than another.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+                                timeout=datetime.timedelta(seconds=max(cfg.dist_timeout, STARTUP_TIMEOUT)))
+        _set_timeout(datetime.timedelta(seconds=cfg.dist_timeout))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return RunContext(device, rank, world_size)
+
+
+def _set_timeout(timeout: datetime.timedelta) -> None:
+    """The default process group's timeout from now on (torch >= 2.12: dist.set_timeout; before: its
+    private forerunner; where neither exists the start-up timeout stays)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    setter = getattr(dist, "set_timeout", None) or getattr(c10d, "_set_pg_timeout", None)
+    if setter is not None:
+        setter(timeout)
 
 
 def build_for(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
