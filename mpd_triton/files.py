@@ -44,8 +44,8 @@ def describe_os_error(error: OSError) -> str:
 class WriteError(RuntimeError):
     """A file that could not be written: ``str()`` is one line naming the file and the cause.
 
-    ``path`` is the file (or folder), ``cause`` the reason, ``errno`` the OS error number (None when
-    the cause is not an OS error, such as too little free space found before writing).
+    ``path`` is the file (or folder), ``cause`` the reason, ``errno`` the OS error number (ENOSPC too
+    when ensure_writable finds too little free space; None for a cause that is no OS error).
     """
 
     def __init__(self, path: Path | str, cause: str, errno_: int | None = None, hint: str = ""):

@@ -1,16 +1,14 @@
 """python -m train.run with a fault injected into one rank (tests/test_faults.py runs it under torchrun
 or as processes started by hand).
 
-FAULT=kill (SIGKILL), stop (SIGSTOP: a rank that hangs) or oom (torch.OutOfMemoryError), on rank
-FAULT_RANK when it reaches the end of epoch FAULT_EPOCH, where every rank meets in a collective
-(the gathering of the RNG states for the checkpoint).
+FAULT=kill (SIGKILL) or stop (SIGSTOP: a rank that hangs), on rank FAULT_RANK when it reaches the
+end of epoch FAULT_EPOCH, where every rank meets in a collective (the gathering of the RNG states
+for the checkpoint).
 """
 
 import os
 import signal
 import sys
-
-import torch
 
 import train.engine as engine
 from train.run import main
@@ -30,8 +28,6 @@ def _faulty_gather_rng(ctx):
             os.kill(os.getpid(), signal.SIGKILL)
         elif FAULT == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
-        elif FAULT == "oom":
-            raise torch.OutOfMemoryError("injected: out of memory in the gather")
     return _gather_rng(ctx)
 
 

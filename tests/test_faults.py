@@ -518,11 +518,13 @@ def test_torchrun_with_a_killed_rank_stops_in_one_line_and_resumes(tmp_path):
     assert load_checkpoint(out / "mpd" / "checkpoint.pt")["epoch"] == 2 and (out / "mpd" / "report.md").is_file()
 
 
-@pytest.mark.parametrize("fault", ["kill", "oom", "stop"])
+@pytest.mark.parametrize("fault", ["kill", "stop"])
 def test_processes_that_keep_running_stop_when_a_rank_dies_or_hangs(fault, tmp_path):
-    """Two processes started by hand (no torchrun to tear them down): rank 1 is killed, runs out of
-    memory, or hangs (SIGSTOP) at the end of epoch 2; rank 0 stops with one line naming its rank and
-    the cause: at once for a dead peer, after --dist-timeout for a hung one."""
+    """Two processes started by hand (no torchrun to tear them down): rank 1 is killed or hangs
+    (SIGSTOP) at the end of epoch 2; rank 0 stops with one line naming its rank and the cause: at
+    once for a dead peer, after --dist-timeout for a hung one. (A rank that runs out of memory says
+    so in one line, test_sigterm_mid_write_and_out_of_memory_end_in_one_line, and exits: to the
+    others, a dead peer.)"""
     port = _free_port()
     args = [sys.executable, WORKER, *DDP, "--epochs", "3", "--dist-timeout", "15", "--out", str(tmp_path / "run")]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -536,7 +538,7 @@ def test_processes_that_keep_running_stop_when_a_rank_dies_or_hangs(fault, tmp_p
             for p in procs:
                 if p.poll() is None:
                     p.kill()
-        _, err1 = procs[1].communicate(timeout=60)
+        procs[1].communicate(timeout=60)
     assert procs[0].returncode == 2, err0[-3000:]
     line = _one_line(err0)
     assert line.startswith("error: rank 0: lost contact with the other processes (") and line.endswith(
@@ -544,11 +546,6 @@ def test_processes_that_keep_running_stop_when_a_rank_dies_or_hangs(fault, tmp_p
         "continue with --resume"), line
     if fault == "stop":
         assert "Timed out" in line, line
-    if fault == "oom":
-        assert procs[1].returncode == 2
-        assert _one_line(err1) == ("error: rank 1: out of memory (injected: out of memory in the gather); lower "
-                                   "--batch-size or --eval-batch-size; the last finished epoch is in the run's "
-                                   "checkpoint; continue with --resume")
     assert load_checkpoint(tmp_path / "run" / "mpd" / "checkpoint.pt")["epoch"] == 1
     assert _temporary_files(tmp_path) == []
 
