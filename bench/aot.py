@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 import triton
 
+from mpd_triton.files import ensure_writable, write_text
 from mpd_triton.kernels import lif as lif_kernels
 from mpd_triton.kernels import runtime
 from mpd_triton.neuron import LIFConfig
 
-from .cli import command_line
+from .cli import command_line, write_errors_in_one_line
 from .kernels import bench_shape
 from .report import markdown_table, text_table, write_json
 
@@ -312,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@write_errors_in_one_line
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    out = ensure_writable(args.out or Path("runs") / "bench" / (
+        "aot-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")))
     print(f"mpd-triton bench.aot: compiling for sm_{args.arch} ({ARCHS[args.arch]}) with triton {triton.__version__}"
           f" (no GPU used), tile {lif_kernels.TILE_ELEMENTS} elements", flush=True)
 
@@ -352,9 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     if sweep:
         print("\n" + text_table(SWEEP_HEADERS, _sweep_rows(sweep)), flush=True)
 
-    out = args.out or Path("runs") / "bench" / ("aot-" + datetime.datetime.now(datetime.timezone.utc).strftime(
-        "%Y%m%dT%H%M%SZ"))
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command_line(argv, "bench.aot"), "arch": args.arch, "gpu": ARCHS[args.arch],
                "triton": triton.__version__, "torch": torch.__version__,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         md += ["", "## Did not compile", ""] + [f"- {f['case']}: `{f['error']}`" for f in failures]
     if sweep:
         md += ["", "## Tile size x warps (hot path)", "", markdown_table(SWEEP_HEADERS, _sweep_rows(sweep))]
-    (out / "aot.md").write_text("\n".join(md) + "\n")
+    write_text(out / "aot.md", "\n".join(md) + "\n")
     spills = [r for r in records if r["local_bytes"]]
     print(f"\n{len(records)} kernels compiled, {len(failures)} failed, {len(spills)} spill to local memory; "
           f"wrote {out / 'aot.json'}, {out / 'aot.md'}")

@@ -1,18 +1,21 @@
 """What every benchmark command line shares: its first printed line, its default output folder,
-and the command as typed (recorded with the results)."""
+the command as typed (recorded with the results), and one line for a file it cannot write."""
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import torch
 
 import mpd_triton as mt
+from mpd_triton.files import WriteError
 
-__all__ = ["first_line", "default_out", "command_line"]
+__all__ = ["first_line", "default_out", "command_line", "write_errors_in_one_line"]
 
 
 def first_line(device: torch.device, what: str = "kernel benchmark") -> str:
@@ -36,3 +39,18 @@ def default_out(kind: str) -> Path:
 
 def command_line(argv: list[str], module: str) -> str:
     return " ".join(["python -m", module] + [shlex.quote(a) for a in argv])
+
+
+def write_errors_in_one_line(main):
+    """For a benchmark's main(): a file it cannot write (mpd_triton.files.WriteError: a full disk, an
+    unwritable folder) ends it with one line on stderr and exit status 2 instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except WriteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper

@@ -7,7 +7,9 @@
     python -m bench.kernels --quick               # without CUDA: the CPU providers at T = 8, T*N = 2^20
 
 Writes results.json, results.md and kernels_<dtype>_T<T>.png to --out
-(default runs/bench/kernels-<UTC time>). Without CUDA it says so on its first
+(default runs/bench/kernels-<UTC time>); results.json after every (dtype, T, size),
+so an interrupted sweep keeps what it measured and ``--resume`` (the same command
+and --out) measures only the rest. Without CUDA it says so on its first
 line and times the CPU implementations (the fused C kernels, the reference
 eager and compiled, SpikingJelly's PyTorch path) with a wall-clock timer; the
 Triton kernels then run only in the interpreter, at small sizes, as a check of
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import sys
 import traceback
@@ -26,9 +29,10 @@ from pathlib import Path
 
 import torch
 
+from mpd_triton.files import ensure_writable, remove_leftovers, write_text
 from mpd_triton.kernels.cpu import keep_freed_memory
 
-from .cli import command_line, default_out, first_line
+from .cli import command_line, default_out, first_line, write_errors_in_one_line
 from .measure import (PASSES, copy_bandwidth, describe_failure, gb_per_s, machine_info, minimal_bytes, peak_memory,
                       reset_grads, time_call)
 from .providers import NEURON, PROVIDER_NAMES, PROVIDERS, Provider, make_input, make_output_grads, pass_callable
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="stop at the first provider error instead of recording it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--model", help="run the model-level benchmark instead (see python -m bench.model_step -h)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep in --out: measure only the sizes its results.json lacks")
     return parser
 
 
@@ -181,22 +187,30 @@ def _record(provider, implementation, pass_name, stats, dtype_name, shape, copy_
 
 
 def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, progress: bool = True,
-              providers: dict[str, Provider] | None = None, on_size_done=None) -> list[dict]:
+              providers: dict[str, Provider] | None = None, on_size_done=None, done=()) -> list[dict]:
     """Every (dtype, T, size, provider, stats, pass) of the plan, in that nesting; skipped ones carry a reason.
 
     providers: name -> Provider for the names in the plan (default: PROVIDERS).
     on_size_done(records): called after each (dtype, T, size), e.g. to save partial results.
+    done: records of an interrupted sweep of this plan; the (dtype, T, size) they cover are not measured again.
     """
     from tqdm import tqdm
 
     providers = PROVIDERS if providers is None else providers
     records = []
+    measured = {}
+    for r in done:
+        measured.setdefault((r["dtype"], r["T"], r["elements"]), []).append(r)
     steps = {}  # (provider, stats) -> step, built once: compiled graphs and spikingjelly layers are reused
     bar = tqdm(total=plan.count(), disable=not progress, file=sys.stderr, unit="pt")
     for dtype_name in plan.dtypes:
         dtype = DTYPES[dtype_name]
         for T in plan.Ts:
             for size in plan.sizes:
+                if (dtype_name, T, size) in measured:
+                    records += measured[(dtype_name, T, size)]
+                    bar.update(len(measured[(dtype_name, T, size)]))
+                    continue
                 shape = bench_shape(T, size)
                 x = make_input(shape, dtype, device)
                 for provider_name in plan.providers:
@@ -257,6 +271,26 @@ def _measure(step, x, grads, pass_name, device, plan: Plan) -> dict:
                 peak_memory_bytes=peak, peak_memory_note=peak_note)
 
 
+def _interrupted_sweep(out_dir: Path, settings: dict, info: dict) -> dict:
+    """The results.json of an interrupted sweep in out_dir (--resume), measured with these settings
+    on this machine; raises ValueError (one line) otherwise."""
+    path = out_dir / "results.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--resume: no {path} to continue") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: cannot read {path}: {e}") from None
+    differing = [k for k in settings if saved.get("settings", {}).get(k) != settings[k]]
+    differing += [f"machine {k}" for k in ("device", "gpu", "cpu", "cpu_count", "torch", "triton", "triton_interpret")
+                  if saved.get("machine", {}).get(k) != info.get(k)]
+    if differing:
+        raise ValueError(f"--resume: {path} was measured with other settings or elsewhere ({', '.join(differing)}): "
+                         "give the same options on the same machine, or another --out")
+    return saved
+
+
+@write_errors_in_one_line
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()  # steady-state timings: no page faults from reallocated buffers
@@ -274,17 +308,35 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(args, device)
     except ValueError as error:
         parser.error(str(error))
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out, the folder of the sweep to continue")
     out_dir = args.out or default_out("kernels")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    largest_bytes = max(plan.sizes) * max(DTYPES[d].itemsize for d in plan.dtypes)
-    copy_bytes = max(largest_bytes, COPY_BYTES_CUDA if device.type == "cuda" else COPY_BYTES_CPU)
-    copy = copy_bandwidth(device, copy_bytes, warmup_ms=plan.warmup_ms, rep_ms=plan.rep_ms)
-    print(f"device-to-device copy of {copy_bytes / 2**20:.0f} MiB: {copy['gb_per_s']:.1f} GB/s (read + write)",
-          flush=True)
-
     command = command_line(argv, "bench.kernels")
     info = machine_info(device)
+    settings = {"dtypes": plan.dtypes, "T": plan.Ts, "sizes": plan.sizes, "providers": plan.providers,
+                "passes": plan.passes, "stats": list(plan.stats_modes), "warmup_ms": plan.warmup_ms,
+                "rep_ms": plan.rep_ms, "compile_T": plan.compile_Ts, "neuron": _neuron_settings()}
+    settings = json.loads(json.dumps(settings))  # as results.json holds them
+    saved = {}
+    if args.resume:
+        try:
+            saved = _interrupted_sweep(out_dir, settings, info)
+        except ValueError as error:
+            parser.error(str(error))
+        for path in remove_leftovers(out_dir):
+            print(f"removed {path} (a temporary file left by an interrupted write)", flush=True)
+    ensure_writable(out_dir)
+
+    if saved:  # the copy ceiling the measurements so far were compared with
+        copy = saved["copy_bandwidth"]
+        print(f"continuing the sweep in {out_dir}: {len(saved['measurements'])} of {plan.count()} measurements "
+              "done", flush=True)
+    else:
+        largest_bytes = max(plan.sizes) * max(DTYPES[d].itemsize for d in plan.dtypes)
+        copy_bytes = max(largest_bytes, COPY_BYTES_CUDA if device.type == "cuda" else COPY_BYTES_CPU)
+        copy = copy_bandwidth(device, copy_bytes, warmup_ms=plan.warmup_ms, rep_ms=plan.rep_ms)
+    print(f"device-to-device copy of {copy['bytes_copied'] / 2**20:.0f} MiB: {copy['gb_per_s']:.1f} GB/s "
+          "(read + write)", flush=True)
 
     def payload(records: list[dict], complete: bool) -> dict:
         return {
@@ -293,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": command,
             "first_line": first_line(device),
             "machine": info,
-            "settings": {"dtypes": plan.dtypes, "T": plan.Ts, "sizes": plan.sizes, "providers": plan.providers,
-                         "passes": plan.passes, "stats": list(plan.stats_modes), "warmup_ms": plan.warmup_ms,
-                         "rep_ms": plan.rep_ms, "compile_T": plan.compile_Ts, "neuron": _neuron_settings()},
+            "settings": settings,
             "providers": {name: {"description": PROVIDERS[name].description} for name in plan.providers},
             "copy_bandwidth": copy,
             "measurements": records,
@@ -303,8 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     json_path = out_dir / "results.json"
-    records = run_sweep(plan, device, copy["gb_per_s"], progress=not args.no_progress,
-                        on_size_done=lambda partial: write_json(json_path, payload(partial, complete=False)))
+    try:
+        records = run_sweep(plan, device, copy["gb_per_s"], progress=not args.no_progress,
+                            on_size_done=lambda partial: write_json(json_path, payload(partial, complete=False)),
+                            done=saved.get("measurements", ()))
+    except KeyboardInterrupt:
+        print(f"interrupted: the sizes measured so far are in {json_path}; continue with the same command and "
+              f"--out {out_dir} --resume", file=sys.stderr)
+        return 130
     final = payload(records, complete=True)
     write_json(json_path, final)
 
@@ -315,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nTargets:")
     print(text_table(*targets))
     plots = plot_kernels(records, copy["gb_per_s"], out_dir)
-    (out_dir / "results.md").write_text(_markdown(final, table, targets, plots))
+    write_text(out_dir / "results.md", _markdown(final, table, targets, plots))
     print(f"\nwrote {json_path}, {out_dir / 'results.md'} and {len(plots)} plot(s) to {out_dir}")
     return 0
 

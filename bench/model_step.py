@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 import mpd_triton as mt
 from models import MODEL_NAMES, NeuronOptions, build_model
+from mpd_triton.files import ensure_writable, write_text
 from mpd_triton.kernels.cpu import keep_freed_memory
 
-from .cli import command_line, default_out, first_line
+from .cli import command_line, default_out, first_line, write_errors_in_one_line
 from .measure import describe_failure, machine_info, peak_memory, time_call
 from .peers import SpikingJellyLIF
 from .providers import MPD_ETA, NEURON, PROVIDERS, Provider
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@write_errors_in_one_line
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()  # steady-state timings: no page faults from reallocated buffers
@@ -220,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if not value > 0:
             parser.error(f"{name} must be > 0, got {value}")
     print(first_line(device, f"{args.model} training-step benchmark"), flush=True)
-    out_dir = args.out or default_out("model")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_writable(args.out or default_out("model"))
 
     names = args.providers or list(DEFAULT_VARIANTS) + (
         ["torch_compile", "mpd_triton_cpu_compile"] if device.type == "cpu" and args.model == "small" else [])
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "## Targets", "",
         markdown_table(target_headers, target_rows), "",
     ])
-    (out_dir / "model_results.md").write_text(markdown)
+    write_text(out_dir / "model_results.md", markdown)
     print(f"\nwrote {out_dir / 'model_results.json'} and {out_dir / 'model_results.md'}")
     return 0
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from mpd_triton.files import optional_plot, save_figure
+from mpd_triton.files import write_json as _write_json
 
 __all__ = ["text_table", "markdown_table", "write_json", "kernel_table", "skipped_lines", "model_table", "plot_kernels",
            "evaluate_targets", "targets_table", "MIB"]
@@ -32,7 +34,8 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    """The benchmarks' JSON (no NaN), written atomically (mpd_triton.files)."""
+    _write_json(path, payload, allow_nan=False)
 
 
 def _time_cell(r: dict) -> str:
@@ -102,6 +105,7 @@ def _provider_color(provider: str) -> str:
     return _PROVIDER_COLORS.get(provider, "C7")
 
 
+@optional_plot(fallback=list)
 def plot_kernels(records: Sequence[dict], copy_gb_per_s: float | None, out_dir: Path) -> list[Path]:
     """One figure per (dtype, T): rows = passes, columns = time and GB/s against T*N; a line per provider/stats."""
     import matplotlib
@@ -144,9 +148,9 @@ def plot_kernels(records: Sequence[dict], copy_gb_per_s: float | None, out_dir: 
         fig.legend(handles, labels, loc="lower center", ncol=3, fontsize="small")
         fig.tight_layout(rect=(0, 0.08, 1, 1))
         path = out_dir / f"kernels_{dtype}_T{T}.png"
-        fig.savefig(path, dpi=110)
+        if save_figure(fig, path, dpi=110):
+            paths.append(path)
         plt.close(fig)
-        paths.append(path)
     return paths
 
 

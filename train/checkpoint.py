@@ -1,20 +1,26 @@
 """Atomic checkpoints: model, optimizer, schedule, RNG states, history, config.
 
-A checkpoint is written to a temporary file in the same folder, flushed to
-disk and renamed over the old one, so a run killed at any moment leaves either
-the previous complete checkpoint or the new one, never a torn file.
+A checkpoint is written through mpd_triton.files (a temporary file in the same
+folder, flushed to disk and renamed over the old one), so a run killed at any
+moment, or a full disk, leaves either the previous complete checkpoint or the
+new one, never a torn file. Reading one first checks the CRC-32 of every record
+of its zip archive (torch.load does not: flipped bits would load as wrong
+weights), so a checkpoint cut short or changed on disk is reported in one line.
 """
 
 from __future__ import annotations
 
-import os
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "FORMAT"]
+from mpd_triton.files import write_with
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_archive", "checkpoint_bytes",
+           "rng_state", "set_rng_state", "FORMAT", "OPTIMIZER_STATE_COPIES"]
 
 FORMAT = "mpd-triton-checkpoint/1"
 
@@ -23,21 +29,57 @@ class CheckpointError(RuntimeError):
     """An unreadable, foreign or mismatched checkpoint (one-line message)."""
 
 
+# Copies of the parameters an optimizer keeps per parameter: SGD's momentum buffer; Adam's two moments.
+OPTIMIZER_STATE_COPIES = {"sgd": 1, "adam": 2}
+# What a checkpoint holds beside tensors (config, history, RNG states per rank, pickle and zip overhead).
+CHECKPOINT_EXTRA_BYTES = 1 << 20
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write atomically; raises mpd_triton.files.WriteError (one line) when the file system refuses."""
+    write_with(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer: str = "sgd", momentum: float = 0.9) -> int:
+    """About how large a checkpoint of ``model`` trained with ``optimizer`` is: its parameters and
+    buffers, the optimizer's state (OPTIMIZER_STATE_COPIES copies of the parameters; none for SGD
+    without momentum) and CHECKPOINT_EXTRA_BYTES. Works on a model on the meta device (no memory)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    copies = OPTIMIZER_STATE_COPIES[optimizer] if optimizer != "sgd" or momentum > 0 else 0
+    return params * (1 + copies) + buffers + CHECKPOINT_EXTRA_BYTES
+
+
+def verify_archive(path: Path) -> None:
+    """Raise CheckpointError (one line) unless ``path`` is a complete zip archive whose records all
+    match their CRC-32 (torch.save writes them; torch.load does not check them)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
+        detail = "the end of its archive is missing" if "not a zip file" in str(e) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path} is cut short or corrupt ({detail})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: its record {bad} fails the CRC-32 check (bits changed after "
+                              "it was written)")
+
+
+def _starts_like_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    if _starts_like_zip(path):  # what torch.save writes; anything else is left to torch.load to refuse
+        verify_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises many types for a corrupt file

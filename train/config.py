@@ -21,6 +21,13 @@ from .data import DATASETS
 __all__ = ["RunConfig", "PRESETS", "ConfigError", "parse_args", "build_parser", "fraction"]
 
 
+# How long a collective waits for the other ranks before it fails (--dist-timeout). A rank that dies
+# closes its connections and the others stop at once; this bounds the wait for one that hangs. On the
+# CPU the longest honest wait is rank 0 writing a checkpoint or one rank compiling the model before
+# the other (minutes at most); torch's own default is 30 minutes.
+DIST_TIMEOUT = 600.0
+
+
 class ConfigError(ValueError):
     """A bad command-line value; the message is one line for the user."""
 
@@ -78,6 +85,9 @@ class RunConfig:
     channels_last: bool | None = None  # channels-last activations; None: on for the CPU (train/compiling.py)
     deterministic: bool = False
     out: str | None = None
+    force: bool = False  # start the runs in `out` over: their checkpoints and models are removed first
+    keep_previous: bool = False  # keep the previous epoch's checkpoint as checkpoint.previous.pt
+    dist_timeout: float = DIST_TIMEOUT  # seconds a collective waits for the other ranks (torchrun)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -197,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out (default: the newest runs/<preset>-*)")
+    g.add_argument("--force", action="store_true", default=None,
+                   help="start the run in --out over: its checkpoints and models are removed first")
+    g.add_argument("--keep-previous", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the previous epoch's checkpoint too (checkpoint.previous.pt), to fall back on if the "
+                        "last one is damaged")
+    g.add_argument("--dist-timeout", type=float,
+                   help=f"seconds a collective waits for the other processes under torchrun (default {DIST_TIMEOUT:g})")
     _show_defaults(p)
     return p
 
@@ -248,6 +265,8 @@ def parse_args(argv=None) -> tuple[RunConfig, bool]:
     if args.eval_limit == 0:
         values["eval_limit"] = None
     cfg = RunConfig(**values)
+    if args.resume and cfg.force:
+        raise ConfigError("--resume continues the run, --force starts it over: give one of them")
     validate(cfg)
     return cfg, args.resume
 
@@ -303,5 +322,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("the transfer attack needs a source model: use python -m train.eval --source")
     except ValueError as e:
         raise ConfigError(f"--eval-attacks: {e}") from None
+    if not (cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout)):
+        raise ConfigError(f"dist timeout must be > 0 seconds, got {cfg.dist_timeout}")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DataError", "ImageData", "DatasetInfo", "load_dataset", "EpochLoader", "read_idx",
-           "SUBSET_PATH", "DEBIAN_FMNIST"]
+from mpd_triton.files import WriteError, write_with
+
+__all__ = ["DATASETS", "DataError", "ImageData", "DatasetInfo", "dataset_info", "load_dataset", "EpochLoader",
+           "read_idx", "SUBSET_PATH", "DEBIAN_FMNIST"]
 
 DATASETS = ("fmnist-subset", "fmnist", "cifar10", "cifar100", "tinyimagenet")
 SUBSET_PATH = Path(__file__).resolve().parent / "assets" / "fashion_mnist_subset.npz"
@@ -87,6 +89,18 @@ _STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
 }
+# (channels, image size, classes) of each data set's images, known before loading them
+_SHAPES = {"fmnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "tinyimagenet": (3, 64, 200)}
+
+
+def dataset_info(name: str, source: str = "") -> DatasetInfo:
+    """What ``load_dataset(name)`` reports about a data set, without loading it."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    key = "fmnist" if name.startswith("fmnist") else name
+    channels, size, classes = _SHAPES[key]
+    mean, std = _STATS[key]
+    return DatasetInfo(name, channels, classes, size, mean, std, augment=key != "fmnist", source=source)
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -272,11 +286,10 @@ def _load_tinyimagenet(data_dir: Path | None):
     tr_x, tr_y = decode(train_files, "decoding Tiny-ImageNet train")
     te_x, te_y = decode(val_files, "decoding Tiny-ImageNet val")
     try:
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, train_images=tr_x, train_labels=tr_y, test_images=te_x, test_labels=te_y)
-        tmp.replace(cache)
-    except OSError:
-        pass  # read-only data folder: decode again next time
+        write_with(cache, lambda f: np.savez(f, train_images=tr_x, train_labels=tr_y, test_images=te_x,
+                                             test_labels=te_y))
+    except WriteError:
+        pass  # a read-only or full data folder: decode again next time
     return (_to_image_data(tr_x, tr_y), _to_image_data(te_x, te_y)), str(folder)
 
 
@@ -298,14 +311,15 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
         (train, test), source = _load_cifar(name, data_dir, download)
     else:
         (train, test), source = _load_tinyimagenet(data_dir)
-    key = "fmnist" if name.startswith("fmnist") else name
-    mean, std = _STATS[key]
-    num_classes = {"fmnist": 10, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200}[key]
+    info = dataset_info(name, source)
+    num_classes = info.num_classes
     for split, data in (("train", train), ("test", test)):
         if int(data.labels.max()) >= num_classes or int(data.labels.min()) < 0:
             raise DataError(f"{name} {split} labels outside 0..{num_classes - 1} (source {source})")
-    info = DatasetInfo(name, train.images.shape[1], num_classes, train.images.shape[-1], mean, std,
-                       augment=key != "fmnist", source=source)
+        shape = (info.in_channels, info.image_size, info.image_size)
+        if tuple(data.images.shape[1:]) != shape:
+            raise DataError(f"{name} {split} images are {tuple(data.images.shape[1:])}, expected {shape} "
+                            f"(source {source})")
     return train, test, info
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,21 +18,32 @@ from tqdm import tqdm
 
 import mpd_triton as mt
 from models import build_model
+from mpd_triton.files import WriteError, write_text, write_with
 
 from .attacks import pgd
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, checkpoint_bytes, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state, verify_archive)
 from .compiling import compile_for_batches, to_memory_format, use_channels_last
 from .config import RunConfig
 from .data import DatasetInfo, EpochLoader, ImageData
 
-__all__ = ["RunContext", "setup_context", "build_for", "train_run", "evaluate", "RunResult", "MODEL_FILE"]
+__all__ = ["RunContext", "setup_context", "build_for", "train_run", "evaluate", "RunResult", "MODEL_FILE",
+           "StoppedByMain", "planned_output_bytes", "RUN_FILES"]
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.previous.pt"  # the epoch before, with --keep-previous
 MODEL_FILE = "model.pt"
 METRICS = "metrics.jsonl"
+RUN_FILES = (CHECKPOINT, PREVIOUS, MODEL_FILE)  # what --force removes before a run starts over
+REPORT_BYTES = 4 << 20  # reports, plots and metrics of one run, generously
+STARTUP_TIMEOUT = 300.0  # seconds the processes of a torchrun wait for each other at the start
 # Config entries that may differ when a run is resumed (where it runs, not what it computes).
 RESUMABLE_DIFFERENCES = {"out", "device", "download", "data_dir", "eval_attacks", "eval_limit", "eval_eps", "compile",
-                         "channels_last"}
+                         "channels_last", "force", "keep_previous", "dist_timeout"}
+
+
+class StoppedByMain(Exception):
+    """On a rank other than 0: rank 0 failed in work that only it does, and says why itself."""
 
 
 @dataclass
@@ -51,6 +64,23 @@ class RunContext:
         if self.distributed:
             dist.barrier()
 
+    def run_on_main(self, fn):
+        """fn() on rank 0 only (writing files); every rank learns whether it failed, so the others stop
+        at once and quietly (StoppedByMain) while rank 0 reports the error, instead of waiting for it."""
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as e:
+                error = e
+        if self.distributed:
+            failed = [error is not None]
+            dist.broadcast_object_list(failed, src=0)
+            if failed[0] and not self.is_main:
+                raise StoppedByMain("rank 0 stopped the run")
+        if error is not None:
+            raise error
+
 
 def setup_context(cfg: RunConfig) -> RunContext:
     """Device choice and, under torchrun (WORLD_SIZE > 1), the process group (nccl on GPU, gloo on CPU)."""
@@ -66,12 +96,28 @@ def setup_context(cfg: RunConfig) -> RunContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # A bounded wait in every collective (--dist-timeout): a rank that hangs stops the others with an
+        # error instead of holding them forever; a rank that dies closes its connections, which ends
+        # the others' waits at once. Meeting at the start allows longer: one process may take longer to
+        # import and start than another.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=max(cfg.dist_timeout, STARTUP_TIMEOUT)))
+        _set_timeout(datetime.timedelta(seconds=cfg.dist_timeout))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return RunContext(device, rank, world_size)
+
+
+def _set_timeout(timeout: datetime.timedelta) -> None:
+    """The default process group's timeout from now on (torch >= 2.12: dist.set_timeout; before: its
+    private forerunner; where neither exists the start-up timeout stays)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    setter = getattr(dist, "set_timeout", None) or getattr(c10d, "_set_pg_timeout", None)
+    if setter is not None:
+        setter(timeout)
 
 
 def build_for(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
@@ -161,7 +207,10 @@ def train_run(cfg: RunConfig, name: str, eta: float, run_dir: Path, train: Image
     start_epoch, history = 0, []
     ckpt_path = run_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
-        saved = load_checkpoint(ckpt_path, map_location=ctx.device)
+        try:
+            saved = load_checkpoint(ckpt_path, map_location=ctx.device)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; {_what_now(run_dir)}") from None
         _check_resumable(saved, cfg, name, eta, ckpt_path)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -171,11 +220,9 @@ def train_run(cfg: RunConfig, name: str, eta: float, run_dir: Path, train: Image
         if ctx.is_main:
             print(f"[{name}] resuming after epoch {start_epoch}/{cfg.epochs} from {ckpt_path}")
     elif ckpt_path.is_file():
-        raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / METRICS).write_text("".join(json.dumps(h) + "\n" for h in history))
-    ctx.barrier()
+        raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue that run, --force to start it over, "
+                              "or choose another --out")
+    ctx.run_on_main(lambda: _write_metrics(run_dir, history))
 
     net = nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
     net = compile_for_batches(net, cfg.batch_size, compile_model)
@@ -220,25 +267,87 @@ def train_run(cfg: RunConfig, name: str, eta: float, run_dir: Path, train: Image
                   "test_omega_layers": test_metrics["omega_layers"], "epoch_seconds": train_seconds}
         history.append(record)
         rngs = _gather_rng(ctx)
-        if ctx.is_main:
-            save_checkpoint(ckpt_path, {
-                "run": name, "eta": eta, "epoch": epoch + 1, "config": cfg.to_dict(), "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs, "history": history,
-                "model_spec": model_spec(cfg, info),
-            })
-            with open(run_dir / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
+
+        def save(epoch=epoch, record=record):
+            state = {"run": name, "eta": eta, "epoch": epoch + 1, "config": cfg.to_dict(), "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs, "history": history,
+                     "model_spec": model_spec(cfg, info)}
+            try:
+                _save_epoch(run_dir, state, cfg.keep_previous)
+            except WriteError as e:  # training on without a checkpoint would lose work silently
+                raise e.with_hint(f"[{name}] stopped: epoch {epoch + 1} is lost, the last complete checkpoint "
+                                  f"(epoch {epoch}) is kept; make room, then continue with --resume" if epoch else
+                                  f"[{name}] stopped in its first epoch, before any checkpoint; make room, then "
+                                  "start again") from None
+            _write_metrics(run_dir, history)
             print(f"[{name}] epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, "
                   f"train acc {100 * record['train_acc']:.2f}%, test acc {100 * record['test_acc']:.2f}%, "
                   f"Omega {record['test_omega']:.4f} ({train_seconds:.1f} s)", flush=True)
-        ctx.barrier()
-    if ctx.is_main:
-        save_checkpoint(run_dir / MODEL_FILE, {"run": name, "eta": eta, "config": cfg.to_dict(),
-                                               "model": model.state_dict(), "model_spec": model_spec(cfg, info)})
-    ctx.barrier()
+
+        ctx.run_on_main(save)
+
+    def save_model():
+        try:
+            save_checkpoint(run_dir / MODEL_FILE, {"run": name, "eta": eta, "config": cfg.to_dict(),
+                                                   "model": model.state_dict(), "model_spec": model_spec(cfg, info)})
+        except WriteError as e:
+            raise e.with_hint(f"[{name}] the training is complete in {ckpt_path}: make room, then --resume "
+                              "writes it") from None
+
+    ctx.run_on_main(save_model)
     seconds = [h["epoch_seconds"] for h in history]
     return RunResult(name, eta, run_dir, history, history[-1] if history else {},
                      sum(seconds) / max(len(seconds), 1))
+
+
+def _write_metrics(run_dir: Path, history: list) -> None:
+    """metrics.jsonl, one line per finished epoch, rewritten whole (atomically) after each epoch."""
+    write_text(run_dir / METRICS, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def _save_epoch(run_dir: Path, state: dict, keep_previous: bool) -> None:
+    """checkpoint.pt of this epoch; with keep_previous the one it replaces stays as checkpoint.previous.pt."""
+    ckpt = run_dir / CHECKPOINT
+    if keep_previous and ckpt.is_file():
+        link = run_dir / (PREVIOUS + ".link.tmp")
+        try:  # a second name for the current checkpoint, then renamed: checkpoint.pt exists all along
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.link(ckpt, link)
+            os.replace(link, run_dir / PREVIOUS)
+        except OSError:  # no hard links here (or the link failed): a copy, written as every file is
+            if os.path.lexists(link):
+                os.unlink(link)
+            with open(ckpt, "rb") as source:
+                write_with(run_dir / PREVIOUS, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+    save_checkpoint(ckpt, state)
+
+
+def _what_now(run_dir: Path) -> str:
+    """What --resume can do when the run's checkpoint is unreadable."""
+    previous = run_dir / PREVIOUS
+    if previous.is_file():
+        try:
+            verify_archive(previous)
+            return (f"the previous epoch's {previous} is intact: move it to {run_dir / CHECKPOINT} and --resume "
+                    "again, or start over with --force")
+        except CheckpointError:
+            pass
+    return ("start over with --force, or put a copy of an earlier checkpoint you keep in its place "
+            "(--keep-previous keeps the previous epoch's)")
+
+
+def planned_output_bytes(cfg: RunConfig, info: DatasetInfo, runs: int, run_dirs=()) -> int:
+    """What a run of ``runs`` models writes at most: per model its checkpoint twice (the new one,
+    written beside the previous one), three times with --keep-previous, model.pt and the reports;
+    minus what the files in ``run_dirs`` (being replaced) already take."""
+    with torch.device("meta"):  # shapes only: no memory
+        model = build_for(cfg, info)
+    ckpt = checkpoint_bytes(model, cfg.optimizer, cfg.momentum)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    per_run = ckpt * (3 if cfg.keep_previous else 2) + weights + REPORT_BYTES
+    existing = sum((Path(d) / f).stat().st_size for d in run_dirs for f in RUN_FILES if (Path(d) / f).is_file())
+    return max(0, runs * per_run - existing)
 
 
 def _gather_rng(ctx: RunContext) -> list:

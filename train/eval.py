@@ -9,6 +9,10 @@
 Prints a table (clean and robust accuracy per attack and eps, the mean L1 norm
 of the input gradient), writes eval.json / eval.md and robustness.png, and runs
 the gradient-masking sanity checks (a failed check is flagged loudly).
+
+eval.json is rewritten after every batch of images: an interrupted evaluation keeps
+the models it finished and how far it got with the next; the same command with
+``--resume`` (and the same --out) continues with the rest, to the same result.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -27,6 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from models import build_model  # noqa: E402
+from mpd_triton.files import (WriteError, ensure_writable, optional_plot, remove_leftovers, save_figure,  # noqa: E402
+                               write_json, write_text)
 from mpd_triton.kernels.cpu import keep_freed_memory  # noqa: E402
 
 from .attacks import ASSG_LEVEL, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS  # noqa: E402
@@ -121,6 +128,7 @@ def markdown(names: list[str], results: list[dict], command: str) -> str:
     return "\n".join(md)
 
 
+@optional_plot()
 def plot(names: list[str], results: list[dict], path: Path) -> None:
     """Accuracy against eps: one panel for the per-image worst case over every attack, then one
     per attack; at most four panels a row."""
@@ -146,7 +154,7 @@ def plot(names: list[str], results: list[dict], path: Path) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(names), frameon=False)
     fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -209,10 +217,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the models under torch.compile (full batches); default: when the evaluation makes at "
                         f"least {COMPILE_MIN_STEPS} forward-backward passes per model, where compiling pays")
     p.add_argument("--out", help="output folder (default: eval-<time> beside the first checkpoint)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted evaluation in --out (the same command, plus --resume)")
     return p
 
 
+def _previous(out: Path, key: dict, models: dict[str, str]) -> dict:
+    """What an interrupted evaluation in ``out`` finished (--resume), if it was made with these settings
+    (``key``) and the models of the same names came from the same checkpoints."""
+    path = out / "eval.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume: no {path} to continue")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: cannot read {path}: {e}") from None
+    old = saved.get("key", {})
+    if old != key:
+        differing = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        if "settings" in differing:
+            differing.remove("settings")
+            differing += [f"settings.{k}" for k in sorted(key["settings"])
+                          if old.get("settings", {}).get(k) != key["settings"][k]]
+        raise ConfigError(f"--resume: {path} was made with other settings ({', '.join(differing)}): give the same "
+                          "options, or another --out")
+    for name, r in saved.get("models", {}).items():
+        if name in models and r["checkpoint"] != models[name]:
+            raise ConfigError(f"--resume: {path} has model {name!r} from {r['checkpoint']}, not {models[name]}")
+    return saved
+
+
 def main(argv=None) -> int:
+    where = {}
+    try:
+        return _evaluate(argv, where)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: " + (f"what finished is in {where['out'] / 'eval.json'}; continue with the same command "
+                                 f"with --out {where['out']} --resume" if "out" in where else "nothing was evaluated"),
+              file=sys.stderr)
+        return 130
+
+
+def _evaluate(argv, where: dict) -> int:
     command = "python -m train.eval " + " ".join(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()
     try:
@@ -233,6 +282,8 @@ def main(argv=None) -> int:
             assg_levels = [float(v) for v in args.assg_level.split(",") if v.strip()]
         except ValueError:
             raise ConfigError(f"--assg-level: expected numbers in (0, 0.5), got {args.assg_level!r}") from None
+        if args.resume and not args.out:
+            raise ConfigError("--resume needs --out, the folder of the evaluation to continue")
         gradients = (ENSEMBLE if args.ensemble or args.reliable else
                      [g.strip() for g in (args.gradients or "own").split(",") if g.strip()])
         if "transfer" in attacks and not args.source:
@@ -266,34 +317,59 @@ def main(argv=None) -> int:
                                 eot=args.eot or (8 if poisson else 1), n_queries=args.queries,
                                 batch_size=args.batch_size, seed=args.seed,
                                 large_eps_check=not args.no_large_eps_check)
-    except (ConfigError, CheckpointError, DataError, ValueError) as e:
+        limit = None if args.limit == 0 else args.limit
+        images = test.images[:limit].float().div(255.0)
+        labels = test.labels[:limit]
+        names = args.name or [Path(c).parent.name or Path(c).stem for c in args.checkpoint]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"two models have the same name ({', '.join(names)}): give each a --name")
+        out = Path(args.out) if args.out else (Path(args.checkpoint[0]).resolve().parent
+                                               / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+        # what a resumed evaluation must share with the interrupted one
+        key = json.loads(json.dumps({"settings": asdict(settings), "data": data_name, "n": len(images),
+                                     "source": args.source}))
+        checkpoints = {n: str(Path(c)) for n, c in zip(names, args.checkpoint)}
+        previous = _previous(out, key, checkpoints) if args.resume else {}
+        ensure_writable(out)  # before the evaluation starts (and not before the set-up: nothing left behind)
+    except (ConfigError, CheckpointError, DataError, ValueError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    limit = None if args.limit == 0 else args.limit
-    images = test.images[:limit].float().div(255.0)
-    labels = test.labels[:limit]
-    names = args.name or [Path(c).parent.name or Path(c).stem for c in args.checkpoint]
     print(f"mpd-triton train.eval: {len(images)} {data_name} test images, device {device}, attacks {attacks}, "
           f"eps {[round(e * 255, 3) for e in eps]}/255, gradients {gradients}, eot {settings.eot}", flush=True)
-    out = Path(args.out) if args.out else Path(args.checkpoint[0]).resolve().parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
+    where["out"] = out
+    if args.resume:
+        for path in remove_leftovers(out):
+            print(f"removed {path} (a temporary file left by an interrupted write)", flush=True)
     compile_models, why = should_compile(args.compile, evaluation_passes(settings, len(images)))
     print(f"torch.compile: {'on' if compile_models else 'off'} ({why})", flush=True)
     results = []
+
+    def save(in_progress: dict | None = None):  # after every batch: an interrupted evaluation keeps what it did
+        write_json(out / "eval.json", {"command": command, "key": key, "models": dict(zip(names, results)),
+                                       **({"in_progress": in_progress} if in_progress else {})})
+
+    unfinished = previous.get("in_progress", {})
     for name, (model, spec), path in zip(names, models, args.checkpoint):
+        if name in previous.get("models", {}):
+            results.append(previous["models"][name])
+            print(f"[{name}] evaluated before: kept from {out / 'eval.json'}", flush=True)
+            continue
+        state = unfinished.get("state") if unfinished.get("model") == name and \
+            unfinished.get("checkpoint") == checkpoints[name] else None
+        if state:
+            print(f"[{name}] continuing after image {min(state['next'], len(images))} of {len(images)}", flush=True)
         t0 = time.perf_counter()
         model = to_memory_format(model, use_channels_last(args.channels_last, device))
         model = compile_for_batches(model, settings.batch_size, compile_models)
         r = evaluate_robustness(model, images, labels, settings, source=source, num_classes=spec["num_classes"],
-                                desc=name)
-        r["seconds"] = time.perf_counter() - t0
+                                desc=name, resume_state=state,
+                                on_batch=lambda state, name=name: save({"model": name, "checkpoint": checkpoints[name],
+                                                                      "state": state}))
+        r["seconds"] = time.perf_counter() - t0  # this session's share when it was resumed
         r["checkpoint"] = str(Path(path))
         results.append(r)
-        # after every model, so an interrupted evaluation keeps what it finished
-        (out / "eval.json").write_text(json.dumps({"command": command, "models": dict(zip(names, results))},
-                                                  indent=2))
-    (out / "eval.md").write_text(markdown(names, results, command))
+        save()
+    write_text(out / "eval.md", markdown(names, results, command))
     plot(names, results, out / "robustness.png")
     print("\n" + result_table(names, results))
     for name, r in zip(names, results):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mpd_triton.files import WriteError, write_with
+
 from .data import DEBIAN_FMNIST, SUBSET_PATH, DataError, load_fmnist_arrays
 
 
@@ -43,13 +45,16 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     tr = stratified(arrays["train_labels"], args.train, rng)
     te = stratified(arrays["test_labels"], args.test, rng)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        args.out,
-        train_images=arrays["train_images"][tr], train_labels=arrays["train_labels"][tr].astype(np.uint8),
-        test_images=arrays["test_images"][te], test_labels=arrays["test_labels"][te].astype(np.uint8),
-        train_source_index=tr.astype(np.int32), test_source_index=te.astype(np.int32),
-    )
+    try:
+        write_with(args.out, lambda f: np.savez_compressed(
+            f,
+            train_images=arrays["train_images"][tr], train_labels=arrays["train_labels"][tr].astype(np.uint8),
+            test_images=arrays["test_images"][te], test_labels=arrays["test_labels"][te].astype(np.uint8),
+            train_source_index=tr.astype(np.int32), test_source_index=te.astype(np.int32),
+        ))
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB): {len(tr)} train, {len(te)} test images "
           f"from {args.source}")
     return 0

@@ -3,7 +3,6 @@ histograms with the surrogate window, Omega per epoch, loss and accuracy)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import mpd_triton as mt  # noqa: E402
+from mpd_triton.files import optional_plot, save_figure, write_json, write_text  # noqa: E402
 
 __all__ = ["membrane_samples", "write_run_report", "write_comparison", "plot_curves", "plot_membrane"]
 
@@ -58,6 +58,7 @@ def _hist_range(values: list[np.ndarray], window: float) -> tuple[float, float]:
     return float(lo - 0.05 * span), float(hi + 0.05 * span)
 
 
+@optional_plot()
 def plot_membrane(sample_sets: dict[str, list[dict]], path: Path, title: str) -> None:
     """One panel per LIF layer: the histogram of u of each run, the window [-gamma, gamma] shaded."""
     names = list(sample_sets)
@@ -88,10 +89,11 @@ def plot_membrane(sample_sets: dict[str, list[dict]], path: Path, title: str) ->
                  fontsize=10)
     fig.supxlabel("u", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
+@optional_plot()
 def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
     """Omega, loss and accuracy per epoch for each run."""
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
@@ -109,7 +111,7 @@ def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -130,7 +132,7 @@ def write_run_report(run_dir: Path, name: str, eta: float, config: dict, history
         "membrane_share_in_window": [float(np.mean(np.abs(s["u"]) <= s["window"])) for s in samples],
         "robustness": robustness,
     }
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(run_dir / "report.json", report)
     plot_membrane({name: samples}, run_dir / "membrane.png", f"{name} (eta = {eta:g})")
     plot_curves({name: history}, run_dir / "curves.png")
     lines = [
@@ -148,7 +150,7 @@ def write_run_report(run_dir: Path, name: str, eta: float, config: dict, history
     lines += ["", "![membrane potential](membrane.png)", "", "![curves](curves.png)", ""]
     if robustness:
         lines += _robustness_lines({name: robustness})
-    (run_dir / "report.md").write_text("\n".join(lines))
+    write_text(run_dir / "report.md", "\n".join(lines))
     return report
 
 
@@ -189,10 +191,10 @@ def write_comparison(out_dir: Path, reports: list[dict], samples: dict[str, list
     md += ["", "![membrane potential](membrane.png)", "", "![curves](curves.png)", ""]
     if robust:
         md += _robustness_lines({r["run"]: r["robustness"] for r in reports})
-    (out_dir / "comparison.md").write_text("\n".join(md))
-    (out_dir / "comparison.json").write_text(json.dumps(
-        {r["run"]: {k: r[k] for k in ("eta", "clean_acc", "mean_omega", "omega_per_layer", "seconds_per_epoch",
-                                       "robustness")} for r in reports}, indent=2))
+    write_text(out_dir / "comparison.md", "\n".join(md))
+    write_json(out_dir / "comparison.json",
+               {r["run"]: {k: r[k] for k in ("eta", "clean_acc", "mean_omega", "omega_per_layer", "seconds_per_epoch",
+                                              "robustness")} for r in reports})
     plot_membrane(samples, out_dir / "membrane.png", "plain vs MPD-SGR")
     plot_curves({r["run"]: r["history"] for r in reports}, out_dir / "curves.png")
     return table

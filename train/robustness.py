@@ -18,11 +18,17 @@ Sanity checks (Carlini et al. 2019; Athalye et al. 2018), each PASS / FAIL with 
 - ``large_eps``: PGD with a very large eps (1.0: any image) brings accuracy near zero, and so does
   ASSG + SA-PGD when it is evaluated (its adaptive gradient must lead somewhere too).
 A tolerance of max(1%, 2 images) absorbs the randomness of the random attacks.
+
+An evaluation can be continued: ``on_batch(state)`` receives, after every batch, what
+``resume_state=state`` needs to go on from the next one (the counts so far and the RNG
+state), to the same result as an evaluation that was never interrupted.
 """
 
 from __future__ import annotations
 
+import base64
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -113,10 +119,29 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return model(x).argmax(1) == y
 
 
+def _rng_snapshot(device: torch.device) -> dict:
+    """The global RNG states (Poisson encoding draws from them), JSON-ready."""
+    encode = lambda t: base64.b64encode(t.numpy().tobytes()).decode("ascii")  # noqa: E731
+    state = {"cpu": encode(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = encode(torch.cuda.get_rng_state(device))
+    return state
+
+
+def _restore_rng(state: dict, device: torch.device) -> None:
+    decode = lambda text: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(decode(state["cpu"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(decode(state["cuda"]), device)
+
+
 def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: EvalSettings,
                         *, source: nn.Module | None = None, num_classes: int = 10, desc: str = "attacks",
-                        progress: bool = True) -> dict:
-    """Run every attack at every eps on (images, labels) in batches; returns a JSON-ready dict."""
+                        progress: bool = True, resume_state: dict | None = None,
+                        on_batch: Callable[[dict], None] | None = None) -> dict:
+    """Run every attack at every eps on (images, labels) in batches; returns a JSON-ready dict.
+
+    on_batch(state) after every batch; resume_state: such a state, to continue from the batch after it."""
     if "transfer" in settings.attacks and source is None:
         raise ValueError("the transfer attack needs a source model")
     was_training = model.training
@@ -125,12 +150,16 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
     torch.manual_seed(settings.seed)  # Poisson draws and random starts: repeatable
     n = images.shape[0]
     counts: dict[tuple, int] = {}
-    clean_total, grad_l1_total = 0, 0.0
+    clean_total, grad_l1_total, first = 0, 0.0, 0
+    if resume_state is not None:
+        counts = {tuple(key): value for *key, value in resume_state["counts"]}
+        clean_total, grad_l1_total, first = resume_state["clean"], resume_state["grad_l1"], resume_state["next"]
+        _restore_rng(resume_state["rng"], device)
 
     def add(key, value):
         counts[key] = counts.get(key, 0) + int(value)
 
-    batches = range(0, n, settings.batch_size)
+    batches = range(first, n, settings.batch_size)
     bar = tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=1.0)
     for start in bar:
         x = images[start:start + settings.batch_size].to(device)
@@ -181,6 +210,9 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                 x_adv = run_attack("assg", model, x, y, LARGE_EPS, steps=LARGE_EPS_STEPS, eot=settings.eot,
                                    assg_options=ASSGOptions(level=settings.assg_levels[0]))
                 add(("large_eps", _key(LARGE_EPS), "assg"), (clean & _correct(model, x_adv, y)).sum())
+        if on_batch is not None:
+            on_batch({"next": start + settings.batch_size, "counts": [[*key, value] for key, value in counts.items()],
+                      "clean": clean_total, "grad_l1": grad_l1_total, "rng": _rng_snapshot(device)})
     model.train(was_training)
 
     accuracy = {a: {_key(e): counts[(a, _key(e), "worst")] / n for e in settings.eps} for a in settings.attacks}

@@ -3,25 +3,35 @@
 With no arguments it runs the 'quick' preset: a small SNN on the bundled
 Fashion-MNIST subset, trained plain (eta = 0) and with MPD-SGR from the same
 seed, then compared side by side.
+
+Faults end in one line on stderr and a non-zero exit (README, "Interrupted runs"):
+a file that cannot be written (WriteError: the file and the cause; the previous
+complete file is kept), an unreadable checkpoint, SIGTERM or Ctrl-C (the last
+finished epoch is in the checkpoint), running out of memory, and under torchrun a
+rank that died or hangs (the others stop, naming their rank and the cause).
 """
 
 from __future__ import annotations
 
-import json
+import os
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from mpd_triton.files import WriteError, ensure_writable, remove_leftovers, write_json
 from mpd_triton.kernels.cpu import keep_freed_memory
 
 from .checkpoint import CheckpointError
 from .compiling import should_compile, to_memory_format, use_channels_last
 from .config import ConfigError, RunConfig, parse_args
-from .data import DataError, ImageData, load_dataset
-from .engine import RunContext, build_for, setup_context, train_run
+from .data import DataError, ImageData, dataset_info, load_dataset
+from .engine import RUN_FILES, RunContext, StoppedByMain, build_for, planned_output_bytes, setup_context, train_run
 from .report import membrane_samples, write_comparison, write_run_report
 from .robustness import EvalSettings, evaluate_robustness, parse_attacks
 
@@ -32,7 +42,7 @@ def _resolve_out(cfg: RunConfig, resume: bool, ctx: RunContext) -> Path:
     if cfg.out:
         out = Path(cfg.out)
         if resume and not any(out.glob("*/checkpoint.pt")):
-            raise CheckpointError(f"--resume: no checkpoint under {out}")
+            raise CheckpointError(f"--resume: no checkpoint under {out}; start the run without --resume")
         return out
     if resume:
         candidates = sorted(p for p in RUNS_ROOT.glob(f"{cfg.preset}-*") if any(p.glob("*/checkpoint.pt")))
@@ -43,6 +53,26 @@ def _resolve_out(cfg: RunConfig, resume: bool, ctx: RunContext) -> Path:
     if ctx.distributed:  # every rank uses rank 0's clock
         dist.broadcast_object_list(name, src=0)
     return RUNS_ROOT / name[0]
+
+
+def _prepare_out(cfg: RunConfig, out: Path, run_names: list[str]) -> None:
+    """Before the data are loaded (rank 0): the temporary files of a killed write removed, with --force
+    the runs' old checkpoints and models, and the folder checked for writing and for room for the run."""
+    run_dirs = [out / name for name in run_names]
+    for folder in [out, *run_dirs]:
+        for path in remove_leftovers(folder):
+            print(f"removed {path} (a temporary file left by an interrupted write)", flush=True)
+    if cfg.force:
+        for path in (d / f for d in run_dirs for f in RUN_FILES):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise WriteError.from_os_error(path, e).with_hint("--force cannot start the run over") from None
+    try:
+        need = planned_output_bytes(cfg, dataset_info(cfg.data), len(run_names), run_dirs)
+    except ValueError:  # a model that does not fit the images: said once the data are loaded
+        need = 0
+    ensure_writable(out, need, what=f"the run ({len(run_names)} model(s): checkpoints, model.pt, reports)")
 
 
 def robustness_summary(model, test: ImageData, cfg: RunConfig, num_classes: int, name: str) -> dict | None:
@@ -64,29 +94,32 @@ def robustness_summary(model, test: ImageData, cfg: RunConfig, num_classes: int,
 def run(cfg: RunConfig, resume: bool) -> list[dict]:
     ctx = setup_context(cfg)
     out = _resolve_out(cfg, resume, ctx)
+    runs = [("plain", 0.0), ("mpd", cfg.eta)] if cfg.compare else [("mpd" if cfg.eta > 0 else "plain", cfg.eta)]
+    ctx.run_on_main(lambda: _prepare_out(cfg, out, [name for name, _ in runs]))
     train, test, info = load_dataset(cfg.data, cfg.data_dir, cfg.download)
     train, test = train.limit(cfg.train_limit), test.limit(cfg.test_limit)
     try:
         build_for(cfg, info)
     except ValueError as e:
         raise ConfigError(f"model {cfg.model} on {cfg.data} ({info.image_size}x{info.image_size}): {e}") from None
+    ctx.run_on_main(lambda: write_json(out / "config.json", cfg.to_dict()))
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         print(f"mpd-triton train.run: preset {cfg.preset}, model {cfg.model}, data {cfg.data} "
               f"({len(train)} train / {len(test)} test, from {info.source}), device {ctx.device}"
               f"{f' x {ctx.world_size} processes' if ctx.distributed else ''}, out {out}", flush=True)
-    runs = [("plain", 0.0), ("mpd", cfg.eta)] if cfg.compare else [("mpd" if cfg.eta > 0 else "plain", cfg.eta)]
     full_steps = cfg.epochs * (len(train) // (cfg.batch_size * ctx.world_size)) * len(runs)
     compile_model, why = should_compile(cfg.compile, full_steps)
     if ctx.is_main:
         print(f"torch.compile: {'on' if compile_model else 'off'} ({why})", flush=True)
+    results = [train_run(cfg, name, eta, out / name, train, test, info, ctx, resume, compile_model)
+               for name, eta in runs]
+    if ctx.distributed:  # what follows is rank 0's alone: no other rank waits for it in a collective
+        dist.destroy_process_group()
+    if not ctx.is_main:
+        return []
     reports, samples = [], {}
     probe = test.images[:256].float().div(255.0).to(ctx.device)
-    for name, eta in runs:
-        result = train_run(cfg, name, eta, out / name, train, test, info, ctx, resume, compile_model)
-        if not ctx.is_main:
-            continue
+    for (name, eta), result in zip(runs, results):
         model = to_memory_format(build_for(cfg, info).to(ctx.device), use_channels_last(cfg.channels_last, ctx.device))
         model.load_state_dict(torch.load(out / name / "model.pt", map_location=ctx.device, weights_only=False)["model"])
         samples[name] = membrane_samples(model, probe, seed=cfg.seed)
@@ -97,31 +130,80 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
                   + ("pass" if robustness["checks_passed"] else "FAILED"), flush=True)
         reports.append(write_run_report(out / name, name, eta, cfg.to_dict(), result.history, samples[name],
                                         robustness))
-    if ctx.is_main:
-        if len(reports) > 1:
-            table = write_comparison(out, reports, samples)
-            print("\n" + table + f"\n\nreports: {out}/comparison.md, {out}/<run>/report.md")
-        else:
-            r = reports[0]
-            print(f"\n{r['run']}: clean accuracy {100 * r['clean_acc']:.2f}%, mean Omega {r['mean_omega']:.4f}; "
-                  f"report: {out / r['run'] / 'report.md'}")
-    if ctx.distributed:
-        dist.destroy_process_group()
+    if len(reports) > 1:
+        table = write_comparison(out, reports, samples)
+        print("\n" + table + f"\n\nreports: {out}/comparison.md, {out}/<run>/report.md")
+    else:
+        r = reports[0]
+        print(f"\n{r['run']}: clean accuracy {100 * r['clean_acc']:.2f}%, mean Omega {r['mean_omega']:.4f}; "
+              f"report: {out / r['run'] / 'report.md'}")
     return reports
+
+
+class Terminated(BaseException):
+    """SIGTERM, as an exception: files being written are cleaned up on the way out (torchrun sends it
+    to the other processes when one fails)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+# What a failed collective says (gloo, nccl, the TCP store): a peer died, or hangs past --dist-timeout.
+_PEER_FAILURE = re.compile(r"gloo|nccl|connection (reset|closed|refused)|timed out|broken pipe|TCPStore|ProcessGroup",
+                           re.IGNORECASE)
+
+
+def _peer_failure(error: BaseException) -> str | None:
+    """The cause, in a few words, when ``error`` is a collective's failure in a multi-process run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    is_dist_error = isinstance(error, getattr(dist, "DistError", ()))
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not (is_dist_error or _PEER_FAILURE.search(text)):
+        return None
+    text = re.sub(r"^(\[[^\]]*\]\s*)+", "", text)  # gloo's "[/path/pair.cc:534] " prefix
+    return text.split(". ")[0].rstrip(".")[:200]
 
 
 def main(argv=None) -> int:
     keep_freed_memory()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = f"rank {os.environ.get('RANK', '0')}: " if world_size > 1 else ""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    resume_hint = "the last finished epoch is in the run's checkpoint; continue with --resume"
     try:
         cfg, resume = parse_args(argv)
         run(cfg, resume)
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except StoppedByMain:
+        return 2  # rank 0 says why
+    except (ConfigError, DataError, CheckpointError, FloatingPointError, WriteError) as e:
+        print(f"error: {rank}{e}", file=sys.stderr)
+        return 2
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {rank}out of memory ({first[:160]}); lower --batch-size or --eval-batch-size; "
+              f"{resume_hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is in the run's checkpoint; continue with --resume",
-              file=sys.stderr)
+        print(f"interrupted: {rank}{resume_hint}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"stopped by SIGTERM: {rank}{resume_hint}", file=sys.stderr)
+        return 143
+    except (RuntimeError, OSError) as e:
+        cause = _peer_failure(e)
+        if cause is None:
+            raise
+        print(f"error: {rank}lost contact with the other processes ({cause}): one of them died or hangs, see "
+              f"its message; {resume_hint}", file=sys.stderr)
+        return 2
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # else a broken process group aborts the process on exit
     return 0
 
 
