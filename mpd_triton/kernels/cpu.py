@@ -47,7 +47,7 @@ from ..neuron import KernelParams
 from ..surrogates import SURROGATE_KINDS, check_surrogate_kind
 # The layouts and the output buffers are the Triton launchers' (the same outputs, the same fake
 # implementation for torch.compile).
-from .layout import backward_buffers, dense_in, empty_in, forward_buffers, step_layout
+from .layout import StepLayout, backward_buffers, dense_in, empty_in, forward_buffers, step_layout
 
 __all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward", "lif_backward", "forward_buffers", "backward_buffers",
            "tile_shape", "library_path", "DISABLE_ENV", "CACHE_ENV", "TILE_ELEMENTS"]
@@ -241,17 +241,6 @@ def keep_freed_memory() -> bool:
 # ---------------------------------------------------------------- layout and tiles
 
 
-def _dense_samples(t: torch.Tensor) -> torch.Tensor:
-    """t if every sample of every step is dense [C, *spatial] (any time and batch strides),
-    else a contiguous copy."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
-        if size != 1 and stride != expected:
-            return t.contiguous()
-        expected *= size
-    return t
-
-
 def tile_shape(B: int, C: int, S: int) -> tuple[int, int]:
     """(block_b, block_c): about TILE_ELEMENTS elements (all S positions of block_c channels
     of block_b samples), with at least MIN_TILE_ROWS elements per channel when B allows."""
@@ -282,8 +271,10 @@ def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:numel]
 
 
-def _stride(t: torch.Tensor, dim: int) -> int:
-    return t.stride(dim) if t.shape[dim] > 1 else 0
+def _float32_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -324,20 +315,23 @@ def _kernel(direction: str, dtype: torch.dtype):
     return getattr(lib, f"lif_{direction}_{_DTYPE_SUFFIX[dtype]}")
 
 
-def _kernel_view(t: torch.Tensor, channels_last: bool):
+def _kernel_view(t: torch.Tensor, channels_last: bool, layout: StepLayout | None = None):
     """(t or a copy of it, (T, B, C, S), (time stride, batch stride)): how the kernels address
     t. Contiguous layout: [T, B, C, S], each sample dense [C, S], any time and batch strides.
     Channels-last: every step is [B * S, C] rows of C channels (S = 1 for the kernels: a
-    position is a row, as in a linear layer), any time stride."""
-    layout = step_layout(t)
+    position is a row, as in a linear layer), any time stride. layout: t's, if known."""
+    layout = layout or step_layout(t)
     T, B, C, S = layout.T, layout.B, layout.C, layout.S
-    if not channels_last:
-        t = _dense_samples(t)
-        return t, (T, B, C, S), (_stride(t, 0), _stride(t, 1))
     st, sb, sc, ss = layout.strides if layout.strides is not None else (None,) * 4
+    if not channels_last:
+        if layout.strides is None or not (C == 1 or sc == S) or not (S == 1 or ss == 1):
+            t = t.contiguous()
+            st, sb = t.stride(0), t.stride(1)
+        return t, (T, B, C, S), (st if T > 1 else 0, sb if B > 1 else 0)
     if not (sc == 1 and ss == C and (B == 1 or sb == S * C)):
         t = empty_in(t.shape, True, dtype=t.dtype, device=t.device, channel_dim=2).copy_(t)
-    return t, (T, B * S, C, 1), (_stride(t, 0), C)
+        st = t.stride(0)
+    return t, (T, B * S, C, 1), (st if T > 1 else 0, C)
 
 
 def lif_forward(x: torch.Tensor, params: KernelParams, *, v_init: torch.Tensor | None = None, stats: bool = False,
@@ -351,8 +345,9 @@ def lif_forward(x: torch.Tensor, params: KernelParams, *, v_init: torch.Tensor |
         x = x.contiguous()
         layout = step_layout(x)
     channels_last = layout.channels_last
-    x, (T, B, C, S), x_strides = _kernel_view(x, channels_last)
-    spikes, u_saved, mean, var, v_T = forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u)
+    spikes, u_saved, mean, var, v_T = forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u,
+                                                      layout=layout)
+    x, (T, B, C, S), x_strides = _kernel_view(x, channels_last, layout)
     v0 = (dense_in(v_init.to(torch.float32), channels_last, channel_dim=1) if v_init is not None else None)
     block_b, block_c = tile_shape(B, C, S)
     P, n_ctiles = -(-B // block_b), -(-C // block_c)
@@ -392,20 +387,24 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
     u_saved's rank whose dims are 1 or u_saved's (per element, broadcast)."""
     check_surrogate_kind(params.surrogate_kind)
     fn = _kernel("bwd", u_saved.dtype)
-    channels_last = step_layout(u_saved).channels_last
-    u_saved = dense_in(u_saved, channels_last, channel_dim=2)  # as lif_forward wrote it: no copy
-    _, (T, B, C, S), _ = _kernel_view(u_saved, channels_last)
+    layout = step_layout(u_saved)
+    channels_last = layout.channels_last
+    if not layout.is_dense():  # u_saved as lif_forward wrote it is dense: no copy
+        u_saved = dense_in(u_saved, channels_last, channel_dim=2)
+        layout = step_layout(u_saved)
+    _, (T, B, C, S), _ = _kernel_view(u_saved, channels_last, layout)
     gs_strides = (0, 0)
     if grad_spikes is not None:
-        grad_spikes = grad_spikes.to(u_saved.dtype)
-        if step_layout(grad_spikes).strides is None:
+        if grad_spikes.dtype != u_saved.dtype:
+            grad_spikes = grad_spikes.to(u_saved.dtype)
+        gs_layout = step_layout(grad_spikes)
+        if gs_layout.strides is None or gs_layout.channels_last != channels_last:
             grad_spikes = dense_in(grad_spikes, channels_last, channel_dim=2)
-        if step_layout(grad_spikes).channels_last != channels_last:
-            grad_spikes = dense_in(grad_spikes, channels_last, channel_dim=2)
-        grad_spikes, _, gs_strides = _kernel_view(grad_spikes, channels_last)
+            gs_layout = step_layout(grad_spikes)
+        grad_spikes, _, gs_strides = _kernel_view(grad_spikes, channels_last, gs_layout)
     gvT = dense_in(grad_v_T.to(torch.float32), channels_last, channel_dim=1) if grad_v_T is not None else None
-    mpd_a = mpd_a.to(torch.float32).contiguous() if mpd_a is not None else None
-    mpd_b = mpd_b.to(torch.float32).contiguous() if mpd_b is not None else None
+    mpd_a = _float32_contiguous(mpd_a)
+    mpd_b = _float32_contiguous(mpd_b)
     sgp_channel, sgp_element, sgp_stride_t = _surrogate_param_operands(surrogate_param, u_saved, channels_last)
     grad_x, grad_v0 = backward_buffers(u_saved, need_grad_v0=need_grad_v0)
     block_b, block_c = tile_shape(B, C, S)

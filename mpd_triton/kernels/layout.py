@@ -61,10 +61,11 @@ def _merged_stride(sizes, strides) -> int | None:
 
 def step_layout(t: torch.Tensor) -> StepLayout:
     """Shape and strides of a [T, B, C, *spatial] (or [T, B, F]) tensor as [T, B, C, S]."""
-    T, B, C = t.shape[:3]
-    S = math.prod(t.shape[3:])
-    s_stride = _merged_stride(t.shape[3:], t.stride()[3:])
-    strides = None if s_stride is None else (t.stride(0), t.stride(1), t.stride(2), s_stride)
+    shape, stride = t.shape, t.stride()
+    T, B, C = shape[:3]
+    S = math.prod(shape[3:])
+    s_stride = _merged_stride(shape[3:], stride[3:])
+    strides = None if s_stride is None else (stride[0], stride[1], stride[2], s_stride)
     channels_last = strides is not None and C > 1 and S > 1 and strides[2] < strides[3]
     return StepLayout(T, B, C, S, strides, channels_last)
 
@@ -97,10 +98,12 @@ def readable(t: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, StepLa
     return t, layout
 
 
-def forward_buffers(x: torch.Tensor, *, stats: bool, save_state: bool, save_u: bool):
+def forward_buffers(x: torch.Tensor, *, stats: bool, save_state: bool, save_u: bool,
+                    layout: StepLayout | None = None):
     """New (spikes, u_saved, mean, var, v_T) for ``lif_forward(x, ...)``: shapes, dtypes and
-    strides (the custom operator's fake implementation uses this too). Entries not asked for are None."""
-    layout = step_layout(x)
+    strides (the custom operator's fake implementation uses this too). Entries not asked for are None.
+    layout: x's, if the caller has it already."""
+    layout = layout or step_layout(x)
     cl = layout.channels_last
 
     def steps():
