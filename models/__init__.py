@@ -12,7 +12,7 @@ from .small import SmallSNN
 from .vgg import SpikingVGG
 from .wrn import SpikingWRN
 
-__all__ = ["build_model", "MODEL_NAMES", "NeuronOptions", "SpikingModel", "SmallSNN", "SpikingVGG", "SpikingWRN",
+__all__ = ["build_model", "MODEL_NAMES", "MODEL_WIDTHS", "NeuronOptions", "SpikingModel", "SmallSNN", "SpikingVGG", "SpikingWRN",
            "ENCODINGS", "poisson_encode"]
 
 _BUILDERS = {
@@ -22,6 +22,8 @@ _BUILDERS = {
     "wrn16": lambda **kw: SpikingWRN(16, 4, **kw),
 }
 MODEL_NAMES = tuple(_BUILDERS)
+# The models that take ``width`` (their first conv's channels, here the default) and ``classifier_bn``.
+MODEL_WIDTHS = {"small": 16, "vgg11": 64, "vgg16": 64}
 
 
 def build_model(name: str, **kwargs) -> SpikingModel:

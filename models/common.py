@@ -16,7 +16,8 @@ from torch import nn
 
 import mpd_triton as mt
 
-__all__ = ["NeuronOptions", "SpikingModel", "TimeDistributed", "ConvBNLIF", "ENCODINGS", "poisson_encode"]
+__all__ = ["NeuronOptions", "SpikingModel", "TimeDistributed", "ConvBNLIF", "ENCODINGS", "poisson_encode",
+           "classifier_layer"]
 
 ENCODINGS = ("direct", "poisson")
 
@@ -101,6 +102,15 @@ class ConvBNLIF(nn.Module):
         T = x.shape[0]
         y = self.bn(self.conv(x.flatten(0, 1)))
         return self.lif(y.unflatten(0, (T, -1)))
+
+
+def classifier_layer(fan_in: int, fan_out: int, neuron: NeuronOptions, bn: bool) -> list[nn.Module]:
+    """A hidden layer of a spiking classifier on [T, B, F]: Linear (and BatchNorm1d, with ``bn``,
+    so that BatchNorm precedes this LIF too), then LIF."""
+    if bn:
+        return [TimeDistributed(nn.Sequential(nn.Linear(fan_in, fan_out, bias=False), nn.BatchNorm1d(fan_out))),
+                neuron.make()]
+    return [TimeDistributed(nn.Linear(fan_in, fan_out)), neuron.make()]
 
 
 @dataclass
