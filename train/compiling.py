@@ -62,11 +62,13 @@ class BatchCompiled(nn.Module):
     the model's under the prefix ``model.``: save ``wrapper.model`` instead.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int):
+    def __init__(self, model: nn.Module, batch_size: int, retain_graph: bool = False):
         super().__init__()
         self.model = model
         self.batch_size = batch_size
         _raise_recompile_limits()
+        if retain_graph:  # a backward compiled with donated buffers refuses retain_graph=True (SR needs it)
+            torch._functorch.config.donated_buffer = False
         object.__setattr__(self, "_compiled", torch.compile(model))  # not a submodule: no second parameter copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +77,10 @@ class BatchCompiled(nn.Module):
         return self.model(x)
 
 
-def compile_for_batches(model: nn.Module, batch_size: int, enabled: bool) -> nn.Module:
-    """``BatchCompiled(model, batch_size)`` if enabled, else ``model`` itself."""
-    return BatchCompiled(model, batch_size) if enabled else model
+def compile_for_batches(model: nn.Module, batch_size: int, enabled: bool, retain_graph: bool = False) -> nn.Module:
+    """``BatchCompiled(model, batch_size)`` if enabled, else ``model`` itself. retain_graph: the
+    training backpropagates twice through a forward (SR's input gradient, then the loss)."""
+    return BatchCompiled(model, batch_size, retain_graph) if enabled else model
 
 
 def use_channels_last(flag: bool | None, device: torch.device) -> bool:

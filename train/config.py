@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields
 
 import mpd_triton as mt
-from models import ENCODINGS, MODEL_NAMES, NeuronOptions
+from models import ENCODINGS, MODEL_NAMES, MODEL_WIDTHS, NeuronOptions
 
 from .compiling import COMPILE_MIN_STEPS
 from .data import DATASETS
@@ -44,6 +44,8 @@ class RunConfig:
     test_limit: int | None = None
     T: int = 4
     encoding: str = "direct"
+    width: int | None = None  # the first conv's channels, the rest scale with it; None: the model's own
+    classifier_bn: bool = False  # BatchNorm before the classifier's LIF layers too (BN before every LIF)
     # optimization
     epochs: int = 4
     batch_size: int = 64
@@ -68,6 +70,9 @@ class RunConfig:
     compare: bool = False  # train eta = 0 and eta = `eta` from the same seed, side by side
     gamma: float | None = None
     granularity: str = "time_channel"
+    # the SR baseline (train/regularizers.py): CE + sr_lambda * its finite-difference gradient term
+    sr_lambda: float = 0.0
+    sr_h: float = 0.01
     # adversarial training (PGD)
     adv_train: bool = False
     adv_eps: float = 2 / 255
@@ -91,6 +96,11 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def model_options(self) -> dict:
+        """The architecture options of this run that the model builder takes (those set)."""
+        options = {} if self.width is None else {"width": self.width}
+        return {**options, "classifier_bn": True} if self.classifier_bn else options
 
     def neuron_options(self) -> dict:
         """The NeuronOptions fields of this run (RunConfig keeps them flat: one CLI flag each)."""
@@ -158,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-limit", type=int, help="use only the first N test images")
     g.add_argument("--T", "-T", type=int, help="time steps")
     g.add_argument("--encoding", help=f"one of: {', '.join(ENCODINGS)}")
+    g.add_argument("--width", type=int, help=f"channels of the first conv layer, the others scale with it "
+                                             f"({', '.join(f'{m} {w}' for m, w in MODEL_WIDTHS.items())} by default)")
+    g.add_argument("--classifier-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="BatchNorm before the classifier's LIF layers too, so that BatchNorm precedes every LIF "
+                        f"({', '.join(m for m in MODEL_WIDTHS)})")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
@@ -185,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train eta = 0 and the given eta from the same seed and compare them")
     g.add_argument("--gamma", type=float, help="window half-width for all layers (default: each surrogate's)")
     g.add_argument("--granularity", help=f"one of: {', '.join(mt.GRANULARITIES)}")
+    g = p.add_argument_group("SR baseline (Liu et al. 2024, train/regularizers.py)")
+    g.add_argument("--sr-lambda", type=float, help="weight of SR's input-gradient term (0: off)")
+    g.add_argument("--sr-h", type=float, help="SR's finite-difference step")
     g = p.add_argument_group("adversarial training")
     g.add_argument("--adv-train", action=argparse.BooleanOptionalAction, default=None, help="PGD adversarial training")
     g.add_argument("--adv-eps", type=fraction)
@@ -219,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What an option left at None means (RunConfig keeps None for "decided elsewhere").
-_NONE_MEANS = {"train_limit": "all", "test_limit": "all", "eval_limit": "all", "compile": "auto",
+_NONE_MEANS = {"width": "the model's own", "train_limit": "all", "test_limit": "all", "eval_limit": "all", "compile": "auto",
                "channels_last": "auto", "surrogate_param": "the surrogate's own", "data_dir": "none",
                "v_reset": "soft reset"}
 
@@ -291,7 +309,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown granularity {cfg.granularity!r}; choose one of {', '.join(mt.GRANULARITIES)}")
     if cfg.backend not in mt.BACKENDS:
         raise ConfigError(f"unknown backend {cfg.backend!r}; choose one of {', '.join(mt.BACKENDS)}")
-    for name in ("T", "epochs", "batch_size", "eval_batch_size", "adv_steps", "train_limit", "test_limit",
+    if (cfg.width is not None or cfg.classifier_bn) and cfg.model not in MODEL_WIDTHS:
+        raise ConfigError(f"--width and --classifier-bn are options of {', '.join(MODEL_WIDTHS)}, not of {cfg.model}")
+    for name in ("T", "width", "epochs", "batch_size", "eval_batch_size", "adv_steps", "train_limit", "test_limit",
                  "eval_limit"):
         _positive_int(name, getattr(cfg, name))
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
@@ -300,6 +320,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("momentum and weight decay must be >= 0")
     if not (cfg.eta >= 0 and math.isfinite(cfg.eta)):
         raise ConfigError(f"eta must be >= 0, got {cfg.eta}")
+    if not (cfg.sr_lambda >= 0 and math.isfinite(cfg.sr_lambda)):
+        raise ConfigError(f"sr lambda must be >= 0, got {cfg.sr_lambda}")
+    if not (cfg.sr_h > 0 and math.isfinite(cfg.sr_h)):
+        raise ConfigError(f"sr h must be > 0, got {cfg.sr_h}")
     if cfg.compare and cfg.eta == 0:
         raise ConfigError("--compare trains eta = 0 against the given eta: give an --eta > 0")
     for name in ("adv_eps", "adv_step", "eval_eps"):

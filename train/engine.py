@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -25,9 +26,10 @@ from .checkpoint import (CheckpointError, checkpoint_bytes, load_checkpoint, rng
                          set_rng_state, verify_archive)
 from .compiling import compile_for_batches, to_memory_format, use_channels_last
 from .config import RunConfig
+from .regularizers import sr_penalty
 from .data import DatasetInfo, EpochLoader, ImageData
 
-__all__ = ["RunContext", "setup_context", "build_for", "train_run", "evaluate", "RunResult", "MODEL_FILE",
+__all__ = ["RunContext", "setup_context", "build_for", "train_run", "run_configs", "evaluate", "RunResult", "MODEL_FILE",
            "StoppedByMain", "planned_output_bytes", "RUN_FILES"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,6 +42,8 @@ STARTUP_TIMEOUT = 300.0  # seconds the processes of a torchrun wait for each oth
 # Config entries that may differ when a run is resumed (where it runs, not what it computes).
 RESUMABLE_DIFFERENCES = {"out", "device", "download", "data_dir", "eval_attacks", "eval_limit", "eval_eps", "compile",
                          "channels_last", "force", "keep_previous", "dist_timeout"}
+# What a setting missing from an older checkpoint's config was (options added since have these defaults).
+DEFAULTS = RunConfig().to_dict()
 
 
 class StoppedByMain(Exception):
@@ -123,7 +127,7 @@ def _set_timeout(timeout: datetime.timedelta) -> None:
 def build_for(cfg: RunConfig, info: DatasetInfo) -> nn.Module:
     return build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
                        image_size=info.image_size, T=cfg.T, encoding=cfg.encoding,
-                       neuron=cfg.neuron_options(), mean=info.mean, std=info.std)
+                       neuron=cfg.neuron_options(), mean=info.mean, std=info.std, **cfg.model_options())
 
 
 def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -183,120 +187,178 @@ class RunResult:
     seconds_per_epoch: float
 
 
-def _check_resumable(saved: dict, cfg: RunConfig, name: str, eta: float, path: Path) -> None:
-    if saved.get("run") != name or saved.get("eta") != eta:
-        raise CheckpointError(f"{path} belongs to run {saved.get('run')!r} (eta={saved.get('eta')}), "
-                              f"not {name!r} (eta={eta})")
+def run_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    """(name, that run's own config) for each model a train.run trains: with --compare "plain"
+    (eta 0) and "mpd" (the given eta) from the same seed, else the one run. A run's config holds
+    its own eta (so a plain run's checkpoint says eta 0), and compare=False."""
+    if cfg.compare:
+        return [("plain", dataclasses.replace(cfg, eta=0.0, compare=False)),
+                ("mpd", dataclasses.replace(cfg, compare=False))]
+    return [("mpd" if cfg.eta > 0 else "plain", cfg)]
+
+
+def _check_resumable(saved: dict, cfg: RunConfig, name: str, path: Path) -> None:
+    saved_eta = saved.get("config", {}).get("eta")
+    if saved.get("run") != name or saved_eta != cfg.eta:
+        raise CheckpointError(f"{path} belongs to run {saved.get('run')!r} (eta={saved_eta}), "
+                              f"not {name!r} (eta={cfg.eta})")
     old, new = saved.get("config", {}), cfg.to_dict()
-    differing = sorted(k for k in new if k not in RESUMABLE_DIFFERENCES and old.get(k) != new[k])
+    differing = sorted(k for k in new if k not in RESUMABLE_DIFFERENCES and old.get(k, DEFAULTS.get(k)) != new[k])
     if differing:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differing[:4])
         raise CheckpointError(f"cannot resume {path}: the run was started with other settings ({details})")
 
 
-def train_run(cfg: RunConfig, name: str, eta: float, run_dir: Path, train: ImageData, test: ImageData,
-              info: DatasetInfo, ctx: RunContext, resume: bool, compile_model: bool = False) -> RunResult:
-    """Train one model (eta = 0: plain) in ``run_dir``, resuming from its checkpoint if asked;
-    with compile_model, full batches run under torch.compile (train/compiling.py)."""
-    run_dir = Path(run_dir)
+@dataclass
+class _Training:
+    """What one run trains: the model, its MPD-SGR regularizer, the optimizer and the schedule."""
+
+    model: nn.Module
+    reg: mt.MPDSGR
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+
+def _build_training(cfg: RunConfig, info: DatasetInfo, ctx: RunContext) -> _Training:
     torch.manual_seed(cfg.seed)
     model = to_memory_format(build_for(cfg, info).to(ctx.device), use_channels_last(cfg.channels_last, ctx.device))
-    reg = mt.MPDSGR(model, eta=eta, granularity=cfg.granularity, gamma=cfg.gamma)
+    reg = mt.MPDSGR(model, eta=cfg.eta, granularity=cfg.granularity, gamma=cfg.gamma)
     opt = _optimizer(cfg, model)
-    sched = _scheduler(cfg, opt)
-    start_epoch, history = 0, []
+    return _Training(model, reg, opt, _scheduler(cfg, opt))
+
+
+def _resume(cfg: RunConfig, name: str, run_dir: Path, training: _Training, ctx: RunContext,
+            resume: bool) -> tuple[int, list]:
+    """(first epoch to train, history so far): from the run's checkpoint with --resume, else (0, [])."""
     ckpt_path = run_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        try:
-            saved = load_checkpoint(ckpt_path, map_location=ctx.device)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}; {_what_now(run_dir)}") from None
-        _check_resumable(saved, cfg, name, eta, ckpt_path)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"][min(ctx.rank, len(saved["rng"]) - 1)])
-        start_epoch, history = saved["epoch"], saved["history"]
-        if ctx.is_main:
-            print(f"[{name}] resuming after epoch {start_epoch}/{cfg.epochs} from {ckpt_path}")
-    elif ckpt_path.is_file():
+    if not ckpt_path.is_file():
+        return 0, []
+    if not resume:
         raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue that run, --force to start it over, "
                               "or choose another --out")
+    try:
+        saved = load_checkpoint(ckpt_path, map_location=ctx.device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {_what_now(run_dir)}") from None
+    _check_resumable(saved, cfg, name, ckpt_path)
+    training.model.load_state_dict(saved["model"])
+    training.opt.load_state_dict(saved["optimizer"])
+    training.sched.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"][min(ctx.rank, len(saved["rng"]) - 1)])
+    if ctx.is_main:
+        print(f"[{name}] resuming after epoch {saved['epoch']}/{cfg.epochs} from {ckpt_path}")
+    return saved["epoch"], saved["history"]
+
+
+def _train_step(cfg: RunConfig, net: nn.Module, training: _Training, x: torch.Tensor, y: torch.Tensor,
+                ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step on (x, y) -> (task loss, logits, Omega of the step's forward)."""
+    model, reg = training.model, training.reg
+    if cfg.adv_train:
+        # on the bare model: an attack forward under DDP would wait for a gradient sync
+        x = pgd(model, x, y, eps=cfg.adv_eps, alpha=cfg.adv_step, steps=cfg.adv_steps)
+    if cfg.sr_lambda > 0:
+        x = x.detach().requires_grad_(True)
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        logits = net(x)
+    task = nn.functional.cross_entropy(logits.float(), y)
+    loss = task + reg()
+    omega = reg.mean_overlap()  # of this forward: SR's second forward replaces the records
+    if cfg.sr_lambda > 0:
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = loss + cfg.sr_lambda * sr_penalty(net, x, logits, y, cfg.sr_h)
+    training.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    training.opt.step()
+    return task, logits, omega
+
+
+def _train_epoch(cfg: RunConfig, name: str, epoch: int, net: nn.Module, training: _Training,
+                 loader: EpochLoader, ctx: RunContext) -> list[float]:
+    """One epoch of training -> [loss * n, correct, n, omega * n], summed over the ranks."""
+    loader.set_epoch(epoch)
+    training.model.train()
+    sums = [0.0, 0.0, 0.0, 0.0]
+    bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=None if ctx.is_main else True, mininterval=1.0)  # None: off when not a terminal
+    for x, y in bar:
+        task, logits, omega = _train_step(cfg, net, training, x, y, ctx)
+        n = len(y)
+        sums[0] += float(task.detach()) * n
+        sums[1] += float((logits.argmax(1) == y).sum())
+        sums[2] += n
+        sums[3] += omega * n
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
+                        omega=f"{omega:.3f}", refresh=False)
+    training.sched.step()
+    if not all(math.isfinite(s) for s in sums):
+        raise FloatingPointError(f"[{name}] training diverged in epoch {epoch + 1} (loss is not finite); "
+                                 "lower --lr, --eta or --sr-lambda")
+    return _all_reduce(sums, ctx)
+
+
+def _checkpoint_epoch(cfg: RunConfig, name: str, run_dir: Path, epoch: int, training: _Training, history: list,
+                      info: DatasetInfo, ctx: RunContext) -> None:
+    """The epoch's checkpoint and metrics (rank 0); a checkpoint that cannot be written stops the run."""
+    rngs = _gather_rng(ctx)
+    record = history[-1]
+
+    def save():
+        state = {"run": name, "epoch": epoch + 1, "config": cfg.to_dict(), "model": training.model.state_dict(),
+                 "optimizer": training.opt.state_dict(), "scheduler": training.sched.state_dict(), "rng": rngs,
+                 "history": history, "model_spec": model_spec(cfg, info)}
+        try:
+            _save_epoch(run_dir, state, cfg.keep_previous)
+        except WriteError as e:  # training on without a checkpoint would lose work silently
+            raise e.with_hint(f"[{name}] stopped: epoch {epoch + 1} is lost, the last complete checkpoint "
+                              f"(epoch {epoch}) is kept; make room, then continue with --resume" if epoch else
+                              f"[{name}] stopped in its first epoch, before any checkpoint; make room, then "
+                              "start again") from None
+        _write_metrics(run_dir, history)
+        print(f"[{name}] epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, "
+              f"train acc {100 * record['train_acc']:.2f}%, test acc {100 * record['test_acc']:.2f}%, "
+              f"Omega {record['test_omega']:.4f} ({record['epoch_seconds']:.1f} s)", flush=True)
+
+    ctx.run_on_main(save)
+
+
+def train_run(cfg: RunConfig, name: str, run_dir: Path, train: ImageData, test: ImageData,
+              info: DatasetInfo, ctx: RunContext, resume: bool, compile_model: bool = False) -> RunResult:
+    """Train one model (``cfg`` is the run's own config, ``run_configs``; eta = 0: plain) in
+    ``run_dir``, resuming from its checkpoint if asked; with compile_model, full batches run under
+    torch.compile (train/compiling.py)."""
+    run_dir = Path(run_dir)
+    training = _build_training(cfg, info, ctx)
+    start_epoch, history = _resume(cfg, name, run_dir, training, ctx, resume)
     ctx.run_on_main(lambda: _write_metrics(run_dir, history))
 
-    net = nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
-    net = compile_for_batches(net, cfg.batch_size, compile_model)
+    net = nn.parallel.DistributedDataParallel(training.model) if ctx.distributed else training.model
+    net = compile_for_batches(net, cfg.batch_size, compile_model, retain_graph=cfg.sr_lambda > 0)
     loader = EpochLoader(train, cfg.batch_size, shuffle=True, augment=info.augment, seed=cfg.seed,
                          rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     for epoch in range(start_epoch, cfg.epochs):
-        loader.set_epoch(epoch)
-        model.train()
         t0 = time.perf_counter()
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, correct, n, omega * n
-        bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=None if ctx.is_main else True, mininterval=1.0)  # None: off when not a terminal
-        for x, y in bar:
-            if cfg.adv_train:
-                # on the bare model: an attack forward under DDP would wait for a gradient sync
-                x = pgd(model, x, y, eps=cfg.adv_eps, alpha=cfg.adv_step, steps=cfg.adv_steps)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = net(x)
-            task = nn.functional.cross_entropy(logits.float(), y)
-            loss = task + reg()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n = len(y)
-            omega = reg.mean_overlap()
-            sums[0] += float(task.detach()) * n
-            sums[1] += float((logits.argmax(1) == y).sum())
-            sums[2] += n
-            sums[3] += omega * n
-            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
-                            omega=f"{omega:.3f}", refresh=False)
-        sched.step()
-        if not all(math.isfinite(s) for s in sums):
-            raise FloatingPointError(f"[{name}] training diverged in epoch {epoch + 1} (loss is not finite); "
-                                     "lower --lr or --eta")
-        sums = _all_reduce(sums, ctx)
+        sums = _train_epoch(cfg, name, epoch, net, training, loader, ctx)
         train_seconds = time.perf_counter() - t0
-        test_metrics = evaluate(model, reg, test, cfg, ctx, desc=f"{name} test")
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": sums[0] / sums[2],
-                  "train_acc": sums[1] / sums[2], "train_omega": sums[3] / sums[2],
-                  "test_acc": test_metrics["acc"], "test_omega": test_metrics["omega"],
-                  "test_omega_layers": test_metrics["omega_layers"], "epoch_seconds": train_seconds}
-        history.append(record)
-        rngs = _gather_rng(ctx)
-
-        def save(epoch=epoch, record=record):
-            state = {"run": name, "eta": eta, "epoch": epoch + 1, "config": cfg.to_dict(), "model": model.state_dict(),
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs, "history": history,
-                     "model_spec": model_spec(cfg, info)}
-            try:
-                _save_epoch(run_dir, state, cfg.keep_previous)
-            except WriteError as e:  # training on without a checkpoint would lose work silently
-                raise e.with_hint(f"[{name}] stopped: epoch {epoch + 1} is lost, the last complete checkpoint "
-                                  f"(epoch {epoch}) is kept; make room, then continue with --resume" if epoch else
-                                  f"[{name}] stopped in its first epoch, before any checkpoint; make room, then "
-                                  "start again") from None
-            _write_metrics(run_dir, history)
-            print(f"[{name}] epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, "
-                  f"train acc {100 * record['train_acc']:.2f}%, test acc {100 * record['test_acc']:.2f}%, "
-                  f"Omega {record['test_omega']:.4f} ({train_seconds:.1f} s)", flush=True)
-
-        ctx.run_on_main(save)
+        test_metrics = evaluate(training.model, training.reg, test, cfg, ctx, desc=f"{name} test")
+        history.append({"epoch": epoch + 1, "lr": training.opt.param_groups[0]["lr"], "train_loss": sums[0] / sums[2],
+                        "train_acc": sums[1] / sums[2], "train_omega": sums[3] / sums[2],
+                        "test_acc": test_metrics["acc"], "test_omega": test_metrics["omega"],
+                        "test_omega_layers": test_metrics["omega_layers"], "epoch_seconds": train_seconds})
+        _checkpoint_epoch(cfg, name, run_dir, epoch, training, history, info, ctx)
 
     def save_model():
         try:
-            save_checkpoint(run_dir / MODEL_FILE, {"run": name, "eta": eta, "config": cfg.to_dict(),
-                                                   "model": model.state_dict(), "model_spec": model_spec(cfg, info)})
+            save_checkpoint(run_dir / MODEL_FILE, {"run": name, "config": cfg.to_dict(),
+                                                   "model": training.model.state_dict(),
+                                                   "model_spec": model_spec(cfg, info)})
         except WriteError as e:
-            raise e.with_hint(f"[{name}] the training is complete in {ckpt_path}: make room, then --resume "
-                              "writes it") from None
+            raise e.with_hint(f"[{name}] the training is complete in {run_dir / CHECKPOINT}: make room, then "
+                              "--resume writes it") from None
 
     ctx.run_on_main(save_model)
     seconds = [h["epoch_seconds"] for h in history]
-    return RunResult(name, eta, run_dir, history, history[-1] if history else {},
+    return RunResult(name, cfg.eta, run_dir, history, history[-1] if history else {},
                      sum(seconds) / max(len(seconds), 1))
 
 
@@ -364,4 +426,4 @@ def model_spec(cfg: RunConfig, info: DatasetInfo) -> dict:
     """What rebuilds the model from a checkpoint (used by train.eval)."""
     return {"model": cfg.model, "in_channels": info.in_channels, "num_classes": info.num_classes,
             "image_size": info.image_size, "T": cfg.T, "encoding": cfg.encoding, "neuron": cfg.neuron_options(),
-            "mean": list(info.mean), "std": list(info.std), "data": cfg.data}
+            "mean": list(info.mean), "std": list(info.std), "data": cfg.data, **cfg.model_options()}

@@ -15,6 +15,8 @@ import torch  # noqa: E402
 import mpd_triton as mt  # noqa: E402
 from mpd_triton.files import optional_plot, save_figure, write_json, write_text  # noqa: E402
 
+from .diagnostics import diagnostics_table  # noqa: E402
+
 __all__ = ["membrane_samples", "write_run_report", "write_comparison", "plot_curves", "plot_membrane"]
 
 
@@ -119,18 +121,23 @@ def _fmt_pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def write_run_report(run_dir: Path, name: str, eta: float, config: dict, history: list[dict],
-                     samples: list[dict], robustness: dict | None = None) -> dict:
+def write_run_report(run_dir: Path, name: str, config: dict, history: list[dict], samples: list[dict],
+                     robustness: dict | None = None, diagnostics: list[dict] | None = None,
+                     test_images: int | None = None) -> dict:
+    """report.json / report.md and the run's plots; ``config`` is the run's own (its eta included),
+    test_images the number of test images the accuracy is over."""
     run_dir = Path(run_dir)
     final = history[-1]
+    eta = config["eta"]
     report = {
         "run": name, "eta": eta, "config": config,
-        "clean_acc": final["test_acc"], "mean_omega": final["test_omega"],
+        "clean_acc": final["test_acc"], "test_images": test_images, "mean_omega": final["test_omega"],
         "omega_per_layer": final["test_omega_layers"],
         "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in history])),
         "epochs": len(history), "history": history,
         "membrane_share_in_window": [float(np.mean(np.abs(s["u"]) <= s["window"])) for s in samples],
         "robustness": robustness,
+        "diagnostics": diagnostics,
     }
     write_json(run_dir / "report.json", report)
     plot_membrane({name: samples}, run_dir / "membrane.png", f"{name} (eta = {eta:g})")
@@ -139,7 +146,8 @@ def write_run_report(run_dir: Path, name: str, eta: float, config: dict, history
         f"# Run `{name}` (eta = {eta:g})", "",
         f"- model {config['model']}, data {config['data']}, T = {config['T']}, encoding {config['encoding']}, "
         f"surrogate {config['surrogate']}, epochs {len(history)}",
-        f"- clean test accuracy: **{_fmt_pct(report['clean_acc'])}**",
+        f"- clean test accuracy: **{_fmt_pct(report['clean_acc'])}**"
+        + (f" ({test_images} test images)" if test_images else ""),
         f"- mean Omega: **{report['mean_omega']:.4f}**; per layer: "
         + ", ".join(f"{o:.3f}" for o in report["omega_per_layer"]),
         f"- time per epoch: {report['seconds_per_epoch']:.1f} s", "",
@@ -148,10 +156,17 @@ def write_run_report(run_dir: Path, name: str, eta: float, config: dict, history
     lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {_fmt_pct(h['train_acc'])} | {_fmt_pct(h['test_acc'])} "
               f"| {h['test_omega']:.4f} | {h['epoch_seconds']:.1f} |" for h in history]
     lines += ["", "![membrane potential](membrane.png)", "", "![curves](curves.png)", ""]
+    if diagnostics:
+        lines += _diagnostics_lines({name: diagnostics})
     if robustness:
         lines += _robustness_lines({name: robustness})
     write_text(run_dir / "report.md", "\n".join(lines))
     return report
+
+
+def _diagnostics_lines(diagnostics: dict[str, list[dict]]) -> list[str]:
+    return ["## Membrane potential per LIF layer (test images, eval mode; train/diagnostics.py)", "",
+            *diagnostics_table(diagnostics), ""]
 
 
 def _robustness_lines(robustness: dict[str, dict]) -> list[str]:
@@ -189,12 +204,14 @@ def write_comparison(out_dir: Path, reports: list[dict], samples: dict[str, list
     md = ["# Plain vs MPD-SGR (same seed)", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     md += [f"| {k} | " + " | ".join(vals) + " |" for k, vals in rows]
     md += ["", "![membrane potential](membrane.png)", "", "![curves](curves.png)", ""]
+    if all(r.get("diagnostics") for r in reports):
+        md += _diagnostics_lines({r["run"]: r["diagnostics"] for r in reports})
     if robust:
         md += _robustness_lines({r["run"]: r["robustness"] for r in reports})
     write_text(out_dir / "comparison.md", "\n".join(md))
     write_json(out_dir / "comparison.json",
-               {r["run"]: {k: r[k] for k in ("eta", "clean_acc", "mean_omega", "omega_per_layer", "seconds_per_epoch",
-                                              "robustness")} for r in reports})
+               {r["run"]: {k: r.get(k) for k in ("eta", "clean_acc", "mean_omega", "omega_per_layer",
+                                                  "seconds_per_epoch", "robustness", "diagnostics")} for r in reports})
     plot_membrane(samples, out_dir / "membrane.png", "plain vs MPD-SGR")
     plot_curves({r["run"]: r["history"] for r in reports}, out_dir / "curves.png")
     return table

@@ -31,11 +31,14 @@ from .checkpoint import CheckpointError
 from .compiling import should_compile, to_memory_format, use_channels_last
 from .config import ConfigError, RunConfig, parse_args
 from .data import DataError, ImageData, dataset_info, load_dataset
-from .engine import RUN_FILES, RunContext, StoppedByMain, build_for, planned_output_bytes, setup_context, train_run
+from .diagnostics import layer_diagnostics
+from .engine import (RUN_FILES, RunContext, StoppedByMain, build_for, planned_output_bytes, run_configs, setup_context,
+                     train_run)
 from .report import membrane_samples, write_comparison, write_run_report
 from .robustness import EvalSettings, evaluate_robustness, parse_attacks
 
 RUNS_ROOT = Path("runs")
+DIAGNOSTIC_IMAGES = 1000  # test images of the per-layer diagnostics in the reports
 
 
 def _resolve_out(cfg: RunConfig, resume: bool, ctx: RunContext) -> Path:
@@ -94,7 +97,7 @@ def robustness_summary(model, test: ImageData, cfg: RunConfig, num_classes: int,
 def run(cfg: RunConfig, resume: bool) -> list[dict]:
     ctx = setup_context(cfg)
     out = _resolve_out(cfg, resume, ctx)
-    runs = [("plain", 0.0), ("mpd", cfg.eta)] if cfg.compare else [("mpd" if cfg.eta > 0 else "plain", cfg.eta)]
+    runs = run_configs(cfg)
     ctx.run_on_main(lambda: _prepare_out(cfg, out, [name for name, _ in runs]))
     train, test, info = load_dataset(cfg.data, cfg.data_dir, cfg.download)
     train, test = train.limit(cfg.train_limit), test.limit(cfg.test_limit)
@@ -111,25 +114,27 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
     compile_model, why = should_compile(cfg.compile, full_steps)
     if ctx.is_main:
         print(f"torch.compile: {'on' if compile_model else 'off'} ({why})", flush=True)
-    results = [train_run(cfg, name, eta, out / name, train, test, info, ctx, resume, compile_model)
-               for name, eta in runs]
+    results = [train_run(run_cfg, name, out / name, train, test, info, ctx, resume, compile_model)
+               for name, run_cfg in runs]
     if ctx.distributed:  # what follows is rank 0's alone: no other rank waits for it in a collective
         dist.destroy_process_group()
     if not ctx.is_main:
         return []
     reports, samples = [], {}
     probe = test.images[:256].float().div(255.0).to(ctx.device)
-    for (name, eta), result in zip(runs, results):
+    diagnosed = test.limit(DIAGNOSTIC_IMAGES).images.float().div(255.0).to(ctx.device)
+    for (name, run_cfg), result in zip(runs, results):
         model = to_memory_format(build_for(cfg, info).to(ctx.device), use_channels_last(cfg.channels_last, ctx.device))
         model.load_state_dict(torch.load(out / name / "model.pt", map_location=ctx.device, weights_only=False)["model"])
         samples[name] = membrane_samples(model, probe, seed=cfg.seed)
+        diagnostics = layer_diagnostics(model, diagnosed, cfg.eval_batch_size)
         robustness = robustness_summary(model, test, cfg, info.num_classes, name)
         if robustness:
             print(f"[{name}] " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in robustness["accuracy"].items())
                   + f" (eps {cfg.eval_eps * 255:.3g}/255, {robustness['n']} images); sanity checks "
                   + ("pass" if robustness["checks_passed"] else "FAILED"), flush=True)
-        reports.append(write_run_report(out / name, name, eta, cfg.to_dict(), result.history, samples[name],
-                                        robustness))
+        reports.append(write_run_report(out / name, name, run_cfg.to_dict(), result.history, samples[name],
+                                        robustness, diagnostics, len(test)))
     if len(reports) > 1:
         table = write_comparison(out, reports, samples)
         print("\n" + table + f"\n\nreports: {out}/comparison.md, {out}/<run>/report.md")
