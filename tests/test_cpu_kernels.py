@@ -201,6 +201,25 @@ def test_build_is_cached(tmp_path):
     assert [line for line in log.read_text().splitlines() if "lif_cpu.c" in line] == compiles
 
 
+def test_an_unwritable_cache_builds_in_a_temporary_folder_with_a_warning(tmp_path):
+    """A cache folder that cannot be made (its parent is a file) or written: the kernels still run,
+    built for the process in a temporary folder, and one warning names the folder and the cause."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    probe = ("import warnings, torch, mpd_triton as mt\n"
+             "with warnings.catch_warnings(record=True) as caught:\n"
+             "    warnings.simplefilter('always')\n"
+             "    print('REASON', mt.cpu_kernels_unavailable())\n"
+             "print('WARNINGS', [str(w.message) for w in caught])\n"
+             "x = torch.randn(3, 2, 4)\n"
+             "assert torch.equal(mt.lif(x, backend='cpu'), mt.lif(x, backend='torch'))\n")
+    done = _python(probe, {cpu_kernels.CACHE_ENV: str(blocker / "cache"), "TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "REASON None" in done.stdout
+    assert f"cannot write the cache folder {blocker / 'cache'}: not a directory" in done.stdout
+    assert "built in" in done.stdout and "for this process only" in done.stdout
+
+
 # ---------------------------------------------------------------- a surrogate parameter per channel or element
 
 

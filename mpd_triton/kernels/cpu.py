@@ -30,6 +30,7 @@ says why and ``backend="auto"`` uses the PyTorch reference instead.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -38,11 +39,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from ..files import describe_os_error
 from ..neuron import KernelParams
 from ..surrogates import SURROGATE_KINDS, check_surrogate_kind
 # The layouts and the output buffers are the Triton launchers' (the same outputs, the same fake
@@ -121,11 +124,19 @@ def library_path(compiler: str, flags: list[str]) -> Path:
     return _cache_dir() / f"lif_cpu-{digest.hexdigest()[:20]}{'.dll' if os.name == 'nt' else '.so'}"
 
 
+class _CacheUnwritable(Exception):
+    """The cache folder cannot hold the library (missing and not creatable, read-only, full)."""
+
+
 def _build(compiler: str, flags: list[str], target: Path) -> str | None:
-    """Compile into target (atomically: a temporary file renamed); None, or why it failed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
-    os.close(fd)
+    """Compile into target (atomically: a temporary file renamed); None, or why it failed.
+    Raises _CacheUnwritable when target's folder cannot be written."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
+        os.close(fd)
+    except OSError as error:
+        raise _CacheUnwritable(f"cannot write the cache folder {target.parent}: {describe_os_error(error)}") from None
     try:
         cmd = [compiler, *flags, "-o", tmp, str(SOURCE_DIR / SOURCES[0]), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -138,6 +149,23 @@ def _build(compiler: str, flags: list[str], target: Path) -> str | None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _build_in_temporary_folder(compiler: str, flags: list[str], path: Path, why: str) -> tuple[Path, str | None]:
+    """The cache cannot be written: build for this process in a temporary folder (removed at exit), with
+    a warning that says so; -> (the library's path, None or why that failed too)."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="mpd_triton-"))
+    except OSError as error:
+        return path, f"{why}; and no temporary folder for it either: {describe_os_error(error)}"
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    warnings.warn(f"mpd_triton: {why}; the fused CPU kernels are built in {folder} for this process only (set "
+                  f"{CACHE_ENV} to a writable folder to build them once)", RuntimeWarning, stacklevel=2)
+    target = folder / path.name
+    try:
+        return target, _build(compiler, flags, target)
+    except _CacheUnwritable as unwritable:
+        return target, str(unwritable)
 
 
 def _load(path: Path):
@@ -167,7 +195,10 @@ def _decide():
     for flags in _flag_sets():
         path = library_path(compiler, flags)
         if not path.is_file():
-            error = _build(compiler, flags, path)
+            try:
+                error = _build(compiler, flags, path)
+            except _CacheUnwritable as unwritable:
+                path, error = _build_in_temporary_folder(compiler, flags, path, str(unwritable))
             if error:
                 errors.append(error)
                 continue
