@@ -380,8 +380,11 @@ def _save_epoch(run_dir: Path, state: dict, keep_previous: bool) -> None:
         except OSError:  # no hard links here (or the link failed): a copy, written as every file is
             if os.path.lexists(link):
                 os.unlink(link)
-            with open(ckpt, "rb") as source:
-                write_with(run_dir / PREVIOUS, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+            try:
+                with open(ckpt, "rb") as source:
+                    write_with(run_dir / PREVIOUS, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+            except OSError as e:  # reading the previous checkpoint failed (write_with raises WriteError itself)
+                raise WriteError.from_os_error(run_dir / PREVIOUS, e) from None
     save_checkpoint(ckpt, state)
 
 

@@ -19,30 +19,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from models import build_model
+from mpd_triton.files import WriteError, ensure_writable, remove_leftovers, write_json, write_text
+from mpd_triton.kernels.cpu import keep_freed_memory
 
-from models import build_model  # noqa: E402
-from mpd_triton.files import (WriteError, ensure_writable, optional_plot, remove_leftovers, save_figure,  # noqa: E402
-                               write_json, write_text)
-from mpd_triton.kernels.cpu import keep_freed_memory  # noqa: E402
-
-from .attacks import ASSG_LEVEL, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS  # noqa: E402
-from .checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from .compiling import (COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format,  # noqa: E402
-                        use_channels_last)
-from .config import ConfigError, fraction  # noqa: E402
-from .data import DataError, load_dataset  # noqa: E402
-from .robustness import EvalSettings, attack_steps, evaluate_robustness, parse_attacks  # noqa: E402
+from .attacks import ASSG_LEVEL, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS
+from .checkpoint import CheckpointError, load_checkpoint
+from .compiling import COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format, use_channels_last
+from .config import ConfigError, fraction
+from .data import DataError, load_dataset
+from .report import eval_markdown, eval_table, plot_robustness
+from .robustness import EvalSettings, attack_steps, evaluate_robustness, parse_attacks
 
 ENSEMBLE = ["own", "triangle", "sigmoid", "atan", "bptr"]
 DEFAULT_ATTACKS = "fgsm,pgd,bim,gaussian"
@@ -64,98 +58,6 @@ def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
         raise CheckpointError(f"{path}: weights do not fit a {spec['model']} model: {str(e).splitlines()[0]}") from None
     model.eval()
     return model, spec
-
-
-def _fmt(value) -> str:
-    return f"{100 * value:.2f}%"
-
-
-def result_table(names: list[str], results: list[dict]) -> str:
-    """Plain-text table: rows = attack@eps, columns = models."""
-    rows = [("clean", [_fmt(r["clean"]) for r in results])]
-    for attack in results[0]["accuracy"]:
-        for eps in results[0]["accuracy"][attack]:
-            rows.append((f"{attack} @ {float(eps) * 255:.3g}/255", [_fmt(r["accuracy"][attack][eps]) for r in results]))
-    for eps in results[0]["worst_case"]:
-        rows.append((f"all attacks @ {float(eps) * 255:.3g}/255", [_fmt(r["worst_case"][eps]) for r in results]))
-    if results[0].get("large_eps"):
-        large = results[0]["large_eps"]
-        for attack in large.get("by_attack", {"pgd": None}):
-            rows.append((f"{attack} @ eps {large['eps']:g} (check)",
-                         [_fmt(r["large_eps"].get("by_attack", {"pgd": r["large_eps"]["acc"]})[attack])
-                          for r in results]))
-    rows.append(("input-gradient L1", [f"{r['grad_l1']:.4g}" for r in results]))
-    rows.append(("sanity checks", ["pass" if r["all_checks_passed"] else "FAILED" for r in results]))
-    width = max(len(k) for k, _ in rows) + 2
-    col = max(14, *(len(n) + 2 for n in names))
-    lines = ["".ljust(width) + "".join(n.rjust(col) for n in names)]
-    lines += [k.ljust(width) + "".join(v.rjust(col) for v in vals) for k, vals in rows]
-    return "\n".join(lines)
-
-
-def markdown(names: list[str], results: list[dict], command: str) -> str:
-    md = ["# Robustness evaluation", "", f"Command: `{command}`", "", f"Images: {results[0]['n']}; settings: "
-          + ", ".join(f"{k}={v}" for k, v in results[0]["settings"].items()), "",
-          "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for line in result_table(names, results).splitlines()[1:]:
-        key = line[: line.find("  ")].strip() if "  " in line else line
-        cells = [c for c in line[len(key):].split() if c]
-        md.append(f"| {key} | " + " | ".join(cells) + " |")
-    for name, r in zip(names, results):
-        if r["by_gradient"] and len(r["settings"]["gradients"]) > 1:
-            md += ["", f"## {name}: accuracy per attacker gradient (the table above is the per-image worst case)", "",
-                   "| attack @ eps | " + " | ".join(r["settings"]["gradients"]) + " |",
-                   "|---|" + "---|" * len(r["settings"]["gradients"])]
-            for attack, by_eps in r["by_gradient"].items():
-                for eps, by_g in by_eps.items():
-                    md.append(f"| {attack} @ {float(eps) * 255:.3g}/255 | "
-                              + " | ".join(_fmt(by_g[g]) for g in r["settings"]["gradients"]) + " |")
-        levels = r["settings"].get("assg_levels", [])
-        if r.get("assg_by_level") and len(levels) > 1:
-            keys = list(next(iter(r["assg_by_level"].values())))
-            md += ["", f"## {name}: ASSG accuracy per level (the table above is the per-image worst case)", "",
-                   "| eps | " + " | ".join(f"level {k}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
-            for eps, by_level in r["assg_by_level"].items():
-                md.append(f"| {float(eps) * 255:.3g}/255 | " + " | ".join(_fmt(by_level[k]) for k in keys) + " |")
-        md += ["", f"## {name}: gradient-masking sanity checks", ""]
-        for c in r["checks"]:
-            flag = "PASS" if c["passed"] else "**FAIL**"
-            md.append(f"- {flag} `{c['name']}`: {c['detail']}")
-        if not r["all_checks_passed"]:
-            md.append("\n> **Warning: a sanity check failed: the robust accuracies above may come from gradient "
-                      "masking, not robustness. Do not report them as robustness.**")
-    md += ["", "![robust accuracy against eps](robustness.png)", ""]
-    return "\n".join(md)
-
-
-@optional_plot()
-def plot(names: list[str], results: list[dict], path: Path) -> None:
-    """Accuracy against eps: one panel for the per-image worst case over every attack, then one
-    per attack; at most four panels a row."""
-    panels = [("all attacks (worst case)", lambda r: r["worst_case"])]
-    panels += [(attack, lambda r, a=attack: r["accuracy"][a]) for attack in results[0]["accuracy"]]
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
-    for ax, (title, by_eps) in zip(axes.flat, panels):
-        for name, r in zip(names, results):
-            accuracy = by_eps(r)
-            eps = sorted(accuracy, key=float)
-            xs = [0.0] + [float(e) * 255 for e in eps]
-            ys = [100 * r["clean"]] + [100 * accuracy[e] for e in eps]
-            ax.plot(xs, ys, marker="o", label=name)
-        ax.set_title(title)
-        ax.set_xlabel("eps (x/255)")
-        ax.set_ylabel("accuracy %")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(names), frameon=False)
-    fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
 
 
 def evaluation_passes(settings: EvalSettings, n_images: int) -> int:
@@ -369,9 +271,9 @@ def _evaluate(argv, where: dict) -> int:
         r["checkpoint"] = str(Path(path))
         results.append(r)
         save()
-    write_text(out / "eval.md", markdown(names, results, command))
-    plot(names, results, out / "robustness.png")
-    print("\n" + result_table(names, results))
+    write_text(out / "eval.md", eval_markdown(names, results, command))
+    plot_robustness(names, results, out / "robustness.png")
+    print("\n" + eval_table(names, results))
     for name, r in zip(names, results):
         for c in r["checks"]:
             if not c["passed"]:

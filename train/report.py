@@ -1,8 +1,10 @@
-"""Reports of a run: report.json, report.md and plots (membrane potential
-histograms with the surrogate window, Omega per epoch, loss and accuracy)."""
+"""Reports: of a training run (report.json, report.md and plots: membrane potential histograms
+with the surrogate window, Omega per epoch, loss and accuracy, the per-layer diagnostics) and
+of an evaluation (train.eval's table, eval.md and robustness.png)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +19,8 @@ from mpd_triton.files import optional_plot, save_figure, write_json, write_text 
 
 from .diagnostics import diagnostics_table  # noqa: E402
 
-__all__ = ["membrane_samples", "write_run_report", "write_comparison", "plot_curves", "plot_membrane"]
+__all__ = ["membrane_samples", "write_run_report", "write_comparison", "plot_curves", "plot_membrane", "eval_table",
+           "eval_markdown", "plot_robustness"]
 
 
 @torch.no_grad()
@@ -215,3 +218,94 @@ def write_comparison(out_dir: Path, reports: list[dict], samples: dict[str, list
     plot_membrane(samples, out_dir / "membrane.png", "plain vs MPD-SGR")
     plot_curves({r["run"]: r["history"] for r in reports}, out_dir / "curves.png")
     return table
+
+
+# ---------------------------------------------------------------- evaluations (train.eval)
+
+
+def eval_table(names: list[str], results: list[dict]) -> str:
+    """Plain-text table: rows = attack@eps, columns = models."""
+    rows = [("clean", [_fmt_pct(r["clean"]) for r in results])]
+    for attack in results[0]["accuracy"]:
+        for eps in results[0]["accuracy"][attack]:
+            rows.append((f"{attack} @ {float(eps) * 255:.3g}/255", [_fmt_pct(r["accuracy"][attack][eps]) for r in results]))
+    for eps in results[0]["worst_case"]:
+        rows.append((f"all attacks @ {float(eps) * 255:.3g}/255", [_fmt_pct(r["worst_case"][eps]) for r in results]))
+    if results[0].get("large_eps"):
+        large = results[0]["large_eps"]
+        for attack in large.get("by_attack", {"pgd": None}):
+            rows.append((f"{attack} @ eps {large['eps']:g} (check)",
+                         [_fmt_pct(r["large_eps"].get("by_attack", {"pgd": r["large_eps"]["acc"]})[attack])
+                          for r in results]))
+    rows.append(("input-gradient L1", [f"{r['grad_l1']:.4g}" for r in results]))
+    rows.append(("sanity checks", ["pass" if r["all_checks_passed"] else "FAILED" for r in results]))
+    width = max(len(k) for k, _ in rows) + 2
+    col = max(14, *(len(n) + 2 for n in names))
+    lines = ["".ljust(width) + "".join(n.rjust(col) for n in names)]
+    lines += [k.ljust(width) + "".join(v.rjust(col) for v in vals) for k, vals in rows]
+    return "\n".join(lines)
+
+
+def eval_markdown(names: list[str], results: list[dict], command: str) -> str:
+    md = ["# Robustness evaluation", "", f"Command: `{command}`", "", f"Images: {results[0]['n']}; settings: "
+          + ", ".join(f"{k}={v}" for k, v in results[0]["settings"].items()), "",
+          "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for line in eval_table(names, results).splitlines()[1:]:
+        key = line[: line.find("  ")].strip() if "  " in line else line
+        cells = [c for c in line[len(key):].split() if c]
+        md.append(f"| {key} | " + " | ".join(cells) + " |")
+    for name, r in zip(names, results):
+        if r["by_gradient"] and len(r["settings"]["gradients"]) > 1:
+            md += ["", f"## {name}: accuracy per attacker gradient (the table above is the per-image worst case)", "",
+                   "| attack @ eps | " + " | ".join(r["settings"]["gradients"]) + " |",
+                   "|---|" + "---|" * len(r["settings"]["gradients"])]
+            for attack, by_eps in r["by_gradient"].items():
+                for eps, by_g in by_eps.items():
+                    md.append(f"| {attack} @ {float(eps) * 255:.3g}/255 | "
+                              + " | ".join(_fmt_pct(by_g[g]) for g in r["settings"]["gradients"]) + " |")
+        levels = r["settings"].get("assg_levels", [])
+        if r.get("assg_by_level") and len(levels) > 1:
+            keys = list(next(iter(r["assg_by_level"].values())))
+            md += ["", f"## {name}: ASSG accuracy per level (the table above is the per-image worst case)", "",
+                   "| eps | " + " | ".join(f"level {k}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+            for eps, by_level in r["assg_by_level"].items():
+                md.append(f"| {float(eps) * 255:.3g}/255 | " + " | ".join(_fmt_pct(by_level[k]) for k in keys) + " |")
+        md += ["", f"## {name}: gradient-masking sanity checks", ""]
+        for c in r["checks"]:
+            flag = "PASS" if c["passed"] else "**FAIL**"
+            md.append(f"- {flag} `{c['name']}`: {c['detail']}")
+        if not r["all_checks_passed"]:
+            md.append("\n> **Warning: a sanity check failed: the robust accuracies above may come from gradient "
+                      "masking, not robustness. Do not report them as robustness.**")
+    md += ["", "![robust accuracy against eps](robustness.png)", ""]
+    return "\n".join(md)
+
+
+@optional_plot()
+def plot_robustness(names: list[str], results: list[dict], path: Path) -> None:
+    """Accuracy against eps: one panel for the per-image worst case over every attack, then one
+    per attack; at most four panels a row."""
+    panels = [("all attacks (worst case)", lambda r: r["worst_case"])]
+    panels += [(attack, lambda r, a=attack: r["accuracy"][a]) for attack in results[0]["accuracy"]]
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, (title, by_eps) in zip(axes.flat, panels):
+        for name, r in zip(names, results):
+            accuracy = by_eps(r)
+            eps = sorted(accuracy, key=float)
+            xs = [0.0] + [float(e) * 255 for e in eps]
+            ys = [100 * r["clean"]] + [100 * accuracy[e] for e in eps]
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("eps (x/255)")
+        ax.set_ylabel("accuracy %")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
