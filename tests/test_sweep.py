@@ -224,28 +224,43 @@ def _sweep_command(out, epochs):
             "--eval-args", "--attacks fgsm --eps 8/255 --limit 20 --batch-size 20 --no-large-eps-check"]
 
 
-def test_a_real_sweep_interrupted_and_continued(tmp_path):
-    """Two points of two epochs, trained and evaluated by the real command lines; SIGINT during the
-    first point's second epoch, then the same command again: the first point resumes after its first
-    epoch, and a third call runs nothing."""
-    out = tmp_path / "sweep"
+def _interrupt_at(out, marker, send, ignore_sigint=False):
+    """Start the sweep, wait for a line containing ``marker``, then interrupt it with ``send(proc)``;
+    -> (exit status, everything it printed)."""
     proc = subprocess.Popen(_sweep_command(out, 2), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None)
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "epoch 1/2:" in line:
+        if marker in line:
             time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGINT)
+            send(proc)
             break
     rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, "".join(lines) + rest
-    assert "run the same command again to continue" in rest
-    assert any(out.glob("points/eta=0/*/checkpoint.pt"))
+    return proc.returncode, "".join(lines) + rest
+
+
+def test_a_real_sweep_interrupted_and_continued(tmp_path):
+    """Two points of two epochs, trained and evaluated by the real command lines. Ctrl-C (SIGINT to
+    the process group, as a terminal sends it) during the first point's second epoch; then, started
+    as a background job is (SIGINT ignored), SIGTERM to the sweep alone during the second point's
+    second epoch; then the same command to the end: each point resumes after its first epoch, none
+    is marked failed, and a fourth call runs nothing."""
+    out = tmp_path / "sweep"
+    code, printed = _interrupt_at(out, "[eta=0] [plain] epoch 1/2:", lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert code == 130, printed
+    assert "run the same command again to continue" in printed
+    assert any(out.glob("points/eta=0/*/checkpoint.pt")) and not (out / "points" / "eta=0.5").exists()
+    code, printed = _interrupt_at(out, "[eta=0.5] [mpd] epoch 1/2:", lambda p: p.send_signal(signal.SIGTERM),
+                                  ignore_sigint=True)
+    assert code == 130, printed
+    assert "stopped by SIGTERM" in (out / "points" / "eta=0.5" / "train.log").read_text()
     done = subprocess.run(_sweep_command(out, 2), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    log = (out / "points" / "eta=0" / "train.log").read_text()
-    assert "resuming after epoch 1/2" in log
+    for name, run in (("eta=0", "plain"), ("eta=0.5", "mpd")):
+        assert "resuming after epoch 1/2" in (out / "points" / name / "train.log").read_text(), name
+        assert not (out / "points" / name / "failed.json").exists()
     summary = json.loads((out / "sweep.json").read_text())
     assert [p["point"] for p in summary["points"]] == ["eta=0", "eta=0.5"]
     assert all("fgsm @ 8/255" in p["robust"] and p["diagnostics"] for p in summary["points"])

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -149,18 +151,32 @@ def _previous(out: Path, key: dict, models: dict[str, str]) -> dict:
     return saved
 
 
+class Terminated(BaseException):
+    """SIGTERM, as an exception (the evaluation stops as on Ctrl-C)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     where = {}
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         return _evaluate(argv, where)
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: " + (f"what finished is in {where['out'] / 'eval.json'}; continue with the same command "
-                                 f"with --out {where['out']} --resume" if "out" in where else "nothing was evaluated"),
+    except (KeyboardInterrupt, Terminated) as e:
+        what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: " + (f"what finished is in {where['out'] / 'eval.json'}; continue with the same command "
+                             f"with --out {where['out']} --resume" if "out" in where else "nothing was evaluated"),
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _evaluate(argv, where: dict) -> int:

@@ -15,7 +15,8 @@ evaluates it with ``python -m train.eval --checkpoint .../model.pt <eval-args> -
 OUT/points/<point>/eval``. Both run as child processes; their output goes to
 ``train.log`` / ``eval.log`` in the point's folder and, line by line, to this terminal.
 
-Nothing is lost when the sweep is interrupted: a finished point (``point.json``) is not
+Nothing is lost when the sweep is interrupted (Ctrl-C, or SIGTERM: ``kill`` for a sweep in the
+background, which ignores Ctrl-C's SIGINT): a finished point (``point.json``) is not
 run again, an interrupted training continues with train.run --resume from its last epoch and
 an interrupted evaluation with train.eval --resume from its last batch; run the same command
 again. A point that failed (``failed.json``: its command and error) is not retried unless
@@ -241,8 +242,9 @@ class Runner:
             self._live.discard(proc)
 
     def stop(self, from_terminal: bool) -> None:
-        """Stop every child with SIGINT (train.run and train.eval stop cleanly on it and keep what they
-        did); a Ctrl-C in the terminal has reached them already (one process group): a moment first."""
+        """Stop every child with SIGTERM (train.run and train.eval stop cleanly on it and keep what they
+        did; SIGINT would not do: a sweep started in the background ignores it, and so do its children).
+        A Ctrl-C in the terminal has reached them already (one process group): a moment first."""
         self.stopping.set()
         with self._lock:
             live = list(self._live)
@@ -253,7 +255,7 @@ class Runner:
             except subprocess.TimeoutExpired:
                 pass
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)
         for proc in live:
             try:
                 proc.wait(timeout=60)
@@ -314,6 +316,7 @@ def run_point(point: Point, out: Path, train_args: list[str], eval_args: list[st
 
     def fail(step: str, code: int, last: str) -> str:
         if runner.stopping.is_set() or code in _STOPPED_CODES:  # Ctrl-C / SIGTERM: not a failure
+            runner.stopping.set()  # and no other point starts
             raise _Stopped()
         _record(folder, FAILED_FILE, {"commands": planned, "step": step, "exit": code, "error": last})
         return "failed"
@@ -588,9 +591,11 @@ def _run_points(points: list[Point], out: Path, train_args: list[str], eval_args
     WriteError that stopped the sweep."""
     statuses: dict[str, str] = {}
     lock = threading.Lock()
-    bar = tqdm(total=len(points), desc="sweep", unit="point", dynamic_ncols=True)
+    bar = tqdm(total=len(points), desc="sweep", unit="point", dynamic_ncols=True, disable=None)  # None: off in a log
 
     def one(point: Point) -> None:
+        if runner.stopping.is_set():
+            return
         tqdm.write(f"[start] {point.name}")
         status = run_point(point, out, train_args, eval_args, runner, args.retry_failed)
         with lock:
