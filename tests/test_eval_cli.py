@@ -62,6 +62,8 @@ def test_reliable_preset_end_to_end(checkpoints, tmp_path, capsys):
     r = json.loads((tmp_path / "eval.json").read_text())["models"]["a"]
     assert list(r["accuracy"]) == ["fgsm", "apgd", "assg", "square", "transfer"]
     assert r["settings"]["gradients"] == ["own", "triangle", "sigmoid", "atan", "bptr"]
+    assert r["settings"]["assg_levels"] == [0.35, 0.425, 0.49]  # the paper's search range and default
+    assert list(r["assg_by_level"][f"{8 / 255:.6g}"]) == ["0.35", "0.425", "0.49"]
     key = f"{8 / 255:.6g}"
     assert r["worst_case"][key] <= min(v[key] for v in r["accuracy"].values())
     assert "assg" in r["large_eps"]["by_attack"]

@@ -32,7 +32,7 @@ from models import build_model
 from mpd_triton.files import WriteError, ensure_writable, remove_leftovers, write_json, write_text
 from mpd_triton.kernels.cpu import keep_freed_memory
 
-from .attacks import ASSG_LEVEL, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS
+from .attacks import ASSG_LEVEL, ASSG_LEVEL_RANGE, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS
 from .checkpoint import CheckpointError, load_checkpoint
 from .compiling import COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format, use_channels_last
 from .config import ConfigError, fraction
@@ -44,6 +44,9 @@ ENSEMBLE = ["own", "triangle", "sigmoid", "atan", "bptr"]
 DEFAULT_ATTACKS = "fgsm,pgd,bim,gaussian"
 # --reliable: the strongest set (FGSM only feeds the masking checks); + transfer when --source is given.
 RELIABLE_ATTACKS = ["fgsm", "apgd", "assg", "square"]
+# --reliable's ASSG levels: the ends of the paper's search range and its default, as a per-image worst case
+# (at least as strong as the best single level the paper's search would pick; docs/evaluation.md).
+RELIABLE_ASSG_LEVELS = [ASSG_LEVEL_RANGE[0], ASSG_LEVEL, ASSG_LEVEL_RANGE[1]]
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
@@ -98,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-size", type=fraction, default=0.01, help="PGD / BIM step size")
     p.add_argument("--apgd-steps", type=int, default=50)
     p.add_argument("--sapgd-steps", type=int, default=SAPGD_STEPS, help="SA-PGD and ASSG iterations")
-    p.add_argument("--assg-level", default=f"{ASSG_LEVEL:g}",
+    p.add_argument("--assg-level",
                    help="ASSG level(s) in (0, 0.5), the paper's A/2, comma-separated: several run as an ensemble "
-                        "(per-image worst case)")
+                        f"(per-image worst case); default {ASSG_LEVEL:g}, with --reliable "
+                        f"{','.join(f'{v:g}' for v in RELIABLE_ASSG_LEVELS)}")
     p.add_argument("--gradients",
                    help=f"attacker gradients, comma-separated: {', '.join(GRADIENT_SOURCES)} (default own)")
     p.add_argument("--ensemble", action="store_true",
@@ -197,7 +201,8 @@ def _evaluate(argv, where: dict) -> int:
         except argparse.ArgumentTypeError as e:
             raise ConfigError(f"--eps: {e}") from None
         try:
-            assg_levels = [float(v) for v in args.assg_level.split(",") if v.strip()]
+            assg_levels = ([float(v) for v in args.assg_level.split(",") if v.strip()] if args.assg_level is not None
+                           else list(RELIABLE_ASSG_LEVELS) if args.reliable else [ASSG_LEVEL])
         except ValueError:
             raise ConfigError(f"--assg-level: expected numbers in (0, 0.5), got {args.assg_level!r}") from None
         if args.resume and not args.out:
