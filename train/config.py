@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 
 import mpd_triton as mt
 from models import ENCODINGS, MODEL_NAMES, MODEL_WIDTHS, NeuronOptions
+from models.common import insert_fields
 
 from .compiling import COMPILE_MIN_STEPS
 from .data import DATASETS
@@ -32,6 +34,7 @@ class ConfigError(ValueError):
     """A bad command-line value; the message is one line for the user."""
 
 
+@insert_fields(NeuronOptions, after="schedule")
 @dataclass
 class RunConfig:
     preset: str = "quick"
@@ -55,16 +58,8 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
-    # neurons
-    tau: float = 2.0
-    v_th: float = 1.0
-    v_reset: float | None = 0.0
-    decay_input: bool = True
-    detach_reset: bool = False
-    surrogate: str = "triangle"
-    surrogate_param: float | None = None
-    window: float | None = None
-    backend: str = "auto"
+    # neurons: NeuronOptions' fields (tau, v_th, v_reset, decay_input, detach_reset, surrogate, surrogate_param,
+    # window, backend; models/common.py) with their defaults, inserted here by insert_fields: one CLI flag each
     # MPD-SGR
     eta: float = 0.0
     compare: bool = False  # train eta = 0 and eta = `eta` from the same seed, side by side
@@ -117,6 +112,10 @@ _PAPER = dict(T=8, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, sch
 PRESETS: dict[str, dict] = {
     "quick": dict(model="small", data="fmnist-subset", T=4, epochs=3, batch_size=64, optimizer="adam", lr=1e-3,
                   eta=0.01, compare=True, eval_limit=500),
+    # The MPD-SGR study (docs/study.md): the full Fashion-MNIST, the small net with BatchNorm before every LIF
+    # (the setting of MPD-SGR's theory), the paper's optimizer and schedule, 15 epochs.
+    "study": dict(model="small", classifier_bn=True, data="fmnist", T=4, epochs=15, batch_size=128, optimizer="sgd",
+                  lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", eta=1.0, compare=True, eval_limit=1000),
     "fmnist-vgg11": dict(model="vgg11", data="fmnist", T=8, epochs=10, batch_size=128, optimizer="adam", lr=1e-3,
                          eta=0.01, compare=True, eval_limit=None),
     "cifar10-vgg11": dict(_PAPER, model="vgg11", data="cifar10", eta=0.01, compare=True),
@@ -142,6 +141,26 @@ def fraction(text: str) -> float:
 
 def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "soft") else fraction(text)
+
+
+_SWITCH = dict(action=argparse.BooleanOptionalAction, default=None)
+
+# The command line of each NeuronOptions field (models/common.py; the fields and their defaults are
+# LIFConfig's and NeuronOptions'): argparse's arguments for its --flag. A neuron option added there
+# needs its line here (tests/test_train.py checks that every field has one).
+NEURON_FLAGS: dict[str, dict] = {
+    "tau": dict(type=fraction, help="membrane time constant (inf: integrate-and-fire)"),
+    "v_th": dict(type=fraction),
+    "v_reset": dict(type=_optional_float, help="hard-reset value, or 'none' for a soft reset"),
+    "decay_input": _SWITCH,
+    "detach_reset": _SWITCH,
+    "surrogate": dict(help=f"one of: {', '.join(mt.SURROGATE_NAMES)}"),
+    "surrogate_param": dict(type=float, help="gamma (triangle, rectangular) or alpha (sigmoid, atan, superspike)"),
+    "window": dict(type=float, help="MPD-SGR window of a smooth surrogate (sigmoid, atan, superspike; default: where "
+                                    "g falls to a tenth of its peak); the triangle's and rectangular's window is "
+                                    "their gamma"),
+    "backend": dict(help=f"LIF backend: {', '.join(mt.BACKENDS)}"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,17 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--schedule", help=f"one of: {', '.join(SCHEDULES)}")
     g = p.add_argument_group("neurons")
-    g.add_argument("--tau", type=fraction, help="membrane time constant (inf: integrate-and-fire)")
-    g.add_argument("--v-th", type=fraction)
-    g.add_argument("--v-reset", type=_optional_float, help="hard-reset value, or 'none' for a soft reset")
-    g.add_argument("--decay-input", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--detach-reset", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--surrogate", help=f"one of: {', '.join(mt.SURROGATE_NAMES)}")
-    g.add_argument("--surrogate-param", type=float, help="gamma (triangle, rectangular) or alpha (sigmoid, atan, superspike)")
-    g.add_argument("--window", type=float, help="MPD-SGR window of a smooth surrogate (sigmoid, atan, superspike; "
-                                                  "default: where g falls to a tenth of its peak); the triangle's "
-                                                  "and rectangular's window is their gamma")
-    g.add_argument("--backend", help=f"LIF backend: {', '.join(mt.BACKENDS)}")
+    for f in fields(NeuronOptions):
+        g.add_argument(f"--{f.name.replace('_', '-')}", **NEURON_FLAGS[f.name])
     g = p.add_argument_group("MPD-SGR")
     g.add_argument("--eta", type=float, help="regularizer weight (0: plain training)")
     g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
@@ -242,13 +252,17 @@ _NONE_MEANS = {"width": "the model's own", "train_limit": "all", "test_limit": "
                "v_reset": "soft reset"}
 
 
+# Help that already states its option's default ("default: ...", "(default ...)") gets no second note.
+_STATES_DEFAULT = re.compile(r"\bdefault:|\(default\b")
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append each option's effective default to its help: the quick preset's value, and the
     values other presets set. (The parser's own defaults are None, meaning "the preset's".)"""
     base = {**RunConfig().to_dict(), **PRESETS["quick"]}
     for action in parser._actions:
         name = action.dest
-        if name not in base or name == "preset" or (action.help and "default:" in action.help):
+        if name not in base or name == "preset" or (action.help and _STATES_DEFAULT.search(action.help)):
             continue
         by_value: dict[str, list[str]] = {}
         for preset, values in PRESETS.items():
