@@ -86,10 +86,7 @@ def build_variant(variant: str, model_name: str, *, T: int, image_size: int, dev
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
     backend, compiled, _ = VARIANTS[variant]
-    c = NEURON
-    neuron = NeuronOptions(tau=c.tau, v_th=c.v_th, v_reset=c.v_reset, decay_input=c.decay_input,
-                           detach_reset=c.detach_reset, surrogate=c.surrogate.name, surrogate_param=c.surrogate.param,
-                           backend=backend)
+    neuron = NeuronOptions.from_config(NEURON, backend=backend)
     model = build_model(model_name, in_channels=in_channels, num_classes=NUM_CLASSES, image_size=image_size, T=T,
                         neuron=neuron)
     if variant == "spikingjelly":

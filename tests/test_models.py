@@ -7,7 +7,7 @@ import torch
 from helpers import DEVICE, assert_close
 
 import mpd_triton as mt
-from models import MODEL_NAMES, build_model, poisson_encode
+from models import MODEL_NAMES, NeuronOptions, build_model, poisson_encode
 
 # Small enough for the interpreter: (model, kwargs)
 TINY = {
@@ -127,6 +127,34 @@ def test_bad_model_arguments(kwargs, msg):
     base.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=msg):
         build_model("small", **base)
+
+
+def test_neuron_options_are_lif_config_fields_and_give_a_config():
+    """NeuronOptions' neuron fields and defaults are LIFConfig's (the surrogate by name); to_config() is the
+    validated LIFConfig, make() a layer of it, from_config() the way back; a checkpoint's dict rebuilds it."""
+    import dataclasses
+
+    lif_fields = [(f.name, f.default) for f in dataclasses.fields(mt.LIFConfig)]
+    assert [(f.name, f.default) for f in dataclasses.fields(NeuronOptions)][:len(lif_fields)] == lif_fields
+    assert [f.name for f in dataclasses.fields(NeuronOptions)][len(lif_fields):] == [
+        "surrogate_param", "window", "backend"]
+    assert NeuronOptions().to_config() == mt.LIFConfig()
+    opts = NeuronOptions(tau=3.0, v_th=0.8, v_reset=None, detach_reset=True, surrogate="atan", surrogate_param=2.5,
+                         window=0.4, backend="torch")
+    cfg = opts.to_config()
+    assert cfg == mt.LIFConfig(tau=3.0, v_th=0.8, v_reset=None, detach_reset=True, surrogate=mt.ATan(2.5, gamma=0.4))
+    layer = opts.make()
+    assert isinstance(layer, mt.LIF) and layer.config == cfg and layer.backend == "torch"
+    assert NeuronOptions.from_config(cfg, backend="torch") == opts
+    assert NeuronOptions.from_config(mt.LIFConfig(surrogate=mt.Sigmoid(3.0))) == NeuronOptions(
+        surrogate="sigmoid", surrogate_param=3.0)
+    saved = {"tau": 2.0, "v_th": 1.0, "v_reset": 0.0, "decay_input": True, "detach_reset": False,
+             "surrogate": "triangle", "surrogate_param": None, "window": None, "backend": "auto"}  # an old checkpoint
+    assert NeuronOptions(**saved).to_dict() == saved == NeuronOptions().to_dict()
+    with pytest.raises(ValueError, match="window: the triangle surrogate's MPD-SGR window is its support"):
+        NeuronOptions(window=0.5).to_config()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        NeuronOptions(backend="gpu").make()
 
 
 def test_bad_model_name_and_input():

@@ -181,6 +181,27 @@ def test_run_config_neuron_defaults_match_the_models():
     assert RunConfig(tau=3.0, surrogate="atan").neuron_options()["tau"] == 3.0
 
 
+def test_neuron_fields_and_flags_come_from_neuron_options():
+    """RunConfig's neuron fields are NeuronOptions' (inserted after `schedule`, types and defaults kept), and
+    each has its --flag: one definition of a neuron option, not three."""
+    import dataclasses
+
+    from models import NeuronOptions
+    from train.config import NEURON_FLAGS, RunConfig, build_parser
+
+    neuron = [(f.name, f.type, f.default) for f in dataclasses.fields(NeuronOptions)]
+    run = [(f.name, f.type, f.default) for f in dataclasses.fields(RunConfig)]
+    at = [name for name, _, _ in run].index("schedule") + 1
+    assert run[at:at + len(neuron)] == neuron
+    assert set(NEURON_FLAGS) == {name for name, _, _ in neuron}
+    flags = {a.dest: a.option_strings for a in build_parser()._actions}
+    for name, _, _ in neuron:
+        assert f"--{name.replace('_', '-')}" in flags[name]
+    assert RunConfig.__name__ == "RunConfig" and RunConfig.__module__ == "train.config"
+    cfg = RunConfig(tau=3.0)
+    assert dataclasses.replace(cfg, eta=0.5).tau == 3.0 and cfg.to_dict()["tau"] == 3.0
+
+
 def test_help_shows_effective_defaults(capsys):
     """--help shows each option's value in the default preset (and other presets' values), not argparse's None."""
     with pytest.raises(SystemExit):
