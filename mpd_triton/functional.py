@@ -7,6 +7,7 @@ autograd formula lives there), so ``torch.compile(fullgraph=True)`` traces
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -16,7 +17,7 @@ from .kernels import cpu as _cpu_kernels
 from .kernels import runtime as _runtime
 from .neuron import LIFConfig, check_bool, check_float_tensor, check_surrogate_param
 from .reference import lif_reference
-from .surrogates import Surrogate, Triangle
+from .surrogates import Surrogate
 
 __all__ = ["lif", "lif_with_config", "BACKENDS", "KERNEL_DTYPES", "triton_interpreted", "cpu_kernels_unavailable"]
 
@@ -120,14 +121,18 @@ def _lif_fused(backend: str, x, v_init, cfg: LIFConfig, stats: bool, save_state:
     return spikes, (mean if stats else None), (var if stats else None), (v_T if save_state else None)
 
 
+# LIFConfig's defaults: lif's neuron arguments are its fields, and default to what it defaults to.
+_NEURON = {f.name: f.default for f in dataclasses.fields(LIFConfig)}
+
+
 def lif(
     x: torch.Tensor,
-    tau: float = 2.0,
-    v_th: float = 1.0,
-    v_reset: float | None = 0.0,
-    decay_input: bool = True,
-    detach_reset: bool = False,
-    surrogate: Surrogate | str = Triangle(1.0),
+    tau: float = _NEURON["tau"],
+    v_th: float = _NEURON["v_th"],
+    v_reset: float | None = _NEURON["v_reset"],
+    decay_input: bool = _NEURON["decay_input"],
+    detach_reset: bool = _NEURON["detach_reset"],
+    surrogate: Surrogate | str = _NEURON["surrogate"],
     backend: str = "auto",
     *,
     return_stats: bool = False,
@@ -147,7 +152,8 @@ def lif(
         decay_input: h = v + (x - (v - v_rest)) / tau if True, else
             h = v - (v - v_rest) / tau + x.
         detach_reset: treat the spike inside the reset as a constant in backward.
-        surrogate: a Surrogate object (mt.Triangle(1.0), ...) or its name.
+        surrogate: a Surrogate object (mt.Triangle(1.0), ...) or its name (the
+            default, "triangle", is mt.Triangle(1.0)).
         backend: "triton" (the fused Triton kernels), "cpu" (the fused C
             kernels for CPU tensors), "torch" (the reference), "auto" (triton
             for CUDA tensors, cpu for CPU tensors where a C compiler built the

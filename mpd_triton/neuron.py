@@ -105,8 +105,8 @@ def surrogate_param_at(value: torch.Tensor | None, t: int, step_dims: int) -> to
 class KernelParams(NamedTuple):
     """A validated LIFConfig flattened to what an operator schema can carry (no Python objects).
 
-    The field order is the order of these arguments in the ``mpd_triton::lif_fwd`` /
-    ``lif_bwd`` operators (mpd_triton/ops.py).
+    The ``mpd_triton::lif_fwd`` / ``lif_bwd`` operators' schemas are made from these fields, their
+    names, types and order (mpd_triton/ops.py): a field added here is an argument there.
     """
 
     inv_tau: float

@@ -32,6 +32,7 @@ These are internal: call ``mt.lif`` (it validates its input first).
 """
 
 import contextlib
+import typing
 from typing import Optional
 
 import torch
@@ -49,6 +50,22 @@ BACKEND_KERNELS = {"triton": (_kernels, _runtime.device_guard),
                    "cpu": (_cpu_kernels, lambda t: contextlib.nullcontext())}
 
 _N_PARAMS = len(KernelParams._fields)
+
+# The operators' schemas. The neuron's part is KernelParams' fields in their order, typed from its
+# annotations (a Python int is a SymInt in a schema, as torch.library.infer_schema writes it), so
+# the field list is written once, in KernelParams; the operators take it as ``*args`` and split it
+# off with ``_split_params``.
+_SCHEMA_TYPES = {float: "float", bool: "bool", int: "SymInt"}
+_PARAMS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[t]} {name}" for name, t in typing.get_type_hints(KernelParams).items())
+_FWD_SCHEMA = (f"(Tensor x, Tensor? v_init, {_PARAMS_SCHEMA}, bool stats, bool save_state, bool save_u, "
+               "Tensor? surrogate_param_tensor=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor? grad_spikes, Tensor u_saved, Tensor? mpd_a, Tensor? mpd_b, Tensor? grad_v_T, "
+               f"{_PARAMS_SCHEMA}, bool need_grad_v0, Tensor? surrogate_param_tensor=None) -> (Tensor, Tensor)")
+
+
+def _split_params(args: tuple) -> tuple[KernelParams, tuple]:
+    """An operator's arguments from the neuron's first one on -> (the neuron, the arguments after it)."""
+    return KernelParams(*args[:_N_PARAMS]), tuple(args[_N_PARAMS:])
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -105,55 +122,43 @@ def _define(suffix: str, kernels, device_guard):
     autograd) over one implementation of the kernels: a module with ``lif_forward``,
     ``lif_backward``, ``forward_buffers`` and ``backward_buffers``."""
 
-    @torch.library.custom_op(f"mpd_triton::lif_fwd{suffix}", mutates_args=())
-    def lif_fwd(
-        x: Tensor, v_init: Optional[Tensor],
-        inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
-        surrogate_kind: int, surrogate_param: float,
-        stats: bool, save_state: bool, save_u: bool,
-        surrogate_param_tensor: Optional[Tensor] = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(spikes, u_saved, mean, var, v_T); see ``kernels.lif.lif_forward``. The forward does not
-        read ``surrogate_param_tensor``: it is an input only so that the backward gets it."""
-        params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate_kind,
-                              surrogate_param)
+    @torch.library.custom_op(f"mpd_triton::lif_fwd{suffix}", mutates_args=(), schema=_FWD_SCHEMA)
+    def lif_fwd(x: Tensor, v_init: Optional[Tensor], *args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(spikes, u_saved, mean, var, v_T); see ``kernels.lif.lif_forward``. ``args``: the neuron
+        (KernelParams' fields), stats, save_state, save_u, surrogate_param_tensor (``_FWD_SCHEMA``). The
+        forward does not read ``surrogate_param_tensor``: it is an input only so that the backward gets it."""
+        params, (stats, save_state, save_u, *_) = _split_params(args)
         with device_guard(x):
             outputs = kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=save_u)
         return _forward_outputs(x, outputs)
 
     @lif_fwd.register_fake
-    def _lif_fwd_fake(x, v_init, inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate_kind,
-                      surrogate_param, stats, save_state, save_u, surrogate_param_tensor=None):
+    def _lif_fwd_fake(x, v_init, *args):
+        _, (stats, save_state, save_u, *_) = _split_params(args)
         return _forward_outputs(x, kernels.forward_buffers(x, stats=stats, save_state=save_state, save_u=save_u))
 
-    @torch.library.custom_op(f"mpd_triton::lif_bwd{suffix}", mutates_args=())
-    def lif_bwd(
-        grad_spikes: Optional[Tensor], u_saved: Tensor,
-        mpd_a: Optional[Tensor], mpd_b: Optional[Tensor], grad_v_T: Optional[Tensor],
-        inv_tau: float, v_th: float, v_rest: float, decay_input: bool, hard_reset: bool, detach_reset: bool,
-        surrogate_kind: int, surrogate_param: float,
-        need_grad_v0: bool,
-        surrogate_param_tensor: Optional[Tensor] = None,
-    ) -> tuple[Tensor, Tensor]:
-        """(grad_x, grad_v0 float32); see ``kernels.lif.lif_backward``. No autograd formula is
-        registered for it, so double backward through the kernels is refused."""
-        params = KernelParams(inv_tau, v_th, v_rest, decay_input, hard_reset, detach_reset, surrogate_kind,
-                              surrogate_param)
+    @torch.library.custom_op(f"mpd_triton::lif_bwd{suffix}", mutates_args=(), schema=_BWD_SCHEMA)
+    def lif_bwd(grad_spikes: Optional[Tensor], u_saved: Tensor, mpd_a: Optional[Tensor], mpd_b: Optional[Tensor],
+                grad_v_T: Optional[Tensor], *args) -> tuple[Tensor, Tensor]:
+        """(grad_x, grad_v0 float32); see ``kernels.lif.lif_backward``. ``args``: the neuron (KernelParams'
+        fields), need_grad_v0, surrogate_param_tensor (``_BWD_SCHEMA``). No autograd formula is registered
+        for it, so double backward through the kernels is refused."""
+        params, (need_grad_v0, *sg_tensor) = _split_params(args)
         with device_guard(u_saved):
             grad_x, grad_v0 = kernels.lif_backward(grad_spikes, u_saved, params, mpd_a=mpd_a, mpd_b=mpd_b,
                                                    grad_v_T=grad_v_T, need_grad_v0=need_grad_v0,
-                                                   surrogate_param=surrogate_param_tensor)
+                                                   surrogate_param=sg_tensor[0] if sg_tensor else None)
         return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
 
     @lif_bwd.register_fake
-    def _lif_bwd_fake(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, inv_tau, v_th, v_rest, decay_input, hard_reset,
-                      detach_reset, surrogate_kind, surrogate_param, need_grad_v0, surrogate_param_tensor=None):
+    def _lif_bwd_fake(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, *args):
+        _, (need_grad_v0, *_) = _split_params(args)
         grad_x, grad_v0 = kernels.backward_buffers(u_saved, need_grad_v0=need_grad_v0)
         return grad_x, _or_empty(grad_v0, u_saved, torch.float32)
 
     def setup_context(ctx, inputs, output):
-        x, v_init, *rest = inputs
-        params, (stats, save_state, save_u, *sg_tensor) = rest[:_N_PARAMS], rest[_N_PARAMS:]
+        x, v_init, *args = inputs
+        params, (stats, save_state, save_u, *sg_tensor) = _split_params(args)
         _, u_saved, mean, _, _ = output
         ctx.mark_non_differentiable(u_saved)
         ctx.set_materialize_grads(False)

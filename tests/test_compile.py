@@ -304,6 +304,21 @@ def test_opcheck_lif_fwd(index, suffix):
     torch.library.opcheck(getattr(torch.ops.mpd_triton, f"lif_fwd{suffix}").default, _fwd_samples()[index])
 
 
+def test_operator_schemas():
+    """The schemas ops.py makes from KernelParams' fields: the neuron's arguments, by name and type, between
+    the tensors and the flags (a change here changes the operators' interface)."""
+    neuron = ("float inv_tau, float v_th, float v_rest, bool decay_input, bool hard_reset, bool detach_reset, "
+              "SymInt surrogate_kind, float surrogate_param")
+    for suffix in ("", "_cpu"):
+        fwd, bwd = (str(getattr(torch.ops.mpd_triton, f"{name}{suffix}").default._schema)
+                    for name in ("lif_fwd", "lif_bwd"))
+        assert fwd == (f"mpd_triton::lif_fwd{suffix}(Tensor x, Tensor? v_init, {neuron}, bool stats, bool save_state, "
+                       "bool save_u, Tensor? surrogate_param_tensor=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+        assert bwd == (f"mpd_triton::lif_bwd{suffix}(Tensor? grad_spikes, Tensor u_saved, Tensor? mpd_a, "
+                       f"Tensor? mpd_b, Tensor? grad_v_T, {neuron}, bool need_grad_v0, "
+                       "Tensor? surrogate_param_tensor=None) -> (Tensor, Tensor)")
+
+
 @pytest.mark.parametrize("suffix", OP_SUFFIXES, ids=lambda s: s or "triton")
 def test_opcheck_lif_bwd(suffix):
     fwd, bwd = (getattr(torch.ops.mpd_triton, f"{name}{suffix}") for name in ("lif_fwd", "lif_bwd"))
