@@ -47,7 +47,7 @@ __all__ = ["ARCHS", "CASES", "QUICK_CASES", "compile_case", "resource_usage", "o
 # sm_100 keeps them): 64K 32-bit registers, 64 resident warps, 32 resident blocks.
 SM_REGISTERS, SM_MAX_WARPS, SM_MAX_BLOCKS = 65536, 64, 32
 ARCHS = {"80": "A100", "86": "RTX 30xx / A10", "89": "L4 / RTX 40xx", "90": "H100 / H200", "100": "B200"}
-HOT_SIZE = 2**27  # T*N of the issue's bandwidth targets
+HOT_SIZE = 2**27  # T*N of the bandwidth targets (docs/benchmarks.md, "Targets")
 
 
 @dataclass(frozen=True)

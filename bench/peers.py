@@ -41,7 +41,8 @@ def load_spikingjelly():
     """(spikingjelly.activation_based, None) or (None, why it cannot be imported)."""
     global _loaded
     if _loaded is None:
-        # Read by spikingjelly at import; the issue asks for its Triton kernel.
+        # Read by spikingjelly at import: the peer timed is its Triton kernel (docs/benchmarks.md,
+        # "What is measured").
         os.environ.setdefault(SPIKINGJELLY_IMPLEMENTATION_ENV, "triton")
         try:
             from spikingjelly import activation_based

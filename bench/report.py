@@ -1,4 +1,5 @@
-"""Presenting results: the printed table, JSON, markdown, plots, and the issue's targets checked against them."""
+"""Presenting results: the printed table, JSON, markdown, plots, and the targets of docs/benchmarks.md
+("Targets", "CPU") checked against them."""
 
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ def test_model_forward_traces_as_one_graph(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vgg11_with_mpdsgr_traces_as_one_graph(backend):
-    """The issue's model: a spiking VGG11 (8x8 images and a narrow classifier to keep it quick) with MPD-SGR."""
+    """The paper's CIFAR-10 model (the cifar10-vgg11 preset): a spiking VGG11 with MPD-SGR (8x8 images
+    and a narrow classifier to keep it quick)."""
     torch.manual_seed(0)
     model = build_model("vgg11", in_channels=3, num_classes=4, image_size=8, T=T, hidden=16,
                         neuron=dict(backend=backend)).to(DEVICE)

@@ -1,4 +1,4 @@
-"""Faults of the machine (issue 15): a file system that fills up, a read-only or unwritable folder, a
+"""Faults of the machine: a file system that fills up, a read-only or unwritable folder, a
 process killed mid-write, a damaged checkpoint, a rank that dies or hangs under torchrun, an
 interrupted evaluation or benchmark sweep. Each ends in one line, keeps what was complete and leaves
 no temporary file behind.

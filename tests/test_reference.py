@@ -16,7 +16,7 @@ from mpd_triton.reference import membrane_stats
 
 
 def _design_lif_scalar(xs, tau, v_th, v_reset, decay_input, detach_reset, g, grad_s):
-    """Design section 2, literally, for one neuron in float64 Python floats:
+    """docs/design.md, section 2, literally, for one neuron in float64 Python floats:
     forward (with "/ tau") and the hand-written BPTT recursion for e_t."""
     v_r = 0.0 if v_reset is None else v_reset
     v = v_r
