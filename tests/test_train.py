@@ -211,3 +211,21 @@ def test_help_shows_effective_defaults(capsys):
     assert "(default: 4; 8 in fmnist-vgg11" in text  # --T
     assert "use only the first N training images (default: all)" in text
     assert "default: auto" in text  # --compile
+
+
+def test_help_states_each_default_once(capsys):
+    """An option whose help already says its default (--out, --dist-timeout, --window) gets no second note."""
+    from train.config import build_parser, states_default
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "run folder (default runs/<preset>-<time>) --resume" in text
+    assert "(default 600) (default" not in text and "under torchrun (default 600)" in text
+    assert "window is their gamma --backend" in text  # --window: "default: where g falls ..." and no note
+    assert "(default: the model's own)" in text  # --width: "by default" is not its default
+    assert states_default("seconds (default 600)") and states_default("default: when the run is long")
+    assert not states_default("channels (small 16 by default)") and not states_default(None)
+    helps = {a.dest: a.help for a in build_parser()._actions}
+    for name in ("out", "dist_timeout", "window", "gamma", "compile", "channels_last", "tau", "eval_limit"):
+        assert helps[name].count("default") == 1, (name, helps[name])

@@ -20,7 +20,8 @@ from models.common import insert_fields
 from .compiling import COMPILE_MIN_STEPS
 from .data import DATASETS
 
-__all__ = ["RunConfig", "PRESETS", "ConfigError", "parse_args", "build_parser", "fraction"]
+__all__ = ["RunConfig", "PRESETS", "NEURON_FLAGS", "ConfigError", "parse_args", "build_parser", "fraction",
+           "states_default"]
 
 
 # How long a collective waits for the other ranks before it fails (--dist-timeout). A rank that dies
@@ -252,8 +253,13 @@ _NONE_MEANS = {"width": "the model's own", "train_limit": "all", "test_limit": "
                "v_reset": "soft reset"}
 
 
-# Help that already states its option's default ("default: ...", "(default ...)") gets no second note.
 _STATES_DEFAULT = re.compile(r"\bdefault:|\(default\b")
+
+
+def states_default(help_text: str | None) -> bool:
+    """Whether an option's help already says what its default is ("default: ...", "(default ...)"); such
+    help gets no second note."""
+    return bool(help_text and _STATES_DEFAULT.search(help_text))
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
@@ -262,7 +268,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
     base = {**RunConfig().to_dict(), **PRESETS["quick"]}
     for action in parser._actions:
         name = action.dest
-        if name not in base or name == "preset" or (action.help and _STATES_DEFAULT.search(action.help)):
+        if name not in base or name == "preset" or states_default(action.help):
             continue
         by_value: dict[str, list[str]] = {}
         for preset, values in PRESETS.items():
