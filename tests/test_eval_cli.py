@@ -110,3 +110,22 @@ def test_source_with_other_classes_and_foreign_checkpoints(checkpoints, tmp_path
     code = main(["--checkpoint", str(tmp_path / "foreign.pt"), "--limit", "4"])
     err = capsys.readouterr().err
     assert code == 2 and "is not an mpd-triton checkpoint" in err
+
+
+def test_help_shows_real_defaults():
+    """--help shows the defaults that apply (not None), once, and keeps the examples as written."""
+    from train.attacks import SAPGD_STEPS
+    from train.eval import build_parser
+
+    raw = build_parser().format_help()
+    text = " ".join(raw.split())
+    for shown in ("comma-separated eps list (fractions allowed) (default: 2/255,4/255,8/255)",
+                  "PGD / BIM steps (default: 7)", "PGD / BIM step size (default: 0.01)",
+                  "APGD iterations (default: 50)", f"SA-PGD and ASSG iterations (default: {SAPGD_STEPS})",
+                  "Square attack query budget (default: 1000)", "test images (0: all) (default: 1000)",
+                  "test images per batch (default: 250)", "--seed SEED random seed", "(default: 0)",
+                  "auto, cpu, cuda or cuda:N (default: auto)"):
+        assert shown in text, shown
+    assert "default: None" not in text and "default: False" not in text
+    assert "(default: the run folder name) --attacks" in text  # a default the help states is not repeated
+    assert "\n    python -m train.eval --checkpoint runs/quick-*/mpd/model.pt --reliable" in raw  # raw description

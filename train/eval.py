@@ -35,7 +35,7 @@ from mpd_triton.kernels.cpu import keep_freed_memory
 from .attacks import ASSG_LEVEL, ASSG_LEVEL_RANGE, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS
 from .checkpoint import CheckpointError, load_checkpoint
 from .compiling import COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format, use_channels_last
-from .config import ConfigError, fraction
+from .config import ConfigError, fraction, states_default
 from .data import DataError, load_dataset
 from .report import eval_markdown, eval_table, plot_robustness
 from .robustness import EvalSettings, attack_steps, evaluate_robustness, parse_attacks
@@ -81,13 +81,25 @@ def evaluation_passes(settings: EvalSettings, n_images: int) -> int:
     return (n_images // settings.batch_size) * per_batch
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written (its example commands), and each option's default after its help,
+    where the help does not say it already (None and False, "not given", are not shown)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not (action.default is None or action.default is False or action.default == argparse.SUPPRESS)
+        if action.option_strings and shown and not states_default(text):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     class Parser(argparse.ArgumentParser):
         def error(self, message):
             raise ConfigError(f"{message} (see --help)")
 
     p = Parser(prog="python -m train.eval", description=__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=_HelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="model.pt or checkpoint.pt of train.run (repeat to compare models)")
     p.add_argument("--name", action="append", help="column name per checkpoint (default: the run folder name)")
@@ -99,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", default="2/255,4/255,8/255", help="comma-separated eps list (fractions allowed)")
     p.add_argument("--steps", type=int, default=7, help="PGD / BIM steps")
     p.add_argument("--step-size", type=fraction, default=0.01, help="PGD / BIM step size")
-    p.add_argument("--apgd-steps", type=int, default=50)
+    p.add_argument("--apgd-steps", type=int, default=50, help="APGD iterations")
     p.add_argument("--sapgd-steps", type=int, default=SAPGD_STEPS, help="SA-PGD and ASSG iterations")
     p.add_argument("--assg-level",
                    help="ASSG level(s) in (0, 0.5), the paper's A/2, comma-separated: several run as an ensemble "
@@ -116,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data set (default: the checkpoint's)")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, default=1000, help="test images (0: all)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=250, help="test images per batch")
+    p.add_argument("--seed", type=int, default=0, help="random seed (random starts, noise, Poisson draws)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="keep activations in torch.channels_last; default: on for the CPU, where it is faster")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
