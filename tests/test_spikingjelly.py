@@ -364,8 +364,17 @@ def _learnable_tau():
     return node
 
 
+def _low_precision_state():
+    """What SpikingJelly's precision conversion sets on a neuron for a bfloat16 state (its own call
+    needs a CUDA device for the Triton plan it prepares): the (storage, forward, backward) dtypes."""
+    node = neuron.LIFNode(step_mode="m")
+    node._neuron_precision = (torch.bfloat16, torch.float32, torch.float32)
+    return node
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda: neuron.LIFNode(), r"step_mode='s'.*set_step_mode\(model, 'm'\)"),
+    (_low_precision_state, "a low-precision neuron state .*mt.LIF keeps its state in float32"),
     (lambda: neuron.ParametricLIFNode(step_mode="m"), "learnable tau"),
     (_learnable_tau, r"tau is a tensor \(learnable\)"),
     (lambda: neuron.QIFNode(step_mode="m"), "neuron type QIFNode is not implemented"),
