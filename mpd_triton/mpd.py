@@ -13,10 +13,13 @@ from torch import nn
 
 from .neuron import check_real
 
-__all__ = ["mpd_overlap", "combine_stats", "MPDSGR", "DEFAULT_EPS", "GRANULARITIES"]
+__all__ = ["mpd_overlap", "combine_stats", "MPDSGR", "DEFAULT_EPS", "GRANULARITIES", "MPD_WINDOWS"]
 
 DEFAULT_EPS = 1e-5
 GRANULARITIES = ("time_channel", "channel", "layer")
+# "surrogate": the window [-gamma, gamma] of the surrogate (or MPDSGR's gamma), the paper's;
+# "relative": [-k sigma, k sigma] for each cell's own sigma (Omega then depends on |mean| / sigma only).
+MPD_WINDOWS = ("surrogate", "relative")
 
 
 def mpd_overlap(mean: torch.Tensor, var: torch.Tensor, gamma, eps: float = DEFAULT_EPS) -> torch.Tensor:
@@ -120,10 +123,18 @@ class MPDSGR:
             paper), "channel" or "layer": the Gaussian is fitted per cell.
         gamma: window half-width; None uses each layer's surrogate window.
         eps: added to the variance before the square root.
+        window: "surrogate" (the paper): Omega is the Gaussian's share inside [-gamma, gamma].
+            "relative": inside [-k sigma, k sigma] with each cell's own sigma = sqrt(var + eps),
+            so that Omega = Phi(k - |mean|/sigma) - Phi(-k - |mean|/sigma) depends only on how
+            many standard deviations the threshold lies from the mean. A layer whose input is
+            BatchNorm-ed can lower the surrogate-window Omega by spreading u (a larger gain),
+            which moves potentials out of the window but multiplies the gradient of those left
+            inside; the relative window does not reward that (docs/study.md).
+        k: the relative window's half-width in standard deviations.
     """
 
     def __init__(self, model: nn.Module, eta: float, *, granularity: str = "time_channel", gamma=None,
-                 eps: float = DEFAULT_EPS):
+                 eps: float = DEFAULT_EPS, window: str = "surrogate", k: float = 1.0):
         from .layers import LIF
 
         if not isinstance(model, nn.Module):
@@ -134,6 +145,12 @@ class MPDSGR:
         if gamma is not None:
             gamma = check_real("gamma", gamma, positive=True)
         eps = check_real("eps", eps, nonnegative=True)
+        if window not in MPD_WINDOWS:
+            raise ValueError(f"window must be one of {MPD_WINDOWS}, got {window!r}")
+        k = check_real("k (the relative window's half-width in standard deviations)", k, positive=True)
+        if window == "relative" and gamma is not None:
+            raise ValueError("gamma sets the surrogate window; the relative window is set by k")
+        self.window, self.k = window, k
         self.layers = [m for m in model.modules() if isinstance(m, LIF)]
         if not self.layers:
             raise ValueError("model has no mt.LIF layers: MPD-SGR regularizes the membrane potential of LIF layers")
@@ -174,12 +191,15 @@ class MPDSGR:
                     "(every LIF layer must be used in the forward)"
                 )
             gamma = self.gamma if self.gamma is not None else layer.surrogate.window
-            omegas = [
-                mpd_overlap(*combine_stats(mean, var, self.granularity), gamma, self.eps).reshape(-1)
-                for mean, var in layer.mpd_records
-            ]
+            omegas = [self._overlap(*combine_stats(mean, var, self.granularity), gamma).reshape(-1)
+                      for mean, var in layer.mpd_records]
             out.append(torch.cat(omegas))
         return out
+
+    def _overlap(self, mean: torch.Tensor, var: torch.Tensor, gamma: float) -> torch.Tensor:
+        if self.window == "relative":  # gamma = k sigma: autograd through the window too
+            return mpd_overlap(mean, var, self.k * torch.sqrt(var + self.eps), self.eps)
+        return mpd_overlap(mean, var, gamma, self.eps)
 
     def loss(self) -> torch.Tensor:
         """L_MPD: mean over layers of the mean Omega (unweighted by eta)."""
@@ -197,6 +217,7 @@ class MPDSGR:
         return float(self.loss())
 
     def __repr__(self) -> str:
-        return (f"MPDSGR(eta={self.eta:g}, granularity={self.granularity!r}, gamma={self.gamma}, "
+        window = f"window='relative', k={self.k:g}" if self.window == "relative" else f"gamma={self.gamma}"
+        return (f"MPDSGR(eta={self.eta:g}, granularity={self.granularity!r}, {window}, "
                 f"eps={self.eps:g}, layers={len(self.layers)})")
 

@@ -145,3 +145,47 @@ def test_regularizer_lowers_overlap(backend):
     plain = _train(copy.deepcopy(base), eta=0.0, steps=12)
     regularized = _train(copy.deepcopy(base), eta=2.0, steps=12)
     assert regularized < 0.7 * plain, (plain, regularized)
+
+
+# ---------------------------------------------------------------- the relative window
+
+
+def test_relative_window_depends_only_on_the_mean_in_standard_deviations():
+    """window="relative": Omega = Phi(k - |m|/sigma) - Phi(-k - |m|/sigma), the same for u and c u
+    (a BatchNorm gain cannot lower it), where the surrogate window's Omega falls as u spreads."""
+    torch.manual_seed(0)
+    model = TinySNN(backend="torch").to(DEVICE)
+    relative = mt.MPDSGR(model, eta=1.0, window="relative", k=0.7)
+    x = make_input((4, 3, 1, 8, 8), 5)
+    model(x)
+    for layer, omega in zip((model.lif1, model.lif2), relative.layer_overlaps()):
+        (mean, var), = layer.mpd_records
+        z = mean.abs() / torch.sqrt(var + mt.DEFAULT_EPS)
+        expected = torch.special.ndtr(0.7 - z) - torch.special.ndtr(-0.7 - z)
+        assert_close("relative Omega", omega, expected.reshape(-1), atol=1e-6, rtol=1e-5)
+    scaled = (torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.3, 2.0, 0.1]))
+    for c in (0.5, 3.0):
+        m, v = scaled
+        base = relative._overlap(m, v, gamma=1.0)
+        torch.testing.assert_close(relative._overlap(c * m, c * c * v, gamma=1.0), base, atol=1e-4, rtol=1e-4)
+    surrogate = mt.MPDSGR(model, eta=1.0)
+    m, v = torch.tensor([0.5, -0.3, 0.0]), torch.tensor([0.3, 0.5, 0.1])  # means inside the window
+    assert (surrogate._overlap(3 * m, 9 * v, 1.0) < surrogate._overlap(m, v, 1.0)).all()  # spreading lowers it
+
+
+def test_relative_window_gradient_matches_finite_differences():
+    mean = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64, requires_grad=True)
+    var = torch.tensor([0.5, 1.5, 0.2], dtype=torch.float64, requires_grad=True)
+    reg = mt.MPDSGR(TinySNN(), eta=1.0, window="relative", k=1.3)
+    assert torch.autograd.gradcheck(lambda m, v: reg._overlap(m, v, 1.0), (mean, var))
+
+
+def test_relative_window_bad_options():
+    model = TinySNN()
+    with pytest.raises(ValueError, match="window must be one of"):
+        mt.MPDSGR(model, eta=1.0, window="wide")
+    with pytest.raises(ValueError, match="k .* must be > 0"):
+        mt.MPDSGR(model, eta=1.0, window="relative", k=0.0)
+    with pytest.raises(ValueError, match="relative window is set by k"):
+        mt.MPDSGR(model, eta=1.0, window="relative", gamma=1.0)
+    assert "window='relative', k=2" in repr(mt.MPDSGR(model, eta=1.0, window="relative", k=2.0))

@@ -66,6 +66,8 @@ class RunConfig:
     compare: bool = False  # train eta = 0 and eta = `eta` from the same seed, side by side
     gamma: float | None = None
     granularity: str = "time_channel"
+    mpd_window: str = "surrogate"  # MPDSGR's window: the surrogate's gamma (the paper) or k standard deviations
+    mpd_k: float = 1.0
     # the SR baseline (train/regularizers.py): CE + sr_lambda * its finite-difference gradient term
     sr_lambda: float = 0.0
     sr_h: float = 0.01
@@ -211,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train eta = 0 and the given eta from the same seed and compare them")
     g.add_argument("--gamma", type=float, help="window half-width for all layers (default: each surrogate's)")
     g.add_argument("--granularity", help=f"one of: {', '.join(mt.GRANULARITIES)}")
+    g.add_argument("--mpd-window", help=f"one of: {', '.join(mt.MPD_WINDOWS)}: the surrogate's window [-gamma, gamma] "
+                                        "(the paper), or [-k sigma, k sigma] with each cell's own sigma (mt.MPDSGR)")
+    g.add_argument("--mpd-k", type=float, help="the relative window's half-width in standard deviations")
     g = p.add_argument_group("SR baseline (Liu et al. 2024, train/regularizers.py)")
     g.add_argument("--sr-lambda", type=float, help="weight of SR's input-gradient term (0: off)")
     g.add_argument("--sr-h", type=float, help="SR's finite-difference step")
@@ -325,6 +330,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if cfg.mpd_window not in mt.MPD_WINDOWS:
+        raise ConfigError(f"unknown MPD-SGR window {cfg.mpd_window!r}; choose one of {', '.join(mt.MPD_WINDOWS)}")
+    if not (cfg.mpd_k > 0 and math.isfinite(cfg.mpd_k)):
+        raise ConfigError(f"mpd k must be > 0, got {cfg.mpd_k}")
+    if cfg.mpd_window == "relative" and cfg.gamma is not None:
+        raise ConfigError("--gamma sets the surrogate window; the relative window is set by --mpd-k")
     if cfg.granularity not in mt.GRANULARITIES:
         raise ConfigError(f"unknown granularity {cfg.granularity!r}; choose one of {', '.join(mt.GRANULARITIES)}")
     if cfg.backend not in mt.BACKENDS:
