@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,11 +53,34 @@ def test_bad_plans_are_refused_in_one_line(grid, cases, message):
         plan_points(parse_grid(grid), parse_cases(cases))
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--train-args", "--out elsewhere"], "--out is set by the sweep"),
+    (["--train-args=--out=elsewhere"], "--out is set by the sweep"),
+    (["--train-args=--forc"], "--force is set by the sweep"),
+    (["--case", "a=--force"], "leave --force out of --case a"),
+    (["--case", "a=--resume"], "--resume is set by the sweep"),
+    (["--eval-args", "--name x"], "--name is set by the sweep"),
+    (["--eval-args", "--checkpoint m.pt"], "--checkpoint is set by the sweep"),
+    (["--case", "..=--eta 0"], "at least one letter or digit"),
+    (["--jobs", "2", "--train-args=--download"], "download it first"),
+    (["--jobs", "0"], "must be >= 1"),
+])
+def test_options_the_sweep_sets_itself_are_refused(tmp_path, capsys, args, message):
+    assert main(["--out", str(tmp_path / "s"), "--grid", "seed=0", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_second_sweep_in_the_same_folder_is_refused(tmp_path, capsys):
+    tmp_path.mkdir(exist_ok=True)
+    with sweep._lock(tmp_path):
+        assert main(["--out", str(tmp_path), "--grid", "seed=0", "--summary-only"]) == 2
+        assert "another sweep runs in" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--grid", "seed=0", "--summary-only"]) == 0
+
+
 def test_bad_command_lines(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--grid", "eta=-1"]) == 2
     assert "point eta=-1: train.run refuses its flags: eta must be >= 0" in capsys.readouterr().err
-    assert main(["--out", str(tmp_path), "--train-args", "--out elsewhere"]) == 2
-    assert "--out is set by the sweep" in capsys.readouterr().err
     assert main(["--out", str(tmp_path), "--train-args", "--epochs 'x"]) == 2
     assert "--train-args" in capsys.readouterr().err
     assert main(["--grid", "eta=0"]) == 2  # --out is required
@@ -117,15 +139,26 @@ def test_a_fresh_point_trains_then_evaluates_and_is_then_skipped(tmp_path, monke
     assert evaluate[evaluate.index("--checkpoint") + 1].endswith("plain/model.pt")
     assert sweep.run_point(point, tmp_path, ["--epochs", "1"], ["--attacks", "fgsm"], RUNNER, False) == "skipped"
     assert len(children.commands) == 2
-    with pytest.raises(SweepError, match="other commands"):
+    with pytest.raises(SweepError, match="made with other train arguments"):
         sweep.run_point(point, tmp_path, ["--epochs", "2"], ["--attacks", "fgsm"], RUNNER, False)
+    with pytest.raises(SweepError, match="made with other eval arguments"):
+        sweep.run_point(point, tmp_path, ["--epochs", "1"], ["--attacks", "pgd"], RUNNER, False)
+
+
+def _started(out, point, train_args=(), eval_args=("--attacks", "fgsm")):
+    """The point's folder as a sweep leaves it when it starts the point (its plan recorded)."""
+    folder = out / "points" / point.name
+    folder.mkdir(parents=True)
+    planned = sweep.planned_commands(point, list(train_args), None if eval_args is None else list(eval_args))
+    sweep._record(folder, sweep.PLAN_FILE, {"commands": planned})
+    return folder
 
 
 def test_an_interrupted_training_and_evaluation_continue_with_resume(tmp_path, monkeypatch):
     children = FakeChildren(monkeypatch)
     point = _point()
-    folder = tmp_path / "points" / point.name
-    (folder / "plain").mkdir(parents=True)
+    folder = _started(tmp_path, point)
+    (folder / "plain").mkdir()
     (folder / "plain" / "checkpoint.pt").write_bytes(b"")  # a training killed after an epoch
     (folder / "eval").mkdir()
     (folder / "eval" / "eval.json").write_text(json.dumps({"models": {}, "in_progress": {"model": point.name}}))
@@ -137,7 +170,8 @@ def test_an_interrupted_training_and_evaluation_continue_with_resume(tmp_path, m
 def test_a_training_stopped_after_its_model_but_before_its_report_is_resumed(tmp_path, monkeypatch):
     children = FakeChildren(monkeypatch)
     point = _point()
-    (tmp_path / "points" / point.name / "plain").mkdir(parents=True)
+    _started(tmp_path, point, eval_args=None)
+    (tmp_path / "points" / point.name / "plain").mkdir()
     for f in ("checkpoint.pt", "model.pt"):
         (tmp_path / "points" / point.name / "plain" / f).write_bytes(b"")
     assert sweep.run_point(point, tmp_path, [], None, RUNNER, False) == "done"
@@ -147,11 +181,51 @@ def test_a_training_stopped_after_its_model_but_before_its_report_is_resumed(tmp
 def test_a_trained_point_is_only_evaluated(tmp_path, monkeypatch):
     children = FakeChildren(monkeypatch)
     point = _point()
-    (tmp_path / "points" / point.name / "mpd").mkdir(parents=True)
+    _started(tmp_path, point)
+    (tmp_path / "points" / point.name / "mpd").mkdir()
     (tmp_path / "points" / point.name / "mpd" / "model.pt").write_bytes(b"")
     (tmp_path / "points" / point.name / "mpd" / "report.json").write_text("{}")
     assert sweep.run_point(point, tmp_path, [], ["--attacks", "fgsm"], RUNNER, False) == "done"
     assert len(children.commands) == 1 and "train.eval" in children.commands[0]
+
+
+def test_a_folder_made_with_other_arguments_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """A point trained for 1 epoch whose evaluation failed, run again for 30 epochs: refused up
+    front (its 1-epoch model is not evaluated and recorded as the 30-epoch one), and no child runs."""
+    children = FakeChildren(monkeypatch, fail="eval")
+    point = _point()
+    assert sweep.run_point(point, tmp_path, ["--epochs", "1"], ["--attacks", "fgsm"], RUNNER, False) == "failed"
+    assert len(children.commands) == 2
+    code = main(["--out", str(tmp_path), "--grid", "seed=0", "--train-args", "--epochs 30",
+                 "--eval-args", "--attacks fgsm"])
+    assert code == 2 and len(children.commands) == 2
+    err = capsys.readouterr().err
+    assert "point seed=0 in" in err and "made with other train arguments" in err and "--epochs 1" in err
+    assert "delete" in err and "use another --out" in err
+
+
+def test_a_training_without_a_record_is_refused(tmp_path):
+    point = _point()
+    (tmp_path / "points" / point.name / "plain").mkdir(parents=True)
+    (tmp_path / "points" / point.name / "plain" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(SweepError, match="did not record"):
+        sweep.run_point(point, tmp_path, [], None, RUNNER, False)
+    (tmp_path / "points" / point.name / "point.json").write_text("{}")
+    with pytest.raises(SweepError, match="not a sweep's record"):
+        sweep.run_point(point, tmp_path, [], None, RUNNER, False)
+
+
+def test_an_older_sweeps_record_is_read_whatever_its_folder_was_called(tmp_path, monkeypatch):
+    """Records of an earlier version held --out (and the sweep may be moved or named by another
+    path): what counts is the arguments."""
+    children = FakeChildren(monkeypatch)
+    point = _point()
+    folder = tmp_path / "points" / point.name
+    folder.mkdir(parents=True)
+    old = ["-m", "train.run", "--epochs", "1", "--seed", "0", "--no-compare", "--out", "/elsewhere/points/seed=0"]
+    (folder / "point.json").write_text(json.dumps({"commands": {"train": old, "eval": None}}))
+    assert sweep.run_point(point, tmp_path, ["--epochs", "1"], None, RUNNER, False) == "skipped"
+    assert children.commands == []
 
 
 def test_a_failed_point_is_recorded_and_not_retried_unless_asked(tmp_path, monkeypatch):
@@ -183,7 +257,7 @@ def _finished_point(out, point, clean, robust, n=100):
     (folder / "eval" / "eval.json").write_text(json.dumps({"models": {point.name: {
         "n": n, "clean": clean, "grad_l1": 1.0, "all_checks_passed": True, "checks": [],
         "accuracy": {"pgd": {"0.0313725": robust}}, "worst_case": {"0.0313725": robust - 0.05}}}}))
-    (folder / "point.json").write_text("{}")
+    sweep._record(folder, sweep.POINT_FILE, {"commands": sweep.planned_commands(point, [], [])})
 
 
 def test_settings_are_aggregated_over_seeds_with_standard_errors(tmp_path):
@@ -233,8 +307,7 @@ def _interrupt_at(out, marker, send, ignore_sigint=False):
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if marker in line:
-            time.sleep(0.5)
+        if marker in line:  # the child is in its next epoch now (it prints the line when it starts it)
             send(proc)
             break
     rest, _ = proc.communicate(timeout=120)
@@ -254,7 +327,7 @@ def test_a_real_sweep_interrupted_and_continued(tmp_path):
     assert any(out.glob("points/eta=0/*/checkpoint.pt")) and not (out / "points" / "eta=0.5").exists()
     code, printed = _interrupt_at(out, "[eta=0.5] [mpd] epoch 1/2:", lambda p: p.send_signal(signal.SIGTERM),
                                   ignore_sigint=True)
-    assert code == 130, printed
+    assert code == 143, printed
     assert "stopped by SIGTERM" in (out / "points" / "eta=0.5" / "train.log").read_text()
     done = subprocess.run(_sweep_command(out, 2), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -62,11 +62,11 @@ from .diagnostics import DIAGNOSTICS  # noqa: E402
 __all__ = ["Point", "Runner", "plan_points", "run_point", "summarize", "write_summary", "main", "SEED_KEY"]
 
 SEED_KEY = "seed"  # the grid key a setting is aggregated over
-POINT_FILE, FAILED_FILE = "point.json", "failed.json"
+POINT_FILE, FAILED_FILE, PLAN_FILE = "point.json", "failed.json", "plan.json"
 # Exit statuses of a child stopped by Ctrl-C or SIGTERM (train.run / train.eval's own, or the signal's).
 _STOPPED_CODES = {130, 143, -signal.SIGINT, -signal.SIGTERM}
-# train.run options a sweep sets itself (one model per point, in the point's folder).
-_RESERVED = {"out", "resume", "force", "compare", "preset_list"}
+# train.run options a sweep sets itself (one model per point, in the point's folder): not grid keys.
+_RESERVED = {"out", "resume", "force", "compare"}
 
 
 class SweepError(ValueError):
@@ -141,9 +141,9 @@ def parse_cases(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         label, sep, flags = item.partition("=")
         label = label.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z0-9.+-]+", label or "-_-"):
+        if not sep or not re.fullmatch(r"[A-Za-z0-9.+-]*[A-Za-z0-9][A-Za-z0-9.+-]*", label):
             raise SweepError(f"--case {item!r}: expected LABEL=\"train.run flags\" with a label of letters, digits, "
-                             "'.', '+' or '-'")
+                             "'.', '+' or '-' (at least one letter or digit)")
         if label in cases:
             raise SweepError(f"--case {label} given twice")
         try:
@@ -291,27 +291,73 @@ def _record(folder: Path, file: str, payload: dict) -> None:
     write_json(folder / file, payload)
 
 
+def planned_commands(point: Point, train_args: list[str], eval_args: list[str] | None) -> dict:
+    """What a point's folder holds the results of: its train.run arguments and train.eval's (without
+    the folders, so that the same sweep moved or named by another path still matches)."""
+    return {"train": ["-m", "train.run", *train_args, *point.train_flags, "--no-compare"], "eval": eval_args}
+
+
+def _saved_commands(folder: Path) -> dict | None:
+    """The commands the point's folder was made with (PLAN_FILE, or an older sweep's point.json)."""
+    for name in (PLAN_FILE, POINT_FILE):
+        path = folder / name
+        if not path.is_file():
+            continue
+        saved = _read_json(path)
+        commands = saved.get("commands") if isinstance(saved, dict) else None
+        if not isinstance(commands, dict) or not isinstance(commands.get("train"), list):
+            raise SweepError(f"{path} is not a sweep's record (no commands in it): delete the folder {folder} to "
+                             "run the point again")
+        return {"train": _without_folders(commands["train"]), "eval": commands.get("eval")}
+    return None
+
+
+def _without_folders(command: list[str]) -> list[str]:
+    """A stored command without --out DIR and --resume (older sweeps stored them)."""
+    out, skip = [], False
+    for word in command:
+        if skip:
+            skip = False
+        elif word == "--out":
+            skip = True
+        elif word != "--resume":
+            out.append(word)
+    return out
+
+
+def check_plan(point: Point, out: Path, planned: dict) -> None:
+    """Refuse a point whose folder holds results of other commands (before any work starts)."""
+    folder = out / "points" / point.name
+    saved = _saved_commands(folder)
+    if saved is None:
+        if _has_checkpoint(folder) or any(folder.glob("*/model.pt")):
+            raise SweepError(f"{folder} holds a training the sweep did not record (no {PLAN_FILE}): delete it, or "
+                             "use another --out")
+        return
+    for step in ("train", "eval"):
+        if saved[step] != planned[step]:
+            was = shlex.join(saved[step]) if saved[step] is not None else "none"
+            now = shlex.join(planned[step]) if planned[step] is not None else "none"
+            raise SweepError(f"point {point.name} in {out} was made with other {step} arguments ({was}; now {now}): "
+                             f"use another --out, or delete {folder} to run it again")
+
+
 def run_point(point: Point, out: Path, train_args: list[str], eval_args: list[str] | None, runner: Runner,
               retry_failed: bool) -> str:
     """Train (and evaluate) one point; -> "done", "skipped" (finished before), "failed" or
     "failed before" (not retried). Raises _Stopped when the sweep is being stopped."""
     folder = out / "points" / point.name
-    train_cmd = _train_command(point, train_args, folder, resume=False)
     eval_folder = folder / "eval"
-    planned = {"train": train_cmd[1:], "eval": eval_args}  # without the interpreter's path
-    finished = folder / POINT_FILE
-    if finished.is_file():
-        saved = json.loads(finished.read_text())
-        if saved.get("commands") != planned:
-            raise SweepError(f"{finished} was made with other commands ({shlex.join(saved['commands']['train'])}); "
-                             "use another --out for other settings")
+    planned = planned_commands(point, train_args, eval_args)
+    check_plan(point, out, planned)
+    if (folder / POINT_FILE).is_file():
         return "skipped"
     failed = folder / FAILED_FILE
     if failed.is_file() and not retry_failed:
-        saved = json.loads(failed.read_text())
-        if saved.get("commands") == planned:
-            return "failed before"
+        return "failed before"
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / PLAN_FILE).is_file():  # before any work: a later call with other arguments is refused
+        _record(folder, PLAN_FILE, {"commands": planned, "point": point.name})
     failed.unlink(missing_ok=True)
 
     def fail(step: str, code: int, last: str) -> str:
@@ -416,8 +462,8 @@ def summarize(points: list[Point], out: Path) -> dict:
             group["metrics"]["input-gradient L1"] = _mean_se([r["grad_l1"] for r in rs], None)
         if all(r.get("diagnostics") for r in rs):
             n_layers = len(rs[0]["diagnostics"])
-            group["diagnostics"] = [{key: sum(r["diagnostics"][i][key] for r in rs) / len(rs)
-                                     for key in ("window", *DIAGNOSTICS)} | {"layer": i + 1}
+            group["diagnostics"] = [{key: sum(r["diagnostics"][i][key] for r in rs) / len(rs) for key in DIAGNOSTICS}
+                                    | {"layer": i + 1, "window": rs[0]["diagnostics"][i]["window"]}
                                     for i in range(n_layers)]
         group["checks_passed"] = all(r.get("checks_passed", True) for r in rs)
         groups.append(group)
@@ -453,7 +499,8 @@ def markdown(summary: dict, command: str) -> str:
                   "|---|---|---|" + "---|" * len(DIAGNOSTICS)]
         for g in groups:
             for d in g.get("diagnostics") or []:
-                lines.append(f"| {g['setting']} | {d['layer']} | {d['window']:.3g} | "
+                window = d["window"] if isinstance(d["window"], str) else f"{d['window']:.3g}"
+                lines.append(f"| {g['setting']} | {d['layer']} | {window} | "
                              + " | ".join(fmt.format(d[k]) for k, (_, fmt) in DIAGNOSTICS.items()) + " |")
     lines += ["", "## Points", "", "| point | clean | mean Omega | s / epoch | epochs | checks |",
               "|---|---|---|---|---|---|"]
@@ -537,6 +584,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Options each point's command sets itself: refused in --train-args, --case and --eval-args (any
+# abbreviation argparse would accept, and the --flag=value form, included).
+_RESERVED_TRAIN = ("--out", "--resume", "--force", "--compare", "--no-compare")
+_RESERVED_EVAL = ("--out", "--resume", "--checkpoint", "--name")
+
+
+def _check_reserved(words: list[str], reserved: tuple[str, ...], where: str) -> None:
+    for word in words:
+        flag = word.split("=", 1)[0]
+        if len(flag) > 2 and flag.startswith("--"):
+            hit = next((r for r in reserved if r.startswith(flag)), None)
+            if hit is not None:
+                raise SweepError(f"{hit} is set by the sweep for each point: leave {word} out of {where}")
+
+
 def main(argv=None) -> int:
     command = "python -m train.sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
@@ -546,13 +608,16 @@ def main(argv=None) -> int:
             eval_args = shlex.split(args.eval_args) if args.eval_args is not None else None
         except ValueError as e:
             raise SweepError(f"--train-args / --eval-args: {e}") from None
-        for flag in ("--out", "--resume", "--force", "--compare", "--checkpoint"):
-            if flag in train_args or (eval_args and flag in eval_args):
-                raise SweepError(f"{flag} is set by the sweep for each point: leave it out of --train-args / "
-                                 "--eval-args")
         if args.jobs < 1 or (args.threads is not None and args.threads < 1):
             raise SweepError("--jobs and --threads must be >= 1")
         points = plan_points(parse_grid(args.grid), parse_cases(args.case))
+        _check_reserved(train_args, _RESERVED_TRAIN, "--train-args")
+        for p in points:
+            _check_reserved(p.train_flags, _RESERVED_TRAIN, f"--case {p.case}" if p.case else "--grid")
+        _check_reserved(eval_args or [], _RESERVED_EVAL, "--eval-args")
+        if args.jobs > 1 and any(w.startswith("--down") for w in train_args + [f for p in points for f in p.train_flags]):
+            raise SweepError("--download with --jobs > 1 would download the data in several processes at once: "
+                             "download it first (python -m train.run --download ...), then run the sweep")
         out = Path(args.out)
         _check_train_args(train_args, points)
         if args.dry_run:
@@ -562,19 +627,25 @@ def main(argv=None) -> int:
                     model = out / "points" / p.name / "<run>" / "model.pt"
                     print(f"  {shlex.join(_eval_command(p, model, eval_args, out / 'points' / p.name / 'eval', False)[1:])}")
             return 0
+        for p in points:  # a folder made with other arguments is refused now, not hours into the sweep
+            check_plan(p, out, planned_commands(p, train_args, eval_args))
         ensure_writable(out, what="the sweep")
+        lock = _lock(out)
     except (SweepError, ConfigError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.summary_only:
-        write_summary(points, out, command)
-        print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
-        return 0
-    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
-    runner = Runner(echo=not args.quiet, threads=threads)
-    statuses = _run_points(points, out, train_args, eval_args, runner, args, command)
-    if statuses is None:
-        return 130
+    with lock:
+        if args.summary_only:
+            write_summary(points, out, command)
+            print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
+            return 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        jobs = min(args.jobs, len(points))
+        threads = args.threads or (max(1, cores // jobs) if args.jobs > 1 else None)
+        runner = Runner(echo=not args.quiet, threads=threads)
+        statuses = _run_points(points, out, train_args, eval_args, runner, jobs, args.retry_failed, command)
+    if isinstance(statuses, int):
+        return statuses
     if isinstance(statuses, Exception):
         print(f"error: {statuses}", file=sys.stderr)
         return 2
@@ -585,10 +656,47 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
+class _Lock:
+    """OUT/.sweep.lock held (flock) while a sweep runs there: a second sweep in the same folder is refused."""
+
+    def __init__(self, path: Path, handle):
+        self.path, self.handle = path, handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+        return False
+
+
+def _lock(out: Path) -> _Lock:
+    import fcntl
+
+    path = out / ".sweep.lock"
+    try:
+        handle = open(path, "a+")
+    except OSError as e:
+        raise WriteError.from_os_error(path, e) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SweepError(f"another sweep runs in {out} ({holder}): wait for it, or stop it first") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return _Lock(path, handle)
+
+
 def _run_points(points: list[Point], out: Path, train_args: list[str], eval_args: list[str] | None, runner: Runner,
-                args, command: str):
-    """Every point, --jobs at a time -> {point: status}; None when interrupted; a SweepError or
-    WriteError that stopped the sweep."""
+                jobs: int, retry_failed: bool, command: str):
+    """Every point, ``jobs`` at a time -> {point: status}; an exit status (130: Ctrl-C, 143: SIGTERM)
+    when stopped; a SweepError or WriteError that stopped the sweep. Whatever ends it, the children
+    are stopped and the summary is written before this returns."""
     statuses: dict[str, str] = {}
     lock = threading.Lock()
     bar = tqdm(total=len(points), desc="sweep", unit="point", dynamic_ncols=True, disable=None)  # None: off in a log
@@ -597,17 +705,19 @@ def _run_points(points: list[Point], out: Path, train_args: list[str], eval_args
         if runner.stopping.is_set():
             return
         tqdm.write(f"[start] {point.name}")
-        status = run_point(point, out, train_args, eval_args, runner, args.retry_failed)
+        status = run_point(point, out, train_args, eval_args, runner, retry_failed)
         with lock:
             statuses[point.name] = status
             bar.update(1)
             tqdm.write(f"[{len(statuses)}/{len(points)}] {point.name}: {status}"
                        + (f" (see {out / 'points' / point.name / FAILED_FILE})" if "failed" in status else ""))
-            write_summary(points, out, command)
+            if status != "skipped":
+                write_summary(points, out, command)
 
-    previous = signal.signal(signal.SIGTERM, _raise_stopped)
-    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    previous, previous_int = signal.signal(signal.SIGTERM, _raise_stopped), signal.getsignal(signal.SIGINT)
+    pool = ThreadPoolExecutor(max_workers=jobs)
     pending = {pool.submit(one, p) for p in points}
+    outcome = None
     try:
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
@@ -615,22 +725,28 @@ def _run_points(points: list[Point], out: Path, train_args: list[str], eval_args
                 error = future.exception()
                 if error is not None:
                     raise error
-        return statuses
-    except (KeyboardInterrupt, _Stopped) as e:
+        outcome = statuses
+    except BaseException as e:  # stop the children whatever happened, then say it
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C or SIGTERM does not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         runner.stop(from_terminal=isinstance(e, KeyboardInterrupt))
         pool.shutdown(wait=True, cancel_futures=True)
-        write_summary(points, out, command)
-        print("\ninterrupted: the finished points and the interrupted ones' last epoch / batch are kept; run the "
-              "same command again to continue", file=sys.stderr)
-        return None
-    except (SweepError, WriteError) as e:
-        runner.stop(from_terminal=False)
-        pool.shutdown(wait=True, cancel_futures=True)
-        return e
+        if isinstance(e, (KeyboardInterrupt, _Stopped)):
+            print("\ninterrupted: the finished points and the interrupted ones' last epoch / batch are kept; run the "
+                  "same command again to continue", file=sys.stderr)
+            outcome = 130 if isinstance(e, KeyboardInterrupt) else 143
+        elif isinstance(e, (SweepError, WriteError)):
+            outcome = e
+        else:
+            write_summary(points, out, command)
+            raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+    write_summary(points, out, command)
+    return outcome
 
 
 def _raise_stopped(signum, frame):
