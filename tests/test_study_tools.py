@@ -138,19 +138,59 @@ def test_sr_training_shrinks_the_input_gradient(tmp_path):
     assert norms["sr"] < 0.8 * norms["plain"], norms
 
 
-def test_sr_with_a_compiled_model():
-    """The SR step backpropagates twice through the forward: a compiled model takes it."""
+def test_sr_with_a_compiled_model_matches_eager():
+    """The SR step backpropagates twice through the forward: a compiled model takes it and gives the
+    eager model's term and gradients."""
     from train.compiling import compile_for_batches
 
     torch.manual_seed(0)
-    model = build_model("small", in_channels=1, num_classes=4, image_size=8, T=2, width=4, hidden=8)
-    net = compile_for_batches(model, 4, True, retain_graph=True)
-    x = torch.rand(4, 1, 8, 8, requires_grad=True)
+    model = build_model("small", in_channels=1, num_classes=4, image_size=8, T=2, width=4, hidden=8,
+                        classifier_bn=True)  # (at initialization the hidden layer of the plain classifier is silent)
+    for bn in model.modules():
+        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.constant_(bn.weight, 2.0)  # every layer fires
+    x = torch.rand(4, 1, 8, 8)
     y = torch.tensor([0, 1, 2, 3])
-    logits = net(x)
-    loss = nn.functional.cross_entropy(logits, y) + sr_penalty(net, x, logits, y)
-    loss.backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    results = []
+    for net in (model, compile_for_batches(model, 4, True, retain_graph=True)):
+        model.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        term = sr_penalty(net, xg, net(xg), y)
+        term.backward()
+        results.append((term.detach(), [p.grad.clone() for p in model.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert eager > 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_sr_on_a_poisson_model_replays_the_draws():
+    """With a Poisson encoding the second forward must draw the first one's spikes: else the finite
+    difference is two random encodings' difference over h. The RNG then moves on as after one forward."""
+    from train.regularizers import replay_state
+
+    torch.manual_seed(0)
+    model = build_model("small", in_channels=1, num_classes=4, image_size=8, T=4, width=4, hidden=8,
+                        encoding="poisson", classifier_bn=True)
+    for bn in model.modules():
+        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.constant_(bn.weight, 2.0)  # every layer fires
+    x = torch.rand(8, 1, 8, 8)
+    y = torch.arange(8) % 4
+    terms = {}
+    for replay in (True, False):
+        torch.manual_seed(1)
+        xg = x.clone().requires_grad_(True)
+        state = replay_state(x.device) if replay else None
+        logits = model(xg)
+        after_one = torch.get_rng_state()
+        terms[replay] = float(sr_penalty(model, xg, logits, y, h=1e-3, rng_state=state))
+        if replay:
+            assert torch.equal(torch.get_rng_state(), after_one)
+    assert terms[True] < 1e-3 * terms[False], terms  # same spikes: a step of 1e-3 flips (almost) none
+    with pytest.raises(ConfigError, match="bfloat16"):
+        parse_args(["--sr-lambda", "0.1", "--bf16"])
 
 
 # ---------------------------------------------------------------- diagnostics
@@ -163,8 +203,13 @@ def test_diagnostics_count_what_the_layers_do():
     x = torch.rand(10, 1, 8, 8)
     spikes, inputs = {}, {}
     layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: (inputs.__setitem__(i, a[0]), spikes.__setitem__(i, o)))
-             for i, layer in enumerate(layers)]
+    def keep(i):
+        def hook(module, args, output):  # returns None: the output is left as it is
+            inputs[i], spikes[i] = args[0], output
+
+        return hook
+
+    hooks = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -178,8 +223,32 @@ def test_diagnostics_count_what_the_layers_do():
         assert d["in_window"] == pytest.approx(float((u.abs() <= d["window"]).float().mean()), abs=1e-6)
         assert d["u_mean"] == pytest.approx(float(u.mean()), abs=1e-5)
         assert d["u_std"] == pytest.approx(float(u.std(unbiased=False)), rel=1e-4)
-        assert 0 <= d["omega"] <= 1 and d["cell_std"] > 0
+        # Omega per batch of the diagnostics (4, 4 and 2 images), weighted by its images; cell_std over cells
+        omegas, stds = [], []
+        for start in range(0, 10, 4):
+            ref = mt.lif_reference(inputs[i][:, start:start + 4].float(), layers[i].config, return_stats=True)
+            omegas.append(float(mt.mpd_overlap(ref.mean, ref.var, d["window"]).mean()) * ref.u.shape[1])
+            stds.append(ref.var.sqrt())
+        assert d["omega"] == pytest.approx(sum(omegas) / 10, abs=1e-6)
+        assert d["cell_std"] == pytest.approx(float(torch.cat(stds).mean()), abs=1e-6)
     assert model.training is False
+
+
+def test_diagnostics_use_the_runs_window_and_remove_their_hooks():
+    """--gamma and the relative window reach the counted share and Omega; hooks go on an error too."""
+    torch.manual_seed(0)
+    model = build_model("small", in_channels=1, num_classes=4, image_size=8, T=2, width=4, hidden=8)
+    x = torch.rand(6, 1, 8, 8)
+    wide = layer_diagnostics(model, x, gamma=5.0)
+    narrow = layer_diagnostics(model, x, gamma=0.2)
+    relative = layer_diagnostics(model, x, window="relative", k=1.0)
+    for w, n, r in zip(wide, narrow, relative):
+        assert w["in_window"] > n["in_window"] and w["omega"] > n["omega"]
+        assert w["window"] == 5.0 and r["window"] == "1 sigma"
+    layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
+    with pytest.raises(Exception):
+        layer_diagnostics(model, torch.rand(2, 3, 8, 8))  # 3 channels: the model refuses the images
+    assert all(not layer._forward_hooks for layer in layers)
 
 
 def test_diagnostics_show_a_silenced_layer():

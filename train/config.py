@@ -355,6 +355,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"sr lambda must be >= 0, got {cfg.sr_lambda}")
     if not (cfg.sr_h > 0 and math.isfinite(cfg.sr_h)):
         raise ConfigError(f"sr h must be > 0, got {cfg.sr_h}")
+    if cfg.sr_lambda > 0 and cfg.bf16:
+        raise ConfigError("--sr-lambda with --bf16: SR's finite difference (a logit step of h = 0.01 of its "
+                          "gradient) is below bfloat16's resolution of the logits; train SR in float32")
     if cfg.compare and cfg.eta == 0:
         raise ConfigError("--compare trains eta = 0 against the given eta: give an --eta > 0")
     for name in ("adv_eps", "adv_step", "eval_eps"):

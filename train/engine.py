@@ -26,7 +26,7 @@ from .checkpoint import (CheckpointError, checkpoint_bytes, load_checkpoint, rng
                          set_rng_state, verify_archive)
 from .compiling import compile_for_batches, to_memory_format, use_channels_last
 from .config import RunConfig
-from .regularizers import sr_penalty
+from .regularizers import replay_state, sr_penalty
 from .data import DatasetInfo, EpochLoader, ImageData
 
 __all__ = ["RunContext", "setup_context", "build_for", "train_run", "run_configs", "evaluate", "RunResult", "MODEL_FILE",
@@ -198,11 +198,13 @@ def run_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
 
 
 def _check_resumable(saved: dict, cfg: RunConfig, name: str, path: Path) -> None:
-    saved_eta = saved.get("config", {}).get("eta")
-    if saved.get("run") != name or saved_eta != cfg.eta:
-        raise CheckpointError(f"{path} belongs to run {saved.get('run')!r} (eta={saved_eta}), "
+    old = dict(saved.get("config", {}))
+    if "eta" in saved:  # a checkpoint of before each run had its own config: the run's eta was beside it
+        old.update(eta=saved["eta"], compare=False)
+    if saved.get("run") != name or old.get("eta") != cfg.eta:
+        raise CheckpointError(f"{path} belongs to run {saved.get('run')!r} (eta={old.get('eta')}), "
                               f"not {name!r} (eta={cfg.eta})")
-    old, new = saved.get("config", {}), cfg.to_dict()
+    new = cfg.to_dict()
     differing = sorted(k for k in new if k not in RESUMABLE_DIFFERENCES and old.get(k, DEFAULTS.get(k)) != new[k])
     if differing:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differing[:4])
@@ -258,16 +260,17 @@ def _train_step(cfg: RunConfig, net: nn.Module, training: _Training, x: torch.Te
     if cfg.adv_train:
         # on the bare model: an attack forward under DDP would wait for a gradient sync
         x = pgd(model, x, y, eps=cfg.adv_eps, alpha=cfg.adv_step, steps=cfg.adv_steps)
-    if cfg.sr_lambda > 0:
+    replay = None
+    if cfg.sr_lambda > 0:  # (config refuses SR with bf16)
         x = x.detach().requires_grad_(True)
+        replay = replay_state(ctx.device) if cfg.encoding == "poisson" else None  # the same spikes twice
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         logits = net(x)
     task = nn.functional.cross_entropy(logits.float(), y)
     loss = task + reg()
     omega = reg.mean_overlap()  # of this forward: SR's second forward replaces the records
     if cfg.sr_lambda > 0:
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = loss + cfg.sr_lambda * sr_penalty(net, x, logits, y, cfg.sr_h)
+        loss = loss + cfg.sr_lambda * sr_penalty(net, x, logits, y, cfg.sr_h, rng_state=replay)
     training.opt.zero_grad(set_to_none=True)
     loss.backward()
     training.opt.step()
