@@ -13,7 +13,7 @@ from torch import nn
 
 from .neuron import check_real
 
-__all__ = ["mpd_overlap", "combine_stats", "MPDSGR", "DEFAULT_EPS", "GRANULARITIES", "MPD_WINDOWS"]
+__all__ = ["mpd_overlap", "window_overlap", "combine_stats", "MPDSGR", "DEFAULT_EPS", "GRANULARITIES", "MPD_WINDOWS"]
 
 DEFAULT_EPS = 1e-5
 GRANULARITIES = ("time_channel", "channel", "layer")
@@ -82,6 +82,17 @@ class _Overlap(torch.autograd.Function):
         grad_mean = g * (phi2 - phi1) * torch.sign(mean) if ctx.needs_input_grad[0] else None
         grad_var = g * (z2 * phi2 - z1 * phi1) / (2 * sigma) if ctx.needs_input_grad[1] else None
         return grad_mean, grad_var, None, None
+
+
+def window_overlap(mean: torch.Tensor, var: torch.Tensor, gamma, window: str = "surrogate", k: float = 1.0,
+                   eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """Omega for MPDSGR's ``window``: "surrogate", the share inside [-gamma, gamma]; "relative",
+    inside [-k sigma, k sigma] with each cell's own sigma = sqrt(var + eps) (gamma unused)."""
+    if window == "relative":  # gamma = k sigma: autograd through the window too
+        return mpd_overlap(mean, var, k * torch.sqrt(var + eps), eps)
+    if window != "surrogate":
+        raise ValueError(f"window must be one of {MPD_WINDOWS}, got {window!r}")
+    return mpd_overlap(mean, var, gamma, eps)
 
 
 def combine_stats(mean: torch.Tensor, var: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,9 +208,7 @@ class MPDSGR:
         return out
 
     def _overlap(self, mean: torch.Tensor, var: torch.Tensor, gamma: float) -> torch.Tensor:
-        if self.window == "relative":  # gamma = k sigma: autograd through the window too
-            return mpd_overlap(mean, var, self.k * torch.sqrt(var + self.eps), self.eps)
-        return mpd_overlap(mean, var, gamma, self.eps)
+        return window_overlap(mean, var, gamma, self.window, self.k, self.eps)
 
     def loss(self) -> torch.Tensor:
         """L_MPD: mean over layers of the mean Omega (unweighted by eta)."""

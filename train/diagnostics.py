@@ -5,10 +5,11 @@ For every LIF layer of a model, over a set of images in eval mode:
 - ``firing_rate``: the share of (neuron, time step) pairs that spike;
 - ``silent``: the share of (image, neuron) pairs that never spike in the T steps (a layer
   whose neurons stop firing lowers Omega without becoming robust: this makes it visible);
-- ``in_window``: the share of membrane potentials u = h - V_th inside the surrogate window
-  [-gamma, gamma], counted (the quantity MPD-SGR's Gaussian estimate stands for);
-- ``omega``: the Gaussian estimate the regularizer minimizes, Omega of N(mean, var) per
-  (time step, channel) of each batch, averaged (``mt.mpd_overlap``);
+- ``in_window``: the share of membrane potentials u = h - V_th inside the window, counted (the
+  quantity MPD-SGR's Gaussian estimate stands for): the surrogate's [-gamma, gamma] (or the run's
+  --gamma), or with the relative window [-k sigma, k sigma] of each cell's sigma;
+- ``omega``: the Gaussian estimate the regularizer minimizes, with the run's window and
+  granularity, per batch, averaged over the images (``mt.window_overlap``);
 - ``u_mean`` / ``u_std``: mean and standard deviation of u over every element;
 - ``cell_std``: the mean over (time step, channel) cells of u's standard deviation, the sigma
   of MPD-SGR's Gaussians (a collapsed variance shows here).
@@ -39,16 +40,20 @@ DIAGNOSTICS = {
 
 
 @torch.no_grad()
-def layer_diagnostics(model: nn.Module, images: torch.Tensor, batch_size: int = 250) -> list[dict]:
+def layer_diagnostics(model: nn.Module, images: torch.Tensor, batch_size: int = 250, *, gamma: float | None = None,
+                      granularity: str = "time_channel", window: str = "surrogate", k: float = 1.0,
+                      eps: float = mt.DEFAULT_EPS) -> list[dict]:
     """The module docstring's figures for every ``mt.LIF`` layer of ``model`` over ``images``
-    ([N, C, H, W] in [0, 1], on the model's device); one dict per layer, in forward order."""
+    ([N, C, H, W] in [0, 1], on the model's device); one dict per layer, in forward order.
+    gamma, granularity, window, k, eps: those of the run's ``mt.MPDSGR``."""
+    settings = dict(gamma=gamma, granularity=granularity, window=window, k=k, eps=eps)
     layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
     if not layers:
         raise ValueError("the model has no mt.LIF layers")
     if images.shape[0] == 0:
         raise ValueError("layer_diagnostics needs at least one image")
     sums = [dict.fromkeys(("spikes", "silent", "in_window", "omega", "u", "u2", "cell_std", "n", "pairs",
-                           "cells", "batches"), 0.0) for _ in layers]
+                           "cells", "images"), 0.0) for _ in layers]
     captured: dict[int, torch.Tensor] = {}
 
     def keep_input(i):
@@ -67,7 +72,7 @@ def layer_diagnostics(model: nn.Module, images: torch.Tensor, batch_size: int = 
             for i, layer in enumerate(layers):
                 if i not in captured:
                     raise RuntimeError(f"LIF layer {i + 1} was not used in the forward pass")
-                _accumulate(sums[i], captured[i].float(), layer)
+                _accumulate(sums[i], captured[i].float(), layer, settings)
     finally:
         model.train(was_training)
         for h in hooks:
@@ -75,29 +80,42 @@ def layer_diagnostics(model: nn.Module, images: torch.Tensor, batch_size: int = 
     out = []
     for i, (s, layer) in enumerate(zip(sums, layers)):
         mean = s["u"] / s["n"]
-        out.append({"layer": i + 1, "window": layer.surrogate.window, "firing_rate": s["spikes"] / s["n"],
+        shown = f"{k:g} sigma" if window == "relative" else _gamma(layer, gamma)
+        out.append({"layer": i + 1, "window": shown, "firing_rate": s["spikes"] / s["n"],
                     "silent": s["silent"] / s["pairs"], "in_window": s["in_window"] / s["n"],
-                    "omega": s["omega"] / s["batches"], "u_mean": mean,
+                    "omega": s["omega"] / s["images"], "u_mean": mean,
                     "u_std": max(s["u2"] / s["n"] - mean * mean, 0.0) ** 0.5,
                     "cell_std": s["cell_std"] / s["cells"]})
     return out
 
 
-def _accumulate(s: dict, x: torch.Tensor, layer: mt.LIF) -> None:
+def _gamma(layer: mt.LIF, gamma: float | None) -> float:
+    return gamma if gamma is not None else layer.surrogate.window
+
+
+def _accumulate(s: dict, x: torch.Tensor, layer: mt.LIF, settings: dict) -> None:
     ref = mt.lif_reference(x, layer.config, return_stats=True)
     u, spikes = ref.u.double(), ref.spikes.double()
-    window = layer.surrogate.window
+    images = x.shape[1]
+    gamma = _gamma(layer, settings["gamma"])
+    if settings["window"] == "relative":  # each (t, c) cell's k sigma, broadcast over [T, B, C, ...]
+        sigma = torch.sqrt(ref.var.double() + settings["eps"])
+        half_width = (settings["k"] * sigma).view(*sigma.shape[:1], 1, sigma.shape[1], *([1] * (u.dim() - 3)))
+    else:
+        half_width = gamma
     s["spikes"] += float(spikes.sum())
     s["silent"] += float((spikes.sum(0) == 0).sum())  # (image, neuron) pairs with no spike in T steps
     s["pairs"] += spikes[0].numel()
-    s["in_window"] += float((u.abs() <= window).sum())
+    s["in_window"] += float((u.abs() <= half_width).sum())
     s["u"] += float(u.sum())
     s["u2"] += float(u.square().sum())
     s["n"] += u.numel()
-    s["omega"] += float(mt.mpd_overlap(ref.mean, ref.var, window).mean())
+    pooled = mt.combine_stats(ref.mean, ref.var, settings["granularity"])
+    omega = mt.window_overlap(*pooled, gamma, settings["window"], settings["k"], settings["eps"])
+    s["omega"] += float(omega.mean()) * images  # weighted by the batch's images
+    s["images"] += images
     s["cell_std"] += float(ref.var.double().sqrt().sum())
     s["cells"] += ref.var.numel()
-    s["batches"] += 1
 
 
 def diagnostics_table(diagnostics: dict[str, list[dict]]) -> list[str]:
@@ -106,6 +124,7 @@ def diagnostics_table(diagnostics: dict[str, list[dict]]) -> list[str]:
              "|---|---|---|" + "---|" * len(DIAGNOSTICS)]
     for name, layers in diagnostics.items():
         for d in layers:
-            lines.append(f"| {name} | {d['layer']} | {d['window']:.3g} | "
+            window = d["window"] if isinstance(d["window"], str) else f"{d['window']:.3g}"
+            lines.append(f"| {name} | {d['layer']} | {window} | "
                          + " | ".join(fmt.format(d[key]) for key, (_, fmt) in DIAGNOSTICS.items()) + " |")
     return lines

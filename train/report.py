@@ -151,7 +151,8 @@ def write_run_report(run_dir: Path, name: str, config: dict, history: list[dict]
         f"surrogate {config['surrogate']}, epochs {len(history)}",
         f"- clean test accuracy: **{_fmt_pct(report['clean_acc'])}**"
         + (f" ({test_images} test images)" if test_images else ""),
-        f"- mean Omega: **{report['mean_omega']:.4f}**; per layer: "
+        f"- training: {_training_line(config)}",
+        f"- mean Omega ({_window_line(config)}): **{report['mean_omega']:.4f}**; per layer: "
         + ", ".join(f"{o:.3f}" for o in report["omega_per_layer"]),
         f"- time per epoch: {report['seconds_per_epoch']:.1f} s", "",
         "| epoch | train loss | train acc | test acc | test Omega | s |", "|---|---|---|---|---|---|",
@@ -165,6 +166,24 @@ def write_run_report(run_dir: Path, name: str, config: dict, history: list[dict]
         lines += _robustness_lines({name: robustness})
     write_text(run_dir / "report.md", "\n".join(lines))
     return report
+
+
+def _window_line(config: dict) -> str:
+    if config.get("mpd_window") == "relative":
+        return f"window of {config.get('mpd_k', 1.0):g} standard deviations, each cell's own"
+    gamma = config.get("gamma")
+    return f"window [-{gamma:g}, {gamma:g}]" if gamma is not None else "the surrogate's window"
+
+
+def _training_line(config: dict) -> str:
+    """What the run added to the cross-entropy: MPD-SGR, SR, adversarial training."""
+    parts = [f"MPD-SGR eta = {config['eta']:g}" if config.get("eta") else "no MPD-SGR"]
+    if config.get("sr_lambda"):
+        parts.append(f"SR lambda = {config['sr_lambda']:g} (h = {config.get('sr_h', 0.01):g})")
+    if config.get("adv_train"):
+        parts.append(f"PGD adversarial training (eps {config['adv_eps'] * 255:.3g}/255, step "
+                     f"{config['adv_step'] * 255:.3g}/255, {config['adv_steps']} steps)")
+    return ", ".join(parts)
 
 
 def _diagnostics_lines(diagnostics: dict[str, list[dict]]) -> list[str]:
