@@ -278,7 +278,20 @@ def test_settings_are_aggregated_over_seeds_with_standard_errors(tmp_path):
     md = (tmp_path / "sweep.md").read_text()
     assert "| eta=0 | 2 | 82.00 ± 2.00 |" in md and "u in window (counted)" in md
     assert (tmp_path / "sweep.png").is_file()
+    assert (tmp_path / "sweep_eta.png").is_file() and "sweep_eta.png" in md  # eta alone varies: a curve over it
     assert json.loads((tmp_path / "sweep.json").read_text())["settings"][0]["seeds"] == ["0", "1"]
+
+
+def test_a_curve_only_over_one_numeric_key():
+    def summary(values, case=None):
+        return {"settings": [{"values": v, "case": case, "metrics": {}} for v in values]}
+
+    assert sweep.numeric_key(summary([{"eta": "0"}, {"eta": "0.1"}])) == "eta"
+    assert sweep.numeric_key(summary([{"eta": "0", "T": "4"}, {"eta": "0.1", "T": "4"}])) == "eta"
+    assert sweep.numeric_key(summary([{"eta": "0", "T": "4"}, {"eta": "0.1", "T": "8"}])) is None
+    assert sweep.numeric_key(summary([{"model": "small"}, {"model": "vgg11"}])) is None
+    assert sweep.numeric_key(summary([{"eta": "0"}, {"eta": "1"}], case="plain")) is None
+    assert sweep.numeric_key(summary([{"eta": "0"}])) is None
 
 
 # ---------------------------------------------------------------- for real

@@ -27,7 +27,8 @@ Outputs in OUT: ``sweep.json`` (every point's settings, accuracies, Omega and pe
 diagnostics, and the settings aggregated over seeds: mean and standard error), ``sweep.md``
 (the tables) and ``sweep.png`` (clean accuracy against robust accuracy, for every attack
 and eps that train.eval ran and for the per-image worst case over all of them, with
-standard errors over seeds; over the test images where a setting has one seed).
+standard errors over seeds; over the test images where a setting has one seed); when one
+numeric grid key varies (eta, sr-lambda, ...), ``sweep_<key>.png``: every accuracy against it.
 """
 
 from __future__ import annotations
@@ -478,7 +479,7 @@ def _pm(metric: tuple[float, float, str], percent: bool = True) -> str:
     return f"{scale * mean:.2f} ± {scale * se:.2f}"
 
 
-def markdown(summary: dict, command: str) -> str:
+def markdown(summary: dict, command: str, curve: str | None = None) -> str:
     lines = ["# Sweep", "", f"Command: `{command}`", "",
              "Accuracies in %, mean ± standard error: over seeds where a setting has several, else over the "
              "test images (binomial). Robust accuracy counts an image only if it is right both clean and attacked; "
@@ -509,7 +510,10 @@ def markdown(summary: dict, command: str) -> str:
                                                      "**FAIL** " + ", ".join(r["failed_checks"]))
         lines.append(f"| {r['point']} | {100 * r['clean_acc']:.2f} | {r['mean_omega']:.4f} | "
                      f"{r['seconds_per_epoch']:.1f} | {r['epochs']} | {checks} |")
-    return "\n".join(lines + ["", "![clean against robust accuracy](sweep.png)", ""])
+    lines += ["", "![clean against robust accuracy](sweep.png)", ""]
+    if curve is not None:
+        lines += [f"![accuracy against {curve}](sweep_{curve}.png)", ""]
+    return "\n".join(lines)
 
 
 @optional_plot()
@@ -519,7 +523,7 @@ def plot(summary: dict, path: Path) -> None:
     panels = list(dict.fromkeys(k for g in groups for k in g["metrics"] if "@" in k))
     if not panels:
         return
-    panels.sort(key=lambda k: (not k.startswith("all attacks"), k))
+    panels.sort(key=_panel_order)
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), squeeze=False)
@@ -545,11 +549,76 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _panel_order(key: str):
+    """'all attacks @ eps' first, then by eps (smallest first), then by attack."""
+    attack, _, eps = key.partition(" @ ")
+    value = float(eps[:-4]) / 255 if eps.endswith("/255") else float(eps)
+    return (attack != "all attacks", value, attack)
+
+
+def numeric_key(summary: dict) -> str | None:
+    """The one grid key (other than the seed) that varies over the settings, if all its values are
+    numbers (eta, sr-lambda, ...): the sweep is then a curve over it."""
+    groups = summary["settings"]
+    if len(groups) < 2 or any(g["case"] is not None for g in groups):
+        return None
+    keys = [k for k in groups[0]["values"] if len({g["values"].get(k) for g in groups}) > 1]
+    if len(keys) != 1:
+        return None
+    try:
+        [float(g["values"][keys[0]]) for g in groups]
+    except (KeyError, ValueError):
+        return None
+    return keys[0]
+
+
+@optional_plot()
+def plot_curve(summary: dict, key: str, path: Path) -> None:
+    """Clean and robust accuracy (each attack @ eps, and the worst case) against a numeric grid key,
+    one panel per eps, with error bars; a log axis when the values span a factor of 10 or more (the
+    smallest, when 0, drawn one step below the next)."""
+    groups = sorted(summary["settings"], key=lambda g: float(g["values"][key]))
+    xs = [float(g["values"][key]) for g in groups]
+    positive = sorted(x for x in xs if x > 0)
+    log = len(positive) >= 2 and positive[-1] / positive[0] >= 10
+    zero_at = positive[0] / (positive[1] / positive[0]) if log else None
+    plot_xs = [x if x > 0 or not log else zero_at for x in xs]
+    metrics = list(dict.fromkeys(m for g in groups for m in g["metrics"] if "@" in m))
+    eps_list = sorted({m.partition(" @ ")[2] for m in metrics}, key=lambda e: _panel_order(f"x @ {e}")[1])
+    fig, axes = plt.subplots(1, len(eps_list), figsize=(4.6 * len(eps_list), 3.6), squeeze=False)
+    for ax, eps in zip(axes.flat, eps_list):
+        curves = [("clean", "clean")] + [(m.partition(" @ ")[0], m) for m in sorted(metrics, key=_panel_order)
+                                          if m.endswith(f"@ {eps}")]
+        for label, metric in curves:
+            ys = [100 * g["metrics"][metric][0] if metric in g["metrics"] else math.nan for g in groups]
+            errs = [100 * g["metrics"][metric][1] if metric in g["metrics"] else math.nan for g in groups]
+            style = dict(linewidth=2.2, color="k") if label == "all attacks" else {}
+            ax.errorbar(plot_xs, ys, yerr=[0 if math.isnan(e) else e for e in errs], marker="o", markersize=3.5,
+                        capsize=2, label=label, **style)
+        if log:
+            ax.set_xscale("log")
+            if zero_at is not None and 0.0 in xs:
+                ticks = [zero_at] + positive
+                ax.set_xticks(ticks, ["0"] + [f"{t:g}" for t in positive])
+        ax.set_title(f"eps {eps}", fontsize=10)
+        ax.set_xlabel(key, fontsize=9)
+        ax.set_ylabel("accuracy %", fontsize=9)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def write_summary(points: list[Point], out: Path, command: str) -> dict:
     summary = summarize(points, out)
     write_json(out / "sweep.json", {"command": command, **summary})
-    write_text(out / "sweep.md", markdown(summary, command))
+    key = numeric_key(summary)
+    write_text(out / "sweep.md", markdown(summary, command, curve=key))
     plot(summary, out / "sweep.png")
+    if key is not None:
+        plot_curve(summary, key, out / f"sweep_{key}.png")
     return summary
 
 
