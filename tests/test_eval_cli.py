@@ -38,6 +38,8 @@ def test_end_to_end_two_models_with_transfer(checkpoints, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "all attacks @ 8/255" in out and "input-gradient L1" in out
+    assert (tmp_path / "membrane.png").stat().st_size > 0  # both models' membrane potential, layer by layer
+    assert "u in window (counted)" in (tmp_path / "eval.md").read_text()
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report["models"]) == {"a", "b"}
     r = report["models"]["a"]

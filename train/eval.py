@@ -37,11 +37,13 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .compiling import COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format, use_channels_last
 from .config import ConfigError, fraction, states_default
 from .data import DataError, load_dataset
-from .report import eval_markdown, eval_table, plot_robustness
+from .diagnostics import layer_diagnostics
+from .report import eval_markdown, eval_table, membrane_samples, plot_membrane, plot_robustness
 from .robustness import EvalSettings, attack_steps, evaluate_robustness, parse_attacks
 
 ENSEMBLE = ["own", "triangle", "sigmoid", "atan", "bptr"]
 DEFAULT_ATTACKS = "fgsm,pgd,bim,gaussian"
+MEMBRANE_IMAGES, DIAGNOSTIC_IMAGES = 256, 1000  # test images of membrane.png and of the per-layer diagnostics
 # --reliable: the strongest set (FGSM only feeds the masking checks); + transfer when --source is given.
 RELIABLE_ATTACKS = ["fgsm", "apgd", "assg", "square"]
 # --reliable's ASSG levels: the ends of the paper's search range and its default, as a per-image worst case
@@ -304,8 +306,13 @@ def _evaluate(argv, where: dict) -> int:
         r["checkpoint"] = str(Path(path))
         results.append(r)
         save()
-    write_text(out / "eval.md", eval_markdown(names, results, command))
+    samples = {name: membrane_samples(model, images[:MEMBRANE_IMAGES].to(device), seed=args.seed)
+               for name, (model, _) in zip(names, models)}
+    diagnostics = {name: layer_diagnostics(model, images[:DIAGNOSTIC_IMAGES].to(device), settings.batch_size)
+                   for name, (model, _) in zip(names, models)}
+    write_text(out / "eval.md", eval_markdown(names, results, command, diagnostics))
     plot_robustness(names, results, out / "robustness.png")
+    plot_membrane(samples, out / "membrane.png", "membrane potential of the evaluated models")
     print("\n" + eval_table(names, results))
     for name, r in zip(names, results):
         for c in r["checks"]:

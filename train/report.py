@@ -265,7 +265,8 @@ def eval_table(names: list[str], results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def eval_markdown(names: list[str], results: list[dict], command: str) -> str:
+def eval_markdown(names: list[str], results: list[dict], command: str,
+                  diagnostics: dict[str, list[dict]] | None = None) -> str:
     md = ["# Robustness evaluation", "", f"Command: `{command}`", "", f"Images: {results[0]['n']}; settings: "
           + ", ".join(f"{k}={v}" for k, v in results[0]["settings"].items()), "",
           "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -296,7 +297,9 @@ def eval_markdown(names: list[str], results: list[dict], command: str) -> str:
         if not r["all_checks_passed"]:
             md.append("\n> **Warning: a sanity check failed: the robust accuracies above may come from gradient "
                       "masking, not robustness. Do not report them as robustness.**")
-    md += ["", "![robust accuracy against eps](robustness.png)", ""]
+    if diagnostics:
+        md += ["", *_diagnostics_lines(diagnostics)]
+    md += ["", "![robust accuracy against eps](robustness.png)", "", "![membrane potential per layer](membrane.png)", ""]
     return "\n".join(md)
 
 
