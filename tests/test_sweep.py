@@ -316,7 +316,8 @@ def _interrupt_at(out, marker, send, ignore_sigint=False):
     -> (exit status, everything it printed)."""
     proc = subprocess.Popen(_sweep_command(out, 2), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None)
+                            # set either way: a test run from a background job inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL))
     lines = []
     for line in proc.stdout:
         lines.append(line)
