@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from train.config import PRESET_NOTES
 from train.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def _run_cli(args, **kwargs):
 
 def test_short_training_learns_and_mpd_lowers_omega(tmp_path):
     """Plain and MPD-SGR from the same seed on real (bundled) Fashion-MNIST images."""
-    code = main(["--train-limit", "3000", "--test-limit", "500", "--epochs", "2", "--eta", "0.1", "--compare",
+    code = main(["--train-limit", "3000", "--test-limit", "500", "--epochs", "2", "--eta", "1", "--compare",
                  "--eval-attacks", "", "--out", str(tmp_path)])
     assert code == 0
     comparison = json.loads((tmp_path / "comparison.json").read_text())
@@ -52,6 +53,7 @@ def test_short_training_learns_and_mpd_lowers_omega(tmp_path):
             assert (tmp_path / run / f).is_file(), f
     for f in ("comparison.md", "membrane.png", "curves.png", "config.json"):
         assert (tmp_path / f).is_file(), f
+    assert PRESET_NOTES["quick"] in (tmp_path / "comparison.md").read_text()  # the default run says what the study found
 
 
 def _final_weights(run_dir: Path) -> dict:

@@ -205,8 +205,9 @@ def _robustness_lines(robustness: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
-def write_comparison(out_dir: Path, reports: list[dict], samples: dict[str, list[dict]]) -> str:
-    """comparison.json / comparison.md / plots for runs trained from the same seed; returns the table text."""
+def write_comparison(out_dir: Path, reports: list[dict], samples: dict[str, list[dict]], note: str | None = None) -> str:
+    """comparison.json / comparison.md / plots for runs trained from the same seed; returns the table text.
+    note: a line for comparison.md under the table (the preset's PRESET_NOTES: what the study found)."""
     out_dir = Path(out_dir)
     names = [r["run"] for r in reports]
     rows = [("eta", [f"{r['eta']:g}" for r in reports]),
@@ -225,6 +226,7 @@ def write_comparison(out_dir: Path, reports: list[dict], samples: dict[str, list
     table += "\n".join(k.ljust(width) + "".join(v.rjust(col) for v in vals) for k, vals in rows)
     md = ["# Plain vs MPD-SGR (same seed)", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     md += [f"| {k} | " + " | ".join(vals) + " |" for k, vals in rows]
+    md += ["", note] if note else []
     md += ["", "![membrane potential](membrane.png)", "", "![curves](curves.png)", ""]
     if all(r.get("diagnostics") for r in reports):
         md += _diagnostics_lines({r["run"]: r["diagnostics"] for r in reports})

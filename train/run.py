@@ -29,7 +29,7 @@ from mpd_triton.kernels.cpu import keep_freed_memory
 
 from .checkpoint import CheckpointError
 from .compiling import should_compile, to_memory_format, use_channels_last
-from .config import ConfigError, RunConfig, parse_args
+from .config import PRESET_NOTES, ConfigError, RunConfig, parse_args
 from .data import DataError, ImageData, dataset_info, load_dataset
 from .diagnostics import layer_diagnostics
 from .engine import (RUN_FILES, RunContext, StoppedByMain, build_for, planned_output_bytes, run_configs, setup_context,
@@ -137,8 +137,9 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
         reports.append(write_run_report(out / name, name, run_cfg.to_dict(), result.history, samples[name],
                                         robustness, diagnostics, len(test)))
     if len(reports) > 1:
-        table = write_comparison(out, reports, samples)
-        print("\n" + table + f"\n\nreports: {out}/comparison.md, {out}/<run>/report.md")
+        note = PRESET_NOTES.get(cfg.preset)
+        table = write_comparison(out, reports, samples, note)
+        print("\n" + table + (f"\n\n{note}" if note else "") + f"\n\nreports: {out}/comparison.md, {out}/<run>/report.md")
     else:
         r = reports[0]
         print(f"\n{r['run']}: clean accuracy {100 * r['clean_acc']:.2f}%, mean Omega {r['mean_omega']:.4f}; "
