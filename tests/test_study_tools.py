@@ -50,7 +50,9 @@ def test_vgg_width_scales_every_layer_and_the_classifier():
 def test_width_and_classifier_bn_on_the_command_line():
     cfg, _ = parse_args(["--model", "vgg11", "--width", "16", "--classifier-bn"])
     assert cfg.model_options() == {"width": 16, "classifier_bn": True}
-    assert parse_args([])[0].model_options() == {}
+    assert parse_args([])[0].model_options() == {"classifier_bn": True}  # the quick preset's
+    assert parse_args(["--no-classifier-bn"])[0].model_options() == {}
+    assert not parse_args(["--model", "wrn16"])[0].classifier_bn  # the preset's value, for a model without it
     with pytest.raises(ConfigError, match="not of wrn16"):
         parse_args(["--model", "wrn16", "--classifier-bn"])
     with pytest.raises(ConfigError, match="width must be >= 1"):

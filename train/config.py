@@ -317,6 +317,8 @@ def parse_args(argv=None) -> tuple[RunConfig, bool]:
             values[key] = value
     if args.eval_limit == 0:
         values["eval_limit"] = None
+    if args.classifier_bn is None and values["model"] not in MODEL_WIDTHS:
+        values["classifier_bn"] = False  # the preset's BatchNorm before every LIF, for a model that has that option
     cfg = RunConfig(**values)
     if args.resume and cfg.force:
         raise ConfigError("--resume continues the run, --force starts it over: give one of them")
