@@ -36,7 +36,9 @@ def test_should_compile():
     on, why = compiling.should_compile(None, compiling.COMPILE_MIN_STEPS)
     assert on and "auto" in why
     off, why = compiling.should_compile(None, compiling.COMPILE_MIN_STEPS - 1)
-    assert not off and "would not pay" in why
+    assert not off and "would not pay" in why and "training steps" in why
+    _, why = compiling.should_compile(None, 5, unit="forward-backward passes")
+    assert why.startswith("auto: 5 forward-backward passes <")
 
 
 def _small_model():

@@ -36,13 +36,14 @@ COMPILE_MIN_STEPS = 3000
 RECOMPILE_LIMIT = 64
 
 
-def should_compile(flag: bool | None, full_steps: int) -> tuple[bool, str]:
-    """(compile?, why) for --compile (True), --no-compile (False) or auto (None)."""
+def should_compile(flag: bool | None, full_steps: int, unit: str = "training steps") -> tuple[bool, str]:
+    """(compile?, why) for --compile (True), --no-compile (False) or auto (None); ``unit`` names what
+    ``full_steps`` counts in the message (train.eval counts forward-backward passes of its batches)."""
     if flag is not None:
         return flag, "--compile" if flag else "--no-compile"
     if full_steps >= COMPILE_MIN_STEPS:
-        return True, f"auto: {full_steps} training steps >= {COMPILE_MIN_STEPS}, compiling pays"
-    return False, f"auto: {full_steps} training steps < {COMPILE_MIN_STEPS}, compiling would not pay"
+        return True, f"auto: {full_steps} {unit} >= {COMPILE_MIN_STEPS}, compiling pays"
+    return False, f"auto: {full_steps} {unit} < {COMPILE_MIN_STEPS}, compiling would not pay"
 
 
 def _raise_recompile_limits() -> None:

@@ -277,7 +277,8 @@ def _evaluate(argv, where: dict) -> int:
     if args.resume:
         for path in remove_leftovers(out):
             print(f"removed {path} (a temporary file left by an interrupted write)", flush=True)
-    compile_models, why = should_compile(args.compile, evaluation_passes(settings, len(images)))
+    compile_models, why = should_compile(args.compile, evaluation_passes(settings, len(images)),
+                                          unit="forward-backward passes")
     print(f"torch.compile: {'on' if compile_models else 'off'} ({why})", flush=True)
     results = []
 
