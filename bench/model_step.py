@@ -33,6 +33,8 @@ from models import MODEL_NAMES, NeuronOptions, build_model
 from mpd_triton.files import ensure_writable, write_text
 from mpd_triton.kernels.cpu import keep_freed_memory
 
+from train.config import PRESETS, RunConfig
+
 from .cli import command_line, default_out, first_line, write_errors_in_one_line
 from .measure import describe_failure, machine_info, peak_memory, time_call
 from .peers import SpikingJellyLIF
@@ -57,9 +59,12 @@ CUDA_DEFAULTS = dict(T=8, batch=128, image_size=32, rep_ms=2000.0)
 CUDA_QUICK = dict(T=8, batch=128, image_size=32, rep_ms=500.0)
 CPU_DEFAULTS = dict(T=2, batch=2, image_size=32, rep_ms=200.0)  # harness check only for the big models
 CPU_QUICK = dict(T=2, batch=1, image_size=32, rep_ms=50.0)
-# The quick preset's model and batch (train/config.py PRESETS["quick"]; a test keeps them in step):
-# the CPU training step of the CPU targets (docs/benchmarks.md), on 28 x 28 one-channel images.
-QUICK_MODEL = dict(T=4, batch=64, image_size=28, in_channels=1)
+# The quick preset's model, its options (BatchNorm before every LIF) and batch, read from
+# train/config.py's PRESETS["quick"]: the CPU training step of the CPU targets (docs/benchmarks.md),
+# on Fashion-MNIST's 28 x 28 one-channel images.
+_QUICK = RunConfig(**PRESETS["quick"])
+QUICK_MODEL = dict(T=_QUICK.T, batch=_QUICK.batch_size, image_size=28, in_channels=1,
+                   model_options=_QUICK.model_options())
 SMALL_CPU = dict(QUICK_MODEL, rep_ms=3000.0)
 NUM_CLASSES = 10
 
@@ -80,15 +85,16 @@ def _swap_lif_layers(model: torch.nn.Module, make) -> int:
 
 
 def build_variant(variant: str, model_name: str, *, T: int, image_size: int, device: torch.device,
-                  in_channels: int = 3, channels_last: bool = False):
+                  in_channels: int = 3, channels_last: bool = False, model_options: dict | None = None):
     """(model, MPDSGR regularizer, the module a step calls: the model or its compiled form) for one variant;
-    channels_last: the model's weights, and so its activations, in torch.channels_last."""
+    channels_last: the model's weights, and so its activations, in torch.channels_last; model_options:
+    architecture options of the model builder (``classifier_bn``, ``width``)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
     backend, compiled, _ = VARIANTS[variant]
     neuron = NeuronOptions.from_config(NEURON, backend=backend)
     model = build_model(model_name, in_channels=in_channels, num_classes=NUM_CLASSES, image_size=image_size, T=T,
-                        neuron=neuron)
+                        neuron=neuron, **(model_options or {}))
     if variant == "spikingjelly":
         _swap_lif_layers(model, SpikingJellyLIF.like)
     model = model.to(device)
@@ -132,7 +138,7 @@ def _implementation(variant: str, provider: Provider, device: torch.device) -> s
 
 def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batch: int, image_size: int,
                  device: torch.device, warmup_ms: float, rep_ms: float, strict: bool = False,
-                 in_channels: int = 3, channels_last: bool = False) -> list[dict]:
+                 in_channels: int = 3, channels_last: bool = False, model_options: dict | None = None) -> list[dict]:
     """Time one training step per variant (name -> the provider whose availability it shares)."""
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.rand((batch, in_channels, image_size, image_size), generator=gen, device=device)
@@ -148,7 +154,8 @@ def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batc
         try:
             torch.manual_seed(0)  # the same initial weights in every variant
             model, reg, forward = build_variant(variant, model_name, T=T, image_size=image_size, device=device,
-                                                in_channels=in_channels, channels_last=channels_last)
+                                                in_channels=in_channels, channels_last=channels_last,
+                                                model_options=model_options)
             step, losses = _training_step(model, reg, images, labels, forward)
             start = time.perf_counter()
             step()  # the first step (compilation for the compiled variants), timed apart
@@ -207,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         defaults = CPU_QUICK if args.quick else CPU_DEFAULTS
     in_channels = defaults.get("in_channels", 3)
+    model_options = defaults.get("model_options")
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cpu"
     T = args.T or defaults["T"]
     batch = args.batch or defaults["batch"]
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {name: PROVIDERS[VARIANTS[name][2]] for name in dict.fromkeys(names)}
     records = run_variants(variants, args.model, T=T, batch=batch, image_size=image_size, device=device,
                            warmup_ms=args.warmup_ms, rep_ms=rep_ms, strict=args.strict, in_channels=in_channels,
-                           channels_last=channels_last)
+                           channels_last=channels_last, model_options=model_options)
     targets = evaluate_targets([], records, on_gpu=device.type == "cuda")
     headers, rows = model_table(records)
     target_headers, target_rows = targets_table(targets)

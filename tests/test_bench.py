@@ -345,6 +345,12 @@ def test_bench_small_model_defaults_are_the_quick_preset():
     assert model_step.QUICK_MODEL["T"] == quick["T"] and model_step.QUICK_MODEL["batch"] == quick["batch_size"]
     assert quick["data"] == "fmnist-subset" and quick["model"] == "small"
     assert (model_step.QUICK_MODEL["image_size"], model_step.QUICK_MODEL["in_channels"]) == (28, 1)  # Fashion-MNIST
+    assert model_step.QUICK_MODEL["model_options"] == {"classifier_bn": True}  # BatchNorm before every LIF
+    model, _, _ = model_step.build_variant("torch_eager", "small", T=2, image_size=28, device=torch.device("cpu"),
+                                           in_channels=1, model_options=model_step.QUICK_MODEL["model_options"])
+    modules = list(model.modules())
+    lif_inputs = [type(modules[i - 1]).__name__ for i, m in enumerate(modules) if isinstance(m, mt.LIF)]
+    assert lif_inputs and all(name.startswith("BatchNorm") for name in lif_inputs), lif_inputs
 
 
 def test_model_targets_compare_time_and_peak_memory():
