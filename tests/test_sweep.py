@@ -282,6 +282,29 @@ def test_settings_are_aggregated_over_seeds_with_standard_errors(tmp_path):
     assert json.loads((tmp_path / "sweep.json").read_text())["settings"][0]["seeds"] == ["0", "1"]
 
 
+def test_without_an_evaluation_the_runs_own_robustness_is_summarized(tmp_path):
+    points = plan_points(parse_grid(["eta=0,1"]), {})
+    for p, (clean, apgd) in zip(points, [(0.89, 0.64), (0.88, 0.41)]):
+        folder = tmp_path / "points" / p.name / "plain"
+        folder.mkdir(parents=True)
+        (folder / "model.pt").write_bytes(b"")
+        (folder / "report.json").write_text(json.dumps({
+            "clean_acc": clean, "test_images": 2000, "mean_omega": 0.5, "omega_per_layer": [0.5],
+            "seconds_per_epoch": 1.0, "epochs": 1, "robustness": {
+                "eps": 8 / 255, "n": 500, "grad_l1": 13.0, "checks_passed": p.name == "eta=0",
+                "checks": [{"name": "iterative_beats_one_step", "passed": p.name == "eta=0", "detail": ""}],
+                "accuracy": {"clean": clean, "apgd": apgd, "all attacks": apgd - 0.01}}}))
+        sweep._record(tmp_path / "points" / p.name, sweep.POINT_FILE, {"commands": sweep.planned_commands(p, [], None)})
+    summary = sweep.write_summary(points, tmp_path, "python -m train.sweep ...")
+    groups = {g["setting"]: g for g in summary["settings"]}
+    mean, se, over = groups["eta=1"]["metrics"]["apgd @ 8/255"]
+    assert mean == pytest.approx(0.41) and over == "images" and se == pytest.approx((0.41 * 0.59 / 500) ** 0.5)
+    assert groups["eta=0"]["metrics"]["all attacks @ 8/255"][0] == pytest.approx(0.63)
+    assert groups["eta=0"]["checks_passed"] and not groups["eta=1"]["checks_passed"]
+    assert "input-gradient L1" in groups["eta=0"]["metrics"]
+    assert "**FAIL** iterative_beats_one_step" in (tmp_path / "sweep.md").read_text()
+
+
 def test_a_curve_only_over_one_numeric_key():
     def summary(values, case=None):
         return {"settings": [{"values": v, "case": case, "metrics": {}} for v in values]}

@@ -12,7 +12,8 @@ train.run option, written as its flag without the dashes: eta, seed, model, adv-
 on/off for a switch). Each point trains one model with ``python -m train.run <train-args>
 <case> <grid values> --no-compare --out OUT/points/<point>``, then, with --eval-args,
 evaluates it with ``python -m train.eval --checkpoint .../model.pt <eval-args> --out
-OUT/points/<point>/eval``. Both run as child processes; their output goes to
+OUT/points/<point>/eval``; without --eval-args the summary takes the evaluation train.run ran
+itself at the end (its --eval-attacks at --eval-eps, e.g. the quick preset's). Both run as child processes; their output goes to
 ``train.log`` / ``eval.log`` in the point's folder and, line by line, to this terminal.
 
 Nothing is lost when the sweep is interrupted (Ctrl-C, or SIGTERM: ``kill`` for a sweep in the
@@ -397,7 +398,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 def point_result(point: Point, out: Path) -> dict | None:
-    """What a finished point measured (report.json of its run, eval.json of its evaluation)."""
+    """What a finished point measured (report.json of its run, eval.json of its evaluation; without an
+    evaluation, the one train.run ran itself at the end, if any)."""
     folder = out / "points" / point.name
     if not (folder / POINT_FILE).is_file():
         return None
@@ -420,6 +422,14 @@ def point_result(point: Point, out: Path) -> dict | None:
                 result["robust"][f"{attack} @ {_eps_label(eps)}"] = acc
         for eps, acc in r["worst_case"].items():
             result["robust"][f"all attacks @ {_eps_label(eps)}"] = acc
+    elif report.get("robustness"):  # no --eval-args: train.run's own evaluation (--eval-attacks, one eps)
+        r = report["robustness"]
+        eps = _eps_label(r["eps"])
+        result.update(eval_images=r["n"], eval_clean=r["accuracy"].get("clean"), grad_l1=r["grad_l1"],
+                      checks_passed=r["checks_passed"], failed_checks=[c["name"] for c in r["checks"] if not c["passed"]])
+        for attack, acc in r["accuracy"].items():
+            if attack != "clean":
+                result["robust"][f"{attack} @ {eps}"] = acc
     return result
 
 
@@ -483,7 +493,8 @@ def markdown(summary: dict, command: str, curve: str | None = None) -> str:
     lines = ["# Sweep", "", f"Command: `{command}`", "",
              "Accuracies in %, mean ± standard error: over seeds where a setting has several, else over the "
              "test images (binomial). Robust accuracy counts an image only if it is right both clean and attacked; "
-             "\"all attacks\" is the per-image worst case over every attack train.eval ran.", ""]
+             "\"all attacks\" is the per-image worst case over every attack train.eval (or, without --eval-args, "
+             "train.run's own evaluation) ran.", ""]
     groups = summary["settings"]
     if not groups:
         return "\n".join(lines + ["No point has finished yet."])
