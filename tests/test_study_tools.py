@@ -164,7 +164,10 @@ def test_sr_with_a_compiled_model_matches_eager():
     assert eager > 0
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        # absolute tolerance on the gradient's own scale (O(100) here): the term divides logit differences
+        # by h = 0.01, so float rounding that differs between the two graphs (and with the thread count)
+        # reaches near-zero entries at about 1e-6 of the largest one
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * (1 + b.abs().max().item()))
 
 
 def test_sr_on_a_poisson_model_replays_the_draws():
