@@ -256,6 +256,24 @@ def test_sanity_check_logic_on_synthetic_results():
     assert names["eps_monotone"] is False and names["iterative_beats_one_step"] is False
 
 
+def test_a_fixed_step_attack_is_not_held_to_an_eps_its_budget_cannot_reach():
+    # 7 steps of 0.01 travel 0.07: at eps 0.1 PGD and BIM are weaker than FGSM by their budget (an
+    # adversarially trained model: PGD 39.5% against FGSM 28.9%); APGD, which sizes its steps, is held to it
+    result = {"n": 1000, "settings": {"steps": 7, "alpha": 0.01},
+              "accuracy": {"fgsm": {"0.0313725": 0.77, "0.1": 0.29}, "pgd": {"0.0313725": 0.75, "0.1": 0.395},
+                           "bim": {"0.0313725": 0.74, "0.1": 0.40}, "apgd": {"0.0313725": 0.63, "0.1": 0.02}}}
+    check = {c["name"]: c for c in sanity_checks(result)}["iterative_beats_one_step"]
+    assert check["passed"] and "not compared: pgd at eps 0.1, bim at eps 0.1 (7 steps of 0.01" in check["detail"]
+    result["accuracy"]["pgd"]["0.0313725"] = 0.80  # within its reach it is still held to FGSM
+    check = {c["name"]: c for c in sanity_checks(result)}["iterative_beats_one_step"]
+    assert not check["passed"] and "pgd 80.0% > fgsm 77.0% at eps 0.0313725" in check["detail"]
+    assert "not compared: pgd at eps 0.1" in check["detail"]
+    result["settings"] = {"steps": 10, "alpha": 0.01}  # 0.1: it reaches eps 0.1 and is compared there
+    result["accuracy"]["pgd"]["0.0313725"] = 0.75
+    check = {c["name"]: c for c in sanity_checks(result)}["iterative_beats_one_step"]
+    assert not check["passed"] and "pgd 39.5% > fgsm 29.0% at eps 0.1" in check["detail"]
+
+
 def test_parse_attacks_and_settings_errors():
     assert parse_attacks("fgsm, noise,PGD") == ["fgsm", "gaussian", "pgd"]
     with pytest.raises(ValueError, match="unknown attack 'cw'"):

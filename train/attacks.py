@@ -37,7 +37,7 @@ import mpd_triton as mt
 __all__ = [
     "fgsm", "pgd", "bim", "apgd", "sapgd", "assg", "square", "gaussian_noise", "uniform_noise", "transfer",
     "input_gradient", "gradient_source", "GRADIENT_SOURCES", "GRADIENT_ATTACKS", "WHITE_BOX_ATTACKS",
-    "ITERATIVE_ATTACKS", "ATTACKS", "run_attack", "margin", "ASSGOptions", "AdaptiveSharpness", "SAPGD_STEPS",
+    "ITERATIVE_ATTACKS", "FIXED_STEP_ATTACKS", "ATTACKS", "run_attack", "margin", "ASSGOptions", "AdaptiveSharpness", "SAPGD_STEPS",
     "sapgd_halvings",
 ]
 
@@ -46,6 +46,8 @@ GRADIENT_ATTACKS = ("fgsm", "pgd", "bim", "apgd", "sapgd")
 # Every attack that follows the model's (surrogate) gradient: ASSG brings its own.
 WHITE_BOX_ATTACKS = GRADIENT_ATTACKS + ("assg",)
 ITERATIVE_ATTACKS = ("pgd", "bim", "apgd", "sapgd", "assg")
+# The iterative attacks of a fixed step (--steps x --step-size): their budget may not reach eps.
+FIXED_STEP_ATTACKS = ("pgd", "bim")
 ATTACKS = WHITE_BOX_ATTACKS + ("gaussian", "uniform", "square", "transfer")
 GRADIENT_SOURCES = ("own", "bptr") + mt.SURROGATE_NAMES
 
