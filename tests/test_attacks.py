@@ -210,6 +210,52 @@ def test_ensemble_counts_an_image_only_if_it_survives_every_source(monkeypatch):
     assert r["accuracy"]["pgd"]["0.1"] == 0.25
 
 
+@pytest.mark.parametrize("attack", A.TRANSFER_ATTACKS)
+def test_transfer_runs_the_named_attack_on_the_source(attack):
+    """The transfer attack's examples are the source model's examples of that attack, whatever the target."""
+    model, source = _snn(), _snn(seed=1)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(4, 1, 12, 12, generator=g), torch.randint(0, 10, (4,), generator=g)
+    options = A.ASSGOptions(level=0.35)
+    torch.manual_seed(0)
+    got = A.run_attack("transfer", model, x, y, 8 / 255, steps=3, alpha=0.01, source=source, transfer_attack=attack,
+                       assg_options=options)
+    torch.manual_seed(0)
+    want = {"pgd": lambda: A.pgd(source, x, y, 8 / 255, 0.01, 3), "apgd": lambda: A.apgd(source, x, y, 8 / 255, 3),
+            "assg": lambda: A.assg(source, x, y, 8 / 255, 3, options=options)}[attack]()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the transfer attack runs one of pgd, apgd, assg on its source, not 'cw'"):
+        A.transfer(source, x, y, 8 / 255, 0.01, 3, attack="cw")
+
+
+def test_transfer_with_assg_runs_every_level_and_counts_the_worst_case(monkeypatch):
+    """transfer_attack='assg': one source attack per ASSG level, its budget --sapgd-steps; an image counts
+    only if it survives all of them (level 0.35 fools {0}, 0.49 fools {3})."""
+    model = Linear2(torch.ones(1, 4, 4))
+    x = torch.full((4, 1, 4, 4), 0.5)
+    y = torch.ones(4, dtype=torch.long)
+    fooled_by = {0.35: [0], 0.49: [3]}
+    calls = []
+
+    def fake_attack(name, model, x, y, eps, steps=7, transfer_attack="pgd", assg_options=None, **kw):
+        calls.append((name, transfer_attack, steps, assg_options.level))
+        x_adv = x.clone()
+        x_adv[fooled_by[assg_options.level]] = 0.0
+        return x_adv
+
+    import train.robustness as R
+
+    monkeypatch.setattr(R, "run_attack", fake_attack)
+    settings = EvalSettings(attacks=["transfer"], eps=[0.1], assg_levels=[0.35, 0.49], sapgd_steps=11,
+                            transfer_attack="assg", large_eps_check=False)
+    r = evaluate_robustness(model, x, y, settings, source=model, num_classes=2, progress=False)
+    assert calls == [("transfer", "assg", 11, 0.35), ("transfer", "assg", 11, 0.49)]
+    assert r["accuracy"]["transfer"]["0.1"] == 0.5
+    assert r["settings"]["transfer_attack"] == "assg"
+    with pytest.raises(ValueError, match="the transfer attack runs one of pgd, apgd, assg on the source model"):
+        EvalSettings(transfer_attack="square")
+
+
 class RoundingModel(nn.Module):
     """Masks gradients: its forward rounds the input to 4 levels (zero gradient almost everywhere)."""
 

@@ -52,6 +52,17 @@ def test_end_to_end_two_models_with_transfer(checkpoints, tmp_path, capsys):
     assert (tmp_path / "robustness.png").stat().st_size > 0
 
 
+def test_transfer_of_assg_examples_end_to_end(checkpoints, tmp_path, capsys):
+    """--transfer-attack assg: ASSG + SA-PGD's examples on --source, at every level, tried on the model."""
+    code = main(["--checkpoint", str(checkpoints["a"]), "--attacks", "fgsm,transfer", "--transfer-attack", "assg",
+                 "--assg-level", "0.35,0.49", "--sapgd-steps", "2", "--source", str(checkpoints["b"]),
+                 "--eps", "8/255", "--limit", "6", "--no-large-eps-check", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads((tmp_path / "eval.json").read_text())["models"]["a"]
+    assert r["settings"]["transfer_attack"] == "assg" and list(r["accuracy"]) == ["fgsm", "transfer"]
+    assert "transfer_attack=assg" in (tmp_path / "eval.md").read_text()
+
+
 def test_reliable_preset_end_to_end(checkpoints, tmp_path, capsys):
     """--reliable: APGD with the five-gradient ensemble, ASSG + SA-PGD, Square, transfer with --source (and
     FGSM for the checks); ASSG in the worst case, the table, the plot's panels and the masking checks."""
@@ -83,6 +94,7 @@ BAD = [
     (["--sapgd-steps", "0"], "sapgd_steps must be >= 1"),
     (["--assg-level", "0.7"], r"ASSG level must be in (0, 0.5)"),
     (["--assg-level", "big"], "--assg-level: expected numbers in (0, 0.5), got 'big'"),
+    (["--transfer-attack", "square"], "argument --transfer-attack: invalid choice: 'square'"),
     (["--reliable", "--attacks", "fgsm"], "--reliable sets the attacks and the gradients"),
     (["--reliable", "--gradients", "own"], "--reliable sets the attacks and the gradients"),
 ]

@@ -20,7 +20,9 @@ Spiking Neural Networks" (arXiv 2512.22522): its own gradient, whose surrogate
 sharpness follows the membrane potentials the attack meets (``AdaptiveSharpness``;
 docs/evaluation.md says what was implemented and where it departs from the paper).
 Score-based and random attacks (square, gaussian, uniform) need no gradient;
-``transfer`` crafts PGD examples on a source model.
+``transfer`` crafts examples on a source model with one of ``TRANSFER_ATTACKS``
+(PGD by default; APGD or ASSG + SA-PGD, so that the strongest white-box attack's
+own examples can be tried on another model).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import mpd_triton as mt
 __all__ = [
     "fgsm", "pgd", "bim", "apgd", "sapgd", "assg", "square", "gaussian_noise", "uniform_noise", "transfer",
     "input_gradient", "gradient_source", "GRADIENT_SOURCES", "GRADIENT_ATTACKS", "WHITE_BOX_ATTACKS",
-    "ITERATIVE_ATTACKS", "FIXED_STEP_ATTACKS", "ATTACKS", "run_attack", "margin", "ASSGOptions", "AdaptiveSharpness", "SAPGD_STEPS",
+    "ITERATIVE_ATTACKS", "FIXED_STEP_ATTACKS", "ATTACKS", "TRANSFER_ATTACKS", "run_attack", "margin", "ASSGOptions",
+    "AdaptiveSharpness", "SAPGD_STEPS",
     "sapgd_halvings",
 ]
 
@@ -49,6 +52,8 @@ ITERATIVE_ATTACKS = ("pgd", "bim", "apgd", "sapgd", "assg")
 # The iterative attacks of a fixed step (--steps x --step-size): their budget may not reach eps.
 FIXED_STEP_ATTACKS = ("pgd", "bim")
 ATTACKS = WHITE_BOX_ATTACKS + ("gaussian", "uniform", "square", "transfer")
+# What the transfer attack may run on its source model (with the source's own surrogate).
+TRANSFER_ATTACKS = ("pgd", "apgd", "assg")
 GRADIENT_SOURCES = ("own", "bptr") + mt.SURROGATE_NAMES
 
 
@@ -495,16 +500,26 @@ def uniform_noise(model, x, y, eps: float, generator: torch.Generator | None = N
     return _project(x + noise, x, eps)
 
 
-def transfer(source: nn.Module, x, y, eps: float, alpha: float, steps: int, eot: int = 1) -> torch.Tensor:
-    """Black-box transfer: PGD examples crafted on an independently trained source model."""
-    return pgd(source, x, y, eps, alpha, steps, eot=eot)
+def transfer(source: nn.Module, x, y, eps: float, alpha: float, steps: int, eot: int = 1, attack: str = "pgd",
+             assg_options: ASSGOptions | None = None) -> torch.Tensor:
+    """Black-box transfer: examples crafted on an independently trained source model by ``attack``
+    (one of ``TRANSFER_ATTACKS``, through the source's own surrogate; ``steps`` is its iteration count)."""
+    if attack == "pgd":
+        return pgd(source, x, y, eps, alpha, steps, eot=eot)
+    if attack == "apgd":
+        return apgd(source, x, y, eps, steps=steps, eot=eot)
+    if attack == "assg":
+        return assg(source, x, y, eps, steps=steps, eot=eot, options=assg_options)
+    raise ValueError(f"the transfer attack runs one of {', '.join(TRANSFER_ATTACKS)} on its source, not {attack!r}")
 
 
 def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 7,
                alpha: float = 0.01, eot: int = 1, gradient: str = "own", source: nn.Module | None = None,
-               n_queries: int = 1000, seed: int = 0, assg_options: ASSGOptions | None = None) -> torch.Tensor:
+               n_queries: int = 1000, seed: int = 0, assg_options: ASSGOptions | None = None,
+               transfer_attack: str = "pgd") -> torch.Tensor:
     """One attack by name on a batch; returns the adversarial images. ``steps`` is the iteration
-    count of every iterative attack (PGD, BIM, APGD, SA-PGD, ASSG)."""
+    count of every iterative attack (PGD, BIM, APGD, SA-PGD, ASSG; for ``transfer``, of
+    ``transfer_attack`` on the source)."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
     g = torch.Generator().manual_seed(seed)
@@ -529,4 +544,4 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
         return square(model, x, y, eps, n_queries=n_queries, generator=g)
     if source is None:
         raise ValueError("the transfer attack needs a source model (--source CHECKPOINT)")
-    return transfer(source, x, y, eps, alpha, steps, eot=eot)
+    return transfer(source, x, y, eps, alpha, steps, eot=eot, attack=transfer_attack, assg_options=assg_options)

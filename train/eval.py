@@ -32,7 +32,7 @@ from models import build_model
 from mpd_triton.files import WriteError, ensure_writable, remove_leftovers, write_json, write_text
 from mpd_triton.kernels.cpu import keep_freed_memory
 
-from .attacks import ASSG_LEVEL, ASSG_LEVEL_RANGE, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS
+from .attacks import ASSG_LEVEL, ASSG_LEVEL_RANGE, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS, TRANSFER_ATTACKS
 from .checkpoint import CheckpointError, load_checkpoint
 from .compiling import COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format, use_channels_last
 from .config import ConfigError, fraction, states_default
@@ -71,7 +71,7 @@ def evaluation_passes(settings: EvalSettings, n_images: int) -> int:
     """About how many forward-backward passes of full batches one model's evaluation makes
     (what decides whether compiling it pays)."""
     def cost(attack: str) -> int:
-        if attack in ("gaussian", "uniform"):
+        if attack in ("gaussian", "uniform", "transfer"):  # transfer: the source's passes are not the model's
             return 1
         if attack == "square":
             return settings.n_queries // 3  # forward passes only
@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eot", type=int, help="gradient draws averaged per step (default 1; 8 for Poisson models)")
     p.add_argument("--queries", type=int, default=1000, help="Square attack query budget")
     p.add_argument("--source", help="checkpoint of an independently trained model for the transfer attack")
+    p.add_argument("--transfer-attack", default="pgd", choices=TRANSFER_ATTACKS,
+                   help="what the transfer attack runs on --source, through the source's own surrogate, with the "
+                        "budget of that attack here (--steps / --apgd-steps / --sapgd-steps; assg at every "
+                        "--assg-level)")
     p.add_argument("--no-large-eps-check", action="store_true", help="skip the eps = 1 sanity check")
     p.add_argument("--data", help="data set (default: the checkpoint's)")
     p.add_argument("--data-dir")
@@ -253,7 +257,7 @@ def _evaluate(argv, where: dict) -> int:
                                 assg_levels=assg_levels, gradients=gradients,
                                 eot=args.eot or (8 if poisson else 1), n_queries=args.queries,
                                 batch_size=args.batch_size, seed=args.seed,
-                                large_eps_check=not args.no_large_eps_check)
+                                large_eps_check=not args.no_large_eps_check, transfer_attack=args.transfer_attack)
         limit = None if args.limit == 0 else args.limit
         images = test.images[:limit].float().div(255.0)
         labels = test.labels[:limit]

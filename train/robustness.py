@@ -44,6 +44,7 @@ from .attacks import (
     GRADIENT_SOURCES,
     ITERATIVE_ATTACKS,
     SAPGD_STEPS,
+    TRANSFER_ATTACKS,
     WHITE_BOX_ATTACKS,
     ASSGOptions,
     input_gradient,
@@ -81,6 +82,7 @@ class EvalSettings:
     batch_size: int = 250
     seed: int = 0
     large_eps_check: bool = True
+    transfer_attack: str = "pgd"  # what ``transfer`` runs on the source model (ASSG: at every level)
 
     def __post_init__(self):
         for a in self.attacks:
@@ -99,6 +101,9 @@ class EvalSettings:
             raise ValueError("assg_levels must list at least one ASSG level")
         for level in self.assg_levels:
             ASSGOptions(level=level)  # its message names the valid range
+        if self.transfer_attack not in TRANSFER_ATTACKS:
+            raise ValueError(f"the transfer attack runs one of {', '.join(TRANSFER_ATTACKS)} on the source model, "
+                             f"not {self.transfer_attack!r}")
         if not self.alpha > 0:
             raise ValueError(f"step size must be > 0, got {self.alpha}")
 
@@ -112,7 +117,9 @@ def _level_key(level: float) -> str:
 
 
 def attack_steps(settings: EvalSettings, attack: str) -> int:
-    """The iteration budget of an attack under these settings."""
+    """The iteration budget of an attack under these settings (transfer: of the attack it runs on its source)."""
+    if attack == "transfer":
+        attack = settings.transfer_attack
     return {"apgd": settings.apgd_steps, "sapgd": settings.sapgd_steps, "assg": settings.sapgd_steps}.get(
         attack, settings.steps)
 
@@ -192,6 +199,15 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                         ok = clean & _correct(model, x_adv, y)
                         add((attack, _key(eps), _level_key(level)), ok.sum())
                         survived &= ok
+                elif attack == "transfer":  # ASSG on the source: every level (per-image worst case)
+                    survived = clean.clone()
+                    levels = settings.assg_levels if settings.transfer_attack == "assg" else [settings.assg_levels[0]]
+                    for level in levels:
+                        x_adv = run_attack("transfer", model, x, y, eps, steps=attack_steps(settings, "transfer"),
+                                           alpha=settings.alpha, eot=settings.eot, source=source,
+                                           transfer_attack=settings.transfer_attack,
+                                           assg_options=ASSGOptions(level=level), seed=settings.seed + start)
+                        survived &= _correct(model, x_adv, y)
                 else:
                     x_adv = run_attack(attack, model, x, y, eps, steps=settings.steps, alpha=settings.alpha,
                                        eot=settings.eot, source=source, n_queries=settings.n_queries,
