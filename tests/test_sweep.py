@@ -378,3 +378,23 @@ def test_a_real_sweep_interrupted_and_continued(tmp_path):
         assert (out / f).is_file()
     again = subprocess.run(_sweep_command(out, 2), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count(": skipped") == 2, again.stdout
+
+
+def test_plot_gives_each_setting_one_colour_and_the_legend_every_setting(tmp_path, monkeypatch):
+    """A setting missing from the first panel still has its legend entry, and its colour is the same in
+    every panel (it used to shift with the settings a panel had)."""
+    figures = []
+    monkeypatch.setattr(sweep, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    monkeypatch.setattr(sweep.plt, "close", lambda fig: None)
+    nan = float("nan")
+    summary = {"settings": [
+        {"setting": "a", "metrics": {"clean": (0.9, nan, 1), "pgd @ 8/255": (0.5, nan, 1)}},
+        {"setting": "b", "metrics": {"clean": (0.8, 0.01, 2), "pgd @ 8/255": (0.4, 0.02, 2),
+                                     "apgd @ 8/255": (0.3, 0.02, 2)}},
+    ]}
+    sweep.plot(summary, tmp_path / "sweep.png")
+    (fig,) = figures
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b"]
+    colours = {(ax.get_title(), c.get_label()): c.lines[0].get_color() for ax in fig.axes for c in ax.containers}
+    assert set(colours) == {("pgd @ 8/255", "a"), ("pgd @ 8/255", "b"), ("apgd @ 8/255", "b")}
+    assert colours[("apgd @ 8/255", "b")] == colours[("pgd @ 8/255", "b")] != colours[("pgd @ 8/255", "a")]

@@ -539,12 +539,13 @@ def plot(summary: dict, path: Path) -> None:
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {g["setting"]: colors[i % len(colors)] for i, g in enumerate(groups)}  # one colour per setting
     for ax, key in zip(axes.flat, panels):
-        for i, g in enumerate(g for g in groups if key in g["metrics"]):
+        for g in (g for g in groups if key in g["metrics"]):
             cx, sx, _ = g["metrics"]["clean"]
             ry, sy, _ = g["metrics"][key]
             ax.errorbar(100 * cx, 100 * ry, xerr=None if math.isnan(sx) else 100 * sx,
-                        yerr=None if math.isnan(sy) else 100 * sy, fmt="o", color=colors[i % len(colors)],
+                        yerr=None if math.isnan(sy) else 100 * sy, fmt="o", color=color[g["setting"]],
                         label=g["setting"], capsize=2, markersize=4)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("clean accuracy %", fontsize=8)
@@ -553,9 +554,12 @@ def plot(summary: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, min(0.3, 0.05 * math.ceil(len(labels) / 4) + 0.02), 1, 1))
+    # the legend names every setting (not only those of the first panel), below the panels
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=color[g["setting"]], markersize=4) for g in groups]
+    ncol = min(4, max(1, len(groups)))
+    fig.legend(handles, [g["setting"] for g in groups], loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    legend_inches = 0.2 * math.ceil(len(groups) / ncol) + 0.1
+    fig.tight_layout(rect=(0, min(0.3, legend_inches / fig.get_figheight()), 1, 1))
     save_figure(fig, path, dpi=110)
     plt.close(fig)
 
