@@ -126,7 +126,8 @@ def test_sr_training_shrinks_the_input_gradient(tmp_path):
     common = ["--no-compare", "--epochs", "2", "--train-limit", "2000", "--test-limit", "200", "--eval-attacks", "",
               "--batch-size", "50", "--eta", "0"]
     assert run_main([*common, "--out", str(tmp_path / "plain")]) == 0
-    assert run_main([*common, "--sr-lambda", "1", "--out", str(tmp_path / "sr")]) == 0
+    # lambda = 0.1: at lambda = 1 this short lr-0.1 run diverged on a fresh machine (loss ~1e3, chance accuracy)
+    assert run_main([*common, "--sr-lambda", "0.1", "--out", str(tmp_path / "sr")]) == 0
     from train.data import load_dataset
 
     _, test, _ = load_dataset("fmnist-subset")
