@@ -65,6 +65,24 @@ def _forward_backward(x, *, surrogate=mt.Sigmoid()):
     return s, m, v, xx.grad
 
 
+@pytest.mark.parametrize("C", [1, 3, 16, 100, 129, 300])
+@pytest.mark.parametrize("rows", [1, 17, 700, 5000])
+def test_statistics_with_channels_innermost_against_float64(C, rows):
+    """Channels innermost (S = 1 for the kernels, as channels-last): the statistics are summed in
+    chunks of whole rows (lif_cpu.c's STATS_FOLD floats) and folded onto the channels, rows left
+    over summed one by one. Row counts below, at and far above a chunk and a tile, channel counts
+    that divide the chunk, that do not, and that exceed it: mean and variance as float64 gives them,
+    at |mean| >> std too."""
+    T = 2
+    gen = torch.Generator().manual_seed(C * 7919 + rows)
+    for offset in (0.0, 30.0):
+        x = torch.randn(T, rows, C, generator=gen) * 0.5 + offset + torch.linspace(-1, 1, C)
+        _, mean, var = mt.lif(x, backend="cpu", return_stats=True)
+        u = mt.lif(x.double(), backend="torch", return_stats=True)
+        assert_close("mean", mean, u[1], atol=1e-5, rtol=1e-6)
+        assert_close("var", var, u[2], atol=1e-5, rtol=1e-4)
+
+
 def test_bitwise_repeatable_and_independent_of_threads():
     """Deterministic: two calls agree bit for bit, and so do one thread and two (the
     statistics' partials are per tile and merged in tile order, whoever runs a tile)."""

@@ -65,6 +65,8 @@ SOURCE_DIR = Path(__file__).resolve().parent
 TILE_ELEMENTS = 8192
 # Elements of one channel in one tile at least (when the batch allows): fewer statistics partials.
 MIN_TILE_ROWS = 64
+# Floats of lif_cpu.c's tile_stats chunk when channels are innermost (its STATS_FOLD): scratch room.
+STATS_FOLD = 256
 # Below this many elements (T * N) a call runs on the calling thread.
 THREAD_MIN_ELEMENTS = 1 << 16
 
@@ -287,9 +289,9 @@ def tile_shape(B: int, C: int, S: int) -> tuple[int, int]:
 
 def _scratch_floats(block_b: int, block_c: int, S: int) -> int:
     """Floats of scratch one thread needs (the C kernels' layout of it): forward: a tile's state and u,
-    then block_c doubles; backward: a tile's dL/dv, a tile of zeros, a row of block_c x S parameters."""
+    then block_c doubles and 2 STATS_FOLD floats for the statistics; backward: a tile's dL/dv, a tile of zeros, a row of block_c x S parameters."""
     tile = block_b * block_c * S
-    return max(2 * tile + 4 * block_c + 2, 2 * tile + block_c * S)
+    return max(2 * tile + 4 * block_c + 2 + 2 * STATS_FOLD, 2 * tile + block_c * S)
 
 
 def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -100,6 +100,13 @@ static double row_m2(const float* RESTRICT u, int64_t n, float mean) {
     return total;
 }
 
+/* S == 1 (channels innermost, as channels-last): the tile's u is n_b rows of n_c channels, one
+ * contiguous block. It is summed in chunks of STATS_FOLD floats (FOLD / n_c whole rows; one row if
+ * n_c is larger): part[j] += chunk[j], a long vector loop, then part is folded onto the channels
+ * (j % n_c) in double. Each part[j] sums at most 64 values of one channel in float (a tile has at
+ * most TILE_ELEMENTS elements). cpu.py's _scratch_floats leaves room for 2 STATS_FOLD floats. */
+#define STATS_FOLD 256
+
 /* Per-(t, c) partials of one tile, from its u in scratch: mean and M2 over n_b rows of
  * n_row = n_c * S values (channel cc occupies [cc * S, (cc + 1) * S) of each row). Two
  * passes over the tile's u while it is in cache: the mean, then squared deviations from it
@@ -108,16 +115,34 @@ static void tile_stats(const float* RESTRICT u, int64_t n_b, int64_t n_c, int64_
                        double* RESTRICT m2_out, double* RESTRICT acc) {
     const int64_t n_row = n_c * S;
     const double count = (double)(n_b * S);
-    if (S == 1) { /* channels innermost: vector over channels */
+    if (S == 1) {
+        const int64_t rows = n_c >= STATS_FOLD ? 1 : STATS_FOLD / n_c;
+        const int64_t w = rows * n_c, whole = n_b - n_b % rows;
+        float* RESTRICT part = (float*)(acc + n_c);
+        float* RESTRICT mean_w = part + w; /* the channels' means, repeated along a chunk */
+        for (int64_t j = 0; j < w; j++) part[j] = 0.0f;
+        for (int64_t bi = 0; bi < whole; bi += rows)
+            for (int64_t j = 0; j < w; j++) part[j] += u[bi * n_c + j];
         for (int64_t cc = 0; cc < n_c; cc++) acc[cc] = 0.0;
-        for (int64_t bi = 0; bi < n_b; bi++)
-            for (int64_t cc = 0; cc < n_c; cc++) acc[cc] += (double)u[bi * n_row + cc];
+        for (int64_t j = 0; j < w; j++) acc[j % n_c] += (double)part[j];
+        for (int64_t bi = whole; bi < n_b; bi++)
+            for (int64_t cc = 0; cc < n_c; cc++) acc[cc] += (double)u[bi * n_c + cc];
         for (int64_t cc = 0; cc < n_c; cc++) mean_out[cc] = acc[cc] / count;
+        for (int64_t j = 0; j < w; j++) {
+            mean_w[j] = (float)mean_out[j % n_c];
+            part[j] = 0.0f;
+        }
+        for (int64_t bi = 0; bi < whole; bi += rows)
+            for (int64_t j = 0; j < w; j++) {
+                const float d = u[bi * n_c + j] - mean_w[j];
+                part[j] += d * d;
+            }
         for (int64_t cc = 0; cc < n_c; cc++) acc[cc] = 0.0;
-        for (int64_t bi = 0; bi < n_b; bi++)
+        for (int64_t j = 0; j < w; j++) acc[j % n_c] += (double)part[j];
+        for (int64_t bi = whole; bi < n_b; bi++)
             for (int64_t cc = 0; cc < n_c; cc++) {
-                const double d = (double)u[bi * n_row + cc] - mean_out[cc];
-                acc[cc] += d * d;
+                const float d = u[bi * n_c + cc] - mean_w[cc];
+                acc[cc] += (double)(d * d);
             }
         for (int64_t cc = 0; cc < n_c; cc++) m2_out[cc] = acc[cc];
         return;
