@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU figures of docs/benchmarks.md ("CPU") in one call, on an otherwise idle machine:
 #
-#   bash bench/cpu_run.sh [kernels] [model] [train] [cache]     # no stage named: all four, in that order
+#   bash bench/cpu_run.sh [kernels] [model] [train] [cache] [breakdown]   # none named: all five, in that order
 #
 # kernels  python -m bench.kernels --quick (T = 8, T*N = 2^20) for float32 and bfloat16: the fused C kernels,
 #          the reference eager and under torch.compile, SpikingJelly's CPU path, against a copy
@@ -10,6 +10,7 @@
 #          defaults and with --compile
 # cache    the first step of a compiled run with an empty Inductor cache, then again with the cache
 #          the first run left
+# breakdown python -m bench.cpu_breakdown: the C kernels alone against the whole mt.lif step, 1 and 2 threads
 #
 # Environment: OUT (default runs/cpu-<UTC time>), PYTHON (default .venv/bin/python if present, else python3).
 # Everything is written under $OUT; cpu.log has the machine's load before each stage, which says
@@ -27,9 +28,9 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(kernels model train cache)
+[ ${#stages[@]} -eq 0 ] && stages=(kernels model train cache breakdown)
 for stage in "${stages[@]}"; do
-    case "$stage" in kernels|model|train|cache) ;; *) echo "unknown stage '$stage': use kernels, model, train or cache" >&2; exit 2 ;; esac
+    case "$stage" in kernels|model|train|cache|breakdown) ;; *) echo "unknown stage '$stage': use kernels, model, train, cache or breakdown" >&2; exit 2 ;; esac
 done
 
 note() { echo "== $(date -u +%H:%M:%SZ) $* (load: $(cut -d' ' -f1-3 /proc/loadavg))" | tee -a "$LOG"; }
@@ -63,6 +64,9 @@ for stage in "${stages[@]}"; do
                 --rep-ms 500 --out "$OUT/cache-${pass// /-}" 2>&1 | tee -a "$LOG"
         done
         rm -rf "$cache" ;;
+    breakdown)
+        note "breakdown"
+        "$PYTHON" -m bench.cpu_breakdown --threads 1 2 --out "$OUT/breakdown.md" 2>&1 | tee -a "$LOG" ;;
     esac
 done
 note "done: $OUT"
