@@ -100,6 +100,30 @@ def test_bitwise_repeatable_and_independent_of_threads():
         assert torch.equal(p, r), f"{name} differs between one and two threads"
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_threads_started_by_the_library_split_any_tile_count(threads, dtype, channels_last, monkeypatch):
+    """lif_fwd_mt / lif_bwd_mt: tiles in contiguous ranges over up to `threads` threads of the C
+    library (more threads than tiles: one per tile), each with its own scratch row; the same bits
+    as one thread, statistics and gradients included."""
+    x = make_input((3, 5, 7, 6, 5), 4, dtype=dtype)  # 7 channels x 30 positions: several ragged tiles
+    if channels_last:
+        x = x.movedim(2, -1).contiguous().movedim(-1, 2)
+    monkeypatch.setattr(cpu_kernels, "TILE_ELEMENTS", 64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _forward_backward(x)
+        monkeypatch.setattr(cpu_kernels, "THREAD_MIN_ELEMENTS", 1)
+        torch.set_num_threads(threads)
+        split = _forward_backward(x)
+    finally:
+        torch.set_num_threads(before)
+    for name, p, q in zip(("spikes", "mean", "var", "grad_x"), single, split):
+        assert torch.equal(p, q), f"{name} differs between one thread and {threads}"
+
+
 # ---------------------------------------------------------------- layouts
 
 
@@ -301,7 +325,7 @@ FORK_PROBE = """
         torch.set_num_threads(2)
         return float(mt.lif(x, backend="cpu").numpy().sum())
 
-    parent = count(x)  # the parent's thread pool exists from here on
+    parent = count(x)  # the parent's kernels have run on threads
     with multiprocessing.get_context("fork").Pool(1) as pool:
         child = pool.apply_async(count, (x,)).get(timeout=120)
     print("COUNTS", parent, child)
@@ -309,8 +333,8 @@ FORK_PROBE = """
 
 
 def test_forked_child_runs_the_kernels_on_threads():
-    """A child forked after the thread pool exists inherits the pool object but not its threads:
-    it must make its own instead of waiting forever on work no thread picks up."""
+    """A child forked after the kernels ran on threads runs them on threads too (they start per
+    call: a child inherits no thread it could wait on forever)."""
     done = _python(FORK_PROBE, {"TRITON_INTERPRET": "0"})
     assert done.returncode == 0, done.stderr[-2000:]
     parent, child = done.stdout.split("COUNTS")[1].split()

@@ -16,8 +16,10 @@ Differences from the Triton launchers:
   contiguous format); anything else is copied once. A channels-last step [B, S, C] is
   handed to the kernels as B * S rows of C channels.
 * Parallelism: the tiles (block_b samples x block_c channels x all positions) are split
-  over ``torch.get_num_threads()`` Python threads; ctypes releases the GIL for the call.
-  Small tensors run on the calling thread.
+  over ``torch.get_num_threads()`` threads that the C library starts for the call
+  (``lif_fwd_mt`` / ``lif_bwd_mt``: no Python and no GIL in the hand-off, which in a
+  Python thread pool cost more than the second thread gained, docs/benchmarks.md); ctypes
+  releases the GIL for the call. Small tensors run on the calling thread.
 
 Build: the C source is compiled with the system C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``) into a cache folder (``$MPD_TRITON_CACHE_DIR``, else
@@ -40,7 +42,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ __all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward"
 
 DISABLE_ENV = "MPD_TRITON_CPU_KERNELS"  # "0": do not build or use the CPU kernels
 CACHE_ENV = "MPD_TRITON_CACHE_DIR"
-ABI_VERSION = 3  # lif_cpu_abi_version() of the C source this module calls
+ABI_VERSION = 4  # lif_cpu_abi_version() of the C source this module calls
 SOURCES = ("lif_cpu.c", "lif_cpu_body.h")
 SOURCE_DIR = Path(__file__).resolve().parent
 
@@ -78,13 +79,13 @@ _FWD_ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
 _BWD_ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _F32, _F32, _I32,
                  _I32, _I32, _I32, _I64, _I64, _P]
 _MERGE_ARGTYPES = [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64]
+# lif_{fwd,bwd}_mt: (tile_begin, tile_end, scratch) -> (n_tiles, scratch, scratch_stride, workers)
+_FWD_MT_ARGTYPES = _FWD_ARGTYPES[:-3] + [_I64, _P, _I64, _I32]
+_BWD_MT_ARGTYPES = _BWD_ARGTYPES[:-3] + [_I64, _P, _I64, _I32]
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" or "reason", once decided
 _workspace = threading.local()  # per calling thread: scratch and statistics partials, grown as needed
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_pid = 0  # a forked child inherits the pool object but not its threads: it makes its own
 
 
 # ---------------------------------------------------------------- build and load
@@ -107,7 +108,7 @@ def _compiler() -> str | None:
 
 def _flag_sets() -> list[list[str]]:
     """Compiler flags to try in order: tuned for this machine first, then portable."""
-    common = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+    common = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
     native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
     return [common + [native], common]
 
@@ -177,10 +178,10 @@ def _load(path: Path):
     for suffix in _DTYPE_SUFFIX.values():
         if suffix == "f16" and not lib.lif_cpu_has_float16():
             continue
-        getattr(lib, f"lif_fwd_{suffix}").argtypes = _FWD_ARGTYPES
-        getattr(lib, f"lif_bwd_{suffix}").argtypes = _BWD_ARGTYPES
-        getattr(lib, f"lif_fwd_{suffix}").restype = None
-        getattr(lib, f"lif_bwd_{suffix}").restype = None
+        for name, argtypes in (("fwd", _FWD_ARGTYPES), ("bwd", _BWD_ARGTYPES), ("fwd_mt", _FWD_MT_ARGTYPES),
+                               ("bwd_mt", _BWD_MT_ARGTYPES)):
+            getattr(lib, f"lif_{name}_{suffix}").argtypes = argtypes
+            getattr(lib, f"lif_{name}_{suffix}").restype = None
     lib.lif_stats_merge.argtypes = _MERGE_ARGTYPES
     lib.lif_stats_merge.restype = None
     lib.lif_cpu_surrogate_count.restype = ctypes.c_int64
@@ -314,25 +315,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _run_tiles(fn, args_before, args_after, n_tiles: int, elements: int, scratch_floats: int) -> None:
-    """fn(*args_before, tile_begin, tile_end, scratch, ...) over all tiles, split over threads."""
-    global _pool, _pool_size, _pool_pid
+def _run_tiles(fn, fn_mt, args, n_tiles: int, elements: int, scratch_floats: int) -> None:
+    """fn(*args, 0, n_tiles, scratch) on the calling thread, or fn_mt(*args, n_tiles, scratch,
+    scratch_floats, workers): the tiles split over threads the C library starts."""
     workers = max(1, min(torch.get_num_threads(), n_tiles, elements // THREAD_MIN_ELEMENTS))
-    scratch = _buffer("scratch", workers * scratch_floats, torch.float32).view(workers, scratch_floats)
+    scratch = _buffer("scratch", workers * scratch_floats, torch.float32)
     if workers == 1:
-        fn(*args_before, 0, n_tiles, scratch.data_ptr(), *args_after)
-        return
-    if _pool_size < workers or _pool_pid != os.getpid():
-        with _lock:
-            if _pool_size < workers or _pool_pid != os.getpid():
-                _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mpd_triton_cpu")
-                _pool_size, _pool_pid = workers, os.getpid()
-    bounds = [n_tiles * i // workers for i in range(workers + 1)]
-    futures = [_pool.submit(fn, *args_before, bounds[i], bounds[i + 1], scratch[i].data_ptr(), *args_after)
-               for i in range(1, workers)]
-    fn(*args_before, bounds[0], bounds[1], scratch[0].data_ptr(), *args_after)
-    for future in futures:
-        future.result()
+        fn(*args, 0, n_tiles, scratch.data_ptr())
+    else:
+        fn_mt(*args, n_tiles, scratch.data_ptr(), scratch_floats, workers)
 
 
 # ---------------------------------------------------------------- launchers
@@ -372,7 +363,7 @@ def lif_forward(x: torch.Tensor, params: KernelParams, *, v_init: torch.Tensor |
     """Forward over x [T, B, C, *spatial] (or [T, B, F]) on the CPU; returns (spikes, u_saved,
     mean, var, v_T) as made by ``forward_buffers`` (see ``kernels.lif.lif_forward``): in x's
     memory format, contiguous or channels-last."""
-    fn = _kernel("fwd", x.dtype)
+    fn, fn_mt = _kernel("fwd", x.dtype), _kernel("fwd_mt", x.dtype)
     layout = step_layout(x)
     if layout.strides is None:  # spatial dims that do not merge: one copy
         x = x.contiguous()
@@ -386,10 +377,10 @@ def lif_forward(x: torch.Tensor, params: KernelParams, *, v_init: torch.Tensor |
     P, n_ctiles = -(-B // block_b), -(-C // block_c)
     partials = _buffer("partials", 2 * T * P * C, torch.float64) if stats else None
     pmean, pm2 = (partials[:T * P * C], partials[T * P * C:]) if stats else (None, None)
-    _run_tiles(fn, (x.data_ptr(), *x_strides, spikes.data_ptr(), _ptr(u_saved), _ptr(v0), _ptr(v_T), _ptr(pmean),
+    _run_tiles(fn, fn_mt, (x.data_ptr(), *x_strides, spikes.data_ptr(), _ptr(u_saved), _ptr(v0), _ptr(v_T), _ptr(pmean),
                     _ptr(pm2), T, B, C, S, block_b, block_c, params.inv_tau, params.v_th, params.v_rest,
                     int(params.decay_input), int(params.hard_reset)),
-               (), P * n_ctiles, T * B * C * S, _scratch_floats(block_b, block_c, S))
+               P * n_ctiles, T * B * C * S, _scratch_floats(block_b, block_c, S))
     if stats:
         _library().lif_stats_merge(pmean.data_ptr(), pm2.data_ptr(), mean.data_ptr(), var.data_ptr(), T, P, C, B, S,
                                    block_b)
@@ -419,7 +410,7 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
     None (the scalar params.surrogate_param), a [C] tensor (per channel), or a tensor of
     u_saved's rank whose dims are 1 or u_saved's (per element, broadcast)."""
     check_surrogate_kind(params.surrogate_kind)
-    fn = _kernel("bwd", u_saved.dtype)
+    fn, fn_mt = _kernel("bwd", u_saved.dtype), _kernel("bwd_mt", u_saved.dtype)
     layout = step_layout(u_saved)
     channels_last = layout.channels_last
     if not layout.is_dense():  # u_saved as lif_forward wrote it is dense: no copy
@@ -442,9 +433,9 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
     grad_x, grad_v0 = backward_buffers(u_saved, need_grad_v0=need_grad_v0)
     block_b, block_c = tile_shape(B, C, S)
     n_tiles = -(-B // block_b) * -(-C // block_c)
-    _run_tiles(fn, (_ptr(grad_spikes), *gs_strides, u_saved.data_ptr(), _ptr(mpd_a), _ptr(mpd_b),
+    _run_tiles(fn, fn_mt, (_ptr(grad_spikes), *gs_strides, u_saved.data_ptr(), _ptr(mpd_a), _ptr(mpd_b),
                     _ptr(sgp_channel), _ptr(sgp_element), sgp_stride_t, _ptr(gvT), grad_x.data_ptr(), _ptr(grad_v0), T, B, C, S, block_b, block_c,
                     params.inv_tau, params.v_th, params.v_rest, params.surrogate_param, params.surrogate_kind,
                     int(params.decay_input), int(params.hard_reset), int(params.detach_reset)),
-               (), n_tiles, T * B * C * S, _scratch_floats(block_b, block_c, S))
+               n_tiles, T * B * C * S, _scratch_floats(block_b, block_c, S))
     return grad_x, grad_v0

@@ -1,6 +1,7 @@
 /* Fused multi-step LIF for the CPU: the same forward and BPTT as the Triton kernels
  * (mpd_triton/kernels/lif.py), compiled on first use by mpd_triton/kernels/cpu.py and
- * called through ctypes (which releases the GIL, so Python threads run tiles in parallel).
+ * called through ctypes (which releases the GIL). lif_fwd_mt / lif_bwd_mt split the tiles over
+ * threads of their own (run_ranges).
  *
  * Layout: the tensors the kernels write are dense [T, B, C, S]; the input (x in the
  * forward, grad_spikes in the backward) needs dense [C, S] per sample only, with any time
@@ -25,6 +26,7 @@
  */
 
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -35,7 +37,7 @@
 enum { SG_TRIANGLE = 0, SG_RECTANGULAR = 1, SG_SIGMOID = 2, SG_ATAN = 3, SG_SUPERSPIKE = 4, SG_COUNT = 5 };
 
 /* Bumped whenever an exported signature changes (cpu.py checks it). */
-int64_t lif_cpu_abi_version(void) { return 3; }
+int64_t lif_cpu_abi_version(void) { return 4; }
 int64_t lif_cpu_surrogate_count(void) { return SG_COUNT; }
 
 /* g(u) for surrogate `kind` with parameter p (gamma or alpha), as in surrogates.py. */
@@ -206,6 +208,49 @@ static inline tile_t tile_at(int64_t tile, int64_t B, int64_t C, int64_t S, int6
 static void tile_load(float* RESTRICT dst, const float* RESTRICT src, float fill, tile_t t, int64_t C, int64_t S) {
     for (int64_t bi = 0; bi < t.n_b; bi++)
         for (int64_t k = 0; k < t.n_row; k++) dst[bi * t.n_row + k] = src ? src[t.offset + bi * C * S + k] : fill;
+}
+
+/* ---- threads: tiles [0, n_tiles) in `workers` contiguous ranges, the calling thread the first ---- */
+
+typedef void (*range_fn)(const void* call, int64_t begin, int64_t end, float* scratch);
+
+typedef struct {
+    range_fn fn;
+    const void* call;
+    int64_t begin, end;
+    float* scratch;
+} range_job;
+
+static void* run_job(void* job) {
+    const range_job* j = (const range_job*)job;
+    j->fn(j->call, j->begin, j->end, j->scratch);
+    return NULL;
+}
+
+#define MAX_WORKERS 256
+
+/* Ranges whose thread cannot be started run on the calling thread, after its own: the
+ * result is the same (each tile writes its own outputs and partials). */
+static void run_ranges(range_fn fn, const void* call, int64_t n_tiles, float* scratch, int64_t scratch_stride,
+                       int32_t workers) {
+    if (workers > MAX_WORKERS) workers = MAX_WORKERS;
+    if (workers > n_tiles) workers = (int32_t)n_tiles;
+    if (workers < 2) {
+        fn(call, 0, n_tiles, scratch);
+        return;
+    }
+    range_job jobs[MAX_WORKERS];
+    pthread_t threads[MAX_WORKERS];
+    int started[MAX_WORKERS];
+    for (int32_t w = 0; w < workers; w++) {
+        jobs[w] = (range_job){fn, call, n_tiles * w / workers, n_tiles * (w + 1) / workers, scratch + w * scratch_stride};
+        started[w] = w > 0 && pthread_create(&threads[w], NULL, run_job, &jobs[w]) == 0;
+    }
+    run_job(&jobs[0]);
+    for (int32_t w = 1; w < workers; w++) {
+        if (started[w]) pthread_join(threads[w], NULL);
+        else run_job(&jobs[w]);
+    }
 }
 
 /* ---- dtypes: load as float32, store from float32 (round to nearest even), sign bit ---- */

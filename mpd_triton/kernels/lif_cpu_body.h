@@ -210,6 +210,64 @@ void LIF_NAME(lif_bwd)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t
     }
 }
 
+/* lif_fwd / lif_bwd over all n_tiles tiles split into `workers` contiguous ranges, one per
+ * thread (the calling thread takes the first): the same arguments as the single-range
+ * functions, with (n_tiles, scratch, scratch_stride, workers) in place of (tile_begin,
+ * tile_end, scratch); worker w uses scratch + w * scratch_stride. The threads live for one
+ * call: no Python and no GIL in the hand-off. */
+typedef struct {
+    const LIF_TYPE* x; int64_t x_stride_t, x_stride_b; LIF_TYPE *spikes, *u_saved; const float* v0; LIF_TYPE* vT;
+    double *pmean, *pm2; int64_t T, B, C, S, block_b, block_c; float inv_tau, v_th, v_rest;
+    int32_t decay_input, hard_reset;
+} LIF_NAME(fwd_call);
+
+static void LIF_NAME(fwd_range)(const void* call, int64_t begin, int64_t end, float* scratch) {
+    const LIF_NAME(fwd_call)* a = (const LIF_NAME(fwd_call)*)call;
+    LIF_NAME(lif_fwd)(a->x, a->x_stride_t, a->x_stride_b, a->spikes, a->u_saved, a->v0, a->vT, a->pmean, a->pm2, a->T,
+                      a->B, a->C, a->S, a->block_b, a->block_c, a->inv_tau, a->v_th, a->v_rest, a->decay_input,
+                      a->hard_reset, begin, end, scratch);
+}
+
+void LIF_NAME(lif_fwd_mt)(const LIF_TYPE* x, int64_t x_stride_t, int64_t x_stride_b, LIF_TYPE* spikes, LIF_TYPE* u_saved,
+                          const float* v0, LIF_TYPE* vT, double* pmean, double* pm2, int64_t T, int64_t B, int64_t C,
+                          int64_t S, int64_t block_b, int64_t block_c, float inv_tau, float v_th, float v_rest,
+                          int32_t decay_input, int32_t hard_reset, int64_t n_tiles, float* scratch,
+                          int64_t scratch_stride, int32_t workers) {
+    const LIF_NAME(fwd_call) call = {x, x_stride_t, x_stride_b, spikes, u_saved, v0, vT, pmean, pm2, T, B, C, S,
+                                     block_b, block_c, inv_tau, v_th, v_rest, decay_input, hard_reset};
+    run_ranges(LIF_NAME(fwd_range), &call, n_tiles, scratch, scratch_stride, workers);
+}
+
+typedef struct {
+    const LIF_TYPE* grad_spikes; int64_t gs_stride_t, gs_stride_b; const LIF_TYPE* u_saved; const float *mpd_a, *mpd_b;
+    const float *surrogate_param_c, *surrogate_param_e; int64_t surrogate_param_stride_t; const float* gvT;
+    LIF_TYPE* grad_x; float* gv0; int64_t T, B, C, S, block_b, block_c; float inv_tau, v_th, v_rest, surrogate_param;
+    int32_t surrogate_kind, decay_input, hard_reset, detach_reset;
+} LIF_NAME(bwd_call);
+
+static void LIF_NAME(bwd_range)(const void* call, int64_t begin, int64_t end, float* scratch) {
+    const LIF_NAME(bwd_call)* a = (const LIF_NAME(bwd_call)*)call;
+    LIF_NAME(lif_bwd)(a->grad_spikes, a->gs_stride_t, a->gs_stride_b, a->u_saved, a->mpd_a, a->mpd_b,
+                      a->surrogate_param_c, a->surrogate_param_e, a->surrogate_param_stride_t, a->gvT, a->grad_x, a->gv0,
+                      a->T, a->B, a->C, a->S, a->block_b, a->block_c, a->inv_tau, a->v_th, a->v_rest,
+                      a->surrogate_param, a->surrogate_kind, a->decay_input, a->hard_reset, a->detach_reset, begin, end,
+                      scratch);
+}
+
+void LIF_NAME(lif_bwd_mt)(const LIF_TYPE* grad_spikes, int64_t gs_stride_t, int64_t gs_stride_b, const LIF_TYPE* u_saved,
+                          const float* mpd_a, const float* mpd_b, const float* surrogate_param_c,
+                          const float* surrogate_param_e, int64_t surrogate_param_stride_t, const float* gvT,
+                          LIF_TYPE* grad_x, float* gv0, int64_t T, int64_t B, int64_t C, int64_t S, int64_t block_b,
+                          int64_t block_c, float inv_tau, float v_th, float v_rest, float surrogate_param,
+                          int32_t surrogate_kind, int32_t decay_input, int32_t hard_reset, int32_t detach_reset,
+                          int64_t n_tiles, float* scratch, int64_t scratch_stride, int32_t workers) {
+    const LIF_NAME(bwd_call) call = {grad_spikes, gs_stride_t, gs_stride_b, u_saved, mpd_a, mpd_b, surrogate_param_c,
+                                     surrogate_param_e, surrogate_param_stride_t, gvT, grad_x, gv0, T, B, C, S, block_b,
+                                     block_c, inv_tau, v_th, v_rest, surrogate_param, surrogate_kind, decay_input,
+                                     hard_reset, detach_reset};
+    run_ranges(LIF_NAME(bwd_range), &call, n_tiles, scratch, scratch_stride, workers);
+}
+
 #undef LIF_SUFFIX
 #undef LIF_TYPE
 #undef LIF_LOAD
