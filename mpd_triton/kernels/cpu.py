@@ -107,10 +107,10 @@ def _compiler() -> str | None:
 
 
 def _flag_sets() -> list[list[str]]:
-    """Compiler flags to try in order: tuned for this machine first, then portable."""
+    """Compiler flags to try in order: tuned for this machine with OpenMP first, then portable, then without OpenMP."""
     common = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
     native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
-    return [common + [native], common]
+    return [common + [native, "-fopenmp"], common + ["-fopenmp"], common + [native], common]
 
 
 def library_path(compiler: str, flags: list[str]) -> Path:

@@ -229,6 +229,20 @@ static void* run_job(void* job) {
 
 #define MAX_WORKERS 256
 
+#ifdef _OPENMP
+#include <omp.h>
+/* Built with -fopenmp, the library needs libgomp.so.1, which the loader finds already loaded
+ * by torch (same soname): the tiles then run on torch's own OpenMP threads, which no second
+ * pool competes with. libgomp cannot be used in a child forked after it started threads:
+ * there the pthread path below runs instead. */
+static volatile int forked_child = 0;
+static void mark_forked_child(void) { forked_child = 1; }
+__attribute__((constructor)) static void watch_forks(void) { pthread_atfork(NULL, NULL, mark_forked_child); }
+int64_t lif_cpu_openmp(void) { return forked_child ? 0 : 1; }
+#else
+int64_t lif_cpu_openmp(void) { return 0; }
+#endif
+
 /* Ranges whose thread cannot be started run on the calling thread, after its own: the
  * result is the same (each tile writes its own outputs and partials). */
 static void run_ranges(range_fn fn, const void* call, int64_t n_tiles, float* scratch, int64_t scratch_stride,
@@ -239,6 +253,16 @@ static void run_ranges(range_fn fn, const void* call, int64_t n_tiles, float* sc
         fn(call, 0, n_tiles, scratch);
         return;
     }
+#ifdef _OPENMP
+    if (!forked_child) {
+#pragma omp parallel num_threads(workers)
+        {
+            const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
+            fn(call, n_tiles * w / n, n_tiles * (w + 1) / n, scratch + w * scratch_stride);
+        }
+        return;
+    }
+#endif
     range_job jobs[MAX_WORKERS];
     pthread_t threads[MAX_WORKERS];
     int started[MAX_WORKERS];
