@@ -243,6 +243,37 @@ def test_build_is_cached(tmp_path):
     assert [line for line in log.read_text().splitlines() if "lif_cpu.c" in line] == compiles
 
 
+NO_OPENMP_PROBE = """
+    import torch, mpd_triton as mt
+    from mpd_triton.kernels import cpu
+    assert mt.cpu_kernels_unavailable() is None
+    print("OPENMP", cpu._library().lif_cpu_openmp())
+    cpu.THREAD_MIN_ELEMENTS, cpu.TILE_ELEMENTS = 1, 64
+    x = torch.randn(4, 3, 5, 6, 7, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        xx = x.clone().requires_grad_(True)
+        s, m, v = mt.lif(xx, backend="cpu", return_stats=True)
+        (s.sum() + mt.mpd_overlap(m, v, 1.0).sum()).backward()
+        runs.append((s, m, v, xx.grad))
+    print("EQUAL", all(torch.equal(p, q) for p, q in zip(*runs)))
+"""
+
+
+def test_a_compiler_without_openmp_builds_kernels_that_start_their_own_threads(tmp_path):
+    """A compiler that refuses -fopenmp (Apple's clang): the flag sets without it build the library,
+    whose threads, started per call, give the bits of one thread."""
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *-fopenmp*) echo "no openmp" >&2; exit 1;; esac\n'
+                       f'exec {cpu_kernels._compiler()} "$@"\n')
+    wrapper.chmod(0o755)
+    done = _python(NO_OPENMP_PROBE, {cpu_kernels.CACHE_ENV: str(tmp_path / "cache"), "CC": str(wrapper),
+                                     "TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "OPENMP 0" in done.stdout and "EQUAL True" in done.stdout, done.stdout
+
+
 def test_an_unwritable_cache_builds_in_a_temporary_folder_with_a_warning(tmp_path):
     """A cache folder that cannot be made (its parent is a file) or written: the kernels still run,
     built for the process in a temporary folder, and one warning names the folder and the cause."""

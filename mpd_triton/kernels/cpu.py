@@ -16,10 +16,13 @@ Differences from the Triton launchers:
   contiguous format); anything else is copied once. A channels-last step [B, S, C] is
   handed to the kernels as B * S rows of C channels.
 * Parallelism: the tiles (block_b samples x block_c channels x all positions) are split
-  over ``torch.get_num_threads()`` threads that the C library starts for the call
-  (``lif_fwd_mt`` / ``lif_bwd_mt``: no Python and no GIL in the hand-off, which in a
-  Python thread pool cost more than the second thread gained, docs/benchmarks.md); ctypes
-  releases the GIL for the call. Small tensors run on the calling thread.
+  over ``torch.get_num_threads()`` threads in contiguous ranges (``lif_fwd_mt`` /
+  ``lif_bwd_mt``). Built with ``-fopenmp`` (the first flag sets), the library needs
+  ``libgomp.so.1``, which the loader finds already loaded by torch: the ranges run on
+  torch's own OpenMP threads (a second pool beside them lost to their spinning,
+  docs/benchmarks.md). Without OpenMP, and in a child forked after the threads started,
+  the library starts threads of its own for the call. ctypes releases the GIL for the
+  call. Small tensors run on the calling thread.
 
 Build: the C source is compiled with the system C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``) into a cache folder (``$MPD_TRITON_CACHE_DIR``, else
@@ -107,7 +110,8 @@ def _compiler() -> str | None:
 
 
 def _flag_sets() -> list[list[str]]:
-    """Compiler flags to try in order: tuned for this machine with OpenMP first, then portable, then without OpenMP."""
+    """Compiler flags to try in order: tuned for this machine with OpenMP first, then portable, then
+    the same without OpenMP (a compiler without it, e.g. Apple's clang)."""
     common = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
     native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
     return [common + [native, "-fopenmp"], common + ["-fopenmp"], common + [native], common]
