@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kernels import cpu as _cpu_kernels
 from .neuron import check_real
 
 __all__ = ["mpd_overlap", "window_overlap", "combine_stats", "MPDSGR", "DEFAULT_EPS", "GRANULARITIES", "MPD_WINDOWS"]
@@ -47,11 +48,19 @@ def mpd_overlap(mean: torch.Tensor, var: torch.Tensor, gamma, eps: float = DEFAU
     if isinstance(gamma, torch.Tensor):  # a tensor window: autograd through the formula (gamma may need a gradient)
         sigma = torch.sqrt(var + eps)
         m = mean.abs()
-        return torch.special.ndtr((gamma - m) / sigma) - torch.special.ndtr((-gamma - m) / sigma)
+        return normal_cdf((gamma - m) / sigma) - normal_cdf((-gamma - m) / sigma)
     return _Overlap.apply(mean, var, gamma, eps)
 
 
 _INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = 0.7071067811865476
+
+
+def normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """Phi(z) = erfc(-z / sqrt 2) / 2, accurate in the lower tail. (``torch.special.ndtr`` computes
+    (1 + erf(z / sqrt 2)) / 2 in torch 2.14: exactly 0 below about z = -8.3 in float64 and -5.5 in
+    float32, and few correct digits before, so an Omega far outside the window came out as 0.)"""
+    return 0.5 * torch.special.erfc(z * -_SQRT1_2)
 
 
 class _Overlap(torch.autograd.Function):
@@ -62,26 +71,53 @@ class _Overlap(torch.autograd.Function):
         dOmega/d|m|   = (phi(z2) - phi(z1)) / sigma
         dOmega/dsigma = (z2 phi(z2) - z1 phi(z1)) / sigma,   dsigma/dvar = 1 / (2 sigma)
 
-    and d|m|/dm = sign(m) (0 at m = 0, as autograd's abs)."""
+    and d|m|/dm = sign(m) (0 at m = 0, as autograd's abs). Float32 CPU statistics go through one C
+    loop each way (``kernels.cpu.overlap_forward`` / ``overlap_backward``, the same arithmetic) when
+    the CPU kernels are built, outside torch.compile and outside a backward that builds a graph (there
+    the backward recomputes z from mean and var, so that it is itself differentiable)."""
 
     @staticmethod
     def forward(ctx, mean, var, gamma: float, eps: float):
-        sigma = torch.sqrt(var + eps)
-        m = mean.abs()
-        z1 = (gamma - m) / sigma
-        z2 = (-gamma - m) / sigma
-        ctx.save_for_backward(mean, sigma, z1, z2)
-        return torch.special.ndtr(z1) - torch.special.ndtr(z2)
+        ctx.gamma, ctx.eps = gamma, eps
+        ctx.in_c = _in_c(mean, var)
+        if ctx.in_c:
+            ctx.save_for_backward(mean, var)
+            return _cpu_kernels.overlap_forward(mean, var, gamma, eps)
+        sigma, z1, z2 = _window_z(mean, var, gamma, eps)
+        ctx.save_for_backward(mean, var, sigma, z1, z2)
+        return normal_cdf(z1) - normal_cdf(z2)
 
     @staticmethod
     def backward(ctx, grad):
-        mean, sigma, z1, z2 = ctx.saved_tensors
+        need_mean, need_var = ctx.needs_input_grad[:2]
+        if ctx.in_c and not torch.is_grad_enabled():
+            mean, var = ctx.saved_tensors
+            grad_mean, grad_var = _cpu_kernels.overlap_backward(mean, var, grad, ctx.gamma, ctx.eps, need_mean, need_var)
+            return grad_mean, grad_var, None, None
+        mean, var, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled() or not saved:  # a graph of the backward is asked for: z from the inputs
+            sigma, z1, z2 = _window_z(mean, var, ctx.gamma, ctx.eps)
+        else:
+            sigma, z1, z2 = saved
         phi1 = torch.exp(-0.5 * z1 * z1) * _INV_SQRT_2PI
         phi2 = torch.exp(-0.5 * z2 * z2) * _INV_SQRT_2PI
         g = grad / sigma
-        grad_mean = g * (phi2 - phi1) * torch.sign(mean) if ctx.needs_input_grad[0] else None
-        grad_var = g * (z2 * phi2 - z1 * phi1) / (2 * sigma) if ctx.needs_input_grad[1] else None
+        grad_mean = g * (phi2 - phi1) * torch.sign(mean) if need_mean else None
+        grad_var = g * (z2 * phi2 - z1 * phi1) / (2 * sigma) if need_var else None
         return grad_mean, grad_var, None, None
+
+
+def _window_z(mean: torch.Tensor, var: torch.Tensor, gamma: float, eps: float):
+    """(sigma, z1, z2) of _Overlap."""
+    sigma = torch.sqrt(var + eps)
+    m = mean.abs()
+    return sigma, (gamma - m) / sigma, (-gamma - m) / sigma
+
+
+def _in_c(mean: torch.Tensor, var: torch.Tensor) -> bool:
+    """Omega of these statistics goes through the C loops of the CPU kernels."""
+    return (mean.device.type == "cpu" and mean.dtype == torch.float32 and var.dtype == torch.float32
+            and not torch.compiler.is_compiling() and _cpu_kernels.available())
 
 
 def window_overlap(mean: torch.Tensor, var: torch.Tensor, gamma, window: str = "surrogate", k: float = 1.0,

@@ -370,3 +370,96 @@ def test_forked_child_runs_the_kernels_on_threads():
     assert done.returncode == 0, done.stderr[-2000:]
     parent, child = done.stdout.split("COUNTS")[1].split()
     assert parent == child and float(parent) > 0
+
+
+# ---------------------------------------------------------------- MPD-SGR's overlap in C
+
+
+def _overlap_in_torch(mean, var, gamma):
+    """Omega through _Overlap's torch operations (the C loops switched off)."""
+    from mpd_triton import mpd
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mpd, "_in_c", lambda mean, var: False)
+        return mt.mpd_overlap(mean, var, gamma)
+
+
+def _overlap_case(seed: int, shape, spread: float):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(shape, generator=g) * spread
+    var = torch.rand(shape, generator=g) ** 3 * spread ** 2  # down to ~0: sigma = sqrt(eps) too
+    if mean.dim():
+        mean.view(-1)[0] = 0.0  # sign(0) = 0, as autograd's abs
+    return mean, var
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from([(), (1,), (7,), (8, 128), (3, 5, 4)]),
+       spread=st.sampled_from([0.3, 1.0, 4.0, 40.0]), gamma=st.floats(0.1, 3.0),
+       upstream=st.sampled_from(["mean", "weighted", "mean only", "var only"]))
+def test_overlap_in_c_matches_the_torch_operations_and_float64(seed, shape, spread, gamma, upstream):
+    """Float32 CPU statistics take the C loops of kernels/lif_cpu.c (mpd_overlap_fwd / _bwd): Omega
+    and both gradients agree with _Overlap's torch operations in float32 and with float64, for an
+    expanded upstream gradient (a mean's) and a dense one, and with one input needing no gradient."""
+    from mpd_triton.mpd import _in_c
+    mean, var = _overlap_case(seed, shape, spread)
+    assert _in_c(mean, var)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+    results = []
+    for path, dtype in (("c", torch.float32), ("torch", torch.float32), ("float64", torch.float64)):
+        m = mean.to(dtype, copy=True).requires_grad_(upstream != "var only")
+        v = var.to(dtype, copy=True).requires_grad_(upstream != "mean only")
+        omega = (_overlap_in_torch(m, v, gamma) if path != "c" else mt.mpd_overlap(m, v, gamma))
+        loss = (omega * w.to(dtype)).sum() if upstream == "weighted" else omega.mean()
+        loss.backward()
+        results.append((omega.detach().double(), None if m.grad is None else m.grad.double(),
+                        None if v.grad is None else v.grad.double()))
+    (c, torch_ops, exact) = results
+    for name, i in (("omega", 0), ("d/dmean", 1), ("d/dvar", 2)):
+        if exact[i] is None:
+            assert c[i] is None and torch_ops[i] is None, name
+            continue
+        # Float32 loses digits where Omega is a difference of two close tail probabilities, and a
+        # rounding of z moves Phi(z) by about z^2 ulp in the tail (z up to 14 before it underflows):
+        # the C loops must be as close to float64 as the torch operations are, or within that.
+        error_c, error_torch = (c[i] - exact[i]).abs(), (torch_ops[i] - exact[i]).abs()
+        bound = 2 * error_torch + 5e-5 * exact[i].abs() + 1e-7 * float(exact[i].abs().max()) + 1e-30
+        worst = int((error_c - bound).argmax()) if error_c.dim() else 0
+        assert bool((error_c <= bound).all()), (
+            f"{name}: C {c[i].flatten()[worst]:.9g}, torch {torch_ops[i].flatten()[worst]:.9g}, "
+            f"float64 {exact[i].flatten()[worst]:.9g}")
+
+
+def test_overlap_in_c_keeps_the_far_tail_and_the_sign():
+    """|mean| >> gamma: Omega ~ 1e-19 (not 1 - 1 = 0) and a gradient that still pushes outwards."""
+    mean = torch.tensor([10.0, -10.0, 0.0], requires_grad=True)
+    omega = mt.mpd_overlap(mean, torch.ones(3), 1.0)
+    far = omega.detach()
+    assert 0 < float(far[0]) < 1e-15 and float(far[0]) == float(far[1])
+    omega.sum().backward()
+    assert mean.grad[0] < 0 < mean.grad[1] and mean.grad[2] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overlap_double_backward_is_the_formulas(dtype):
+    """A backward that builds a graph (create_graph=True) recomputes z from mean and var with torch
+    operations, on the C path (float32) and on the torch path (float64) alike: the second derivative
+    is autograd's through the formula (a tensor gamma takes that route)."""
+    mean, var = _overlap_case(3, (4, 6), 1.0)
+    mean, var = mean.to(dtype), var.to(dtype) + 0.05
+    seconds = []
+    for gamma in (0.7, torch.tensor(0.7, dtype=dtype)):
+        m, v = mean.clone().requires_grad_(), var.clone().requires_grad_()
+        grad_m, grad_v = torch.autograd.grad(mt.mpd_overlap(m, v, gamma).sum(), (m, v), create_graph=True)
+        seconds.append(torch.autograd.grad((grad_m.square() + grad_v).sum(), (m, v)))
+    for got, expected in zip(*seconds):
+        assert_close("second derivative", got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_overlap_takes_the_torch_operations_where_c_does_not_apply(monkeypatch):
+    from mpd_triton import mpd
+    mean, var = _overlap_case(4, (5,), 1.0)
+    assert not mpd._in_c(mean.double(), var.double())
+    assert not mpd._in_c(mean.to(torch.bfloat16), var.to(torch.bfloat16))
+    monkeypatch.setattr(cpu_kernels, "available", lambda dtype=None: False)
+    assert not mpd._in_c(mean, var)
+    assert torch.isfinite(mt.mpd_overlap(mean, var, 1.0)).all()

@@ -133,7 +133,7 @@ def test_overlap_keeps_precision_far_from_the_window():
     sigma = math.sqrt(1.0 + mt.DEFAULT_EPS)
     phi = lambda z: 0.5 * math.erfc(-z / math.sqrt(2.0))  # noqa: E731
     expected = phi((1.0 - 10.0) / sigma) - phi((-1.0 - 10.0) / sigma)
-    assert float(omega[2].detach()) == pytest.approx(expected, rel=1e-4)  # ~1e-19: 1 - 1 would give 0
+    assert float(omega[2].detach()) == pytest.approx(expected, rel=1e-4, abs=0)  # ~1e-19: 1 - 1 would give 0
     assert float(omega[0].detach()) == float(omega[1].detach()) >= 0
     omega[2].backward()
     assert mean.grad[2] < 0  # still pushes the mean further out

@@ -56,12 +56,13 @@ from ..surrogates import SURROGATE_KINDS, check_surrogate_kind
 # implementation for torch.compile).
 from .layout import StepLayout, backward_buffers, dense_in, empty_in, forward_buffers, step_layout
 
-__all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward", "lif_backward", "forward_buffers", "backward_buffers",
+__all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward", "lif_backward", "overlap_forward",
+           "overlap_backward", "forward_buffers", "backward_buffers",
            "tile_shape", "library_path", "DISABLE_ENV", "CACHE_ENV", "TILE_ELEMENTS"]
 
 DISABLE_ENV = "MPD_TRITON_CPU_KERNELS"  # "0": do not build or use the CPU kernels
 CACHE_ENV = "MPD_TRITON_CACHE_DIR"
-ABI_VERSION = 4  # lif_cpu_abi_version() of the C source this module calls
+ABI_VERSION = 5  # lif_cpu_abi_version() of the C source this module calls
 SOURCES = ("lif_cpu.c", "lif_cpu_body.h")
 SOURCE_DIR = Path(__file__).resolve().parent
 
@@ -188,6 +189,10 @@ def _load(path: Path):
             getattr(lib, f"lif_{name}_{suffix}").restype = None
     lib.lif_stats_merge.argtypes = _MERGE_ARGTYPES
     lib.lif_stats_merge.restype = None
+    lib.mpd_overlap_fwd.argtypes = [_P, _P, _P, _I64, _F32, _F32]
+    lib.mpd_overlap_fwd.restype = None
+    lib.mpd_overlap_bwd.argtypes = [_P, _P, _P, _I64, _P, _P, _I64, _F32, _F32]
+    lib.mpd_overlap_bwd.restype = None
     lib.lif_cpu_surrogate_count.restype = ctypes.c_int64
     return lib
 
@@ -443,3 +448,32 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
                     int(params.decay_input), int(params.hard_reset), int(params.detach_reset)),
                n_tiles, T * B * C * S, _scratch_floats(block_b, block_c, S))
     return grad_x, grad_v0
+
+
+# ---------------------------------------------------------------- MPD-SGR's overlap
+
+
+def overlap_forward(mean: torch.Tensor, var: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
+    """Omega of float32 CPU statistics in one C loop (``mpd_overlap_fwd``): what ``mpd._Overlap``
+    computes with a dozen torch operations, in the same order and precision."""
+    mean, var = mean.contiguous(), var.contiguous()
+    omega = torch.empty_like(mean)
+    _library().mpd_overlap_fwd(mean.data_ptr(), var.data_ptr(), omega.data_ptr(), mean.numel(), gamma, eps)
+    return omega
+
+
+def overlap_backward(mean: torch.Tensor, var: torch.Tensor, grad: torch.Tensor, gamma: float, eps: float,
+                     need_mean: bool = True, need_var: bool = True):
+    """(dL/dmean or None, dL/dvar or None) of ``overlap_forward`` for dL/dOmega = grad (float32, Omega's
+    shape; an expanded scalar, the gradient of a mean, is read in place)."""
+    mean, var = mean.contiguous(), var.contiguous()
+    grad = grad.to(torch.float32)
+    if grad.numel() and all(s == 0 for s in grad.stride()):
+        grad_stride = 0
+    else:
+        grad, grad_stride = grad.contiguous(), 1
+    grad_mean = torch.empty_like(mean) if need_mean else None
+    grad_var = torch.empty_like(var) if need_var else None
+    _library().mpd_overlap_bwd(mean.data_ptr(), var.data_ptr(), grad.data_ptr(), grad_stride, _ptr(grad_mean),
+                               _ptr(grad_var), mean.numel(), gamma, eps)
+    return grad_mean, grad_var

@@ -37,7 +37,7 @@
 enum { SG_TRIANGLE = 0, SG_RECTANGULAR = 1, SG_SIGMOID = 2, SG_ATAN = 3, SG_SUPERSPIKE = 4, SG_COUNT = 5 };
 
 /* Bumped whenever an exported signature changes (cpu.py checks it). */
-int64_t lif_cpu_abi_version(void) { return 4; }
+int64_t lif_cpu_abi_version(void) { return 5; }
 int64_t lif_cpu_surrogate_count(void) { return SG_COUNT; }
 
 /* g(u) for surrogate `kind` with parameter p (gamma or alpha), as in surrogates.py. */
@@ -182,6 +182,44 @@ void lif_stats_merge(const double* RESTRICT pmean, const double* RESTRICT pm2, f
             mean[t * C + c] = (float)m;
             var[t * C + c] = (float)(acc / total);
         }
+    }
+}
+
+/* MPD-SGR's Gaussian overlap of n float32 cells (mpd_triton/mpd.py, _Overlap), forward and backward
+ * in one loop each instead of a dozen small torch operations (each of which opens an OpenMP region
+ * and costs microseconds). The arithmetic is mpd.py's, in the same order, in float32:
+ *   sigma = sqrt(var + eps), m = |mean|, z1 = (gamma - m) / sigma, z2 = (-gamma - m) / sigma,
+ *   Omega = Phi(z1) - Phi(z2), Phi(z) = erfc(-z / sqrt 2) / 2 (both lower tails far outside),
+ *   dOmega/dmean = g (phi(z2) - phi(z1)) sign(mean),  dOmega/dvar = g (z2 phi(z2) - z1 phi(z1)) / (2 sigma)
+ * with g = grad / sigma and phi the standard normal density. grad_stride 0 reads one gradient for every
+ * cell (the expanded gradient of a mean); grad_mean or grad_var may be NULL. */
+INLINE float normal_cdf(float z) { return 0.5f * erfcf(-z * 0.70710678118654752f); }
+
+void mpd_overlap_fwd(const float* RESTRICT mean, const float* RESTRICT var, float* RESTRICT omega, int64_t n,
+                     float gamma, float eps) {
+    for (int64_t i = 0; i < n; i++) {
+        const float sigma = sqrtf(var[i] + eps);
+        const float m = fabsf(mean[i]);
+        omega[i] = normal_cdf((gamma - m) / sigma) - normal_cdf((-gamma - m) / sigma);
+    }
+}
+
+void mpd_overlap_bwd(const float* RESTRICT mean, const float* RESTRICT var, const float* RESTRICT grad,
+                     int64_t grad_stride, float* RESTRICT grad_mean, float* RESTRICT grad_var, int64_t n,
+                     float gamma, float eps) {
+    const float inv_sqrt_2pi = 0.3989422804014327f;
+    for (int64_t i = 0; i < n; i++) {
+        const float sigma = sqrtf(var[i] + eps);
+        const float m = fabsf(mean[i]);
+        const float z1 = (gamma - m) / sigma, z2 = (-gamma - m) / sigma;
+        const float phi1 = expf(-0.5f * z1 * z1) * inv_sqrt_2pi;
+        const float phi2 = expf(-0.5f * z2 * z2) * inv_sqrt_2pi;
+        const float g = grad[i * grad_stride] / sigma;
+        if (grad_mean) {
+            const float sign = mean[i] > 0.0f ? 1.0f : (mean[i] < 0.0f ? -1.0f : 0.0f);
+            grad_mean[i] = g * (phi2 - phi1) * sign;
+        }
+        if (grad_var) grad_var[i] = g * (z2 * phi2 - z1 * phi1) / (2.0f * sigma);
     }
 }
 
