@@ -267,3 +267,11 @@ def test_diagnostics_show_a_silenced_layer():
     assert d["in_window"] == 0.0 and d["omega"] < 1e-6
     with pytest.raises(ValueError, match="at least one image"):
         layer_diagnostics(model, torch.rand(0, 1, 8, 8))
+
+
+def test_eps_label_writes_fractions_of_255_and_plain_numbers():
+    from train.config import eps_label, fraction
+    assert [eps_label(e) for e in (8 / 255, 2 / 255, "16/255", 0.1, "0.03", 1.0, 0.0)] == [
+        "8/255", "2/255", "16/255", "0.1", "0.03", "1", "0"]
+    for e in (8 / 255, 0.1, 0.5, 1.0):
+        assert fraction(eps_label(e)) == pytest.approx(e)

@@ -155,6 +155,14 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from None
 
 
+def eps_label(eps: str | float) -> str:
+    """How reports write an eps: '8/255' where 0 < eps < 1 and 255 eps is a whole number (to 1e-3),
+    else the plain number ('0.1', not '25.5/255'; '1'). ``fraction`` reads both back."""
+    e = fraction(eps) if isinstance(eps, str) else float(eps)
+    scaled = e * 255
+    return f"{round(scaled):d}/255" if 0 < e < 1 and abs(scaled - round(scaled)) < 1e-3 else f"{e:g}"
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "soft") else fraction(text)
 

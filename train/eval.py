@@ -35,7 +35,7 @@ from mpd_triton.kernels.cpu import keep_freed_memory
 from .attacks import ASSG_LEVEL, ASSG_LEVEL_RANGE, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS, TRANSFER_ATTACKS
 from .checkpoint import CheckpointError, load_checkpoint
 from .compiling import COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format, use_channels_last
-from .config import ConfigError, fraction, states_default
+from .config import ConfigError, eps_label, fraction, states_default
 from .data import DataError, load_dataset
 from .diagnostics import layer_diagnostics
 from .report import eval_markdown, eval_table, membrane_samples, plot_membrane, plot_robustness
@@ -276,7 +276,7 @@ def _evaluate(argv, where: dict) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"mpd-triton train.eval: {len(images)} {data_name} test images, device {device}, attacks {attacks}, "
-          f"eps {[round(e * 255, 3) for e in eps]}/255, gradients {gradients}, eot {settings.eot}", flush=True)
+          f"eps {', '.join(eps_label(e) for e in eps)}, gradients {gradients}, eot {settings.eot}", flush=True)
     where["out"] = out
     if args.resume:
         for path in remove_leftovers(out):

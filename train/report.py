@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 import mpd_triton as mt  # noqa: E402
 from mpd_triton.files import optional_plot, save_figure, write_json, write_text  # noqa: E402
+from .config import eps_label  # noqa: E402
 
 from .diagnostics import diagnostics_table  # noqa: E402
 
@@ -181,8 +182,8 @@ def _training_line(config: dict) -> str:
     if config.get("sr_lambda"):
         parts.append(f"SR lambda = {config['sr_lambda']:g} (h = {config.get('sr_h', 0.01):g})")
     if config.get("adv_train"):
-        parts.append(f"PGD adversarial training (eps {config['adv_eps'] * 255:.3g}/255, step "
-                     f"{config['adv_step'] * 255:.3g}/255, {config['adv_steps']} steps)")
+        parts.append(f"PGD adversarial training (eps {eps_label(config['adv_eps'])}, step "
+                     f"{eps_label(config['adv_step'])}, {config['adv_steps']} steps)")
     return ", ".join(parts)
 
 
@@ -194,7 +195,7 @@ def _diagnostics_lines(diagnostics: dict[str, list[dict]]) -> list[str]:
 def _robustness_lines(robustness: dict[str, dict]) -> list[str]:
     names = list(robustness)
     first = next(iter(robustness.values()))
-    lines = [f"## Robustness (eps {first['eps'] * 255:.3g}/255, {first['n']} test images)", "",
+    lines = [f"## Robustness (eps {eps_label(first['eps'])}, {first['n']} test images)", "",
              "| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for attack in first["accuracy"]:
         lines.append(f"| {attack} | " + " | ".join(_fmt_pct(robustness[n]["accuracy"][attack]) for n in names) + " |")
@@ -249,9 +250,9 @@ def eval_table(names: list[str], results: list[dict]) -> str:
     rows = [("clean", [_fmt_pct(r["clean"]) for r in results])]
     for attack in results[0]["accuracy"]:
         for eps in results[0]["accuracy"][attack]:
-            rows.append((f"{attack} @ {float(eps) * 255:.3g}/255", [_fmt_pct(r["accuracy"][attack][eps]) for r in results]))
+            rows.append((f"{attack} @ {eps_label(eps)}", [_fmt_pct(r["accuracy"][attack][eps]) for r in results]))
     for eps in results[0]["worst_case"]:
-        rows.append((f"all attacks @ {float(eps) * 255:.3g}/255", [_fmt_pct(r["worst_case"][eps]) for r in results]))
+        rows.append((f"all attacks @ {eps_label(eps)}", [_fmt_pct(r["worst_case"][eps]) for r in results]))
     if results[0].get("large_eps"):
         large = results[0]["large_eps"]
         for attack in large.get("by_attack", {"pgd": None}):
@@ -283,7 +284,7 @@ def eval_markdown(names: list[str], results: list[dict], command: str,
                    "|---|" + "---|" * len(r["settings"]["gradients"])]
             for attack, by_eps in r["by_gradient"].items():
                 for eps, by_g in by_eps.items():
-                    md.append(f"| {attack} @ {float(eps) * 255:.3g}/255 | "
+                    md.append(f"| {attack} @ {eps_label(eps)} | "
                               + " | ".join(_fmt_pct(by_g[g]) for g in r["settings"]["gradients"]) + " |")
         levels = r["settings"].get("assg_levels", [])
         if r.get("assg_by_level") and len(levels) > 1:
@@ -291,7 +292,7 @@ def eval_markdown(names: list[str], results: list[dict], command: str,
             md += ["", f"## {name}: ASSG accuracy per level (the table above is the per-image worst case)", "",
                    "| eps | " + " | ".join(f"level {k}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
             for eps, by_level in r["assg_by_level"].items():
-                md.append(f"| {float(eps) * 255:.3g}/255 | " + " | ".join(_fmt_pct(by_level[k]) for k in keys) + " |")
+                md.append(f"| {eps_label(eps)} | " + " | ".join(_fmt_pct(by_level[k]) for k in keys) + " |")
         md += ["", f"## {name}: gradient-masking sanity checks", ""]
         for c in r["checks"]:
             flag = "PASS" if c["passed"] else "**FAIL**"

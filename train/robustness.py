@@ -50,6 +50,7 @@ from .attacks import (
     input_gradient,
     run_attack,
 )
+from .config import eps_label
 
 __all__ = ["EvalSettings", "evaluate_robustness", "sanity_checks", "parse_attacks", "ATTACK_ALIASES", "attack_steps"]
 
@@ -181,7 +182,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         survived_all = {_key(eps): clean.clone() for eps in settings.eps}
         for attack in settings.attacks:
             for eps in settings.eps:
-                bar.set_postfix_str(f"{attack} @ {eps * 255:.3g}/255", refresh=False)
+                bar.set_postfix_str(f"{attack} @ {eps_label(eps)}", refresh=False)
                 if attack in GRADIENT_ATTACKS:
                     survived = clean.clone()
                     for source_name in settings.gradients:

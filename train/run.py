@@ -29,7 +29,7 @@ from mpd_triton.kernels.cpu import keep_freed_memory
 
 from .checkpoint import CheckpointError
 from .compiling import should_compile, to_memory_format, use_channels_last
-from .config import PRESET_NOTES, ConfigError, RunConfig, parse_args
+from .config import PRESET_NOTES, ConfigError, RunConfig, eps_label, parse_args
 from .data import DataError, ImageData, dataset_info, load_dataset
 from .diagnostics import layer_diagnostics
 from .engine import (RUN_FILES, RunContext, StoppedByMain, build_for, planned_output_bytes, run_configs, setup_context,
@@ -132,7 +132,7 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
         robustness = robustness_summary(model, test, cfg, info.num_classes, name)
         if robustness:
             print(f"[{name}] " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in robustness["accuracy"].items())
-                  + f" (eps {cfg.eval_eps * 255:.3g}/255, {robustness['n']} images); sanity checks "
+                  + f" (eps {eps_label(cfg.eval_eps)}, {robustness['n']} images); sanity checks "
                   + ("pass" if robustness["checks_passed"] else "FAILED"), flush=True)
         reports.append(write_run_report(out / name, name, run_cfg.to_dict(), result.history, samples[name],
                                         robustness, diagnostics, len(test)))

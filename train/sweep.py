@@ -58,7 +58,8 @@ from tqdm import tqdm  # noqa: E402
 
 from mpd_triton.files import WriteError, ensure_writable, optional_plot, save_figure, write_json, write_text  # noqa: E402
 
-from .config import ConfigError, build_parser as build_run_parser  # noqa: E402
+from .config import ConfigError, eps_label  # noqa: E402
+from .config import build_parser as build_run_parser  # noqa: E402
 from .diagnostics import DIAGNOSTICS  # noqa: E402
 
 __all__ = ["Point", "Runner", "plan_points", "run_point", "summarize", "write_summary", "main", "SEED_KEY"]
@@ -419,24 +420,18 @@ def point_result(point: Point, out: Path) -> dict | None:
                       failed_checks=[c["name"] for c in r["checks"] if not c["passed"]])
         for attack, by_eps in r["accuracy"].items():
             for eps, acc in by_eps.items():
-                result["robust"][f"{attack} @ {_eps_label(eps)}"] = acc
+                result["robust"][f"{attack} @ {eps_label(eps)}"] = acc
         for eps, acc in r["worst_case"].items():
-            result["robust"][f"all attacks @ {_eps_label(eps)}"] = acc
+            result["robust"][f"all attacks @ {eps_label(eps)}"] = acc
     elif report.get("robustness"):  # no --eval-args: train.run's own evaluation (--eval-attacks, one eps)
         r = report["robustness"]
-        eps = _eps_label(r["eps"])
+        eps = eps_label(r["eps"])
         result.update(eval_images=r["n"], eval_clean=r["accuracy"].get("clean"), grad_l1=r["grad_l1"],
                       checks_passed=r["checks_passed"], failed_checks=[c["name"] for c in r["checks"] if not c["passed"]])
         for attack, acc in r["accuracy"].items():
             if attack != "clean":
                 result["robust"][f"{attack} @ {eps}"] = acc
     return result
-
-
-def _eps_label(eps: str | float) -> str:
-    e = float(eps)
-    scaled = e * 255
-    return f"{scaled:.3g}/255" if abs(scaled - round(scaled)) < 1e-3 else f"{e:g}"
 
 
 def _mean_se(values: list[float], n_images: int | None) -> tuple[float, float, str]:
