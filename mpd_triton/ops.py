@@ -215,9 +215,10 @@ class _FusedLIF(torch.autograd.Function):
 def fused_lif(backend: str, x: Tensor, v_init: Optional[Tensor], params: KernelParams, stats: bool,
               save_state: bool, save_u: bool, surrogate_param: Optional[Tensor] = None):
     """(spikes, mean, var, v_T) of the fused kernels ("triton" or "cpu"); mean/var/v_T are empty
-    tensors when not asked for. Under torch.compile the custom operator (one opaque graph node),
-    otherwise the same launchers through ``_FusedLIF``."""
-    if torch.compiler.is_compiling():
+    tensors when not asked for. Under torch.compile and other tracing (``runtime.traced``: make_fx,
+    FakeTensorMode, tensor subclasses) the custom operator (one opaque graph node), otherwise the same
+    launchers through ``_FusedLIF``."""
+    if _runtime.traced(x, v_init, surrogate_param):
         spikes, _, mean, var, v_T = _OPS[backend](x, v_init, *params, stats, save_state, save_u, surrogate_param)
         return spikes, mean, var, v_T
     if not save_u:  # nothing to differentiate: no autograd node

@@ -463,3 +463,25 @@ def test_overlap_takes_the_torch_operations_where_c_does_not_apply(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "available", lambda dtype=None: False)
     assert not mpd._in_c(mean, var)
     assert torch.isfinite(mt.mpd_overlap(mean, var, 1.0)).all()
+
+
+def test_tracing_never_hands_tracer_tensors_to_the_c_code():
+    """make_fx (real, fake, symbolic) and FakeTensorMode (runtime.traced): mt.lif goes through the custom
+    operator and Omega through torch operations, so the trace replays what eager computes, and a
+    FakeTensor (data pointer 0) never reaches the C code."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def layer(x):
+        spikes, mean, var = mt.lif(x, backend="cpu", return_stats=True)
+        return spikes, mt.mpd_overlap(mean, var, 0.7)
+
+    x = make_input((4, 2, 3, 5), 0, scale=1.5, offset=0.5)
+    other = make_input((4, 2, 3, 5), 1, scale=1.5, offset=0.5)
+    for mode in ("real", "fake", "symbolic"):
+        replay = make_fx(layer, tracing_mode=mode)(x)
+        for got, expected in zip(replay(other), layer(other)):
+            assert_close(f"make_fx {mode}", got, expected, atol=1e-6, rtol=1e-6)
+    with FakeTensorMode() as fake:
+        spikes, omega = layer(fake.from_tensor(x))
+    assert spikes.shape == x.shape and omega.shape == (4, 3)

@@ -15,13 +15,29 @@ import numpy as np
 import torch
 import triton
 
-__all__ = ["device_guard", "INTERPRETED", "INTERPRETER_PROBLEM", "interpreter_numpy_problem"]
+__all__ = ["device_guard", "traced", "INTERPRETED", "INTERPRETER_PROBLEM", "interpreter_numpy_problem"]
 
 
 def device_guard(x: torch.Tensor):
     """Launch on x's GPU (Triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def traced(*tensors) -> bool:
+    """True when these tensors are traced rather than computed on: under torch.compile, under a
+    Python dispatch mode (``make_fx``, ``FakeTensorMode``, functionalization), or as tensor
+    subclasses or functorch wrappers (a FakeTensor, vmap's batched tensors). The launchers hand raw
+    data pointers to the kernels, which such tensors do not have (a FakeTensor's is 0) and a tracer
+    would not record: there the custom operators (with their fake implementations) or plain torch
+    operations run instead. None entries are skipped."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(t is not None and (type(t) not in _PLAIN_TENSORS or _functorch_wrapped(t)) for t in tensors)
 
 
 def _is_interpreted(fn) -> bool:
