@@ -47,9 +47,8 @@ def mpd_overlap(mean: torch.Tensor, var: torch.Tensor, gamma, eps: float = DEFAU
         gamma = check_real("gamma (the surrogate window half-width)", gamma, positive=True)
     eps = check_real("eps", eps, nonnegative=True)
     if isinstance(gamma, torch.Tensor):  # a tensor window: autograd through the formula (gamma may need a gradient)
-        sigma = torch.sqrt(var + eps)
-        m = mean.abs()
-        return normal_cdf((gamma - m) / sigma) - normal_cdf((-gamma - m) / sigma)
+        _, z1, z2 = _window_z(mean, var, gamma, eps)
+        return normal_cdf(z1) - normal_cdf(z2)
     return _Overlap.apply(mean, var, gamma, eps)
 
 
@@ -110,8 +109,9 @@ class _Overlap(torch.autograd.Function):
         return grad_mean, grad_var, None, None
 
 
-def _window_z(mean: torch.Tensor, var: torch.Tensor, gamma: float, eps: float):
-    """(sigma, z1, z2) of _Overlap."""
+def _window_z(mean: torch.Tensor, var: torch.Tensor, gamma, eps: float):
+    """(sigma, z1, z2) of Omega: sigma = sqrt(var + eps), z1,2 = (+-gamma - |mean|) / sigma (gamma a float
+    or a tensor)."""
     sigma = torch.sqrt(var + eps)
     m = mean.abs()
     return sigma, (gamma - m) / sigma, (-gamma - m) / sigma
