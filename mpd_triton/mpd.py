@@ -73,7 +73,8 @@ class _Overlap(torch.autograd.Function):
 
     and d|m|/dm = sign(m) (0 at m = 0, as autograd's abs). Float32 CPU statistics go through one C
     loop each way (``kernels.cpu.overlap_forward`` / ``overlap_backward``: the same formula in float32
-    with libm's erfcf and expf, as accurate as the torch operations but not bit for bit theirs) when
+    with erfc and exp written out so that the loops vectorize, as accurate as the torch operations but
+    not bit for bit theirs) when
     the CPU kernels are built, outside torch.compile and other tracing (``kernels.runtime.traced``)
     and outside a backward that builds a graph (there
     the backward recomputes z from mean and var, so that it is itself differentiable)."""

@@ -83,9 +83,12 @@ def _mpd_terms(u_saved: Tensor, mean: Tensor, grad_mean: Optional[Tensor], grad_
     the statistics (docs/design.md, section 4); (None, None) when neither has a gradient."""
     if grad_mean is None and grad_var is None:
         return None, None
+    M = u_saved.numel() // (u_saved.shape[0] * u_saved.shape[2])
+    if (mean.device.type == "cpu" and mean.dtype == torch.float32 and not _runtime.traced(mean, grad_mean, grad_var)
+            and _cpu_kernels.available()):
+        return _cpu_kernels.mpd_terms(mean, grad_mean, grad_var, M)  # the operations below in one C loop
     # Integer scalars only: a Python float derived from a (symbolic) size would be a float64 scalar
     # in the compiled graph.
-    M = u_saved.numel() // (u_saved.shape[0] * u_saved.shape[2])
     gm = grad_mean.float() if grad_mean is not None else torch.zeros_like(mean)
     gvar = grad_var.float() if grad_var is not None else torch.zeros_like(mean)
     mpd_b = (gvar * 2 / M).contiguous()

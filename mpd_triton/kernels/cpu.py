@@ -57,12 +57,12 @@ from ..surrogates import SURROGATE_KINDS, check_surrogate_kind
 from .layout import StepLayout, backward_buffers, dense_in, empty_in, forward_buffers, step_layout
 
 __all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward", "lif_backward", "overlap_forward",
-           "overlap_backward", "forward_buffers", "backward_buffers",
+           "overlap_backward", "mpd_terms", "forward_buffers", "backward_buffers",
            "tile_shape", "library_path", "DISABLE_ENV", "CACHE_ENV", "TILE_ELEMENTS"]
 
 DISABLE_ENV = "MPD_TRITON_CPU_KERNELS"  # "0": do not build or use the CPU kernels
 CACHE_ENV = "MPD_TRITON_CACHE_DIR"
-ABI_VERSION = 5  # lif_cpu_abi_version() of the C source this module calls
+ABI_VERSION = 6  # lif_cpu_abi_version() of the C source this module calls
 SOURCES = ("lif_cpu.c", "lif_cpu_body.h")
 SOURCE_DIR = Path(__file__).resolve().parent
 
@@ -113,7 +113,7 @@ def _compiler() -> str | None:
 def _flag_sets() -> list[list[str]]:
     """Compiler flags to try in order: tuned for this machine with OpenMP first, then portable, then
     the same without OpenMP (a compiler without it, e.g. Apple's clang)."""
-    common = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+    common = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
     native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
     return [common + [native, "-fopenmp"], common + ["-fopenmp"], common + [native], common]
 
@@ -193,6 +193,8 @@ def _load(path: Path):
     lib.mpd_overlap_fwd.restype = None
     lib.mpd_overlap_bwd.argtypes = [_P, _P, _P, _I64, _P, _P, _I64, _F32, _F32]
     lib.mpd_overlap_bwd.restype = None
+    lib.mpd_terms.argtypes = [_P, _P, _P, _P, _P, _I64, _I64]
+    lib.mpd_terms.restype = None
     lib.lif_cpu_surrogate_count.restype = ctypes.c_int64
     return lib
 
@@ -455,8 +457,8 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
 
 def overlap_forward(mean: torch.Tensor, var: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
     """Omega of float32 CPU statistics in one C loop (``mpd_overlap_fwd``): what ``mpd._Overlap``
-    computes with a dozen torch operations, in the same order in float32 (libm's erfcf: as accurate
-    as torch's erfc, not bit for bit the same)."""
+    computes with a dozen torch operations, in the same order in float32 (erfc and exp written out in
+    C so that the loop vectorizes: as accurate as torch's erfc, not bit for bit the same)."""
     mean, var = mean.contiguous(), var.contiguous()
     omega = torch.empty_like(mean)
     _library().mpd_overlap_fwd(mean.data_ptr(), var.data_ptr(), omega.data_ptr(), mean.numel(), gamma, eps)
@@ -478,3 +480,17 @@ def overlap_backward(mean: torch.Tensor, var: torch.Tensor, grad: torch.Tensor, 
     _library().mpd_overlap_bwd(mean.data_ptr(), var.data_ptr(), grad.data_ptr(), grad_stride, _ptr(grad_mean),
                                _ptr(grad_var), mean.numel(), gamma, eps)
     return grad_mean, grad_var
+
+
+def mpd_terms(mean: torch.Tensor, grad_mean: torch.Tensor | None, grad_var: torch.Tensor | None,
+              count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b), float32 like ``mean``, of MPD-SGR's term dL/du = a + b u in the backward, from the
+    gradients of the statistics (either may be None), ``count`` elements per statistic: one C loop
+    (``mpd_terms``) with the float32 operations of ``ops._mpd_terms`` in its order, so the same bits,
+    instead of five torch operations."""
+    mean = _float32_contiguous(mean)
+    grad_mean, grad_var = _float32_contiguous(grad_mean), _float32_contiguous(grad_var)
+    a, b = torch.empty_like(mean), torch.empty_like(mean)
+    _library().mpd_terms(mean.data_ptr(), _ptr(grad_mean), _ptr(grad_var), a.data_ptr(), b.data_ptr(), mean.numel(),
+                         count)
+    return a, b

@@ -37,7 +37,7 @@
 enum { SG_TRIANGLE = 0, SG_RECTANGULAR = 1, SG_SIGMOID = 2, SG_ATAN = 3, SG_SUPERSPIKE = 4, SG_COUNT = 5 };
 
 /* Bumped whenever an exported signature changes (cpu.py checks it). */
-int64_t lif_cpu_abi_version(void) { return 5; }
+int64_t lif_cpu_abi_version(void) { return 6; }
 int64_t lif_cpu_surrogate_count(void) { return SG_COUNT; }
 
 /* g(u) for surrogate `kind` with parameter p (gamma or alpha), as in surrogates.py. */
@@ -187,13 +187,65 @@ void lif_stats_merge(const double* RESTRICT pmean, const double* RESTRICT pm2, f
 
 /* MPD-SGR's Gaussian overlap of n float32 cells (mpd_triton/mpd.py, _Overlap), forward and backward
  * in one loop each instead of a dozen small torch operations (each of which opens an OpenMP region
- * and costs microseconds). The arithmetic is mpd.py's, in the same order, in float32:
+ * and costs microseconds). The arithmetic is mpd.py's, in float32:
  *   sigma = sqrt(var + eps), m = |mean|, z1 = (gamma - m) / sigma, z2 = (-gamma - m) / sigma,
  *   Omega = Phi(z1) - Phi(z2), Phi(z) = erfc(-z / sqrt 2) / 2 (both lower tails far outside),
  *   dOmega/dmean = g (phi(z2) - phi(z1)) sign(mean),  dOmega/dvar = g (z2 phi(z2) - z1 phi(z1)) / (2 sigma)
  * with g = grad / sigma and phi the standard normal density. grad_stride 0 reads one gradient for every
- * cell (the expanded gradient of a mean); grad_mean or grad_var may be NULL. */
-INLINE float normal_cdf(float z) { return 0.5f * erfcf(-z * 0.70710678118654752f); }
+ * cell (the expanded gradient of a mean); grad_mean or grad_var may be NULL.
+ *
+ * exp and erfc are written out below (no libm call) so that both loops vectorize: libm's expf and
+ * erfcf are scalar calls, about 15 ns each, which made Omega of a [8, 128] layer cost 30 us. */
+
+/* 2^k for an integer-valued float k in [-126, 127], built in the exponent bits. */
+INLINE float pow2i(float k) {
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* exp(x) for x <= 0 (larger x is not asked for here), relative error below 3e-7 (tests/test_cpu_kernels.py),
+ * subnormal results included: x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, as in Cephes'
+ * expf), exp(r) by Cephes' degree-7 polynomial, 2^n as two normal factors (n down to -150). */
+INLINE float exp_nonpositive(float x) {
+    x = x < -104.0f ? -104.0f : x; /* exp(-104) is below half the smallest subnormal: 0 */
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const float half = truncf(n * 0.5f); /* n = half + (n - half), both in [-75, 0] */
+    return p * pow2i(half) * pow2i(n - half);
+}
+
+/* erfc(x), relative error below about 1e-6 in float32 over the whole range (in exact arithmetic the
+ * approximation's own is 1.2e-7: the Chebyshev-fitted erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2),
+ * of Numerical Recipes, 2nd ed., section 6.2); erfc(-z) = 2 - erfc(z). */
+INLINE float erfc_approx(float x) {
+    const float z = fabsf(x);
+    const float t = 1.0f / (1.0f + 0.5f * z);
+    float p = 0.17087277f;
+    p = p * t - 0.82215223f;
+    p = p * t + 1.48851587f;
+    p = p * t - 1.13520398f;
+    p = p * t + 0.27886807f;
+    p = p * t - 0.18628806f;
+    p = p * t + 0.09678418f;
+    p = p * t + 0.37409196f;
+    p = p * t + 1.00002368f;
+    p = p * t - 1.26551223f;
+    const float e = exp_nonpositive(p - z * z);
+    const float ans = t * e;
+    return x >= 0.0f ? ans : 2.0f - ans;
+}
+
+INLINE float normal_cdf(float z) { return 0.5f * erfc_approx(-z * 0.70710678118654752f); }
 
 void mpd_overlap_fwd(const float* RESTRICT mean, const float* RESTRICT var, float* RESTRICT omega, int64_t n,
                      float gamma, float eps) {
@@ -212,14 +264,27 @@ void mpd_overlap_bwd(const float* RESTRICT mean, const float* RESTRICT var, cons
         const float sigma = sqrtf(var[i] + eps);
         const float m = fabsf(mean[i]);
         const float z1 = (gamma - m) / sigma, z2 = (-gamma - m) / sigma;
-        const float phi1 = expf(-0.5f * z1 * z1) * inv_sqrt_2pi;
-        const float phi2 = expf(-0.5f * z2 * z2) * inv_sqrt_2pi;
+        const float phi1 = exp_nonpositive(-0.5f * z1 * z1) * inv_sqrt_2pi;
+        const float phi2 = exp_nonpositive(-0.5f * z2 * z2) * inv_sqrt_2pi;
         const float g = grad[i * grad_stride] / sigma;
-        if (grad_mean) {
-            const float sign = mean[i] > 0.0f ? 1.0f : (mean[i] < 0.0f ? -1.0f : 0.0f);
-            grad_mean[i] = g * (phi2 - phi1) * sign;
-        }
-        if (grad_var) grad_var[i] = g * (z2 * phi2 - z1 * phi1) / (2.0f * sigma);
+        const float sign = mean[i] > 0.0f ? 1.0f : (mean[i] < 0.0f ? -1.0f : 0.0f);
+        const float gm = g * (phi2 - phi1) * sign;
+        const float gv = g * (z2 * phi2 - z1 * phi1) / (2.0f * sigma);
+        if (grad_mean) grad_mean[i] = gm;
+        if (grad_var) grad_var[i] = gv;
+    }
+}
+
+/* MPD-SGR's term of the backward, dL/du = a + b u per (t, c) (ops.py's _mpd_terms, the same float32
+ * operations in the same order): b = grad_var * 2 / M, a = grad_mean / M - b * mean, M the count of
+ * each statistic; grad_mean or grad_var NULL: zero. */
+void mpd_terms(const float* RESTRICT mean, const float* RESTRICT grad_mean, const float* RESTRICT grad_var,
+               float* RESTRICT a, float* RESTRICT b, int64_t n, int64_t count) {
+    const float M = (float)count;
+    for (int64_t i = 0; i < n; i++) {
+        const float bi = (grad_var ? grad_var[i] : 0.0f) * 2.0f / M;
+        b[i] = bi;
+        a[i] = (grad_mean ? grad_mean[i] : 0.0f) / M - bi * mean[i];
     }
 }
 
