@@ -89,6 +89,7 @@ _BWD_MT_ARGTYPES = _BWD_ARGTYPES[:-3] + [_I64, _P, _I64, _I32]
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" or "reason", once decided
+_kernels: dict = {}  # (direction, dtype) -> the loaded library's function, once found
 _workspace = threading.local()  # per calling thread: scratch and statistics partials, grown as needed
 
 
@@ -306,14 +307,15 @@ def _scratch_floats(block_b: int, block_c: int, S: int) -> int:
     return max(2 * tile + 4 * block_c + 2 + 2 * STATS_FOLD, 2 * tile + block_c * S)
 
 
-def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A reusable flat buffer of the calling thread (no allocation per call: on Linux a fresh
-    multi-megabyte allocation costs a page fault per 4 KiB, more than the kernel itself)."""
+def _buffer(name: str, numel: int, dtype: torch.dtype) -> int:
+    """The address of a reusable flat buffer of at least ``numel`` elements of the calling thread (no
+    allocation per call: on Linux a fresh multi-megabyte allocation costs a page fault per 4 KiB, more
+    than the kernel itself)."""
     buf = getattr(_workspace, name, None)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, 1024), dtype=dtype)
         setattr(_workspace, name, buf)
-    return buf[:numel]
+    return buf.data_ptr()
 
 
 def _float32_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -332,22 +334,28 @@ def _run_tiles(fn, fn_mt, args, n_tiles: int, elements: int, scratch_floats: int
     workers = max(1, min(torch.get_num_threads(), n_tiles, elements // THREAD_MIN_ELEMENTS))
     scratch = _buffer("scratch", workers * scratch_floats, torch.float32)
     if workers == 1:
-        fn(*args, 0, n_tiles, scratch.data_ptr())
+        fn(*args, 0, n_tiles, scratch)
     else:
-        fn_mt(*args, n_tiles, scratch.data_ptr(), scratch_floats, workers)
+        fn_mt(*args, n_tiles, scratch, scratch_floats, workers)
 
 
 # ---------------------------------------------------------------- launchers
 
 
 def _kernel(direction: str, dtype: torch.dtype):
+    fn = _kernels.get((direction, dtype))
+    return fn if fn is not None else _find_kernel(direction, dtype)
+
+
+def _find_kernel(direction: str, dtype: torch.dtype):
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the mpd_triton CPU kernels are not available: {_state['reason']}")
     if not available(dtype):
         raise TypeError(f"the CPU kernels take float32, bfloat16 or float16 (where the C compiler has _Float16), "
                         f"got {dtype}")
-    return getattr(lib, f"lif_{direction}_{_DTYPE_SUFFIX[dtype]}")
+    fn = _kernels[(direction, dtype)] = getattr(lib, f"lif_{direction}_{_DTYPE_SUFFIX[dtype]}")
+    return fn
 
 
 def _kernel_view(t: torch.Tensor, channels_last: bool, layout: StepLayout | None = None):
@@ -386,14 +394,14 @@ def lif_forward(x: torch.Tensor, params: KernelParams, *, v_init: torch.Tensor |
     v0 = (dense_in(v_init.to(torch.float32), channels_last, channel_dim=1) if v_init is not None else None)
     block_b, block_c = tile_shape(B, C, S)
     P, n_ctiles = -(-B // block_b), -(-C // block_c)
-    partials = _buffer("partials", 2 * T * P * C, torch.float64) if stats else None
-    pmean, pm2 = (partials[:T * P * C], partials[T * P * C:]) if stats else (None, None)
-    _run_tiles(fn, fn_mt, (x.data_ptr(), *x_strides, spikes.data_ptr(), _ptr(u_saved), _ptr(v0), _ptr(v_T), _ptr(pmean),
-                    _ptr(pm2), T, B, C, S, block_b, block_c, params.inv_tau, params.v_th, params.v_rest,
+    pmean = _buffer("partials", 2 * T * P * C, torch.float64) if stats else None  # then pm2, T * P * C doubles on
+    pm2 = pmean + 8 * T * P * C if stats else None
+    _run_tiles(fn, fn_mt, (x.data_ptr(), *x_strides, spikes.data_ptr(), _ptr(u_saved), _ptr(v0), _ptr(v_T), pmean,
+                    pm2, T, B, C, S, block_b, block_c, params.inv_tau, params.v_th, params.v_rest,
                     int(params.decay_input), int(params.hard_reset)),
                P * n_ctiles, T * B * C * S, _scratch_floats(block_b, block_c, S))
     if stats:
-        _library().lif_stats_merge(pmean.data_ptr(), pm2.data_ptr(), mean.data_ptr(), var.data_ptr(), T, P, C, B, S,
+        _library().lif_stats_merge(pmean, pm2, mean.data_ptr(), var.data_ptr(), T, P, C, B, S,
                                    block_b)
     return spikes, u_saved, mean, var, v_T
 

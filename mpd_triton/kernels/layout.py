@@ -12,6 +12,7 @@ read in place.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -60,14 +61,26 @@ def _merged_stride(sizes, strides) -> int | None:
 
 
 def step_layout(t: torch.Tensor) -> StepLayout:
-    """Shape and strides of a [T, B, C, *spatial] (or [T, B, F]) tensor as [T, B, C, S]."""
-    shape, stride = t.shape, t.stride()
+    """Shape and strides of a [T, B, C, *spatial] (or [T, B, F]) tensor as [T, B, C, S]. Memoized
+    per (shape, strides): a launch asks for two to four layouts, each several microseconds of
+    Python; symbolic sizes (torch.compile's fake tensors) are not hashable and are computed."""
+    shape, stride = tuple(t.shape), t.stride()
+    try:
+        return _cached_layout(shape, stride)
+    except TypeError:  # a SymInt
+        return _layout(shape, stride)
+
+
+def _layout(shape: tuple, stride: tuple) -> StepLayout:
     T, B, C = shape[:3]
     S = math.prod(shape[3:])
     s_stride = _merged_stride(shape[3:], stride[3:])
     strides = None if s_stride is None else (stride[0], stride[1], stride[2], s_stride)
     channels_last = strides is not None and C > 1 and S > 1 and strides[2] < strides[3]
     return StepLayout(T, B, C, S, strides, channels_last)
+
+
+_cached_layout = functools.lru_cache(maxsize=1024)(_layout)
 
 
 def empty_in(shape, channels_last: bool, *, dtype, device, channel_dim: int) -> torch.Tensor:
