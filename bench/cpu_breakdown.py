@@ -13,7 +13,11 @@ Rows, per thread count (wall-clock medians, ``bench.measure.time_call``):
 * ``step``: ``mt.lif(..., backend="cpu", return_stats=True)``, the layer's MPD-SGR loss and the
   backward through both: what ``bench.kernels`` reports as forward + backward with statistics;
 * ``step - kernels``: what the step spends outside the two kernel calls (Python, autograd,
-  the loss's small ops, output allocation).
+  the loss's small ops, output allocation);
+* ``bwd pass``: the step's backward alone (``torch.autograd.backward`` over a kept graph);
+* ``bwd pass - its kernel``: that backward less the median time of the ``lif_backward`` call
+  inside it (timed in place): the autograd engine, the loss's nodes, the Python around the
+  kernel, AccumulateGrad.
 
 GB/s count the fewest bytes each pass must move (``bench.measure.minimal_bytes``; copy: read +
 write), so the kernel rows compare with the copy row directly.
@@ -22,7 +26,10 @@ write), so the kernel rows compare with the copy row directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,7 +45,8 @@ from .providers import NEURON, _lif_step, make_output_grads, pass_callable
 
 __all__ = ["breakdown", "format_table", "main"]
 
-ROWS = ("copy", "fwd kernel", "fwd kernel, no stats", "bwd kernel", "step", "step - kernels")
+ROWS = ("copy", "fwd kernel", "fwd kernel, no stats", "bwd kernel", "step", "step - kernels", "bwd pass",
+        "bwd pass - its kernel")
 
 
 def breakdown(T: int, size: int, threads: int, *, warmup_ms: float = 25.0, rep_ms: float = 200.0) -> dict[str, dict]:
@@ -79,9 +87,33 @@ def breakdown(T: int, size: int, threads: int, *, warmup_ms: float = 25.0, rep_m
         rows["step"] = dict(ms=ms(step, grad_to_none=[xg]), bytes=pass_bytes("both", True))
         rows["step - kernels"] = dict(ms=rows["step"]["ms"] - rows["fwd kernel"]["ms"] - rows["bwd kernel"]["ms"],
                                       bytes=0)
+        outputs, grads = _lif_step("cpu", True)(xg), make_output_grads(xg, True)
+        with _timing_calls(cpu_kernels, "lif_backward") as inside:
+            backward_ms = ms(lambda: torch.autograd.backward(outputs, grads, retain_graph=True), grad_to_none=[xg])
+        rows["bwd pass"] = dict(ms=backward_ms, bytes=pass_bytes("backward", True))
+        rows["bwd pass - its kernel"] = dict(ms=backward_ms - statistics.median(inside), bytes=0)
         return rows
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _timing_calls(module, name: str):
+    """Within the block, module.name is wrapped to append each call's milliseconds to the yielded list."""
+    real, times = getattr(module, name), []
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            times.append((time.perf_counter() - start) * 1e3)
+
+    setattr(module, name, timed)
+    try:
+        yield times
+    finally:
+        setattr(module, name, real)
 
 
 def format_table(results: dict[int, dict[str, dict]]) -> str:
