@@ -180,7 +180,8 @@ class MPDSGR:
             many standard deviations the threshold lies from the mean. A layer whose input is
             BatchNorm-ed can lower the surrogate-window Omega by spreading u (a larger gain),
             which moves potentials out of the window but multiplies the gradient of those left
-            inside; the relative window does not reward that (docs/study.md).
+            inside; the relative window does not reward that. Not shown to make a network more
+            robust: +3.9 +- 2.7 points under the strongest attack over three seeds (docs/study.md).
         k: the relative window's half-width in standard deviations.
     """
 
