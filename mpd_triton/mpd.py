@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .kernels import cpu as _cpu_kernels
-from .kernels import runtime as _runtime
 from .neuron import check_real
 
 __all__ = ["mpd_overlap", "window_overlap", "combine_stats", "MPDSGR", "DEFAULT_EPS", "GRANULARITIES", "MPD_WINDOWS"]
@@ -74,10 +73,9 @@ class _Overlap(torch.autograd.Function):
     and d|m|/dm = sign(m) (0 at m = 0, as autograd's abs). Float32 CPU statistics go through one C
     loop each way (``kernels.cpu.overlap_forward`` / ``overlap_backward``: the same formula in float32
     with erfc and exp written out so that the loops vectorize, as accurate as the torch operations but
-    not bit for bit theirs) when
-    the CPU kernels are built, outside torch.compile and other tracing (``kernels.runtime.traced``)
-    and outside a backward that builds a graph (there
-    the backward recomputes z from mean and var, so that it is itself differentiable)."""
+    not bit for bit theirs) when the CPU kernels are built, outside torch.compile and other tracing
+    (``kernels.runtime.traced``) and outside a backward that builds a graph (there the backward
+    recomputes z from mean and var, so that it is itself differentiable)."""
 
     @staticmethod
     def forward(ctx, mean, var, gamma: float, eps: float):
@@ -120,8 +118,7 @@ def _window_z(mean: torch.Tensor, var: torch.Tensor, gamma, eps: float):
 
 def _in_c(mean: torch.Tensor, var: torch.Tensor) -> bool:
     """Omega of these statistics goes through the C loops of the CPU kernels."""
-    return (mean.device.type == "cpu" and mean.dtype == torch.float32 and var.dtype == torch.float32
-            and not _runtime.traced(mean, var) and _cpu_kernels.available())
+    return _cpu_kernels.takes_float32(mean, var)
 
 
 def window_overlap(mean: torch.Tensor, var: torch.Tensor, gamma, window: str = "surrogate", k: float = 1.0,

@@ -84,8 +84,7 @@ def _mpd_terms(u_saved: Tensor, mean: Tensor, grad_mean: Optional[Tensor], grad_
     if grad_mean is None and grad_var is None:
         return None, None
     M = u_saved.numel() // (u_saved.shape[0] * u_saved.shape[2])
-    if (mean.device.type == "cpu" and mean.dtype == torch.float32 and not _runtime.traced(mean, grad_mean, grad_var)
-            and _cpu_kernels.available()):
+    if _cpu_kernels.takes_float32(mean, grad_mean, grad_var):
         return _cpu_kernels.mpd_terms(mean, grad_mean, grad_var, M)  # the operations below in one C loop
     # Integer scalars only: a Python float derived from a (symbolic) size would be a float64 scalar
     # in the compiled graph.

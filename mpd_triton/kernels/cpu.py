@@ -54,10 +54,11 @@ from ..neuron import KernelParams
 from ..surrogates import SURROGATE_KINDS, check_surrogate_kind
 # The layouts and the output buffers are the Triton launchers' (the same outputs, the same fake
 # implementation for torch.compile).
+from . import runtime as _runtime
 from .layout import StepLayout, backward_buffers, dense_in, empty_in, forward_buffers, step_layout
 
 __all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward", "lif_backward", "overlap_forward",
-           "overlap_backward", "mpd_terms", "forward_buffers", "backward_buffers",
+           "overlap_backward", "mpd_terms", "takes_float32", "forward_buffers", "backward_buffers",
            "tile_shape", "library_path", "DISABLE_ENV", "CACHE_ENV", "TILE_ELEMENTS"]
 
 DISABLE_ENV = "MPD_TRITON_CPU_KERNELS"  # "0": do not build or use the CPU kernels
@@ -461,6 +462,15 @@ def lif_backward(grad_spikes: torch.Tensor | None, u_saved: torch.Tensor, params
 
 
 # ---------------------------------------------------------------- MPD-SGR's overlap
+
+
+def takes_float32(*tensors: torch.Tensor | None) -> bool:
+    """These small [T, C] tensors (None skipped) go through the C loops below (``overlap_forward``,
+    ``overlap_backward``, ``mpd_terms``): float32 on the CPU, computed on rather than traced
+    (``runtime.traced``), and the library is built."""
+    present = [t for t in tensors if t is not None]
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present)
+            and not _runtime.traced(*present) and available())
 
 
 def overlap_forward(mean: torch.Tensor, var: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:

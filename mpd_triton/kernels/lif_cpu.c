@@ -195,7 +195,7 @@ void lif_stats_merge(const double* RESTRICT pmean, const double* RESTRICT pm2, f
  * cell (the expanded gradient of a mean); grad_mean or grad_var may be NULL.
  *
  * exp and erfc are written out below (no libm call) so that both loops vectorize: libm's expf and
- * erfcf are scalar calls, about 15 ns each, which made Omega of a [8, 128] layer cost 30 us. */
+ * erfcf are scalar calls, about 15 ns each, which made Omega of a [8, 128] layer cost 30-40 us. */
 
 /* 2^k for an integer-valued float k in [-126, 127], built in the exponent bits. */
 INLINE float pow2i(float k) {
