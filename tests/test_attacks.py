@@ -256,6 +256,30 @@ def test_transfer_with_assg_runs_every_level_and_counts_the_worst_case(monkeypat
         EvalSettings(transfer_attack="square")
 
 
+def test_worst_case_carries_smaller_eps_examples_to_larger_eps(monkeypatch):
+    """An attack that finds less at a larger eps does not make an image robust there: the worst case at
+    eps counts only images that survive at every smaller eps too (here fgsm fools image 0 at 0.05 and
+    image 1 at 0.1), while the attack's own figure per eps stays as measured."""
+    model = Linear2(torch.ones(1, 4, 4))
+    x = torch.full((4, 1, 4, 4), 0.5)
+    y = torch.ones(4, dtype=torch.long)
+    fooled_at = {0.05: [0], 0.1: [1]}
+
+    def fake_attack(name, model, x, y, eps, **kw):
+        x_adv = x.clone()
+        x_adv[fooled_at[eps]] = 0.0
+        return x_adv
+
+    import train.robustness as R
+
+    monkeypatch.setattr(R, "run_attack", fake_attack)
+    settings = EvalSettings(attacks=["fgsm"], eps=[0.1, 0.05], gradients=["own"], large_eps_check=False)
+    r = evaluate_robustness(model, x, y, settings, num_classes=2, progress=False)
+    assert r["clean"] == 1.0
+    assert r["accuracy"]["fgsm"] == {"0.1": 0.75, "0.05": 0.75}
+    assert r["worst_case"] == {"0.05": 0.75, "0.1": 0.5}
+
+
 class RoundingModel(nn.Module):
     """Masks gradients: its forward rounds the input to 4 levels (zero gradient almost everywhere)."""
 

@@ -4,7 +4,11 @@ gradient sources, the input-gradient norm, and the gradient-masking sanity check
 Robust accuracy counts an image only if it is classified correctly both clean
 and under the attack (as AutoAttack does), so it never exceeds clean accuracy.
 ``worst_case[eps]`` counts an image only if it survives every attack at that
-eps: the number to report as robust accuracy.
+eps and at every smaller eps of the run (an example within a smaller eps is
+within eps too, so an attack that finds less at a larger eps does not make
+the image robust there): the number to report as robust accuracy; it never
+rises with eps. The per-attack figures (``accuracy``) are each eps's own,
+which the ``eps_monotone`` check compares.
 With several gradient sources (``gradients=["own", "sigmoid", "bptr", ...]``)
 an image counts as robust only if it survives every one of them (the
 ensemble, a per-image worst case); the reported accuracy of a gradient attack
@@ -216,6 +220,11 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                     survived = clean & _correct(model, x_adv, y)
                 add((attack, _key(eps), "worst"), survived.sum())
                 survived_all[_key(eps)] &= survived
+        smaller = None  # robust at eps only if robust at every smaller eps (its examples are within eps too)
+        for eps in sorted(settings.eps):
+            if smaller is not None:
+                survived_all[_key(eps)] &= smaller
+            smaller = survived_all[_key(eps)]
         for eps_key, survived in survived_all.items():
             add(("all", eps_key, "worst"), survived.sum())
         if settings.large_eps_check:
