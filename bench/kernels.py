@@ -33,7 +33,7 @@ from mpd_triton.files import ensure_writable, remove_leftovers, write_text
 from mpd_triton.kernels.cpu import keep_freed_memory
 
 from .cli import command_line, default_out, first_line, write_errors_in_one_line
-from .measure import (PASSES, copy_bandwidth, describe_failure, gb_per_s, machine_info, minimal_bytes, peak_memory,
+from .measure import (PASSES, CopyMeter, describe_failure, gb_per_s, machine_info, minimal_bytes, peak_memory,
                       reset_grads, time_call)
 from .providers import NEURON, PROVIDER_NAMES, PROVIDERS, Provider, make_input, make_output_grads, pass_callable
 from .report import (evaluate_targets, kernel_table, markdown_table, plot_kernels, skipped_lines, targets_table,
@@ -61,8 +61,12 @@ COPY_BYTES_CUDA = 1 << 30  # far beyond the L2 cache
 COPY_BYTES_CPU = 1 << 24
 
 RECORD_FIELDS = ("provider", "implementation", "pass_name", "stats", "dtype", "T", "N", "elements", "shape", "bytes",
-                 "median_ms", "p20_ms", "p80_ms", "timer", "gb_per_s", "copy_fraction", "peak_memory_bytes",
-                 "peak_memory_note", "skipped")
+                 "median_ms", "p20_ms", "p80_ms", "timer", "gb_per_s", "copy_gb_per_s", "copy_fraction",
+                 "peak_memory_bytes", "peak_memory_note", "skipped")
+# Which copy a share is computed against: "start", the one timed before the sweep; "beside", the mean
+# of copies timed right before and right after each measurement. A shared host's speed moves by a
+# quarter within minutes (docs/benchmarks.md), and a share of two timings minutes apart moves with it.
+COPY_MODES = ("start", "beside")
 
 
 def parse_sizes(values: list[str]) -> list[int]:
@@ -106,6 +110,7 @@ class Plan:
     rep_ms: float
     strict: bool
     compile_Ts: list[int] | None = None  # T values at which torch_compile runs (None: all)
+    copy: str = "start"  # COPY_MODES
 
     def count(self) -> int:
         return (len(self.dtypes) * len(self.Ts) * len(self.sizes) * len(self.providers) * len(self.stats_modes)
@@ -128,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-T", nargs="+", default=["8"],
                         help="T values at which torch_compile is measured, or 'all' (default 8: each T and dtype "
                              "is a new graph, and compiling every one takes longer than the rest of the sweep)")
+    parser.add_argument("--copy", choices=COPY_MODES,
+                        help="the copy each share of the ceiling is computed against: 'start', timed once before "
+                             "the sweep (default with CUDA), or 'beside', timed right before and after each "
+                             "measurement (default without CUDA, where the host's speed drifts within minutes)")
     parser.add_argument("--strict", action="store_true", help="stop at the first provider error instead of recording it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--model", help="run the model-level benchmark instead (see python -m bench.model_step -h)")
@@ -154,7 +163,8 @@ def make_plan(args, device: torch.device) -> Plan:
             raise ValueError(f"{name} must be > 0, got {value}")
     return Plan(list(dict.fromkeys(args.dtype)), list(dict.fromkeys(Ts)), list(dict.fromkeys(sizes)),
                 list(dict.fromkeys(args.providers)), list(dict.fromkeys(args.passes)), STATS_CHOICES[args.stats],
-                args.warmup_ms, args.rep_ms, args.strict, _parse_compile_T(args.compile_T))
+                args.warmup_ms, args.rep_ms, args.strict, _parse_compile_T(args.compile_T),
+                args.copy or ("start" if device.type == "cuda" else "beside"))
 
 
 def _parse_compile_T(values: list[str]) -> list[int] | None:
@@ -176,20 +186,24 @@ def _record(provider, implementation, pass_name, stats, dtype_name, shape, copy_
     record = dict(provider=provider, implementation=implementation, pass_name=pass_name, stats=stats,
                   dtype=dtype_name, T=T, N=N, elements=T * N, shape=list(shape),
                   bytes=minimal_bytes(pass_name, T=T, N=N, C=C, elem_bytes=DTYPES[dtype_name].itemsize, stats=stats),
-                  median_ms=None, p20_ms=None, p80_ms=None, timer=None, gb_per_s=None, copy_fraction=None,
-                  peak_memory_bytes=None, peak_memory_note=None, skipped=None)
+                  median_ms=None, p20_ms=None, p80_ms=None, timer=None, gb_per_s=None, copy_gb_per_s=None,
+                  copy_fraction=None, peak_memory_bytes=None, peak_memory_note=None, skipped=None)
     record.update(measured)
     if record["median_ms"] is not None:
         record["gb_per_s"] = gb_per_s(record["bytes"], record["median_ms"])
+        record["copy_gb_per_s"] = copy_gb_per_s
         record["copy_fraction"] = record["gb_per_s"] / copy_gb_per_s if copy_gb_per_s else None
     assert tuple(record) == RECORD_FIELDS, "a measurement must carry exactly RECORD_FIELDS"
     return record
 
 
 def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, progress: bool = True,
-              providers: dict[str, Provider] | None = None, on_size_done=None, done=()) -> list[dict]:
+              providers: dict[str, Provider] | None = None, on_size_done=None, done=(),
+              copy_meter: CopyMeter | None = None) -> list[dict]:
     """Every (dtype, T, size, provider, stats, pass) of the plan, in that nesting; skipped ones carry a reason.
 
+    copy_gb_per_s: the copy ceiling the shares are computed against; with plan.copy == "beside", the
+    mean of copy_meter's timings right before and right after each measurement instead.
     providers: name -> Provider for the names in the plan (default: PROVIDERS).
     on_size_done(records): called after each (dtype, T, size), e.g. to save partial results.
     done: records of an interrupted sweep of this plan; the (dtype, T, size) they cover are not measured again.
@@ -197,6 +211,8 @@ def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, 
     from tqdm import tqdm
 
     providers = PROVIDERS if providers is None else providers
+    if plan.copy == "beside" and copy_meter is None:
+        raise ValueError("plan.copy == 'beside' needs a copy_meter to time the copy beside each measurement")
     records = []
     measured = {}
     for r in done:
@@ -233,7 +249,12 @@ def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, 
                                 if key not in steps:
                                     steps[key] = provider.step(stats)
                                 grads = grads or make_output_grads(x, stats)
+                                ceiling = copy_gb_per_s
+                                if plan.copy == "beside":
+                                    before = _copy_beside(copy_meter, plan)
                                 measured = _measure(steps[key], x, grads, pass_name, device, plan)
+                                if plan.copy == "beside":
+                                    ceiling = (before + _copy_beside(copy_meter, plan)) / 2
                             except Exception as error:  # a provider error is a result, unless --strict
                                 if plan.strict:
                                     raise
@@ -242,7 +263,7 @@ def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, 
                                 broken = describe_failure(error)
                                 measured = dict(skipped=broken)
                             records.append(_record(provider_name, implementation, pass_name, stats, dtype_name,
-                                                   shape, copy_gb_per_s, **measured))
+                                                   shape, ceiling, **measured))
                             reset_grads([x])
                             bar.update()
                 del x
@@ -261,6 +282,11 @@ def _not_planned(plan: Plan, provider_name: str, T: int, size: int, device: torc
     if provider_name == "mpd_triton" and device.type != "cuda" and size > INTERPRETER_MAX_ELEMENTS:
         return f"the Triton interpreter runs only up to T*N = {INTERPRETER_MAX_ELEMENTS}"
     return None
+
+
+def _copy_beside(meter: CopyMeter, plan: Plan) -> float:
+    """GB/s of one short timing of the copy ceiling (half the repetitions of a measurement)."""
+    return meter.measure(warmup_ms=plan.warmup_ms / 2, rep_ms=plan.rep_ms / 2)["gb_per_s"]
 
 
 def _measure(step, x, grads, pass_name, device, plan: Plan) -> dict:
@@ -315,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(device)
     settings = {"dtypes": plan.dtypes, "T": plan.Ts, "sizes": plan.sizes, "providers": plan.providers,
                 "passes": plan.passes, "stats": list(plan.stats_modes), "warmup_ms": plan.warmup_ms,
-                "rep_ms": plan.rep_ms, "compile_T": plan.compile_Ts, "neuron": _neuron_settings()}
+                "rep_ms": plan.rep_ms, "compile_T": plan.compile_Ts, "copy": plan.copy, "neuron": _neuron_settings()}
     settings = json.loads(json.dumps(settings))  # as results.json holds them
     saved = {}
     if args.resume:
@@ -327,14 +353,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"removed {path} (a temporary file left by an interrupted write)", flush=True)
     ensure_writable(out_dir)
 
+    largest_bytes = max(plan.sizes) * max(DTYPES[d].itemsize for d in plan.dtypes)
+    copy_meter = CopyMeter(device, max(largest_bytes, COPY_BYTES_CUDA if device.type == "cuda" else COPY_BYTES_CPU))
     if saved:  # the copy ceiling the measurements so far were compared with
         copy = saved["copy_bandwidth"]
         print(f"continuing the sweep in {out_dir}: {len(saved['measurements'])} of {plan.count()} measurements "
               "done", flush=True)
     else:
-        largest_bytes = max(plan.sizes) * max(DTYPES[d].itemsize for d in plan.dtypes)
-        copy_bytes = max(largest_bytes, COPY_BYTES_CUDA if device.type == "cuda" else COPY_BYTES_CPU)
-        copy = copy_bandwidth(device, copy_bytes, warmup_ms=plan.warmup_ms, rep_ms=plan.rep_ms)
+        copy = copy_meter.measure(warmup_ms=plan.warmup_ms, rep_ms=plan.rep_ms)
     print(f"device-to-device copy of {copy['bytes_copied'] / 2**20:.0f} MiB: {copy['gb_per_s']:.1f} GB/s "
           "(read + write)", flush=True)
 
@@ -356,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = run_sweep(plan, device, copy["gb_per_s"], progress=not args.no_progress,
                             on_size_done=lambda partial: write_json(json_path, payload(partial, complete=False)),
-                            done=saved.get("measurements", ()))
+                            done=saved.get("measurements", ()), copy_meter=copy_meter)
     except KeyboardInterrupt:
         print(f"interrupted: the sizes measured so far are in {json_path}; continue with the same command and "
               f"--out {out_dir} --resume", file=sys.stderr)
@@ -393,7 +419,9 @@ def _markdown(payload: dict, table, targets, plots) -> str:
         f"- date (UTC): {m['date_utc']}",
         f"- command: `{payload['command']}`",
         f"- copy ceiling: {copy['gb_per_s']:.1f} GB/s ({copy['bytes_copied'] / 2**20:.0f} MiB device-to-device, "
-        "bytes read + written)",
+        "bytes read + written), timed at the start" + (
+            "; each share is computed against the copy timed right before and after its measurement "
+            "(`--copy beside`: results.json's copy_gb_per_s)" if payload["settings"]["copy"] == "beside" else ""),
         "- each cell: median time, effective GB/s = minimal bytes of the pass (bench/measure.py) / median time, "
         "(its share of the copy ceiling), peak memory where measured; 20th/80th percentiles in results.json",
         "",

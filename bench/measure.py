@@ -11,7 +11,8 @@ fused LIF must at least
 [T, C]-sized traffic: the forward writes mean and var, the backward reads
 their gradients, all float32. Effective bandwidth = minimal bytes / time, and
 the ceiling is a large device-to-device copy timed in the same run, counting
-bytes read plus bytes written.
+bytes read plus bytes written (``bench.kernels --copy``: once at the start, or
+beside every measurement).
 
 Timers: on CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed before
 every run; median and the 20th/80th percentiles). Without CUDA a wall-clock
@@ -32,7 +33,7 @@ import torch
 
 __all__ = [
     "PASSES", "STATS_VALUE_BYTES", "QUANTILES", "minimal_bytes", "gb_per_s", "Timing", "time_call",
-    "peak_memory", "NO_CUDA_MEMORY_REASON", "copy_bandwidth", "machine_info", "reset_grads", "describe_failure",
+    "peak_memory", "NO_CUDA_MEMORY_REASON", "CopyMeter", "copy_bandwidth", "machine_info", "reset_grads", "describe_failure",
 ]
 
 PASSES = ("forward", "backward", "both")
@@ -131,14 +132,29 @@ def peak_memory(fn: Callable[[], object], device: torch.device,
     return int(torch.cuda.max_memory_allocated(device)), None
 
 
+class CopyMeter:
+    """The bandwidth ceiling: a device-to-device copy of nbytes (its buffers allocated once), timed
+    on demand, counting bytes read plus written. ``bench.kernels --copy beside`` times it beside
+    every measurement, so that a share of the ceiling compares two timings taken under the same
+    load of a shared host."""
+
+    def __init__(self, device: torch.device, nbytes: int):
+        if not isinstance(nbytes, int) or nbytes < 1:
+            raise ValueError(f"nbytes must be a positive integer, got {nbytes!r}")
+        self.device, self.nbytes = device, nbytes
+        self._src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 256)
+        self._dst = torch.empty_like(self._src)
+
+    def measure(self, *, warmup_ms: float, rep_ms: float) -> dict:
+        timing = time_call(lambda: self._dst.copy_(self._src), self.device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+        moved = 2 * self.nbytes
+        return {"bytes_copied": self.nbytes, "bytes_moved": moved, "median_ms": timing.median_ms,
+                "gb_per_s": gb_per_s(moved, timing.median_ms), "timer": timing.timer}
+
+
 def copy_bandwidth(device: torch.device, nbytes: int, *, warmup_ms: float, rep_ms: float) -> dict:
-    """The bandwidth ceiling: a device-to-device copy of nbytes, counting bytes read plus written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 256)
-    dst = torch.empty_like(src)
-    timing = time_call(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    moved = 2 * nbytes
-    return {"bytes_copied": nbytes, "bytes_moved": moved, "median_ms": timing.median_ms,
-            "gb_per_s": gb_per_s(moved, timing.median_ms), "timer": timing.timer}
+    """One timing of the copy ceiling (``CopyMeter``)."""
+    return CopyMeter(device, nbytes).measure(warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
 def describe_failure(error: BaseException) -> str:

@@ -184,6 +184,50 @@ def test_every_available_provider_runs_every_pass(name):
             assert r["timer"] == "wall_clock" and r["peak_memory_bytes"] is None and r["peak_memory_note"]
 
 
+class _FakeMeter:
+    """A copy meter whose successive timings are 10, 20, 30, ... GB/s."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def measure(self, *, warmup_ms, rep_ms):
+        self.calls += 1
+        return {"gb_per_s": 10.0 * self.calls}
+
+
+def test_copy_beside_compares_each_measurement_with_the_copies_timed_around_it():
+    meter = _FakeMeter()
+    plan = tiny_plan(["torch_eager"], stats_modes=(False,), copy="beside")
+    records = kernels.run_sweep(plan, DEVICE, copy_gb_per_s=1000.0, progress=False, providers=cpu_providers(),
+                                copy_meter=meter)
+    assert meter.calls == 2 * len(records)  # one before and one after each measurement
+    for i, r in enumerate(records):  # measurement i sits between timings 2i + 1 and 2i + 2
+        assert r["copy_gb_per_s"] == pytest.approx(10.0 * (2 * i + 1.5))
+        assert r["copy_fraction"] == pytest.approx(r["gb_per_s"] / r["copy_gb_per_s"])
+
+
+def test_copy_start_compares_every_measurement_with_the_one_copy():
+    meter = _FakeMeter()
+    plan = tiny_plan(["torch_eager"], stats_modes=(False,), copy="start")
+    records = kernels.run_sweep(plan, DEVICE, copy_gb_per_s=10.0, progress=False, providers=cpu_providers(),
+                                copy_meter=meter)
+    assert meter.calls == 0
+    assert all(r["copy_gb_per_s"] == 10.0 for r in records)
+
+
+def test_copy_beside_needs_a_meter():
+    with pytest.raises(ValueError, match="needs a copy_meter"):
+        kernels.run_sweep(tiny_plan(["torch_eager"], copy="beside"), DEVICE, copy_gb_per_s=10.0, progress=False)
+
+
+def test_copy_mode_defaults_to_beside_without_cuda_and_can_be_chosen():
+    parse = kernels.build_parser().parse_args
+    device = torch.device("cpu")
+    assert kernels.make_plan(parse([]), device).copy == "beside"
+    assert kernels.make_plan(parse(["--copy", "start"]), device).copy == "start"
+    assert kernels.make_plan(parse([]), torch.device("cuda")).copy == "start"
+
+
 def _run_step(provider, stats, x, grads):
     """Outputs and input gradient of one provider's step on a fresh leaf copy of x."""
     x = x.detach().clone().requires_grad_()
@@ -380,6 +424,8 @@ def test_quick_cli_writes_json_markdown_and_plots(tmp_path, capsys, monkeypatch)
     for r in measurements:
         assert tuple(r) == kernels.RECORD_FIELDS
         assert r["skipped"] is None and r["median_ms"] > 0
+        assert r["copy_gb_per_s"] > 0 and r["copy_fraction"] == pytest.approx(r["gb_per_s"] / r["copy_gb_per_s"])
+    assert payload["settings"]["copy"] == ("start" if torch.cuda.is_available() else "beside")
     markdown = (tmp_path / "results.md").read_text()
     assert "| dtype | T | T*N | pass | stats | mpd_triton | torch_eager |" in markdown
     assert "## Targets" in markdown
