@@ -33,7 +33,8 @@ import torch
 
 __all__ = [
     "PASSES", "STATS_VALUE_BYTES", "QUANTILES", "minimal_bytes", "gb_per_s", "Timing", "time_call",
-    "peak_memory", "NO_CUDA_MEMORY_REASON", "CopyMeter", "copy_bandwidth", "machine_info", "reset_grads", "describe_failure",
+    "peak_memory", "NO_CUDA_MEMORY_REASON", "CopyMeter", "copy_bandwidth", "machine_info", "reset_grads",
+    "describe_failure",
 ]
 
 PASSES = ("forward", "backward", "both")
