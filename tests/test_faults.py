@@ -562,6 +562,25 @@ def _tiny_model(path: Path, seed: int, encoding: str) -> Path:
     return path
 
 
+def test_resume_refuses_an_evaluation_counted_by_an_older_version(tmp_path, capsys):
+    """An eval.json from before the worst case's smaller-eps rule (its key has no version) is not
+    continued: its counts and the new ones would mix two rules."""
+    import train.eval as eval_module
+
+    a = _tiny_model(tmp_path / "a" / "model.pt", 0, "direct")
+    argv = ["--checkpoint", str(a), "--attacks", "fgsm", "--eps", "8/255", "--limit", "8", "--batch-size", "8",
+            "--no-large-eps-check", "--no-compile", "--out", str(tmp_path / "e")]
+    assert eval_module.main(argv) == 0
+    path = tmp_path / "e" / "eval.json"
+    saved = json.loads(path.read_text())
+    assert saved["key"]["version"] == eval_module.RESULTS_VERSION
+    del saved["key"]["version"]
+    path.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert eval_module.main(argv + ["--resume"]) == 2
+    assert "counts differently (results version 1, this one 2)" in _one_line(capsys.readouterr().err)
+
+
 def test_an_interrupted_evaluation_continues_to_the_same_result(tmp_path, monkeypatch, capsys):
     """Model b (Poisson: its forward draws from the global RNG) is interrupted after its first batch;
     --resume keeps model a, continues b from its second batch, and ends with what an uninterrupted

@@ -39,7 +39,7 @@ from .config import ConfigError, eps_label, fraction, states_default
 from .data import DataError, load_dataset
 from .diagnostics import layer_diagnostics
 from .report import eval_markdown, eval_table, membrane_samples, plot_membrane, plot_robustness
-from .robustness import EvalSettings, attack_steps, evaluate_robustness, parse_attacks
+from .robustness import RESULTS_VERSION, EvalSettings, attack_steps, evaluate_robustness, parse_attacks
 
 ENSEMBLE = ["own", "triangle", "sigmoid", "atan", "bptr"]
 DEFAULT_ATTACKS = "fgsm,pgd,bim,gaussian"
@@ -159,6 +159,9 @@ def _previous(out: Path, key: dict, models: dict[str, str]) -> dict:
     except (OSError, ValueError) as e:
         raise ConfigError(f"--resume: cannot read {path}: {e}") from None
     old = saved.get("key", {})
+    if old.get("version", 1) != key["version"]:
+        raise ConfigError(f"--resume: {path} was made by a train.eval that counts differently (results version "
+                          f"{old.get('version', 1)}, this one {key['version']}): evaluate again into another --out")
     if old != key:
         differing = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
         if "settings" in differing:
@@ -268,7 +271,7 @@ def _evaluate(argv, where: dict) -> int:
                                                / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
         # what a resumed evaluation must share with the interrupted one
         key = json.loads(json.dumps({"settings": asdict(settings), "data": data_name, "n": len(images),
-                                     "source": args.source}))
+                                     "source": args.source, "version": RESULTS_VERSION}))
         checkpoints = {n: str(Path(c)) for n, c in zip(names, args.checkpoint)}
         previous = _previous(out, key, checkpoints) if args.resume else {}
         ensure_writable(out)  # before the evaluation starts (and not before the set-up: nothing left behind)

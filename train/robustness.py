@@ -56,7 +56,12 @@ from .attacks import (
 )
 from .config import eps_label
 
-__all__ = ["EvalSettings", "evaluate_robustness", "sanity_checks", "parse_attacks", "ATTACK_ALIASES", "attack_steps"]
+__all__ = ["EvalSettings", "evaluate_robustness", "sanity_checks", "parse_attacks", "ATTACK_ALIASES", "attack_steps",
+           "RESULTS_VERSION"]
+
+# How the counts are made, for train.eval --resume (an evaluation is continued only by code that
+# counts the same way). 2 (2026-12-06): worst_case at an eps also needs survival at every smaller eps.
+RESULTS_VERSION = 2
 
 ATTACK_ALIASES = {"noise": "gaussian"}
 # eps = 1 admits any image; 10 steps of 0.2 cross the whole [0, 1] box twice from the random start.
