@@ -483,6 +483,7 @@ def _env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a process that aborts prints where its Python code was
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -117,6 +117,7 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
     results = [train_run(run_cfg, name, out / name, train, test, info, ctx, resume, compile_model)
                for name, run_cfg in runs]
     if ctx.distributed:  # what follows is rank 0's alone: no other rank waits for it in a collective
+        ctx.barrier()  # every rank is past its last collective before any of them shuts its connections
         dist.destroy_process_group()
     if not ctx.is_main:
         return []
@@ -181,9 +182,11 @@ def main(argv=None) -> int:
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     resume_hint = "the last finished epoch is in the run's checkpoint; continue with --resume"
     lost_peer = False
+    helper_done = False
     try:
         cfg, resume = parse_args(argv)
         run(cfg, resume)
+        helper_done = world_size > 1 and os.environ.get("RANK", "0") != "0"
     except StoppedByMain:
         return 2  # rank 0 says why
     except (ConfigError, DataError, CheckpointError, FloatingPointError, WriteError) as e:
@@ -219,6 +222,15 @@ def main(argv=None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)
+        if helper_done:
+            # A rank other than 0 has finished (its group torn down, it writes no files). In two CI runs a
+            # finished rank 1 ended in std::terminate (SIGABRT) during its teardown, in destroy_process_group
+            # or in the interpreter's exit (not known which): the barrier before destroy_process_group keeps
+            # any rank from shutting its connections while another is still in a collective, and leaving
+            # here skips the interpreter's exit and its C++ destructors (gloo, the DDP reducer).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         if world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # else a broken process group aborts the process on exit
     return 0
