@@ -1,8 +1,9 @@
-"""Shared test helpers: device, informative comparisons, strategies, NaN poisoning."""
+"""Shared test helpers: device, informative comparisons, strategies, NaN poisoning, a free port."""
 
 from __future__ import annotations
 
 import math
+import socket
 
 import torch
 from hypothesis import strategies as st
@@ -204,3 +205,10 @@ def poison_kernel_outputs(monkeypatch) -> None:
     """Both kernel launch modules (Triton and C) allocate NaN-filled buffers."""
     monkeypatch.setattr(lif_kernels, "torch", _PoisonedTorch())
     monkeypatch.setattr(cpu_kernels, "torch", _PoisonedTorch())
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torchrun's rendezvous (a fixed one can be taken)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -30,6 +29,8 @@ import train.run as run_module
 from mpd_triton.files import WriteError, ensure_writable, optional_plot, save_figure, write_text, write_with
 from train.checkpoint import OPTIMIZER_STATE_COPIES, checkpoint_bytes, load_checkpoint, save_checkpoint
 from train.run import main
+
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two steps of 50 images per epoch, two time steps: the faults, not the learning, are under test.
@@ -473,12 +474,6 @@ def test_a_temporary_file_left_by_a_killed_process_is_ignored_and_removed_by_res
 
 # ------------------------------------------------------------------ several processes
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -494,7 +489,7 @@ DDP = SMALL + ["--train-limit", "200", "--epochs", "2"]  # two steps per rank an
 
 def _torchrun(args, **env):
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}", WORKER, *args]
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", WORKER, *args]
     return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=300)
 
 
@@ -525,7 +520,7 @@ def test_processes_that_keep_running_stop_when_a_rank_dies_or_hangs(fault, tmp_p
     once for a dead peer, after --dist-timeout for a hung one. (A rank that runs out of memory says
     so in one line, test_sigterm_mid_write_and_out_of_memory_end_in_one_line, and exits: to the
     others, a dead peer.)"""
-    port = _free_port()
+    port = free_port()
     args = [sys.executable, WORKER, *DDP, "--epochs", "3", "--dist-timeout", "15", "--out", str(tmp_path / "run")]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",

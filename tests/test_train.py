@@ -16,6 +16,8 @@ import torch
 from train.config import PRESET_NOTES
 from train.run import main
 
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--train-limit", "600", "--test-limit", "200", "--eval-attacks", "", "--batch-size", "50"]
 
@@ -98,7 +100,7 @@ def test_two_processes_with_torchrun(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     # 2000 images: 20 steps per rank and epoch, enough for BatchNorm's running statistics to settle
     # (after a few steps eval mode can leave a layer silent).
-    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=29517", "-m", "train.run", *SMALL,
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "train.run", *SMALL,
            "--train-limit", "2000", "--epochs", "2", "--eta", "0.01", "--no-compare", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
