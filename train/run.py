@@ -181,12 +181,17 @@ def main(argv=None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     resume_hint = "the last finished epoch is in the run's checkpoint; continue with --resume"
-    lost_peer = False
-    helper_done = False
+    leave_now = None  # an exit status to leave with at once, without the interpreter's own exit
     try:
         cfg, resume = parse_args(argv)
         run(cfg, resume)
-        helper_done = world_size > 1 and os.environ.get("RANK", "0") != "0"
+        if world_size > 1 and os.environ.get("RANK", "0") != "0":
+            # A rank other than 0 has finished (its group torn down, it writes no files). In two CI runs a
+            # finished rank 1 ended in std::terminate (SIGABRT) during its teardown, in destroy_process_group
+            # or in the interpreter's exit (not known which): the barrier before destroy_process_group keeps
+            # any rank from shutting its connections while another is still in a collective, and leaving
+            # at once skips the interpreter's exit and its C++ destructors (gloo, the DDP reducer).
+            leave_now = 0
     except StoppedByMain:
         return 2  # rank 0 says why
     except (ConfigError, DataError, CheckpointError, FloatingPointError, WriteError) as e:
@@ -209,28 +214,19 @@ def main(argv=None) -> int:
             raise
         print(f"error: {rank}lost contact with the other processes ({cause}): one of them died or hangs, see "
               f"its message; {resume_hint}", file=sys.stderr)
-        lost_peer = True
+        # The process group is broken: tearing it down (destroy_process_group, or the interpreter's own
+        # exit) can join a gloo or TCP-store thread that will never finish and end in std::terminate,
+        # SIGABRT after the one line above (seen in CI, about one run in ten). The files are already
+        # closed and the checkpoint is whole: leave without running the C++ destructors.
+        leave_now = 2
         return 2
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
-        if lost_peer:
-            # The process group is broken: tearing it down (destroy_process_group, or the interpreter's own
-            # exit) can join a gloo or TCP-store thread that will never finish and end in std::terminate,
-            # SIGABRT after the one line above (seen in CI, about one run in ten). The files are already
-            # closed and the checkpoint is whole: leave without running the C++ destructors.
+        if leave_now is not None:
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(2)
-        if helper_done:
-            # A rank other than 0 has finished (its group torn down, it writes no files). In two CI runs a
-            # finished rank 1 ended in std::terminate (SIGABRT) during its teardown, in destroy_process_group
-            # or in the interpreter's exit (not known which): the barrier before destroy_process_group keeps
-            # any rank from shutting its connections while another is still in a collective, and leaving
-            # here skips the interpreter's exit and its C++ destructors (gloo, the DDP reducer).
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            os._exit(leave_now)
         if world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # else a broken process group aborts the process on exit
     return 0

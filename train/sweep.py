@@ -434,7 +434,7 @@ def point_result(point: Point, out: Path) -> dict | None:
     return result
 
 
-def _mean_se(values: list[float], n_images: int | None) -> tuple[float, float, str]:
+def mean_se(values: list[float], n_images: int | None) -> tuple[float, float, str]:
     """(mean, standard error, what the error is over): over seeds when there are several, else
     the binomial error over the images."""
     mean = sum(values) / len(values)
@@ -459,13 +459,13 @@ def summarize(points: list[Point], out: Path) -> dict:
         group = {"setting": setting, "case": rs[0]["case"],
                  "values": {k: v for k, v in rs[0]["values"].items() if k != SEED_KEY},
                  "seeds": [r["values"].get(SEED_KEY) for r in rs], "n": len(rs), "metrics": {}}
-        group["metrics"]["clean"] = _mean_se([r["clean_acc"] for r in rs], test_images)
-        group["metrics"]["mean Omega"] = _mean_se([r["mean_omega"] for r in rs], None)
+        group["metrics"]["clean"] = mean_se([r["clean_acc"] for r in rs], test_images)
+        group["metrics"]["mean Omega"] = mean_se([r["mean_omega"] for r in rs], None)
         for key in rs[0]["robust"]:
             if all(key in r["robust"] for r in rs):
-                group["metrics"][key] = _mean_se([r["robust"][key] for r in rs], eval_images)
+                group["metrics"][key] = mean_se([r["robust"][key] for r in rs], eval_images)
         if all("grad_l1" in r for r in rs):
-            group["metrics"]["input-gradient L1"] = _mean_se([r["grad_l1"] for r in rs], None)
+            group["metrics"]["input-gradient L1"] = mean_se([r["grad_l1"] for r in rs], None)
         if all(r.get("diagnostics") for r in rs):
             n_layers = len(rs[0]["diagnostics"])
             group["diagnostics"] = [{key: sum(r["diagnostics"][i][key] for r in rs) / len(rs) for key in DIAGNOSTICS}

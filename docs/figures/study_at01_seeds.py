@@ -1,23 +1,22 @@
 """docs/study.md, section 5, "Seeds 3 and 4": the five-seed summary of adversarial training at eps 0.1
 (mean ± standard error over seeds, the paired difference, a one-sided Fisher exact test of the counts of
 false-robust runs) and its figure, study_at01_seeds.png. The figures are the tables' own (seeds 0-2: 500
-images, seeds 3-4: 250). Run from the repository root: python docs/figures/study_at01_seeds.py"""
-from math import comb, sqrt
+images, seeds 3-4: 250). Run: python docs/figures/study_at01_seeds.py"""
+import sys
+from math import comb
 from pathlib import Path
-from statistics import mean, stdev
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for train
+from train.sweep import mean_se  # noqa: E402  (the sweep's mean and standard error over seeds)
+
 AT = [43.4, 81.0, 39.0, 41.6, 64.8]  # worst case over every attack at 8/255 (%), seeds 0-4
 MPD = [79.0, 80.8, 80.6, 81.2, 81.6]
 FALSE_ROBUST = [True, False, True, True, False]  # the plain runs, by the rule fixed before seeds 3-4; no MPD-SGR run is
-
-
-def se(x):
-    return stdev(x) / sqrt(len(x))
 
 
 def fisher_one_sided(k: int, m: int, n: int) -> float:
@@ -26,8 +25,9 @@ def fisher_one_sided(k: int, m: int, n: int) -> float:
 
 
 diff = [b - a for a, b in zip(AT, MPD)]
-print(f"AT {mean(AT):.1f} ± {se(AT):.1f}%, AT + MPD-SGR {mean(MPD):.1f} ± {se(MPD):.1f}%, "
-      f"paired {mean(diff):+.1f} ± {se(diff):.1f} points ({', '.join(f'{d:+.1f}' for d in diff)})")
+(at, at_se, _), (mpd, mpd_se, _), (d, d_se, _) = (mean_se(x, None) for x in (AT, MPD, diff))
+print(f"AT {at:.1f} ± {at_se:.1f}%, AT + MPD-SGR {mpd:.1f} ± {mpd_se:.1f}%, "
+      f"paired {d:+.1f} ± {d_se:.1f} points ({', '.join(f'{x:+.1f}' for x in diff)})")
 print(f"false-robust {sum(FALSE_ROBUST)} of {len(AT)} against 0 of {len(MPD)}: "
       f"one-sided Fisher p = {fisher_one_sided(sum(FALSE_ROBUST), 0, len(AT)):.3f}")
 
