@@ -37,7 +37,7 @@
 enum { SG_TRIANGLE = 0, SG_RECTANGULAR = 1, SG_SIGMOID = 2, SG_ATAN = 3, SG_SUPERSPIKE = 4, SG_COUNT = 5 };
 
 /* Bumped whenever an exported signature changes (cpu.py checks it). */
-int64_t lif_cpu_abi_version(void) { return 6; }
+int64_t lif_cpu_abi_version(void) { return 7; }
 int64_t lif_cpu_surrogate_count(void) { return SG_COUNT; }
 
 /* g(u) for surrogate `kind` with parameter p (gamma or alpha), as in surrogates.py. */
@@ -285,6 +285,34 @@ void mpd_terms(const float* RESTRICT mean, const float* RESTRICT grad_mean, cons
         const float bi = (grad_var ? grad_var[i] : 0.0f) * 2.0f / M;
         b[i] = bi;
         a[i] = (grad_mean ? grad_mean[i] : 0.0f) / M - bi * mean[i];
+    }
+}
+
+/* The same (a, b) when the LIF node computed its own MPD-SGR loss L = mean of Omega over the n cells
+ * (mt.lif(..., mpd_gamma=)): dL/dOmega = grad_loss / n for every cell (the gradient of the mean), Omega's
+ * gradient as mpd_overlap_bwd computes it, added to the statistics' own gradients (NULL: none), then
+ * mpd_terms; one loop with the float32 operations of those three in their order, so the same bits as
+ * the unfused nodes (tests/test_fused_loss.py). */
+void mpd_loss_terms(const float* RESTRICT mean, const float* RESTRICT var, const float* RESTRICT grad_mean,
+                    const float* RESTRICT grad_var, float grad_loss, float* RESTRICT a, float* RESTRICT b, int64_t n,
+                    int64_t count, float gamma, float eps) {
+    const float inv_sqrt_2pi = 0.3989422804014327f;
+    const float M = (float)count, per_cell = grad_loss / (float)n;
+    for (int64_t i = 0; i < n; i++) {
+        const float sigma = sqrtf(var[i] + eps);
+        const float m = fabsf(mean[i]);
+        const float z1 = (gamma - m) / sigma, z2 = (-gamma - m) / sigma;
+        const float phi1 = exp_nonpositive(-0.5f * z1 * z1) * inv_sqrt_2pi;
+        const float phi2 = exp_nonpositive(-0.5f * z2 * z2) * inv_sqrt_2pi;
+        const float g = per_cell / sigma;
+        const float sign = mean[i] > 0.0f ? 1.0f : (mean[i] < 0.0f ? -1.0f : 0.0f);
+        float gm = g * (phi2 - phi1) * sign;
+        float gv = g * (z2 * phi2 - z1 * phi1) / (2.0f * sigma);
+        if (grad_mean) gm = grad_mean[i] + gm;
+        if (grad_var) gv = grad_var[i] + gv;
+        const float bi = gv * 2.0f / M;
+        b[i] = bi;
+        a[i] = gm / M - bi * mean[i];
     }
 }
 
