@@ -10,8 +10,11 @@ Rows, per thread count (wall-clock medians, ``bench.measure.time_call``):
 * ``fwd kernel`` / ``fwd kernel, no stats``: ``kernels.cpu.lif_forward`` with and without the
   statistics (u saved), called directly: no autograd, no custom-op dispatch;
 * ``bwd kernel``: ``kernels.cpu.lif_backward`` with the MPD-SGR terms;
-* ``step``: ``mt.lif(..., backend="cpu", return_stats=True)``, the layer's MPD-SGR loss and the
-  backward through both: what ``bench.kernels`` reports as forward + backward with statistics;
+* ``step``: ``mt.lif(..., backend="cpu", mpd_gamma=...)``, spikes and the layer's MPD-SGR loss
+  from one node, and the backward through both: what ``bench.kernels`` reports as forward +
+  backward with statistics;
+* ``step, loss outside the node``: the same with ``mt.lif(..., return_stats=True)`` and
+  ``mt.mpd_overlap(mean, var, gamma).mean()`` after it (two autograd nodes more);
 * ``step - kernels``: what the step spends outside the two kernel calls (Python, autograd,
   the loss's small ops, output allocation);
 * ``bwd pass``: the step's backward alone (``torch.autograd.backward`` over a kept graph);
@@ -21,6 +24,14 @@ Rows, per thread count (wall-clock medians, ``bench.measure.time_call``):
 
 GB/s count the fewest bytes each pass must move (``bench.measure.minimal_bytes``; copy: read +
 write), so the kernel rows compare with the copy row directly.
+
+Below the table, per thread count: how many distinct addresses the step's spikes and input
+gradient took over ``ADDRESS_STEPS`` steps (``buffer_addresses``). Two mean that the allocator
+hands the same blocks back every step, still in cache; more mean that glibc merged freed
+neighbouring blocks and splits the merged block at shifting offsets, so the step's buffers
+wander over a larger region and start cache-cold. Which of the two a process gets depends on its
+heap's history, not on the code timed; docs/benchmarks.md (2026-12-06, AMD EPYC) shows what it
+does to the step.
 """
 
 from __future__ import annotations
@@ -41,12 +52,13 @@ from mpd_triton.kernels import cpu as cpu_kernels
 from .cli import command_line, first_line, write_errors_in_one_line
 from .kernels import bench_shape, parse_sizes
 from .measure import gb_per_s, minimal_bytes, time_call
-from .providers import NEURON, _lif_step, make_output_grads, pass_callable
+from .providers import NEURON, _lif_step, make_output_grads, mpd_loss, pass_callable
 
 __all__ = ["breakdown", "format_table", "main"]
 
-ROWS = ("copy", "fwd kernel", "fwd kernel, no stats", "bwd kernel", "step", "step - kernels", "bwd pass",
-        "bwd pass - its kernel")
+ROWS = ("copy", "fwd kernel", "fwd kernel, no stats", "bwd kernel", "step", "step, loss outside the node",
+        "step - kernels", "bwd pass", "bwd pass - its kernel")
+ADDRESS_STEPS = 20
 
 
 def breakdown(T: int, size: int, threads: int, *, warmup_ms: float = 25.0, rep_ms: float = 200.0) -> dict[str, dict]:
@@ -85,6 +97,8 @@ def breakdown(T: int, size: int, threads: int, *, warmup_ms: float = 25.0, rep_m
         xg = x.clone().requires_grad_()
         step = pass_callable(_lif_step("cpu", True), xg, make_output_grads(xg, True), "both")
         rows["step"] = dict(ms=ms(step, grad_to_none=[xg]), bytes=pass_bytes("both", True))
+        unfused = pass_callable(_unfused_step, xg, make_output_grads(xg, True), "both")
+        rows["step, loss outside the node"] = dict(ms=ms(unfused, grad_to_none=[xg]), bytes=pass_bytes("both", True))
         rows["step - kernels"] = dict(ms=rows["step"]["ms"] - rows["fwd kernel"]["ms"] - rows["bwd kernel"]["ms"],
                                       bytes=0)
         outputs, grads = _lif_step("cpu", True)(xg), make_output_grads(xg, True)
@@ -93,6 +107,34 @@ def breakdown(T: int, size: int, threads: int, *, warmup_ms: float = 25.0, rep_m
         rows["bwd pass"] = dict(ms=backward_ms, bytes=pass_bytes("backward", True))
         rows["bwd pass - its kernel"] = dict(ms=backward_ms - statistics.median(inside), bytes=0)
         return rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _unfused_step(x):
+    """``bench.kernels``' step with the MPD-SGR loss computed after the LIF node instead of inside it."""
+    c = NEURON
+    spikes, mean, var = mt.lif(x, c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, "cpu",
+                               return_stats=True)
+    return spikes, mpd_loss(mean, var)
+
+
+def buffer_addresses(T: int, size: int, threads: int, steps: int = ADDRESS_STEPS) -> int:
+    """Distinct addresses of the step's spikes and input gradient over ``steps`` steps (see the module's
+    docstring): 2 when the allocator gives the same blocks back every step."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(*bench_shape(T, size)).requires_grad_()
+        step, grads = _lif_step("cpu", True), make_output_grads(x, True)
+        seen = set()
+        for _ in range(steps):
+            x.grad = None
+            outputs = step(x)
+            torch.autograd.backward(outputs, grads)
+            seen.update((outputs[0].data_ptr(), x.grad.data_ptr()))
+            del outputs
+        return len(seen)
     finally:
         torch.set_num_threads(previous)
 
@@ -155,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu_kernels.keep_freed_memory()
     print(first_line(torch.device("cpu"), "CPU breakdown"))
     results = {n: breakdown(args.T, size, n, rep_ms=args.rep_ms) for n in args.threads}
+    addresses = "; ".join(f"{n} thread{'s' if n > 1 else ''}: {buffer_addresses(args.T, size, n)}" for n in args.threads)
     text = (f"Command: `{command_line(argv, 'bench.cpu_breakdown')}`\n\nfloat32, T = {args.T}, T*N = {size}, "
-            f"{NEURON.surrogate} surrogate; medians.\n\n{format_table(results)}\n")
+            f"{NEURON.surrogate} surrogate; medians.\n\n{format_table(results)}\n\n"
+            f"Distinct addresses of the step's spikes and input gradient over {ADDRESS_STEPS} steps (2: the same "
+            f"blocks every step): {addresses}\n")
     print(text)
     if args.out:
         write_text(args.out, text)
