@@ -84,6 +84,23 @@ def test_statistics_with_channels_innermost_against_float64(C, rows):
         assert_close("var", var, u[2], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("S", [1, 15, 16, 17, 40, 300])
+@pytest.mark.parametrize("B,C", [(1, 1), (3, 5), (600, 1), (40, 70)])
+def test_statistics_with_positions_innermost_against_float64(S, B, C):
+    """Positions innermost (S > 1): with S >= 16 the forward's loop sums each row's whole 16-chunks of a
+    channel as it computes u (a double per row and channel in the scratch: up to a tile's rows x
+    channels, 512 at S = 16, C = 1) and the statistics add the remainder; below 16 they sum the tile
+    themselves. Mean and variance as float64 gives them, at |mean| >> std too, with several tiles."""
+    T = 2
+    gen = torch.Generator().manual_seed(S * 7919 + B * 31 + C)
+    for offset in (0.0, 30.0):
+        x = torch.randn(T, B, C, S, generator=gen) * 0.5 + offset + torch.linspace(-1, 1, C)[:, None]
+        _, mean, var = mt.lif(x, backend="cpu", return_stats=True)
+        u = mt.lif(x.double(), backend="torch", return_stats=True)
+        assert_close("mean", mean, u[1], atol=1e-5, rtol=1e-6)
+        assert_close("var", var, u[2], atol=1e-5, rtol=1e-4)
+
+
 def test_bitwise_repeatable_and_independent_of_threads():
     """Deterministic: two calls agree bit for bit, and so do one thread and two (the
     statistics' partials are per tile and merged in tile order, whoever runs a tile)."""

@@ -63,7 +63,7 @@ __all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward"
 
 DISABLE_ENV = "MPD_TRITON_CPU_KERNELS"  # "0": do not build or use the CPU kernels
 CACHE_ENV = "MPD_TRITON_CACHE_DIR"
-ABI_VERSION = 7  # lif_cpu_abi_version() of the C source this module calls
+ABI_VERSION = 8  # lif_cpu_abi_version() of the C source this module calls
 SOURCES = ("lif_cpu.c", "lif_cpu_body.h")
 SOURCE_DIR = Path(__file__).resolve().parent
 
@@ -73,6 +73,9 @@ TILE_ELEMENTS = 8192
 MIN_TILE_ROWS = 64
 # Floats of lif_cpu.c's tile_stats chunk when channels are innermost (its STATS_FOLD): scratch room.
 STATS_FOLD = 256
+# Float lanes of lif_cpu.c's row sums (its LANES): with S >= LANES positions the forward sums each row's
+# whole LANES-chunks itself and keeps a double per row and channel in the scratch.
+LANES = 16
 # Below this many elements (T * N) a call runs on the calling thread.
 THREAD_MIN_ELEMENTS = 1 << 16
 
@@ -305,9 +308,12 @@ def tile_shape(B: int, C: int, S: int) -> tuple[int, int]:
 
 def _scratch_floats(block_b: int, block_c: int, S: int) -> int:
     """Floats of scratch one thread needs (the C kernels' layout of it): forward: a tile's state and u,
-    then block_c doubles and 2 STATS_FOLD floats for the statistics; backward: a tile's dL/dv, a tile of zeros, a row of block_c x S parameters."""
+    then block_c doubles and 2 STATS_FOLD floats for the statistics (and, positions innermost with S >= LANES,
+    a double per row and channel of the forward's sums: lif_cpu.c's stats_rowsum); backward: a tile's
+    dL/dv, a tile of zeros, a row of block_c x S parameters."""
     tile = block_b * block_c * S
-    return max(2 * tile + 4 * block_c + 2 + 2 * STATS_FOLD, 2 * tile + block_c * S)
+    rowsums = 2 * block_b * block_c if S >= LANES else 0
+    return max(2 * tile + 4 * block_c + 2 + max(2 * STATS_FOLD, rowsums), 2 * tile + block_c * S)
 
 
 def _buffer(name: str, numel: int, dtype: torch.dtype) -> int:

@@ -11,8 +11,9 @@
  * tensors is read or written once per pass.
  *
  * Statistics (docs/design.md, section 4): per tile and time step, the mean of u
- * over the tile's (b, s) for each channel, then the sum of squared deviations from it, both
- * from the tile's u still in `scratch` (no second read of memory), accumulated in double;
+ * over the tile's (b, s) for each channel, summed by the forward's loop as it computes u (SUMS_*),
+ * then the sum of squared deviations from it, from the tile's u still in `scratch` (no second read
+ * of memory), accumulated in double;
  * lif_stats_merge combines the per-tile partials in a fixed order with Chan's formula.
  * No atomics, no reduction whose order depends on the threads: results are bitwise
  * repeatable.
@@ -37,7 +38,7 @@
 enum { SG_TRIANGLE = 0, SG_RECTANGULAR = 1, SG_SIGMOID = 2, SG_ATAN = 3, SG_SUPERSPIKE = 4, SG_COUNT = 5 };
 
 /* Bumped whenever an exported signature changes (cpu.py checks it). */
-int64_t lif_cpu_abi_version(void) { return 7; }
+int64_t lif_cpu_abi_version(void) { return 8; }
 int64_t lif_cpu_surrogate_count(void) { return SG_COUNT; }
 
 /* g(u) for surrogate `kind` with parameter p (gamma or alpha), as in surrogates.py. */
@@ -109,22 +110,35 @@ static double row_m2(const float* RESTRICT u, int64_t n, float mean) {
  * most TILE_ELEMENTS elements). cpu.py's _scratch_floats leaves room for 2 STATS_FOLD floats. */
 #define STATS_FOLD 256
 
+/* Who sums the tile's u for the means (the first of tile_stats' two passes): tile_stats itself
+ * (SUMS_NONE), or the forward's loop as it computes u (fwd_rows), which saves one pass over the tile:
+ * SUMS_LANES where a row is channels of S >= LANES positions (each row's whole LANES-chunks of a
+ * channel in LANES float lanes, their lanes_total in `rowsum`, tile_stats adds the remainder), SUMS_FOLD
+ * where S == 1 (the STATS_FOLD chunks' `part`). The same additions in the same order either way. */
+enum { SUMS_NONE = 0, SUMS_LANES = 1, SUMS_FOLD = 2 };
+
+/* Where the forward's sums live in the statistics' scratch `acc` (n_c doubles first): after them. */
+static inline double* stats_rowsum(double* acc, int64_t n_c) { return acc + n_c; }
+static inline float* stats_part(double* acc, int64_t n_c) { return (float*)(acc + n_c); }
+
 /* Per-(t, c) partials of one tile, from its u in scratch: mean and M2 over n_b rows of
  * n_row = n_c * S values (channel cc occupies [cc * S, (cc + 1) * S) of each row). Two
  * passes over the tile's u while it is in cache: the mean, then squared deviations from it
  * (accurate when |mean| >> std, unlike sum and sum of squares). */
 static void tile_stats(const float* RESTRICT u, int64_t n_b, int64_t n_c, int64_t S, double* RESTRICT mean_out,
-                       double* RESTRICT m2_out, double* RESTRICT acc) {
+                       double* RESTRICT m2_out, double* acc, int sums) {
     const int64_t n_row = n_c * S;
     const double count = (double)(n_b * S);
     if (S == 1) {
         const int64_t rows = n_c >= STATS_FOLD ? 1 : STATS_FOLD / n_c;
         const int64_t w = rows * n_c, whole = n_b - n_b % rows;
-        float* RESTRICT part = (float*)(acc + n_c);
+        float* RESTRICT part = stats_part(acc, n_c);
         float* RESTRICT mean_w = part + w; /* the channels' means, repeated along a chunk */
-        for (int64_t j = 0; j < w; j++) part[j] = 0.0f;
-        for (int64_t bi = 0; bi < whole; bi += rows)
-            for (int64_t j = 0; j < w; j++) part[j] += u[bi * n_c + j];
+        if (sums != SUMS_FOLD) { /* else the forward's loop summed the chunks */
+            for (int64_t j = 0; j < w; j++) part[j] = 0.0f;
+            for (int64_t bi = 0; bi < whole; bi += rows)
+                for (int64_t j = 0; j < w; j++) part[j] += u[bi * n_c + j];
+        }
         for (int64_t cc = 0; cc < n_c; cc++) acc[cc] = 0.0;
         for (int64_t j = 0; j < w; j++) acc[j % n_c] += (double)part[j];
         for (int64_t bi = whole; bi < n_b; bi++)
@@ -149,9 +163,19 @@ static void tile_stats(const float* RESTRICT u, int64_t n_b, int64_t n_c, int64_
         for (int64_t cc = 0; cc < n_c; cc++) m2_out[cc] = acc[cc];
         return;
     }
+    const double* RESTRICT rowsum = stats_rowsum(acc, n_c);
     for (int64_t cc = 0; cc < n_c; cc++) { /* positions innermost */
         double total = 0.0;
-        for (int64_t bi = 0; bi < n_b; bi++) total += row_sum(u + bi * n_row + cc * S, S);
+        for (int64_t bi = 0; bi < n_b; bi++) {
+            const float* RESTRICT row = u + bi * n_row + cc * S;
+            if (sums != SUMS_LANES) {
+                total += row_sum(row, S);
+                continue;
+            }
+            double rest = rowsum[bi * n_c + cc]; /* the forward's lanes; row_sum's remainder */
+            for (int64_t s = S - S % LANES; s < S; s++) rest += (double)row[s];
+            total += rest;
+        }
         const double mean = total / count;
         double m2 = 0.0;
         for (int64_t bi = 0; bi < n_b; bi++) m2 += row_m2(u + bi * n_row + cc * S, S, (float)mean);
