@@ -10,13 +10,14 @@ Rows, per thread count (wall-clock medians, ``bench.measure.time_call``):
 * ``fwd kernel`` / ``fwd kernel, no stats``: ``kernels.cpu.lif_forward`` with and without the
   statistics (u saved), called directly: no autograd, no custom-op dispatch;
 * ``bwd kernel``: ``kernels.cpu.lif_backward`` with the MPD-SGR terms;
-* ``step``: ``mt.lif(..., backend="cpu", mpd_gamma=...)``, spikes and the layer's MPD-SGR loss
-  from one node, and the backward through both: what ``bench.kernels`` reports as forward +
-  backward with statistics;
-* ``step, loss outside the node``: the same with ``mt.lif(..., return_stats=True)`` and
-  ``mt.mpd_overlap(mean, var, gamma).mean()`` after it (two autograd nodes more);
-* ``step - kernels``: what the step spends outside the two kernel calls (Python, autograd,
-  the loss's small ops, output allocation);
+* ``step``: ``mt.lif(..., backend="cpu", return_stats=True)``, the layer's MPD-SGR loss and the
+  backward through both: what ``bench.kernels`` reports as forward + backward with statistics;
+* ``step - kernels``: the step less the two kernels' standalone times: Python, autograd, the
+  loss's small operations, and whatever the kernels lose inside the step;
+* ``fwd kernel, in the step`` / ``bwd kernel, in the step``: the same two launcher calls timed in
+  place during the step: against the standalone rows, what running them back to back with fresh
+  output buffers costs (on a machine whose cache holds one pass's tensors but not the step's, the
+  kernels run at memory speed there and at cache speed alone);
 * ``bwd pass``: the step's backward alone (``torch.autograd.backward`` over a kept graph);
 * ``bwd pass - its kernel``: that backward less the median time of the ``lif_backward`` call
   inside it (timed in place): the autograd engine, the loss's nodes, the Python around the
@@ -52,12 +53,11 @@ from mpd_triton.kernels import cpu as cpu_kernels
 from .cli import command_line, first_line, write_errors_in_one_line
 from .kernels import bench_shape, parse_sizes
 from .measure import gb_per_s, minimal_bytes, time_call
-from .providers import NEURON, _lif_step, make_output_grads, mpd_loss, pass_callable
+from .providers import NEURON, _lif_step, make_output_grads, pass_callable
 
 __all__ = ["breakdown", "format_table", "main"]
 
-ROWS = ("copy", "fwd kernel", "fwd kernel, no stats", "bwd kernel", "step", "step, loss outside the node",
-        "step - kernels", "bwd pass", "bwd pass - its kernel")
+ROWS = ("copy", "fwd kernel", "fwd kernel, no stats", "bwd kernel", "step", "step - kernels", "fwd kernel, in the step", "bwd kernel, in the step", "bwd pass", "bwd pass - its kernel")
 ADDRESS_STEPS = 20
 
 
@@ -97,10 +97,13 @@ def breakdown(T: int, size: int, threads: int, *, warmup_ms: float = 25.0, rep_m
         xg = x.clone().requires_grad_()
         step = pass_callable(_lif_step("cpu", True), xg, make_output_grads(xg, True), "both")
         rows["step"] = dict(ms=ms(step, grad_to_none=[xg]), bytes=pass_bytes("both", True))
-        unfused = pass_callable(_unfused_step, xg, make_output_grads(xg, True), "both")
-        rows["step, loss outside the node"] = dict(ms=ms(unfused, grad_to_none=[xg]), bytes=pass_bytes("both", True))
         rows["step - kernels"] = dict(ms=rows["step"]["ms"] - rows["fwd kernel"]["ms"] - rows["bwd kernel"]["ms"],
                                       bytes=0)
+        with _timing_calls(cpu_kernels, "lif_forward") as fwd_inside, \
+                _timing_calls(cpu_kernels, "lif_backward") as bwd_inside:
+            ms(step, grad_to_none=[xg])
+        rows["fwd kernel, in the step"] = dict(ms=statistics.median(fwd_inside), bytes=pass_bytes("forward", True))
+        rows["bwd kernel, in the step"] = dict(ms=statistics.median(bwd_inside), bytes=pass_bytes("backward", True))
         outputs, grads = _lif_step("cpu", True)(xg), make_output_grads(xg, True)
         with _timing_calls(cpu_kernels, "lif_backward") as inside:
             backward_ms = ms(lambda: torch.autograd.backward(outputs, grads, retain_graph=True), grad_to_none=[xg])
@@ -109,14 +112,6 @@ def breakdown(T: int, size: int, threads: int, *, warmup_ms: float = 25.0, rep_m
         return rows
     finally:
         torch.set_num_threads(previous)
-
-
-def _unfused_step(x):
-    """``bench.kernels``' step with the MPD-SGR loss computed after the LIF node instead of inside it."""
-    c = NEURON
-    spikes, mean, var = mt.lif(x, c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, "cpu",
-                               return_stats=True)
-    return spikes, mpd_loss(mean, var)
 
 
 def buffer_addresses(T: int, size: int, threads: int, steps: int = ADDRESS_STEPS) -> int:

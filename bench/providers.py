@@ -2,8 +2,7 @@
 
 Every provider computes the same thing for the same neuron (``NEURON``):
 spikes, and with statistics on the per-(t, c) mean and variance of
-u = h - V_th and the MPD-SGR loss of the layer, mean(Omega) (``mpd_loss``; mpd_triton's
-providers through ``mt.lif(..., mpd_gamma=)``, as ``mt.MPDSGR`` asks its layers). Its step
+u = h - V_th and the MPD-SGR loss of the layer, mean(Omega). Its step
 returns the tensors a training step differentiates: ``(spikes,)`` or
 ``(spikes, mpd_loss)``; ``pass_callable`` turns a step into the timed
 forward, backward, or both.
@@ -42,12 +41,12 @@ def _lif_step(backend: str, stats: bool) -> Step:
     c = NEURON
 
     def step(x):
+        out = mt.lif(x, c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, backend,
+                     return_stats=stats)
         if not stats:
-            return (mt.lif(x, c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, backend),)
-        # the layer's loss as mt.MPDSGR gets it: computed with the statistics inside the LIF node on the
-        # fused backends, mpd_loss's composition on the reference
-        return mt.lif(x, c.tau, c.v_th, c.v_reset, c.decay_input, c.detach_reset, c.surrogate, backend,
-                      mpd_gamma=c.surrogate.window)
+            return (out,)
+        spikes, mean, var = out
+        return spikes, mpd_loss(mean, var)
 
     return step
 

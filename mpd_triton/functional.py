@@ -15,8 +15,7 @@ import torch
 from . import ops as _ops  # registers torch.ops.mpd_triton.* too
 from .kernels import cpu as _cpu_kernels
 from .kernels import runtime as _runtime
-from .mpd import DEFAULT_EPS, mpd_overlap
-from .neuron import LIFConfig, check_bool, check_float_tensor, check_real, check_surrogate_param
+from .neuron import LIFConfig, check_bool, check_float_tensor, check_surrogate_param
 from .reference import lif_reference
 from .surrogates import Surrogate
 
@@ -114,21 +113,12 @@ def _resolve_backend(backend, x: torch.Tensor) -> str:
     return backend
 
 
-def _lif_fused(backend: str, x, v_init, cfg: LIFConfig, stats: bool, save_state: bool, surrogate_param=None,
-               mpd=None):
+def _lif_fused(backend: str, x, v_init, cfg: LIFConfig, stats: bool, save_state: bool, surrogate_param=None):
     # u is saved for backward only when a gradient can be asked for.
     save_u = torch.is_grad_enabled() and (x.requires_grad or (v_init is not None and v_init.requires_grad))
-    spikes, mean, var, v_T, loss = _ops.fused_lif(backend, x, v_init, cfg.kernel_params, stats or mpd is not None,
-                                                  save_state, save_u, surrogate_param, mpd)
-    return spikes, mean, var, (v_T if save_state else None), loss
-
-
-def _check_mpd(mpd_gamma, mpd_eps) -> tuple[float, float] | None:
-    """(gamma, eps) of the loss mt.lif computes with its statistics, or None."""
-    eps = check_real("mpd_eps", mpd_eps, nonnegative=True)
-    if mpd_gamma is None:
-        return None
-    return check_real("mpd_gamma (the MPD-SGR window half-width)", mpd_gamma, positive=True), eps
+    spikes, mean, var, v_T = _ops.fused_lif(backend, x, v_init, cfg.kernel_params, stats, save_state, save_u,
+                                            surrogate_param)
+    return spikes, (mean if stats else None), (var if stats else None), (v_T if save_state else None)
 
 
 # LIFConfig's defaults: lif's neuron arguments are its fields, and default to what it defaults to.
@@ -149,8 +139,6 @@ def lif(
     v_init: torch.Tensor | None = None,
     return_state: bool = False,
     surrogate_param: torch.Tensor | None = None,
-    mpd_gamma: float | None = None,
-    mpd_eps: float = DEFAULT_EPS,
 ):
     """Multi-step LIF neuron over time-major input.
 
@@ -180,30 +168,21 @@ def lif(
             x's rank with dims 1 or x's (e.g. x.shape: one per element and time
             step); finite, > 0, on x's device. The forward is unaffected.
             Attacks set it (train/attacks.py, ASSG).
-        mpd_gamma: also return the layer's MPD-SGR loss, the mean over (t, c)
-            of ``mt.mpd_overlap(mean, var, mpd_gamma, mpd_eps)`` (a float32
-            scalar, differentiable), computed from the statistics inside the
-            LIF's own autograd node on the fused backends (one node for the
-            layer and its regularizer instead of three; the same gradients).
-            What ``mt.MPDSGR`` asks its layers for with its default options.
-        mpd_eps: the variance's eps of that loss.
 
     Returns:
         spikes (x.dtype, same shape as x); with return_stats ``(spikes, mean,
-        var)``; with mpd_gamma the loss follows (``(spikes, mean, var, loss)``
-        or ``(spikes, loss)``); with return_state the final state is appended. The triton
+        var)``; with return_state the final state is appended. The triton
         backend reads x through its strides and writes spikes and the final
         state channels-last when x is (see docs/compile.md for what is copied).
     """
     return lif_with_config(x, LIFConfig(tau, v_th, v_reset, decay_input, detach_reset, surrogate), backend,
                            return_stats=return_stats, v_init=v_init, return_state=return_state,
-                           surrogate_param=surrogate_param, mpd_gamma=mpd_gamma, mpd_eps=mpd_eps)
+                           surrogate_param=surrogate_param)
 
 
 def lif_with_config(x: torch.Tensor, config: LIFConfig, backend: str = "auto", *, return_stats: bool = False,
                     v_init: torch.Tensor | None = None, return_state: bool = False,
-                    surrogate_param: torch.Tensor | None = None, mpd_gamma: float | None = None,
-                    mpd_eps: float = DEFAULT_EPS):
+                    surrogate_param: torch.Tensor | None = None):
     """``mt.lif`` with the neuron given as a validated ``LIFConfig`` (what ``mt.LIF`` calls at every
     forward: the neuron was checked once, when the config was made). Same outputs as ``mt.lif``."""
     if not isinstance(config, LIFConfig):
@@ -213,21 +192,15 @@ def lif_with_config(x: torch.Tensor, config: LIFConfig, backend: str = "auto", *
     check_bool("return_stats", return_stats)
     check_bool("return_state", return_state)
     check_surrogate_param(surrogate_param, x)
-    mpd = _check_mpd(mpd_gamma, mpd_eps)
     resolved = _resolve_backend(backend, x)
     if resolved != "torch":
-        spikes, mean, var, v_T, loss = _lif_fused(resolved, x, v_init, config, return_stats, return_state,
-                                                  surrogate_param, mpd)
+        spikes, mean, var, v_T = _lif_fused(resolved, x, v_init, config, return_stats, return_state, surrogate_param)
     else:
-        out = lif_reference(x, config, v_init=v_init, return_stats=return_stats or mpd is not None,
-                            surrogate_param=surrogate_param)
+        out = lif_reference(x, config, v_init=v_init, return_stats=return_stats, surrogate_param=surrogate_param)
         spikes, mean, var, v_T = out.spikes, out.mean, out.var, out.v
-        loss = mpd_overlap(mean, var, *mpd).mean() if mpd is not None else None
     result = (spikes,)
     if return_stats:
         result += (mean, var)
-    if mpd is not None:
-        result += (loss,)
     if return_state:
         result += (v_T,)
     return result[0] if len(result) == 1 else result

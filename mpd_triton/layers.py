@@ -64,11 +64,6 @@ class LIF(nn.Module):
         # the last call's statistics are kept.
         self.keep_all_records = False
         self.mpd_records: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # (gamma or None for the surrogate's window, eps): the MPD-SGR loss each forward computes with
-        # its statistics (mt.lif's mpd_gamma), set by the MPDSGR that owns the layer when its options
-        # allow it; mpd_losses holds (loss, gamma, eps) of each record, or None.
-        self.fused_mpd_loss: tuple[float | None, float] | None = None
-        self.mpd_losses: list[tuple[torch.Tensor, float, float] | None] = []
         self.backward_mode = "bptt"
         self.surrogate_param: torch.Tensor | None = None
 
@@ -98,18 +93,13 @@ class LIF(nn.Module):
 
     def clear_mpd_records(self) -> None:
         self.mpd_records = []
-        self.mpd_losses = []
 
-    def record_stats(self, mean: torch.Tensor, var: torch.Tensor,
-                     loss: tuple[torch.Tensor, float, float] | None = None) -> None:
-        """Keep one call's statistics for MPDSGR (all calls of a forward when an MPDSGR owns the layer),
-        and the (loss, gamma, eps) of the MPD-SGR loss computed with them, if any."""
+    def record_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Keep one call's statistics for MPDSGR (all calls of a forward when an MPDSGR owns the layer)."""
         if self.keep_all_records:
             self.mpd_records.append((mean, var))
-            self.mpd_losses.append(loss)
         else:
             self.mpd_records = [(mean, var)]
-            self.mpd_losses = [loss]
 
     @classmethod
     def from_config(cls, config: LIFConfig, *, backend: str = "auto", record_mpd: bool = False) -> "LIF":
@@ -128,16 +118,9 @@ class LIF(nn.Module):
             raise ValueError(f"backward_mode must be one of {BACKWARD_MODES}, got {self.backward_mode!r}")
         if not self.record_mpd:
             return lif_with_config(x, self.config, self.backend, surrogate_param=self.surrogate_param)
-        if self.fused_mpd_loss is None:
-            spikes, mean, var = lif_with_config(x, self.config, self.backend, return_stats=True,
-                                                surrogate_param=self.surrogate_param)
-            self.record_stats(mean, var)
-            return spikes
-        gamma, eps = self.fused_mpd_loss
-        gamma = self.surrogate.window if gamma is None else gamma
-        spikes, mean, var, loss = lif_with_config(x, self.config, self.backend, return_stats=True,
-                                                  surrogate_param=self.surrogate_param, mpd_gamma=gamma, mpd_eps=eps)
-        self.record_stats(mean, var, (loss, gamma, eps))
+        spikes, mean, var = lif_with_config(x, self.config, self.backend, return_stats=True,
+                                            surrogate_param=self.surrogate_param)
+        self.record_stats(mean, var)
         return spikes
 
     def extra_repr(self) -> str:

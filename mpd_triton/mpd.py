@@ -14,7 +14,7 @@ from torch import nn
 from .kernels import cpu as _cpu_kernels
 from .neuron import check_real
 
-__all__ = ["mpd_overlap", "overlap_values", "overlap_grads", "window_overlap", "combine_stats", "MPDSGR", "DEFAULT_EPS", "GRANULARITIES", "MPD_WINDOWS"]
+__all__ = ["mpd_overlap", "window_overlap", "combine_stats", "MPDSGR", "DEFAULT_EPS", "GRANULARITIES", "MPD_WINDOWS"]
 
 DEFAULT_EPS = 1e-5
 GRANULARITIES = ("time_channel", "channel", "layer")
@@ -96,32 +96,16 @@ class _Overlap(torch.autograd.Function):
             grad_mean, grad_var = _cpu_kernels.overlap_backward(mean, var, grad, ctx.gamma, ctx.eps, need_mean, need_var)
             return grad_mean, grad_var, None, None
         mean, var, *saved = ctx.saved_tensors
-        # a graph of the backward is asked for: z from the inputs
-        z = None if torch.is_grad_enabled() or not saved else tuple(saved)
-        grad_mean, grad_var = overlap_grads(mean, var, grad, ctx.gamma, ctx.eps, need_mean, need_var, z)
+        if torch.is_grad_enabled() or not saved:  # a graph of the backward is asked for: z from the inputs
+            sigma, z1, z2 = _window_z(mean, var, ctx.gamma, ctx.eps)
+        else:
+            sigma, z1, z2 = saved
+        phi1 = torch.exp(-0.5 * z1 * z1) * _INV_SQRT_2PI
+        phi2 = torch.exp(-0.5 * z2 * z2) * _INV_SQRT_2PI
+        g = grad / sigma
+        grad_mean = g * (phi2 - phi1) * torch.sign(mean) if need_mean else None
+        grad_var = g * (z2 * phi2 - z1 * phi1) / (2 * sigma) if need_var else None
         return grad_mean, grad_var, None, None
-
-
-def overlap_grads(mean: torch.Tensor, var: torch.Tensor, grad: torch.Tensor, gamma: float, eps: float,
-                  need_mean: bool = True, need_var: bool = True, z=None):
-    """(dL/dmean or None, dL/dvar or None) of Omega for dL/dOmega = grad, in torch operations (the formula
-    of ``_Overlap``); z: (sigma, z1, z2) if already computed."""
-    sigma, z1, z2 = z if z is not None else _window_z(mean, var, gamma, eps)
-    phi1 = torch.exp(-0.5 * z1 * z1) * _INV_SQRT_2PI
-    phi2 = torch.exp(-0.5 * z2 * z2) * _INV_SQRT_2PI
-    g = grad / sigma
-    grad_mean = g * (phi2 - phi1) * torch.sign(mean) if need_mean else None
-    grad_var = g * (z2 * phi2 - z1 * phi1) / (2 * sigma) if need_var else None
-    return grad_mean, grad_var
-
-
-def overlap_values(mean: torch.Tensor, var: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
-    """Omega of the statistics, without autograd: the C loop for float32 CPU statistics (``_in_c``), else
-    the torch operations; what ``_Overlap`` computes in its forward."""
-    if _in_c(mean, var):
-        return _cpu_kernels.overlap_forward(mean, var, gamma, eps)
-    _, z1, z2 = _window_z(mean, var, gamma, eps)
-    return normal_cdf(z1) - normal_cdf(z2)
 
 
 def _window_z(mean: torch.Tensor, var: torch.Tensor, gamma, eps: float):
@@ -220,13 +204,9 @@ class MPDSGR:
         if not self.layers:
             raise ValueError("model has no mt.LIF layers: MPD-SGR regularizes the membrane potential of LIF layers")
         self.eta, self.granularity, self.gamma, self.eps = eta, granularity, gamma, eps
-        # The default options' loss, the mean Omega of each call's [T, C] statistics in the surrogate's
-        # window, is computed by the layers themselves inside their LIF node (mt.lif's mpd_gamma).
-        fused = (self.gamma, eps) if granularity == "time_channel" and window == "surrogate" else None
         for layer in self.layers:
             layer.record_mpd = True
             layer.keep_all_records = True
-            layer.fused_mpd_loss = fused
         self._hook = model.register_forward_pre_hook(self._clear)
 
     def _clear(self, module, args):
@@ -238,7 +218,6 @@ class MPDSGR:
         self._hook.remove()
         for layer in self.layers:
             layer.keep_all_records = False
-            layer.fused_mpd_loss = None
 
     def detach_records(self) -> None:
         """Keep the last forward's statistics (for ``mean_overlap``) but drop their autograd graph.
@@ -250,48 +229,28 @@ class MPDSGR:
         """
         for layer in self.layers:
             layer.mpd_records = [(mean.detach(), var.detach()) for mean, var in layer.mpd_records]
-            layer.mpd_losses = [None if record is None else (record[0].detach(), *record[1:])
-                                for record in layer.mpd_losses]
 
     def layer_overlaps(self) -> list[torch.Tensor]:
         """Omega of each layer at the chosen granularity (all calls of the last forward, flattened)."""
-        return [self._layer_overlap(layer) for layer in self.layers]
-
-    def _layer_overlap(self, layer) -> torch.Tensor:
-        if not layer.mpd_records:
-            raise RuntimeError(
-                f"no membrane statistics recorded for {layer!r}: run a forward pass of the model first "
-                "(every LIF layer must be used in the forward)"
-            )
-        gamma = self._gamma(layer)
-        omegas = [self._overlap(*combine_stats(mean, var, self.granularity), gamma).reshape(-1)
-                  for mean, var in layer.mpd_records]
-        return torch.cat(omegas)
-
-    def _gamma(self, layer) -> float:
-        return self.gamma if self.gamma is not None else layer.surrogate.window
-
-    def _layer_loss(self, layer) -> torch.Tensor:
-        """The layer's mean Omega: from the losses its LIF nodes computed when every call of the last
-        forward has one for this regularizer's window and eps (weighted by the calls' cell counts, as the
-        mean of the concatenated cells), else from the recorded statistics."""
-        losses = getattr(layer, "mpd_losses", None)
-        if (self.granularity == "time_channel" and self.window == "surrogate"
-                and layer.mpd_records and losses is not None and len(losses) == len(layer.mpd_records)
-                and all(record is not None and record[1] == self._gamma(layer) and record[2] == self.eps
-                        for record in losses)):
-            if len(losses) == 1:
-                return losses[0][0]
-            cells = [mean.numel() for mean, _ in layer.mpd_records]
-            return sum(loss * n for (loss, _, _), n in zip(losses, cells)) / sum(cells)
-        return self._layer_overlap(layer).mean()
+        out = []
+        for layer in self.layers:
+            if not layer.mpd_records:
+                raise RuntimeError(
+                    f"no membrane statistics recorded for {layer!r}: run a forward pass of the model first "
+                    "(every LIF layer must be used in the forward)"
+                )
+            gamma = self.gamma if self.gamma is not None else layer.surrogate.window
+            omegas = [self._overlap(*combine_stats(mean, var, self.granularity), gamma).reshape(-1)
+                      for mean, var in layer.mpd_records]
+            out.append(torch.cat(omegas))
+        return out
 
     def _overlap(self, mean: torch.Tensor, var: torch.Tensor, gamma: float) -> torch.Tensor:
         return window_overlap(mean, var, gamma, self.window, self.k, self.eps)
 
     def loss(self) -> torch.Tensor:
         """L_MPD: mean over layers of the mean Omega (unweighted by eta)."""
-        return torch.stack([self._layer_loss(layer) for layer in self.layers]).mean()
+        return torch.stack([omega.mean() for omega in self.layer_overlaps()]).mean()
 
     def __call__(self) -> torch.Tensor:
         if self.eta == 0.0:

@@ -41,7 +41,6 @@ from torch import Tensor
 from .kernels import cpu as _cpu_kernels
 from .kernels import lif as _kernels
 from .kernels import runtime as _runtime
-from .mpd import mpd_overlap, overlap_grads, overlap_values
 from .neuron import KernelParams
 
 __all__ = ["lif_fwd", "lif_bwd", "lif_fwd_cpu", "lif_bwd_cpu", "fused_lif", "BACKEND_KERNELS"]
@@ -79,19 +78,9 @@ def _forward_outputs(x: Tensor, outputs) -> tuple[Tensor, Tensor, Tensor, Tensor
             _or_empty(var, x, torch.float32), _or_empty(v_T, x, x.dtype))
 
 
-def _mpd_terms(u_saved: Tensor, mean: Tensor, var: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
-               grad_loss: Optional[Tensor] = None, mpd: Optional[tuple[float, float]] = None):
+def _mpd_terms(u_saved: Tensor, mean: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor]):
     """(a, b), float32 [T, C], with dL/du = a + b u for every element of (t, c), from the gradients of
-    the statistics (docs/design.md, section 4) and, when the node computed its own MPD-SGR loss (mpd =
-    (gamma, eps)), of that loss; (None, None) when none has a gradient."""
-    if grad_loss is not None and mpd is not None:
-        if _cpu_kernels.takes_float32(mean, var, grad_mean, grad_var, grad_loss):
-            M = u_saved.numel() // (u_saved.shape[0] * u_saved.shape[2])
-            return _cpu_kernels.mpd_loss_terms(mean, var, grad_mean, grad_var, float(grad_loss), M, *mpd)
-        # the gradient of the mean over the cells, then Omega's, added to the statistics' own
-        gm, gv = overlap_grads(mean, var, grad_loss.float() / mean.numel(), *mpd)
-        grad_mean = gm if grad_mean is None else grad_mean + gm
-        grad_var = gv if grad_var is None else grad_var + gv
+    the statistics (docs/design.md, section 4); (None, None) when neither has a gradient."""
     if grad_mean is None and grad_var is None:
         return None, None
     M = u_saved.numel() // (u_saved.shape[0] * u_saved.shape[2])
@@ -106,28 +95,27 @@ def _mpd_terms(u_saved: Tensor, mean: Tensor, var: Tensor, grad_mean: Optional[T
     return mpd_a, mpd_b
 
 
-def _backward(run_bwd, ctx, grad_spikes, grad_mean, grad_var, grad_v_T, grad_loss=None):
+def _backward(run_bwd, ctx, grad_spikes, grad_mean, grad_var, grad_v_T):
     """The backward of both paths: (grad_x, grad_v_init). run_bwd(grad_spikes, u_saved, mpd_a, mpd_b,
-    grad_v_T, params, need_grad_v0, surrogate_param) -> (grad_x, grad_v0 float32). grad_loss: the
-    gradient of the node's own MPD-SGR loss (the eager path's, ``ctx.mpd`` set)."""
+    grad_v_T, params, need_grad_v0, surrogate_param) -> (grad_x, grad_v0 float32)."""
     if not ctx.saved_u:
         raise RuntimeError("the fused LIF forward ran with save_u=False (no input required a gradient), so it "
                            "cannot be differentiated")
-    u_saved, mean, var, sg_tensor = ctx.saved_tensors
+    u_saved, mean, sg_tensor = ctx.saved_tensors
     if not ctx.stats:  # the placeholders of outputs not asked for carry no gradient
         grad_mean = grad_var = None
     if not ctx.save_state:
         grad_v_T = None
-    mpd_a, mpd_b = _mpd_terms(u_saved, mean, var, grad_mean, grad_var, grad_loss, ctx.mpd)
+    mpd_a, mpd_b = _mpd_terms(u_saved, mean, grad_mean, grad_var)
     need_grad_v0 = ctx.needs_input_grad[1]
     grad_x, grad_v0 = run_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, ctx.params, need_grad_v0, sg_tensor)
     return grad_x, (grad_v0.to(ctx.v_init_dtype) if need_grad_v0 else None)
 
 
-def _save(ctx, v_init, u_saved, mean, var, params, stats, save_state, save_u, sg_tensor, mpd=None):
-    ctx.save_for_backward(u_saved, mean, var, sg_tensor)
+def _save(ctx, v_init, u_saved, mean, params, stats, save_state, save_u, sg_tensor):
+    ctx.save_for_backward(u_saved, mean, sg_tensor)
     ctx.params = tuple(params)
-    ctx.saved_u, ctx.stats, ctx.save_state, ctx.mpd = save_u, stats, save_state, mpd
+    ctx.saved_u, ctx.stats, ctx.save_state = save_u, stats, save_state
     ctx.v_init_dtype = v_init.dtype if v_init is not None else None
 
 
@@ -173,10 +161,10 @@ def _define(suffix: str, kernels, device_guard):
     def setup_context(ctx, inputs, output):
         x, v_init, *args = inputs
         params, (stats, save_state, save_u, *sg_tensor) = _split_params(args)
-        _, u_saved, mean, var, _ = output
+        _, u_saved, mean, _, _ = output
         ctx.mark_non_differentiable(u_saved)
         ctx.set_materialize_grads(False)
-        _save(ctx, v_init, u_saved, mean, var, params, stats, save_state, save_u, sg_tensor[0] if sg_tensor else None)
+        _save(ctx, v_init, u_saved, mean, params, stats, save_state, save_u, sg_tensor[0] if sg_tensor else None)
 
     def run_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, params, need_grad_v0, sg_tensor):
         return lif_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, *params, need_grad_v0, sg_tensor)
@@ -194,34 +182,22 @@ lif_fwd_cpu, lif_bwd_cpu = _define("_cpu", *BACKEND_KERNELS["cpu"])
 _OPS = {"triton": lif_fwd, "cpu": lif_fwd_cpu}
 
 
-def _mpd_loss(mean: Tensor, var: Tensor, mpd: Optional[tuple[float, float]], like: Tensor) -> Tensor:
-    """The node's own MPD-SGR loss, mean Omega over the statistics' cells (no autograd), or an empty
-    placeholder when mpd is None."""
-    if mpd is None:
-        return like.new_empty(0, dtype=torch.float32)
-    return overlap_values(mean, var, *mpd).mean()
-
-
 class _FusedLIF(torch.autograd.Function):
-    """The eager path: the custom operators' launchers and backward, without their dispatch. With mpd =
-    (gamma, eps) the node also returns its layer's MPD-SGR loss, mean over (t, c) of
-    ``mt.mpd_overlap(mean, var, gamma, eps)``, and takes that loss's gradient in its own backward: one
-    autograd node for the LIF and its regularizer, where the unfused form adds two (Omega and the mean)."""
+    """The eager path: the custom operators' launchers and backward, without their dispatch."""
 
     @staticmethod
-    def forward(ctx, x, v_init, backend, params, stats, save_state, save_u, sg_tensor, mpd):
+    def forward(ctx, x, v_init, backend, params, stats, save_state, save_u, sg_tensor):
         kernels, device_guard = BACKEND_KERNELS[backend]
         with device_guard(x):
             outputs = kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=save_u)
         spikes, u_saved, mean, var, v_T = _forward_outputs(x, outputs)
-        loss = _mpd_loss(mean, var, mpd, x)
         ctx.set_materialize_grads(False)
         ctx.backend = backend
-        _save(ctx, v_init, u_saved, mean, var, params, stats, save_state, save_u, sg_tensor, mpd)
-        return spikes, mean, var, v_T, loss
+        _save(ctx, v_init, u_saved, mean, params, stats, save_state, save_u, sg_tensor)
+        return spikes, mean, var, v_T
 
     @staticmethod
-    def backward(ctx, grad_spikes, grad_mean, grad_var, grad_v_T, grad_loss):
+    def backward(ctx, grad_spikes, grad_mean, grad_var, grad_v_T):
         kernels, device_guard = BACKEND_KERNELS[ctx.backend]
 
         def run_bwd(grad_spikes, u_saved, mpd_a, mpd_b, grad_v_T, params, need_grad_v0, sg_tensor):
@@ -230,8 +206,8 @@ class _FusedLIF(torch.autograd.Function):
                                             grad_v_T=grad_v_T, need_grad_v0=need_grad_v0,
                                             surrogate_param=sg_tensor)
 
-        grad_x, grad_v0 = _backward(run_bwd, ctx, grad_spikes, grad_mean, grad_var, grad_v_T, grad_loss)
-        return grad_x, grad_v0, None, None, None, None, None, None, None
+        grad_x, grad_v0 = _backward(run_bwd, ctx, grad_spikes, grad_mean, grad_var, grad_v_T)
+        return grad_x, grad_v0, None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, *grads):  # pragma: no cover - forward-mode AD is not implemented
@@ -239,24 +215,18 @@ class _FusedLIF(torch.autograd.Function):
 
 
 def fused_lif(backend: str, x: Tensor, v_init: Optional[Tensor], params: KernelParams, stats: bool,
-              save_state: bool, save_u: bool, surrogate_param: Optional[Tensor] = None,
-              mpd: Optional[tuple[float, float]] = None):
-    """(spikes, mean, var, v_T, mpd_loss) of the fused kernels ("triton" or "cpu"); mean/var/v_T are
-    empty tensors when not asked for, and mpd_loss unless mpd = (gamma, eps) is given (it needs the
-    statistics: stats must be True). Under torch.compile and other tracing (``runtime.traced``: make_fx,
-    FakeTensorMode, tensor subclasses) the custom operator (one opaque graph node; the loss is then
-    ``mt.mpd_overlap`` of its statistics, which the compiler fuses), otherwise the same launchers
-    through ``_FusedLIF`` (the loss inside the node)."""
-    if mpd is not None and not stats:
-        raise ValueError("the MPD-SGR loss needs the statistics: stats must be True")
+              save_state: bool, save_u: bool, surrogate_param: Optional[Tensor] = None):
+    """(spikes, mean, var, v_T) of the fused kernels ("triton" or "cpu"); mean/var/v_T are empty
+    tensors when not asked for. Under torch.compile and other tracing (``runtime.traced``: make_fx,
+    FakeTensorMode, tensor subclasses) the custom operator (one opaque graph node), otherwise the same
+    launchers through ``_FusedLIF``."""
     if _runtime.traced(x, v_init, surrogate_param):
         spikes, _, mean, var, v_T = _OPS[backend](x, v_init, *params, stats, save_state, save_u, surrogate_param)
-        loss = mpd_overlap(mean, var, *mpd).mean() if mpd is not None else x.new_empty(0, dtype=torch.float32)
-        return spikes, mean, var, v_T, loss
+        return spikes, mean, var, v_T
     if not save_u:  # nothing to differentiate: no autograd node
         kernels, device_guard = BACKEND_KERNELS[backend]
         with device_guard(x):
             outputs = kernels.lif_forward(x, params, v_init=v_init, stats=stats, save_state=save_state, save_u=False)
         spikes, _, mean, var, v_T = _forward_outputs(x, outputs)
-        return spikes, mean, var, v_T, _mpd_loss(mean, var, mpd, x)
-    return _FusedLIF.apply(x, v_init, backend, params, stats, save_state, save_u, surrogate_param, mpd)
+        return spikes, mean, var, v_T
+    return _FusedLIF.apply(x, v_init, backend, params, stats, save_state, save_u, surrogate_param)

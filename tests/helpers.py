@@ -54,13 +54,8 @@ def _run_lif(backend, x, opts, *, terms, weights, v_init=None):
     """Forward + backward of a weighted sum of the chosen outputs; returns outputs and grads."""
     x = x.detach().clone().requires_grad_(True)
     v0 = v_init.detach().clone().requires_grad_(True) if v_init is not None else None
-    fused = "fused_overlap" in terms  # the loss mt.lif computes with its statistics (mpd_gamma)
-    out = mt.lif(x, **opts, backend=backend, return_stats=True, v_init=v0, return_state=True,
-                 mpd_gamma=opts["surrogate"].window if fused else None)
-    spikes, mean, var, *fused_loss, v_T = out
+    spikes, mean, var, v_T = mt.lif(x, **opts, backend=backend, return_stats=True, v_init=v0, return_state=True)
     loss = 0.0
-    if fused:
-        loss = loss + 0.7 * fused_loss[0]
     if "spikes" in terms:
         loss = loss + (spikes.float() * weights["spikes"]).sum()
     if "stats" in terms:
@@ -71,7 +66,6 @@ def _run_lif(backend, x, opts, *, terms, weights, v_init=None):
         loss = loss + (v_T.float() * weights["state"]).sum()
     loss.backward()
     return dict(spikes=spikes.detach(), mean=mean.detach(), var=var.detach(), v_T=v_T.detach(),
-                mpd_loss=fused_loss[0].detach() if fused else None,
                 grad_x=x.grad, grad_v0=v0.grad if v0 is not None else None)
 
 
@@ -105,7 +99,7 @@ def compare_with_reference(backend, x, opts, seed, terms, *, v_init=None):
         )
     neuron_ok = ~flips.any(0, keepdim=True)
     channel_ok = neuron_ok.all(dim=stat_dims(x.dim()), keepdim=True)
-    grad_mask = channel_ok if {"stats", "overlap", "fused_overlap"} & set(terms) else neuron_ok
+    grad_mask = channel_ok if ("stats" in terms or "overlap" in terms) else neuron_ok
 
     assert_close("spikes", out["spikes"], ref["spikes"], atol=0, rtol=0, mask=neuron_ok)
     stat_mask = channel_ok.reshape(1, -1)
@@ -113,9 +107,6 @@ def compare_with_reference(backend, x, opts, seed, terms, *, v_init=None):
     assert_close("mean", out["mean"], ref["mean"], atol=2e-6 * scale, rtol=1e-5, mask=stat_mask)
     assert_close("var", out["var"], ref["var"], atol=4e-6 * scale * scale, rtol=1e-4, mask=stat_mask)
     assert_close("v_T", out["v_T"], ref["v_T"], atol=1e-5 * scale, rtol=1e-5, mask=neuron_ok[0])
-    if "fused_overlap" in terms and bool(channel_ok.all()):
-        assert out["mpd_loss"].dtype == torch.float32 and out["mpd_loss"].shape == ()
-        assert_close("mpd_loss", out["mpd_loss"], ref["mpd_loss"], atol=1e-5, rtol=1e-4)
     gscale = 1.0 + float(ref["grad_x"].abs().max())
     assert_close("grad_x", out["grad_x"], ref["grad_x"], atol=2e-5 * gscale, rtol=1e-4, mask=grad_mask)
     if v_init is not None:

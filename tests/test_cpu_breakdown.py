@@ -22,6 +22,7 @@ def test_breakdown_times_every_row_and_restores_the_thread_count():
     # the backward pass contains its kernel call: what is left is positive and smaller than the pass
     assert 0 < rows["bwd pass - its kernel"]["ms"] < rows["bwd pass"]["ms"]
     assert cpu_kernels.lif_backward is launcher  # the timing wrapper is gone
+    assert rows["fwd kernel, in the step"]["bytes"] == rows["fwd kernel"]["bytes"]
     # the kernels' bytes are the passes' minimal bytes: forward = read x, write s and u (+ the statistics)
     assert rows["fwd kernel, no stats"]["bytes"] == 3 * 4 * 4 * 512
     assert rows["copy"]["bytes"] == 2 * 4 * 4 * 512
@@ -67,7 +68,7 @@ def test_cli_writes_the_table_and_refuses_bad_input(tmp_path, capsys):
     assert cpu_breakdown.main(["--T", "4", "--size", "2^11", "--threads", "1", "--rep-ms", "5", "--out", str(out)]) == 0
     text = out.read_text()
     assert "python -m bench.cpu_breakdown --T 4" in text and "| bwd kernel |" in text
-    assert "| step, loss outside the node |" in text and "Distinct addresses" in text
+    assert "| bwd kernel, in the step |" in text and "Distinct addresses" in text
     for argv, message in ((["--size", "100"], "multiple of --T"), (["--size", "2^x"], "--size takes"),
                           (["--threads", "0"], "positive integers")):
         with pytest.raises(SystemExit):

@@ -52,7 +52,6 @@ def test_every_option_combination(surrogate, v_reset, detach_reset, tau, decay_i
 
 TERMS = st.sampled_from([
     ("spikes",), ("stats",), ("overlap",), ("state",), ("spikes", "stats"), ("spikes", "overlap", "state"),
-    ("fused_overlap",), ("spikes", "stats", "fused_overlap"),
 ])
 
 

@@ -58,12 +58,12 @@ from . import runtime as _runtime
 from .layout import StepLayout, backward_buffers, dense_in, empty_in, forward_buffers, step_layout
 
 __all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward", "lif_backward", "overlap_forward",
-           "overlap_backward", "mpd_terms", "mpd_loss_terms", "takes_float32", "forward_buffers", "backward_buffers",
+           "overlap_backward", "mpd_terms", "takes_float32", "forward_buffers", "backward_buffers",
            "tile_shape", "library_path", "DISABLE_ENV", "CACHE_ENV", "TILE_ELEMENTS"]
 
 DISABLE_ENV = "MPD_TRITON_CPU_KERNELS"  # "0": do not build or use the CPU kernels
 CACHE_ENV = "MPD_TRITON_CACHE_DIR"
-ABI_VERSION = 8  # lif_cpu_abi_version() of the C source this module calls
+ABI_VERSION = 9  # lif_cpu_abi_version() of the C source this module calls
 SOURCES = ("lif_cpu.c", "lif_cpu_body.h")
 SOURCE_DIR = Path(__file__).resolve().parent
 
@@ -200,8 +200,6 @@ def _load(path: Path):
     lib.mpd_overlap_bwd.restype = None
     lib.mpd_terms.argtypes = [_P, _P, _P, _P, _P, _I64, _I64]
     lib.mpd_terms.restype = None
-    lib.mpd_loss_terms.argtypes = [_P, _P, _P, _P, _F32, _P, _P, _I64, _I64, _F32, _F32]
-    lib.mpd_loss_terms.restype = None
     lib.lif_cpu_surrogate_count.restype = ctypes.c_int64
     return lib
 
@@ -519,19 +517,4 @@ def mpd_terms(mean: torch.Tensor, grad_mean: torch.Tensor | None, grad_var: torc
     a, b = torch.empty_like(mean), torch.empty_like(mean)
     _library().mpd_terms(mean.data_ptr(), _ptr(grad_mean), _ptr(grad_var), a.data_ptr(), b.data_ptr(), mean.numel(),
                          count)
-    return a, b
-
-
-def mpd_loss_terms(mean: torch.Tensor, var: torch.Tensor, grad_mean: torch.Tensor | None,
-                   grad_var: torch.Tensor | None, grad_loss: float, count: int, gamma: float,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mpd_terms`` for a LIF node that computed its own MPD-SGR loss, the mean Omega of these statistics
-    (``mt.lif(..., mpd_gamma=)``): Omega's gradient for dLoss = grad_loss added to grad_mean and grad_var
-    (either may be None) in the same C loop (``mpd_loss_terms``), with the float32 operations of
-    ``overlap_backward`` after a mean, the gradients' sum and ``mpd_terms`` in their order."""
-    mean, var = _float32_contiguous(mean), _float32_contiguous(var)
-    grad_mean, grad_var = _float32_contiguous(grad_mean), _float32_contiguous(grad_var)
-    a, b = torch.empty_like(mean), torch.empty_like(mean)
-    _library().mpd_loss_terms(mean.data_ptr(), var.data_ptr(), _ptr(grad_mean), _ptr(grad_var), grad_loss,
-                              a.data_ptr(), b.data_ptr(), mean.numel(), count, gamma, eps)
     return a, b

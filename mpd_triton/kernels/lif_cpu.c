@@ -38,7 +38,7 @@
 enum { SG_TRIANGLE = 0, SG_RECTANGULAR = 1, SG_SIGMOID = 2, SG_ATAN = 3, SG_SUPERSPIKE = 4, SG_COUNT = 5 };
 
 /* Bumped whenever an exported signature changes (cpu.py checks it). */
-int64_t lif_cpu_abi_version(void) { return 8; }
+int64_t lif_cpu_abi_version(void) { return 9; }
 int64_t lif_cpu_surrogate_count(void) { return SG_COUNT; }
 
 /* g(u) for surrogate `kind` with parameter p (gamma or alpha), as in surrogates.py. */
@@ -111,15 +111,15 @@ static double row_m2(const float* RESTRICT u, int64_t n, float mean) {
 #define STATS_FOLD 256
 
 /* Who sums the tile's u for the means (the first of tile_stats' two passes): tile_stats itself
- * (SUMS_NONE), or the forward's loop as it computes u (fwd_rows), which saves one pass over the tile:
- * SUMS_LANES where a row is channels of S >= LANES positions (each row's whole LANES-chunks of a
- * channel in LANES float lanes, their lanes_total in `rowsum`, tile_stats adds the remainder), SUMS_FOLD
- * where S == 1 (the STATS_FOLD chunks' `part`). The same additions in the same order either way. */
-enum { SUMS_NONE = 0, SUMS_LANES = 1, SUMS_FOLD = 2 };
+ * (SUMS_NONE), or, where a row is channels of S >= LANES positions, the forward's loop as it computes
+ * u (SUMS_LANES, fwd_rows: each row's whole LANES-chunks of a channel in LANES float lanes, their
+ * lanes_total in `rowsum`; tile_stats adds the remainder), which saves one pass over the tile. The
+ * same additions in the same order either way. (Channels innermost, S = 1, the STATS_FOLD chunks'
+ * sums moved into the forward's loop gave no measurable gain, docs/benchmarks.md: tile_stats keeps them.) */
+enum { SUMS_NONE = 0, SUMS_LANES = 1 };
 
-/* Where the forward's sums live in the statistics' scratch `acc` (n_c doubles first): after them. */
+/* Where the forward's row sums live in the statistics' scratch `acc` (n_c doubles first): after them. */
 static inline double* stats_rowsum(double* acc, int64_t n_c) { return acc + n_c; }
-static inline float* stats_part(double* acc, int64_t n_c) { return (float*)(acc + n_c); }
 
 /* Per-(t, c) partials of one tile, from its u in scratch: mean and M2 over n_b rows of
  * n_row = n_c * S values (channel cc occupies [cc * S, (cc + 1) * S) of each row). Two
@@ -132,13 +132,11 @@ static void tile_stats(const float* RESTRICT u, int64_t n_b, int64_t n_c, int64_
     if (S == 1) {
         const int64_t rows = n_c >= STATS_FOLD ? 1 : STATS_FOLD / n_c;
         const int64_t w = rows * n_c, whole = n_b - n_b % rows;
-        float* RESTRICT part = stats_part(acc, n_c);
+        float* RESTRICT part = (float*)(acc + n_c);
         float* RESTRICT mean_w = part + w; /* the channels' means, repeated along a chunk */
-        if (sums != SUMS_FOLD) { /* else the forward's loop summed the chunks */
-            for (int64_t j = 0; j < w; j++) part[j] = 0.0f;
-            for (int64_t bi = 0; bi < whole; bi += rows)
-                for (int64_t j = 0; j < w; j++) part[j] += u[bi * n_c + j];
-        }
+        for (int64_t j = 0; j < w; j++) part[j] = 0.0f;
+        for (int64_t bi = 0; bi < whole; bi += rows)
+            for (int64_t j = 0; j < w; j++) part[j] += u[bi * n_c + j];
         for (int64_t cc = 0; cc < n_c; cc++) acc[cc] = 0.0;
         for (int64_t j = 0; j < w; j++) acc[j % n_c] += (double)part[j];
         for (int64_t bi = whole; bi < n_b; bi++)
@@ -309,34 +307,6 @@ void mpd_terms(const float* RESTRICT mean, const float* RESTRICT grad_mean, cons
         const float bi = (grad_var ? grad_var[i] : 0.0f) * 2.0f / M;
         b[i] = bi;
         a[i] = (grad_mean ? grad_mean[i] : 0.0f) / M - bi * mean[i];
-    }
-}
-
-/* The same (a, b) when the LIF node computed its own MPD-SGR loss L = mean of Omega over the n cells
- * (mt.lif(..., mpd_gamma=)): dL/dOmega = grad_loss / n for every cell (the gradient of the mean), Omega's
- * gradient as mpd_overlap_bwd computes it, added to the statistics' own gradients (NULL: none), then
- * mpd_terms; one loop with the float32 operations of those three in their order, so the same bits as
- * the unfused nodes (tests/test_fused_loss.py). */
-void mpd_loss_terms(const float* RESTRICT mean, const float* RESTRICT var, const float* RESTRICT grad_mean,
-                    const float* RESTRICT grad_var, float grad_loss, float* RESTRICT a, float* RESTRICT b, int64_t n,
-                    int64_t count, float gamma, float eps) {
-    const float inv_sqrt_2pi = 0.3989422804014327f;
-    const float M = (float)count, per_cell = grad_loss / (float)n;
-    for (int64_t i = 0; i < n; i++) {
-        const float sigma = sqrtf(var[i] + eps);
-        const float m = fabsf(mean[i]);
-        const float z1 = (gamma - m) / sigma, z2 = (-gamma - m) / sigma;
-        const float phi1 = exp_nonpositive(-0.5f * z1 * z1) * inv_sqrt_2pi;
-        const float phi2 = exp_nonpositive(-0.5f * z2 * z2) * inv_sqrt_2pi;
-        const float g = per_cell / sigma;
-        const float sign = mean[i] > 0.0f ? 1.0f : (mean[i] < 0.0f ? -1.0f : 0.0f);
-        float gm = g * (phi2 - phi1) * sign;
-        float gv = g * (z2 * phi2 - z1 * phi1) / (2.0f * sigma);
-        if (grad_mean) gm = grad_mean[i] + gm;
-        if (grad_var) gv = grad_var[i] + gv;
-        const float bi = gv * 2.0f / M;
-        b[i] = bi;
-        a[i] = gm / M - bi * mean[i];
     }
 }
 

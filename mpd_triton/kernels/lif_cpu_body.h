@@ -14,18 +14,15 @@
 
 /* One time step of a tile: `rows` rows of n contiguous elements; row r of x starts at
  * x + r * x_rs, of the outputs (s, us) at r * o_rs, of the state and u in scratch at r * n.
- * decay, save_u and sums are compile-time constants at every call site. sums: the first pass of
- * tile_stats done here, on u as it is computed (the same additions in the same order, so the same
- * bits): SUMS_LANES (S >= LANES; a row is n_c channels of S positions): each channel's whole LANES-chunks
- * summed in LANES float lanes, rowsum[r * n_c + cc] = their lanes_total; SUMS_FOLD (S == 1; a row is n_c
- * channels): part[(r % fold_rows) * n_c + k] += u for the rows r < whole. */
+ * decay, save_u and sums are compile-time constants at every call site. sums == SUMS_LANES (S >= LANES;
+ * a row is n_c channels of S positions): the first pass of tile_stats done here, on u as it is computed
+ * (the same additions in the same order, so the same bits): each channel's whole LANES-chunks summed in
+ * LANES float lanes, rowsum[r * n_c + cc] = their lanes_total. */
 INLINE void LIF_NAME(fwd_rows)(const LIF_TYPE* RESTRICT x, int64_t x_rs, LIF_TYPE* RESTRICT s,
                                LIF_TYPE* RESTRICT us, int64_t o_rs, float* RESTRICT v, float* RESTRICT u_keep,
                                int64_t rows, int64_t n, float inv_tau, float v_th, float v_rest, int hard,
                                const int decay, const int save_u, const int sums, int64_t S, int64_t n_c,
-                               double* RESTRICT rowsum, float* RESTRICT part, int64_t fold_rows, int64_t whole) {
-    if (sums == SUMS_FOLD)
-        for (int64_t j = 0; j < fold_rows * n_c; j++) part[j] = 0.0f;
+                               double* RESTRICT rowsum) {
     for (int64_t r = 0; r < rows; r++) {
         const LIF_TYPE* RESTRICT xr = x + r * x_rs;
         LIF_TYPE* RESTRICT sr = s + r * o_rs;
@@ -62,12 +59,6 @@ INLINE void LIF_NAME(fwd_rows)(const LIF_TYPE* RESTRICT x, int64_t x_rs, LIF_TYP
                 }
                 rowsum[r * n_c + cc] = (double)lanes_total(acc);
             }
-        } else if (sums == SUMS_FOLD && r < whole) {
-            float* RESTRICT pr = part + (r % fold_rows) * n_c;
-            for (int64_t k = 0; k < n; k++) {
-                LIF_FWD_ONE(k)
-                pr[k] += u;
-            }
         } else {
             for (int64_t k = 0; k < n; k++) {
                 LIF_FWD_ONE(k)
@@ -79,14 +70,12 @@ INLINE void LIF_NAME(fwd_rows)(const LIF_TYPE* RESTRICT x, int64_t x_rs, LIF_TYP
 
 static void LIF_NAME(fwd_dispatch)(const LIF_TYPE* x, int64_t x_rs, LIF_TYPE* s, LIF_TYPE* us, int64_t o_rs, float* v,
                                    float* u_keep, int64_t rows, int64_t n, float inv_tau, float v_th, float v_rest,
-                                   int hard, int decay, int sums, int64_t S, int64_t n_c, double* rowsum, float* part,
-                                   int64_t fold_rows, int64_t whole) {
+                                   int hard, int decay, int sums, int64_t S, int64_t n_c, double* rowsum) {
 #define LIF_FWD_CALL(DECAY, SAVE_U, SUMS)                                                                       \
     LIF_NAME(fwd_rows)(x, x_rs, s, us, o_rs, v, u_keep, rows, n, inv_tau, v_th, v_rest, hard, DECAY, SAVE_U, SUMS, \
-                       S, n_c, rowsum, part, fold_rows, whole)
+                       S, n_c, rowsum)
 #define LIF_FWD_SUMS(DECAY, SAVE_U)                                   \
     if (sums == SUMS_LANES) LIF_FWD_CALL(DECAY, SAVE_U, SUMS_LANES); \
-    else if (sums == SUMS_FOLD) LIF_FWD_CALL(DECAY, SAVE_U, SUMS_FOLD); \
     else LIF_FWD_CALL(DECAY, SAVE_U, SUMS_NONE);
     if (decay) {
         if (us) { LIF_FWD_SUMS(1, 1) }
@@ -118,13 +107,11 @@ void LIF_NAME(lif_fwd)(const LIF_TYPE* x, int64_t x_stride_t, int64_t x_stride_b
         const int64_t pb = tl.pb, b0 = tl.b0, c0 = tl.c0, n_b = tl.n_b, n_c = tl.n_c, n_row = tl.n_row;
         const int64_t off = tl.offset;
         tile_load(v, v0, v_rest, tl, C, S);
-        const int sums = !pmean ? SUMS_NONE : (S == 1 ? SUMS_FOLD : (S >= LANES ? SUMS_LANES : SUMS_NONE));
-        const int64_t fold_rows = n_c >= STATS_FOLD ? 1 : STATS_FOLD / n_c;
+        const int sums = pmean && S >= LANES ? SUMS_LANES : SUMS_NONE;
         for (int64_t t = 0; t < T; t++) {
             LIF_NAME(fwd_dispatch)(x + t * x_stride_t + b0 * x_stride_b + c0 * S, x_stride_b, spikes + t * N + off,
                                    u_saved ? u_saved + t * N + off : NULL, C * S, v, u, n_b, n_row, inv_tau, v_th,
-                                   v_rest, hard_reset, decay_input, sums, S, n_c, stats_rowsum(acc, n_c),
-                                   stats_part(acc, n_c), fold_rows, n_b - n_b % fold_rows);
+                                   v_rest, hard_reset, decay_input, sums, S, n_c, stats_rowsum(acc, n_c));
             if (pmean) {
                 const int64_t part = (t * P + pb) * C + c0;
                 tile_stats(u, n_b, n_c, S, pmean + part, pm2 + part, acc, sums);
