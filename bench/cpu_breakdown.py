@@ -25,14 +25,6 @@ Rows, per thread count (wall-clock medians, ``bench.measure.time_call``):
 
 GB/s count the fewest bytes each pass must move (``bench.measure.minimal_bytes``; copy: read +
 write), so the kernel rows compare with the copy row directly.
-
-Below the table, per thread count: how many distinct addresses the step's spikes and input
-gradient took over ``ADDRESS_STEPS`` steps (``buffer_addresses``). Two mean that the allocator
-hands the same blocks back every step, still in cache; more mean that glibc merged freed
-neighbouring blocks and splits the merged block at shifting offsets, so the step's buffers
-wander over a larger region and start cache-cold. Which of the two a process gets depends on its
-heap's history, not on the code timed; docs/benchmarks.md (2026-12-06, AMD EPYC) shows what it
-does to the step.
 """
 
 from __future__ import annotations
@@ -57,8 +49,8 @@ from .providers import NEURON, _lif_step, make_output_grads, pass_callable
 
 __all__ = ["breakdown", "format_table", "main"]
 
-ROWS = ("copy", "fwd kernel", "fwd kernel, no stats", "bwd kernel", "step", "step - kernels", "fwd kernel, in the step", "bwd kernel, in the step", "bwd pass", "bwd pass - its kernel")
-ADDRESS_STEPS = 20
+ROWS = ("copy", "fwd kernel", "fwd kernel, no stats", "bwd kernel", "step", "step - kernels", "fwd kernel, in the step",
+        "bwd kernel, in the step", "bwd pass", "bwd pass - its kernel")
 
 
 def breakdown(T: int, size: int, threads: int, *, warmup_ms: float = 25.0, rep_ms: float = 200.0) -> dict[str, dict]:
@@ -110,26 +102,6 @@ def breakdown(T: int, size: int, threads: int, *, warmup_ms: float = 25.0, rep_m
         rows["bwd pass"] = dict(ms=backward_ms, bytes=pass_bytes("backward", True))
         rows["bwd pass - its kernel"] = dict(ms=backward_ms - statistics.median(inside), bytes=0)
         return rows
-    finally:
-        torch.set_num_threads(previous)
-
-
-def buffer_addresses(T: int, size: int, threads: int, steps: int = ADDRESS_STEPS) -> int:
-    """Distinct addresses of the step's spikes and input gradient over ``steps`` steps (see the module's
-    docstring): 2 when the allocator gives the same blocks back every step."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x = torch.randn(*bench_shape(T, size)).requires_grad_()
-        step, grads = _lif_step("cpu", True), make_output_grads(x, True)
-        seen = set()
-        for _ in range(steps):
-            x.grad = None
-            outputs = step(x)
-            torch.autograd.backward(outputs, grads)
-            seen.update((outputs[0].data_ptr(), x.grad.data_ptr()))
-            del outputs
-        return len(seen)
     finally:
         torch.set_num_threads(previous)
 
@@ -192,11 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_kernels.keep_freed_memory()
     print(first_line(torch.device("cpu"), "CPU breakdown"))
     results = {n: breakdown(args.T, size, n, rep_ms=args.rep_ms) for n in args.threads}
-    addresses = "; ".join(f"{n} thread{'s' if n > 1 else ''}: {buffer_addresses(args.T, size, n)}" for n in args.threads)
     text = (f"Command: `{command_line(argv, 'bench.cpu_breakdown')}`\n\nfloat32, T = {args.T}, T*N = {size}, "
-            f"{NEURON.surrogate} surrogate; medians.\n\n{format_table(results)}\n\n"
-            f"Distinct addresses of the step's spikes and input gradient over {ADDRESS_STEPS} steps (2: the same "
-            f"blocks every step): {addresses}\n")
+            f"{NEURON.surrogate} surrogate; medians.\n\n{format_table(results)}\n")
     print(text)
     if args.out:
         write_text(args.out, text)
