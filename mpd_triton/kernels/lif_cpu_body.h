@@ -12,6 +12,22 @@
 #define LIF_NAME(name) LIF_CAT(name, LIF_SUFFIX)
 #endif
 
+/* One element of fwd_rows: the state update at index K, u = h - v_th left in `u` (and kept in kr). A
+ * macro over the row's restrict pointers rather than a function: through a function's parameters GCC
+ * loses that the rows do not overlap and guards every row's loop with overlap checks, which on rows of
+ * a few channels (channels-last) cost more than the row. */
+#define LIF_FWD_ONE(K)                                                                                          \
+    const float xv = LIF_LOAD(xr[K]);                                                                           \
+    const float vv = vr[K];                                                                                     \
+    const float h = decay ? vv + (xv - (vv - v_rest)) * inv_tau : vv - (vv - v_rest) * inv_tau + xv;            \
+    const float u = h - v_th;                                                                                   \
+    const int spike = u >= 0.0f;                                                                                \
+    const float sf = spike ? 1.0f : 0.0f;                                                                       \
+    vr[K] = hard ? (spike ? v_rest : h) : h - v_th * sf;                                                        \
+    sr[K] = LIF_STORE(sf);                                                                                      \
+    if (save_u) ur[K] = LIF_STORE(spike ? fabsf(u) : u); /* the spike in the sign bit */                        \
+    kr[K] = u;
+
 /* One time step of a tile: `rows` rows of n contiguous elements; row r of x starts at
  * x + r * x_rs, of the outputs (s, us) at r * o_rs, of the state and u in scratch at r * n.
  * decay, save_u and sums are compile-time constants at every call site. sums == SUMS_LANES (S >= LANES;
@@ -29,21 +45,6 @@ INLINE void LIF_NAME(fwd_rows)(const LIF_TYPE* RESTRICT x, int64_t x_rs, LIF_TYP
         LIF_TYPE* RESTRICT ur = save_u ? us + r * o_rs : us;
         float* RESTRICT vr = v + r * n;
         float* RESTRICT kr = u_keep + r * n;
-/* One element: the state update at index K, u = h - v_th left in `u` (and kept in kr). A macro over the
- * row's restrict pointers rather than a function: through a function's parameters GCC loses that the
- * rows do not overlap and guards every row's loop with overlap checks, which on rows of a few channels
- * (channels-last) cost more than the row. */
-#define LIF_FWD_ONE(K)                                                                                          \
-    const float xv = LIF_LOAD(xr[K]);                                                                           \
-    const float vv = vr[K];                                                                                     \
-    const float h = decay ? vv + (xv - (vv - v_rest)) * inv_tau : vv - (vv - v_rest) * inv_tau + xv;            \
-    const float u = h - v_th;                                                                                   \
-    const int spike = u >= 0.0f;                                                                                \
-    const float sf = spike ? 1.0f : 0.0f;                                                                       \
-    vr[K] = hard ? (spike ? v_rest : h) : h - v_th * sf;                                                        \
-    sr[K] = LIF_STORE(sf);                                                                                      \
-    if (save_u) ur[K] = LIF_STORE(spike ? fabsf(u) : u); /* the spike in the sign bit */                        \
-    kr[K] = u;
         if (sums == SUMS_LANES) {
             for (int64_t cc = 0; cc < n_c; cc++) {
                 float acc[LANES] = {0.0f};
@@ -64,9 +65,9 @@ INLINE void LIF_NAME(fwd_rows)(const LIF_TYPE* RESTRICT x, int64_t x_rs, LIF_TYP
                 LIF_FWD_ONE(k)
             }
         }
-#undef LIF_FWD_ONE
     }
 }
+#undef LIF_FWD_ONE
 
 static void LIF_NAME(fwd_dispatch)(const LIF_TYPE* x, int64_t x_rs, LIF_TYPE* s, LIF_TYPE* us, int64_t o_rs, float* v,
                                    float* u_keep, int64_t rows, int64_t n, float inv_tau, float v_th, float v_rest,
