@@ -123,8 +123,9 @@ static inline double* stats_rowsum(double* acc, int64_t n_c) { return acc + n_c;
 
 /* Per-(t, c) partials of one tile, from its u in scratch: mean and M2 over n_b rows of
  * n_row = n_c * S values (channel cc occupies [cc * S, (cc + 1) * S) of each row). Two
- * passes over the tile's u while it is in cache: the mean, then squared deviations from it
- * (accurate when |mean| >> std, unlike sum and sum of squares). */
+ * passes over the tile's u while it is in cache: the mean (its sums already taken by the
+ * forward's loop with SUMS_LANES), then squared deviations from it (accurate when
+ * |mean| >> std, unlike sum and sum of squares). */
 static void tile_stats(const float* RESTRICT u, int64_t n_b, int64_t n_c, int64_t S, double* RESTRICT mean_out,
                        double* RESTRICT m2_out, double* acc, int sums) {
     const int64_t n_row = n_c * S;
