@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,7 +13,8 @@ from torch import nn
 import mpd_triton as mt
 from models import build_model
 from train import attacks as A
-from train.robustness import EvalSettings, evaluate_robustness, parse_attacks, sanity_checks
+from train.robustness import (EvalSettings, evaluate_robustness, pack_outcomes, parse_attacks, sanity_checks,
+                              unpack_outcomes)
 
 
 class Linear2(nn.Module):
@@ -186,6 +188,63 @@ def test_robust_accuracy_below_clean_and_ensemble_is_per_image_worst_case():
             if attack in r["by_gradient"]:
                 per_source = r["by_gradient"][attack][eps]
                 assert value <= min(per_source.values())  # the per-image AND is below every single source
+
+
+def test_per_image_outcomes_recount_every_figure():
+    """Every accuracy of the result is the share of ones in its per-image mask; the masks nest as the
+    counts do (an attack's worst case within each gradient source and level, the worst case over every
+    attack within each attack's and within the smaller eps's, everything within clean)."""
+    model = _snn()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(21, 1, 12, 12, generator=g), torch.randint(0, 10, (21,), generator=g)
+    with torch.no_grad():
+        y[:15] = model(x[:15]).argmax(1)
+    settings = EvalSettings(attacks=["fgsm", "pgd", "assg", "gaussian"], eps=[4 / 255, 16 / 255], steps=3,
+                            sapgd_steps=3, assg_levels=[0.3, 0.45], gradients=["own", "bptr"], batch_size=8)
+    r = evaluate_robustness(model, x, y, settings, progress=False)
+    n, per = r["n"], r["per_image"]
+    mask = lambda text: unpack_outcomes(text, n)  # noqa: E731
+    clean = mask(per["clean"])
+    assert clean.mean() == pytest.approx(r["clean"])
+    survived = per["survived"]
+    assert set(survived) == {"fgsm", "pgd", "assg", "gaussian", "all", "large_eps"}
+    for attack, by_eps in r["accuracy"].items():
+        for eps, value in by_eps.items():
+            worst = mask(survived[attack][eps]["worst"])
+            assert worst.mean() == pytest.approx(value) and not (worst & ~clean).any()
+            parts = {k: mask(v) for k, v in survived[attack][eps].items() if k != "worst"}
+            if attack in r["by_gradient"]:
+                assert set(parts) == {"own", "bptr"}
+                for source, share in r["by_gradient"][attack][eps].items():
+                    assert parts[source].mean() == pytest.approx(share)
+            if attack == "assg":
+                assert set(parts) == {"0.3", "0.45"}
+                for level, share in r["assg_by_level"][eps].items():
+                    assert parts[level].mean() == pytest.approx(share)
+            if parts:
+                assert (worst == np.logical_and.reduce(list(parts.values()))).all()
+    small, large = (f"{e:.6g}" for e in settings.eps)
+    for eps in (small, large):
+        every = mask(survived["all"][eps]["worst"])
+        assert every.mean() == pytest.approx(r["worst_case"][eps])
+        for attack in settings.attacks:
+            assert not (every & ~mask(survived[attack][eps]["worst"])).any()
+    assert not (mask(survived["all"][large]["worst"]) & ~mask(survived["all"][small]["worst"])).any()
+    assert mask(survived["large_eps"]["1"]["worst"]).mean() == pytest.approx(r["large_eps"]["by_attack"]["pgd"])
+    assert mask(survived["large_eps"]["1"]["assg"]).mean() == pytest.approx(r["large_eps"]["by_attack"]["assg"])
+    json.dumps(r)  # JSON-ready
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 250, 1000])
+def test_outcome_masks_round_trip_and_refuse_another_length(n):
+    g = torch.Generator().manual_seed(n)
+    bits = torch.rand(n, generator=g) < 0.5
+    text = pack_outcomes(bits)
+    assert len(text) <= 4 * ((n + 7) // 8 + 2) // 3 + 4  # a byte per 8 images, base64
+    assert (unpack_outcomes(text, n) == bits.numpy()).all()
+    assert unpack_outcomes(pack_outcomes(np.ones(n, dtype=bool)), n).sum() == n
+    with pytest.raises(ValueError, match="holds"):
+        unpack_outcomes(text, n + 8)
 
 
 def test_ensemble_counts_an_image_only_if_it_survives_every_source(monkeypatch):

@@ -10,6 +10,7 @@ import torch
 from models import build_model
 from train.checkpoint import save_checkpoint
 from train.eval import main
+from train.robustness import unpack_outcomes
 
 
 def _checkpoint(path, num_classes=10, seed=0, data="fmnist-subset"):
@@ -50,6 +51,12 @@ def test_end_to_end_two_models_with_transfer(checkpoints, tmp_path, capsys):
     md = (tmp_path / "eval.md").read_text()
     assert "gradient-masking sanity checks" in md and "python -m train.eval" in md
     assert (tmp_path / "robustness.png").stat().st_size > 0
+    # re-checkable: where and with what it was made, and each image's outcome (the transfer attack too)
+    for record in (report["provenance"], r["provenance"]):
+        assert set(record) >= {"commit", "dirty", "date_utc", "python", "torch", "triton", "cpu", "torch_threads"}
+        assert record["device"] == "cpu" and record["torch"] == torch.__version__
+    transfer = unpack_outcomes(r["per_image"]["survived"]["transfer"][f"{8 / 255:.6g}"]["worst"], 16)
+    assert transfer.mean() == pytest.approx(r["accuracy"]["transfer"][f"{8 / 255:.6g}"])
 
 
 def test_transfer_of_assg_examples_end_to_end(checkpoints, tmp_path, capsys):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 import mpd_triton as mt
 from models import build_model
 from mpd_triton.files import WriteError, write_text, write_with
+from plumbing.provenance import provenance
 
 from .attacks import pgd
 from .checkpoint import (CheckpointError, checkpoint_bytes, load_checkpoint, rng_state, save_checkpoint,
@@ -355,7 +356,8 @@ def train_run(cfg: RunConfig, name: str, run_dir: Path, train: ImageData, test: 
         try:
             save_checkpoint(run_dir / MODEL_FILE, {"run": name, "config": cfg.to_dict(),
                                                    "model": training.model.state_dict(),
-                                                   "model_spec": model_spec(cfg, info)})
+                                                   "model_spec": model_spec(cfg, info),
+                                                   "provenance": provenance(ctx.device)})
         except WriteError as e:
             raise e.with_hint(f"[{name}] the training is complete in {run_dir / CHECKPOINT}: make room, then "
                               "--resume writes it") from None

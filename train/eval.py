@@ -31,6 +31,7 @@ import torch
 from models import build_model
 from mpd_triton.files import WriteError, ensure_writable, remove_leftovers, write_json, write_text
 from mpd_triton.kernels.cpu import keep_freed_memory
+from plumbing.provenance import provenance
 
 from .attacks import ASSG_LEVEL, ASSG_LEVEL_RANGE, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS, TRANSFER_ATTACKS
 from .checkpoint import CheckpointError, load_checkpoint
@@ -290,7 +291,8 @@ def _evaluate(argv, where: dict) -> int:
     results = []
 
     def save(in_progress: dict | None = None):  # after every batch: an interrupted evaluation keeps what it did
-        write_json(out / "eval.json", {"command": command, "key": key, "models": dict(zip(names, results)),
+        write_json(out / "eval.json", {"command": command, "provenance": provenance(device), "key": key,
+                                       "models": dict(zip(names, results)),
                                        **({"in_progress": in_progress} if in_progress else {})})
 
     unfinished = previous.get("in_progress", {})
@@ -312,6 +314,7 @@ def _evaluate(argv, where: dict) -> int:
                                                                       "state": state}))
         r["seconds"] = time.perf_counter() - t0  # this session's share when it was resumed
         r["checkpoint"] = str(Path(path))
+        r["provenance"] = provenance(device)  # the session that finished this model
         results.append(r)
         save()
     samples = {name: membrane_samples(model, images[:MEMBRANE_IMAGES].to(device), seed=args.seed)

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 import mpd_triton as mt  # noqa: E402
 from mpd_triton.files import optional_plot, save_figure, write_json, write_text  # noqa: E402
+from plumbing.provenance import provenance  # noqa: E402
 from .config import eps_label  # noqa: E402
 
 from .diagnostics import diagnostics_table  # noqa: E402
@@ -134,7 +135,7 @@ def write_run_report(run_dir: Path, name: str, config: dict, history: list[dict]
     final = history[-1]
     eta = config["eta"]
     report = {
-        "run": name, "eta": eta, "config": config,
+        "run": name, "eta": eta, "config": config, "provenance": provenance(),
         "clean_acc": final["test_acc"], "test_images": test_images, "mean_omega": final["test_omega"],
         "omega_per_layer": final["test_omega_layers"],
         "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in history])),

@@ -25,6 +25,13 @@ Sanity checks (Carlini et al. 2019; Athalye et al. 2018), each PASS / FAIL with 
   ASSG + SA-PGD when it is evaluated (its adaptive gradient must lead somewhere too).
 A tolerance of max(1%, 2 images) absorbs the randomness of the random attacks.
 
+Per-image outcomes: ``result["per_image"]`` holds, for the clean pass and for every count above
+(each attack, eps and gradient source or ASSG level, each attack's per-image worst case, the worst
+case over every attack, the large-eps check), which images counted as correct, as a bitmask
+(``pack_outcomes``: bit i is image i of the evaluated images; ``unpack_outcomes`` reads it). Two
+models evaluated on the same images can so be compared image by image (a paired test), and every
+accuracy can be recounted from the file.
+
 An evaluation can be continued: ``on_batch(state)`` receives, after every batch, what
 ``resume_state=state`` needs to go on from the next one (the counts so far and the RNG
 state), to the same result as an evaluation that was never interrupted.
@@ -36,6 +43,7 @@ import base64
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -57,11 +65,14 @@ from .attacks import (
 from .config import eps_label
 
 __all__ = ["EvalSettings", "evaluate_robustness", "sanity_checks", "parse_attacks", "ATTACK_ALIASES", "attack_steps",
-           "RESULTS_VERSION"]
+           "RESULTS_VERSION", "pack_outcomes", "unpack_outcomes", "OUTCOMES_FORMAT"]
 
 # How the counts are made, for train.eval --resume (an evaluation is continued only by code that
 # counts the same way). 2 (2026-12-06): worst_case at an eps also needs survival at every smaller eps.
-RESULTS_VERSION = 2
+# 3 (2026-12-07): per-image outcomes (an interrupted state of version 2 has none to continue).
+RESULTS_VERSION = 3
+OUTCOMES_FORMAT = ("base64 of the bits of numpy.packbits(mask, bitorder='little'): bit i is image i of the "
+                   "evaluated images (the first n of the test set); 1 = counted as correct")
 
 ATTACK_ALIASES = {"noise": "gaussian"}
 # eps = 1 admits any image; 10 steps of 0.2 cross the whole [0, 1] box twice from the random start.
@@ -139,6 +150,20 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return model(x).argmax(1) == y
 
 
+def pack_outcomes(mask: torch.Tensor | np.ndarray) -> str:
+    """A boolean vector (one entry per image) as a short string: see OUTCOMES_FORMAT."""
+    bits = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, dtype=bool).reshape(-1)
+    return base64.b64encode(np.packbits(bits, bitorder="little").tobytes()).decode("ascii")
+
+
+def unpack_outcomes(text: str, n: int) -> np.ndarray:
+    """The boolean vector of ``n`` images that ``pack_outcomes`` wrote."""
+    raw = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
+    if raw.size != (n + 7) // 8:
+        raise ValueError(f"an outcome mask of {raw.size} bytes holds {8 * raw.size} images, not {n}")
+    return np.unpackbits(raw, bitorder="little")[:n].astype(bool)
+
+
 def _rng_snapshot(device: torch.device) -> dict:
     """The global RNG states (Poisson encoding draws from them), JSON-ready."""
     encode = lambda t: base64.b64encode(t.numpy().tobytes()).decode("ascii")  # noqa: E731
@@ -170,14 +195,17 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
     torch.manual_seed(settings.seed)  # Poisson draws and random starts: repeatable
     n = images.shape[0]
     counts: dict[tuple, int] = {}
+    outcomes: dict[tuple, torch.Tensor] = {}  # per image, the same keys as counts, and ("clean",)
     clean_total, grad_l1_total, first = 0, 0.0, 0
     if resume_state is not None:
         counts = {tuple(key): value for *key, value in resume_state["counts"]}
+        outcomes = {tuple(key): torch.from_numpy(unpack_outcomes(text, n)) for *key, text in resume_state["outcomes"]}
         clean_total, grad_l1_total, first = resume_state["clean"], resume_state["grad_l1"], resume_state["next"]
         _restore_rng(resume_state["rng"], device)
 
-    def add(key, value):
-        counts[key] = counts.get(key, 0) + int(value)
+    def record(key, start, ok):  # images start.. of this batch: which counted as correct
+        counts[key] = counts.get(key, 0) + int(ok.sum())
+        outcomes.setdefault(key, torch.zeros(n, dtype=torch.bool))[start:start + ok.numel()] = ok.cpu()
 
     batches = range(first, n, settings.batch_size)
     bar = tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=1.0)
@@ -186,6 +214,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         y = labels[start:start + settings.batch_size].to(device)
         clean = _correct(model, x, y)
         clean_total += int(clean.sum())
+        outcomes.setdefault(("clean",), torch.zeros(n, dtype=torch.bool))[start:start + clean.numel()] = clean.cpu()
         grad, _ = input_gradient(model, x, y, settings.eot)
         grad_l1_total += float(grad.abs().flatten(1).sum(1).sum())
         survived_all = {_key(eps): clean.clone() for eps in settings.eps}
@@ -199,7 +228,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                                            alpha=settings.alpha, eot=settings.eot, gradient=source_name,
                                            seed=settings.seed + start)
                         ok = clean & _correct(model, x_adv, y)
-                        add((attack, _key(eps), source_name), ok.sum())
+                        record((attack, _key(eps), source_name), start, ok)
                         survived &= ok
                 elif attack == "assg":
                     survived = clean.clone()
@@ -207,7 +236,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                         x_adv = run_attack("assg", model, x, y, eps, steps=attack_steps(settings, "assg"), eot=settings.eot,
                                            assg_options=ASSGOptions(level=level))
                         ok = clean & _correct(model, x_adv, y)
-                        add((attack, _key(eps), _level_key(level)), ok.sum())
+                        record((attack, _key(eps), _level_key(level)), start, ok)
                         survived &= ok
                 elif attack == "transfer":  # ASSG on the source: every level (per-image worst case)
                     survived = clean.clone()
@@ -223,7 +252,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                                        eot=settings.eot, source=source, n_queries=settings.n_queries,
                                        seed=settings.seed + start)
                     survived = clean & _correct(model, x_adv, y)
-                add((attack, _key(eps), "worst"), survived.sum())
+                record((attack, _key(eps), "worst"), start, survived)
                 survived_all[_key(eps)] &= survived
         smaller = None  # robust at eps only if robust at every smaller eps (its examples are within eps too)
         for eps in sorted(settings.eps):
@@ -231,7 +260,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                 survived_all[_key(eps)] &= smaller
             smaller = survived_all[_key(eps)]
         for eps_key, survived in survived_all.items():
-            add(("all", eps_key, "worst"), survived.sum())
+            record(("all", eps_key, "worst"), start, survived)
         if settings.large_eps_check:
             bar.set_postfix_str(f"large-eps check (eps {LARGE_EPS:g})", refresh=False)
             survived = clean.clone()
@@ -239,13 +268,14 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                 x_adv = run_attack("pgd", model, x, y, LARGE_EPS, steps=LARGE_EPS_STEPS, alpha=LARGE_EPS_ALPHA,
                                    eot=settings.eot, gradient=source_name, seed=settings.seed + start)
                 survived &= _correct(model, x_adv, y)
-            add(("large_eps", _key(LARGE_EPS), "worst"), survived.sum())
+            record(("large_eps", _key(LARGE_EPS), "worst"), start, survived)
             if "assg" in settings.attacks:
                 x_adv = run_attack("assg", model, x, y, LARGE_EPS, steps=LARGE_EPS_STEPS, eot=settings.eot,
                                    assg_options=ASSGOptions(level=settings.assg_levels[0]))
-                add(("large_eps", _key(LARGE_EPS), "assg"), (clean & _correct(model, x_adv, y)).sum())
+                record(("large_eps", _key(LARGE_EPS), "assg"), start, clean & _correct(model, x_adv, y))
         if on_batch is not None:
             on_batch({"next": start + settings.batch_size, "counts": [[*key, value] for key, value in counts.items()],
+                      "outcomes": [[*key, pack_outcomes(mask)] for key, mask in outcomes.items()],
                       "clean": clean_total, "grad_l1": grad_l1_total, "rng": _rng_snapshot(device)})
     model.train(was_training)
 
@@ -268,10 +298,22 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         "accuracy": accuracy, "by_gradient": by_gradient, "assg_by_level": by_level,
         "worst_case": {_key(e): counts[("all", _key(e), "worst")] / n for e in settings.eps},
         "large_eps": large_eps,
+        "per_image": _per_image(outcomes),
     }
     result["checks"] = sanity_checks(result, num_classes)
     result["all_checks_passed"] = all(c["passed"] for c in result["checks"])
     return result
+
+
+def _per_image(outcomes: dict[tuple, torch.Tensor]) -> dict:
+    """{"format", "clean": mask, "survived": {attack: {eps: {gradient, level or "worst": mask}}}}."""
+    survived: dict = {}
+    for key, mask in outcomes.items():
+        if key == ("clean",):
+            continue
+        attack, eps, variant = key
+        survived.setdefault(attack, {}).setdefault(eps, {})[variant] = pack_outcomes(mask)
+    return {"format": OUTCOMES_FORMAT, "clean": pack_outcomes(outcomes[("clean",)]), "survived": survived}
 
 
 def sanity_checks(result: dict, num_classes: int = 10) -> list[dict]:

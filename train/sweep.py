@@ -57,6 +57,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mpd_triton.files import WriteError, ensure_writable, optional_plot, save_figure, write_json, write_text  # noqa: E402
+from plumbing.provenance import provenance  # noqa: E402
 
 from .config import ConfigError, eps_label  # noqa: E402
 from .config import build_parser as build_run_parser  # noqa: E402
@@ -623,7 +624,7 @@ def plot_curve(summary: dict, key: str, path: Path) -> None:
 
 def write_summary(points: list[Point], out: Path, command: str) -> dict:
     summary = summarize(points, out)
-    write_json(out / "sweep.json", {"command": command, **summary})
+    write_json(out / "sweep.json", {"command": command, "provenance": provenance(), **summary})
     key = numeric_key(summary)
     write_text(out / "sweep.md", markdown(summary, command, curve=key))
     plot(summary, out / "sweep.png")
