@@ -3,7 +3,6 @@
 false-robust runs) and its figure, study_at01_seeds.png. The figures are the tables' own (seeds 0-2: 500
 images, seeds 3-4: 250). Run: python docs/figures/study_at01_seeds.py"""
 import sys
-from math import comb
 from pathlib import Path
 
 import matplotlib
@@ -12,16 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for train
+from train.stats import fisher_one_sided  # noqa: E402
 from train.sweep import mean_se  # noqa: E402  (the sweep's mean and standard error over seeds)
 
 AT = [43.4, 81.0, 39.0, 41.6, 64.8]  # worst case over every attack at 8/255 (%), seeds 0-4
 MPD = [79.0, 80.8, 80.6, 81.2, 81.6]
 FALSE_ROBUST = [True, False, True, True, False]  # the plain runs, by the rule fixed before seeds 3-4; no MPD-SGR run is
-
-
-def fisher_one_sided(k: int, m: int, n: int) -> float:
-    """P(at least k of the k + m events fall in the first of two groups of n), under no difference."""
-    return sum(comb(k + m, x) * comb(2 * n - k - m, n - x) for x in range(k, min(k + m, n) + 1)) / comb(2 * n, n)
 
 
 diff = [b - a for a, b in zip(AT, MPD)]
