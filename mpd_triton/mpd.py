@@ -163,6 +163,11 @@ class MPDSGR:
         reg = mt.MPDSGR(model, eta=0.1)
         loss = criterion(model(x), y) + reg()
 
+    ``reg()`` refuses (RuntimeError, saying why) after a forward that recorded no autograd graph
+    (one run under ``torch.no_grad()``, where the regularizer would silently be a constant), unless
+    it is itself called without gradients; NaN or infinite statistics raise FloatingPointError
+    naming the layer.
+
     Args:
         model: a module containing mt.LIF layers.
         eta: weight of the regularizer (>= 0; 0 gives the plain baseline but
@@ -200,7 +205,9 @@ class MPDSGR:
         if window == "relative" and gamma is not None:
             raise ValueError("gamma sets the surrogate window; the relative window is set by k")
         self.window, self.k = window, k
-        self.layers = [m for m in model.modules() if isinstance(m, LIF)]
+        named = [(name, m) for name, m in model.named_modules() if isinstance(m, LIF)]
+        self.layers = [m for _, m in named]
+        self.layer_names = [name or type(model).__name__ for name, _ in named]  # for error messages
         if not self.layers:
             raise ValueError("model has no mt.LIF layers: MPD-SGR regularizes the membrane potential of LIF layers")
         self.eta, self.granularity, self.gamma, self.eps = eta, granularity, gamma, eps
@@ -249,13 +256,43 @@ class MPDSGR:
         return window_overlap(mean, var, gamma, self.window, self.k, self.eps)
 
     def loss(self) -> torch.Tensor:
-        """L_MPD: mean over layers of the mean Omega (unweighted by eta)."""
-        return torch.stack([omega.mean() for omega in self.layer_overlaps()]).mean()
+        """L_MPD: mean over layers of the mean Omega (unweighted by eta).
+
+        Raises FloatingPointError naming the layer when a layer's statistics are NaN or infinite
+        (one device sync per call; skipped while torch.compile traces)."""
+        per_layer = torch.stack([omega.mean() for omega in self.layer_overlaps()])
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(per_layer).all()):
+            raise FloatingPointError(self._not_finite(per_layer))
+        return per_layer.mean()
+
+    def _not_finite(self, per_layer: torch.Tensor) -> str:
+        """Which layers' statistics are not finite, and how many cells, for the error message."""
+        parts = []
+        for i in torch.nonzero(~torch.isfinite(per_layer)).flatten().tolist():
+            records = self.layers[i].mpd_records
+            bad_mean = sum(int((~torch.isfinite(mean)).sum()) for mean, _ in records)
+            bad_var = sum(int((~torch.isfinite(var)).sum()) for _, var in records)
+            cells = sum(mean.numel() for mean, _ in records)
+            parts.append(f"LIF layer {i} ('{self.layer_names[i]}'): mean not finite in {bad_mean} and variance "
+                         f"in {bad_var} of {cells} (time step, channel) cells")
+        return ("MPD-SGR: the membrane statistics of the last forward are NaN or infinite in "
+                + "; ".join(parts) + ". The layer's input held NaN or inf: a diverging training (a learning rate "
+                "too large, bf16 overflow) or bad input data; Omega and the loss would be NaN")
 
     def __call__(self) -> torch.Tensor:
         if self.eta == 0.0:
             device = self.layers[0].mpd_records[0][0].device if self.layers[0].mpd_records else None
             return torch.zeros((), device=device)
+        records = [r for layer in self.layers for r in layer.mpd_records]  # none: loss() says run a forward
+        if records and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not any(
+                mean.requires_grad or var.requires_grad for mean, var in records):
+            raise RuntimeError(
+                "MPD-SGR: the last forward recorded its membrane statistics without an autograd graph (it ran under "
+                "torch.no_grad() or torch.inference_mode(), or nothing before the LIF layers requires a gradient), "
+                "so reg() would be a constant and regularize nothing. Run the training forward with gradients "
+                "enabled; to read Omega of an evaluation forward use reg.mean_overlap(), or call reg() inside "
+                "torch.no_grad()"
+            )
         return self.eta * self.loss()
 
     @torch.no_grad()

@@ -141,6 +141,18 @@ class LIFConfig:
         check_bool("decay_input", self.decay_input)
         check_bool("detach_reset", self.detach_reset)
         object.__setattr__(self, "surrogate", as_surrogate(self.surrogate))
+        # Parameters that make no neuron: one that rests at or above its threshold fires at every step,
+        # whatever its input (its spikes carry nothing, and its u never leaves the surrogate's reach).
+        if self.v_reset is not None and self.v_reset >= self.v_th:
+            raise ValueError(
+                f"v_reset ({self.v_reset:g}) >= v_th ({self.v_th:g}): with a hard reset the neuron rests at v_reset, "
+                "at or above its threshold, so it fires at every step whatever its input; use v_reset < v_th"
+            )
+        if self.v_reset is None and self.v_th <= 0.0:
+            raise ValueError(
+                f"v_th ({self.v_th:g}) <= 0 with a soft reset (v_reset=None): the neuron rests at 0, at or above its "
+                "threshold, so it fires at every step whatever its input; use v_th > 0"
+            )
         if tau == math.inf and self.decay_input:
             raise ValueError(
                 "tau = inf with decay_input=True multiplies the input by 1/tau = 0, so the neuron "

@@ -50,11 +50,12 @@ def rel_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 # ---------------------------------------------------------------- a fused backend against the reference
 
 
-def _run_lif(backend, x, opts, *, terms, weights, v_init=None):
+def _run_lif(backend, x, opts, *, terms, weights, v_init=None, surrogate_param=None):
     """Forward + backward of a weighted sum of the chosen outputs; returns outputs and grads."""
     x = x.detach().clone().requires_grad_(True)
     v0 = v_init.detach().clone().requires_grad_(True) if v_init is not None else None
-    spikes, mean, var, v_T = mt.lif(x, **opts, backend=backend, return_stats=True, v_init=v0, return_state=True)
+    spikes, mean, var, v_T = mt.lif(x, **opts, backend=backend, return_stats=True, v_init=v0, return_state=True,
+                                    surrogate_param=surrogate_param)
     loss = 0.0
     if "spikes" in terms:
         loss = loss + (spikes.float() * weights["spikes"]).sum()
@@ -79,12 +80,19 @@ def output_weights(x, seed):
     return dict(spikes=r(*x.shape), mean=r(T, C), var=r(T, C), state=r(*x.shape[1:]))
 
 
-def compare_with_reference(backend, x, opts, seed, terms, *, v_init=None):
+# Low-precision input: the kernels save u in the input dtype and write v_T and dL/dx in it, the reference keeps
+# u in float32, so the final state and the gradients agree to about the dtype's precision (relative to the
+# largest value); statistics, computed in float32 by both, keep the float32 tolerances.
+LOW_PRECISION_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def compare_with_reference(backend, x, opts, seed, terms, *, v_init=None, surrogate_param=None):
     """A fused backend against the reference: forward (spikes exactly, statistics, final state) and
-    the gradients of x and v_init of a random weighting of the chosen outputs (``terms``)."""
+    the gradients of x and v_init of a random weighting of the chosen outputs (``terms``); x in
+    float32, or bfloat16 / float16 (LOW_PRECISION_TOLERANCE)."""
     weights = output_weights(x, seed)
-    ref = _run_lif("torch", x, opts, terms=terms, weights=weights, v_init=v_init)
-    out = _run_lif(backend, x, opts, terms=terms, weights=weights, v_init=v_init)
+    ref = _run_lif("torch", x, opts, terms=terms, weights=weights, v_init=v_init, surrogate_param=surrogate_param)
+    out = _run_lif(backend, x, opts, terms=terms, weights=weights, v_init=v_init, surrogate_param=surrogate_param)
     u_ref = mt.lif_reference(x.float(), mt.LIFConfig(**opts), v_init=v_init).u
 
     # Spikes must agree exactly, except where u sits at rounding level of the
@@ -106,11 +114,13 @@ def compare_with_reference(backend, x, opts, seed, terms, *, v_init=None):
     scale = 1.0 + float(u_ref.abs().max())
     assert_close("mean", out["mean"], ref["mean"], atol=2e-6 * scale, rtol=1e-5, mask=stat_mask)
     assert_close("var", out["var"], ref["var"], atol=4e-6 * scale * scale, rtol=1e-4, mask=stat_mask)
-    assert_close("v_T", out["v_T"], ref["v_T"], atol=1e-5 * scale, rtol=1e-5, mask=neuron_ok[0])
+    low = LOW_PRECISION_TOLERANCE.get(x.dtype)
+    assert_close("v_T", out["v_T"], ref["v_T"], atol=(low or 1e-5) * scale, rtol=low or 1e-5, mask=neuron_ok[0])
     gscale = 1.0 + float(ref["grad_x"].abs().max())
-    assert_close("grad_x", out["grad_x"], ref["grad_x"], atol=2e-5 * gscale, rtol=1e-4, mask=grad_mask)
+    grad_atol, grad_rtol = (low * gscale, low) if low else (2e-5 * gscale, 1e-4)
+    assert_close("grad_x", out["grad_x"], ref["grad_x"], atol=grad_atol, rtol=grad_rtol, mask=grad_mask)
     if v_init is not None:
-        assert_close("grad_v_init", out["grad_v0"], ref["grad_v0"], atol=2e-5 * gscale, rtol=1e-4, mask=grad_mask[0])
+        assert_close("grad_v_init", out["grad_v0"], ref["grad_v0"], atol=grad_atol, rtol=grad_rtol, mask=grad_mask[0])
 
 
 # ---------------------------------------------------------------- memory formats
@@ -154,7 +164,7 @@ def neuron_options(draw) -> dict:
     decay_input = False if math.isinf(tau) else draw(st.booleans())
     return dict(
         tau=tau,
-        v_th=draw(st.sampled_from([1.0, 0.5]) | st.floats(0.2, 2.0)),
+        v_th=draw(st.sampled_from([1.0, 0.5]) | st.floats(0.25, 2.0)),  # above every v_reset below
         v_reset=draw(st.sampled_from([0.0, None, -0.3, 0.2])),
         decay_input=decay_input,
         detach_reset=draw(st.booleans()),

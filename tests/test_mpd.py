@@ -189,3 +189,51 @@ def test_relative_window_bad_options():
     with pytest.raises(ValueError, match="relative window is set by k"):
         mt.MPDSGR(model, eta=1.0, window="relative", gamma=1.0)
     assert "window='relative', k=2" in repr(mt.MPDSGR(model, eta=1.0, window="relative", k=2.0))
+
+
+class _Two(nn.Module):
+    """Two named LIF layers, for the messages."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.first = mt.LIF(backend="torch")
+        self.second = mt.LIF(backend="torch")
+
+    def forward(self, x):
+        return self.second(self.first(self.fc(x)) + x[..., :1])
+
+
+def test_reg_refuses_a_forward_without_graph_and_says_why():
+    model = _Two()
+    reg = mt.MPDSGR(model, eta=1.0)
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        model(x)
+    with pytest.raises(RuntimeError, match=r"without an autograd graph \(it ran under torch.no_grad\(\)"):
+        reg()
+    with torch.inference_mode():
+        model(x)
+    with pytest.raises(RuntimeError, match="would be a constant and regularize nothing"):
+        reg()
+    with torch.no_grad():  # reading it for a log is fine, and so is mean_overlap
+        assert float(reg()) == pytest.approx(reg.mean_overlap())
+    model(x)  # a training forward: a differentiable loss again
+    assert reg().requires_grad
+    assert mt.MPDSGR(_Two(), eta=0.0)() == 0  # eta = 0 asks nothing of the forward
+
+
+def test_non_finite_statistics_name_the_layer():
+    model = _Two()
+    reg = mt.MPDSGR(model, eta=1.0)
+    x = torch.randn(3, 2, 4)
+    model(x)
+    reg().backward()
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")  # the first layer's channel 0 at every step and image
+    model(x)
+    with pytest.raises(FloatingPointError, match=r"LIF layer 0 \('first'\): mean not finite in 3 and variance "
+                                                 r"in 3 of 18 \(time step, channel\) cells"):
+        reg()
+    with pytest.raises(FloatingPointError, match="first"):
+        reg.mean_overlap()
