@@ -8,7 +8,7 @@ and the LIF neurons on [T, B, ...], and returns the mean of the logits over T.
 
 from __future__ import annotations
 
-from dataclasses import Field, asdict, dataclass, field, fields, is_dataclass, make_dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from einops import rearrange
@@ -17,56 +17,27 @@ from torch import nn
 import mpd_triton as mt
 
 __all__ = ["NeuronOptions", "SpikingModel", "TimeDistributed", "ConvBNLIF", "ENCODINGS", "poisson_encode",
-           "classifier_layer", "insert_fields"]
+           "classifier_layer"]
 
 ENCODINGS = ("direct", "poisson")
 
 
-def insert_fields(source, *, after: str | None = None, types: dict | None = None):
-    """A class decorator over a dataclass: the class remade with the fields of the dataclass ``source``
-    (their types and defaults) inserted after its own field ``after`` (None: before its first one);
-    ``types`` replaces the types of some of them. Its methods and docstring are kept.
-
-    One list of fields then serves several classes: NeuronOptions takes LIFConfig's, and
-    train/config.py's RunConfig takes NeuronOptions'.
-    """
-    types = types or {}
-
-    def remake(cls):
-        if not is_dataclass(cls) or not is_dataclass(source):
-            raise TypeError("insert_fields takes a dataclass and decorates a dataclass")
-        added = [(f.name, types.get(f.name, f.type), _copy_field(f)) for f in fields(source)]
-        own = [(f.name, f.type, _copy_field(f)) for f in fields(cls)]
-        names = [name for name, _, _ in own]
-        if after is not None and after not in names:
-            raise ValueError(f"{cls.__name__} has no field {after!r}")
-        at = 0 if after is None else names.index(after) + 1
-        keep = ("__doc__", "__module__")
-        methods = {k: v for k, v in vars(cls).items() if k not in names and (k in keep or not k.startswith("__"))}
-        params = cls.__dataclass_params__
-        return make_dataclass(cls.__name__, own[:at] + added + own[at:], namespace=methods, init=params.init,
-                              repr=params.repr, eq=params.eq, order=params.order, unsafe_hash=params.unsafe_hash,
-                              frozen=params.frozen)
-
-    return remake
-
-
-def _copy_field(f: Field) -> Field:
-    return field(default=f.default, default_factory=f.default_factory, init=f.init, repr=f.repr, hash=f.hash,
-                 compare=f.compare, metadata=f.metadata)
-
-
-@insert_fields(mt.LIFConfig, types={"surrogate": "str"})
 @dataclass
 class NeuronOptions:
-    """Options of every LIF layer of a model: the fields of ``mt.LIFConfig`` (tau, v_th, v_reset,
-    decay_input, detach_reset, surrogate; their defaults are LIFConfig's), with the surrogate by name,
-    then those below. ``to_config()`` is the validated LIFConfig, ``make()`` a layer of it.
+    """Options of every LIF layer of a model: the fields of ``mt.LIFConfig`` (tau ... surrogate: the same
+    names, order and defaults, tests/test_api.py keeps them in step), with the surrogate by name, then
+    those below. ``to_config()`` is the validated LIFConfig, ``make()`` a layer of it.
 
     Plain values only (a checkpoint's model_spec["neuron"] is ``to_dict()``, and ``NeuronOptions(**it)``
     rebuilds it), one command-line flag each (train/config.py).
     """
 
+    tau: float = 2.0
+    v_th: float = 1.0
+    v_reset: float | None = 0.0
+    decay_input: bool = True
+    detach_reset: bool = False
+    surrogate: str = "triangle"
     surrogate_param: float | None = None  # gamma (triangle, rectangular) or alpha (others); None: default
     window: float | None = None  # MPD-SGR window override for smooth surrogates
     backend: str = "auto"

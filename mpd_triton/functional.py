@@ -7,7 +7,6 @@ autograd formula lives there), so ``torch.compile(fullgraph=True)`` traces
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import torch
@@ -122,17 +121,16 @@ def _lif_fused(backend: str, x, v_init, cfg: LIFConfig, stats: bool, save_state:
 
 
 # LIFConfig's defaults: lif's neuron arguments are its fields, and default to what it defaults to.
-_NEURON = {f.name: f.default for f in dataclasses.fields(LIFConfig)}
 
 
 def lif(
     x: torch.Tensor,
-    tau: float = _NEURON["tau"],
-    v_th: float = _NEURON["v_th"],
-    v_reset: float | None = _NEURON["v_reset"],
-    decay_input: bool = _NEURON["decay_input"],
-    detach_reset: bool = _NEURON["detach_reset"],
-    surrogate: Surrogate | str = _NEURON["surrogate"],
+    tau: float = 2.0,
+    v_th: float = 1.0,
+    v_reset: float | None = 0.0,
+    decay_input: bool = True,
+    detach_reset: bool = False,
+    surrogate: Surrogate | str = "triangle",
     backend: str = "auto",
     *,
     return_stats: bool = False,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 from torch import nn
@@ -50,11 +49,14 @@ class LIF(nn.Module):
     :func:`rate_backward` (an attacker's option; statistics are not recorded then).
     """
 
-    def __init__(self, *args, backend: str = "auto", record_mpd: bool = False, **neuron):
-        """``args`` and ``neuron``: the neuron, as :class:`mpd_triton.LIFConfig` takes it (tau, v_th,
-        v_reset, decay_input, detach_reset, surrogate; positionally or by name), validated once, here."""
+    def __init__(self, tau: float = 2.0, v_th: float = 1.0, v_reset: float | None = 0.0, decay_input: bool = True,
+                 detach_reset: bool = False, surrogate: Surrogate | str = "triangle", *, backend: str = "auto",
+                 record_mpd: bool = False):
+        """The neuron's parameters are :class:`mpd_triton.LIFConfig`'s (the same names, order and
+        defaults; tests/test_api.py keeps them in step), validated once, here."""
         super().__init__()
-        self.config = LIFConfig(*args, **neuron)
+        self.config = LIFConfig(tau=tau, v_th=v_th, v_reset=v_reset, decay_input=decay_input,
+                                detach_reset=detach_reset, surrogate=surrogate)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -130,14 +132,3 @@ class LIF(nn.Module):
                 f"detach_reset={c.detach_reset}, surrogate={c.surrogate!r}, backend={self.backend!r}, "
                 f"record_mpd={self.record_mpd}")
 
-
-def _signature() -> inspect.Signature:
-    """LIF(tau=2.0, v_th=1.0, ..., *, backend="auto", record_mpd=False), from LIFConfig's fields."""
-    neuron = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default,
-                                annotation=f.type) for f in dataclasses.fields(LIFConfig)]
-    options = [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation="str"),
-               inspect.Parameter("record_mpd", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")]
-    return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + neuron + options)
-
-
-LIF.__init__.__signature__ = _signature()

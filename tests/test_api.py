@@ -118,6 +118,7 @@ def test_return_values(backend):
     assert ((s == 0) | (s == 1)).all()
 
 
+@pytest.mark.gpu
 def test_auto_picks_triton_on_cuda_and_the_cpu_kernels_on_the_cpu():
     x = make_input((2, 2, 3), 0)
     from mpd_triton.functional import _resolve_backend
@@ -255,3 +256,30 @@ def test_interpreter_numpy_guard(triton_version, numpy_version, broken):
     assert (problem is not None) == broken
     if broken:
         assert "numpy<2.4" in problem and triton_version in problem
+
+
+def test_neuron_parameters_are_written_out_and_in_step_with_lifconfig():
+    """mt.lif, mt.LIF, NeuronOptions and train's RunConfig list the neuron's parameters in their own
+    source (for readers, IDEs and type checkers); they must stay LIFConfig's: names, order, defaults."""
+    import dataclasses
+    import inspect
+
+    from models import NeuronOptions
+    from train.config import RunConfig
+
+    config = [(f.name, f.default) for f in dataclasses.fields(mt.LIFConfig)]
+    n = len(config)
+
+    def params(fn, skip):
+        return [(p.name, p.default) for p in list(inspect.signature(fn).parameters.values())[skip:skip + n]]
+
+    assert params(mt.lif, 1) == config  # after x
+    assert params(mt.LIF.__init__, 1) == config  # after self
+    assert all(p.kind is p.KEYWORD_ONLY for p in list(inspect.signature(mt.LIF).parameters.values())[n:])
+    options = [(f.name, f.default) for f in dataclasses.fields(NeuronOptions)]
+    assert options[:n] == config
+    run = [(f.name, f.default) for f in dataclasses.fields(RunConfig)]
+    names = [name for name, _ in run]
+    start = names.index(options[0][0])
+    assert run[start:start + len(options)] == options  # NeuronOptions' fields, in one block
+    assert mt.LIF(0.5 + 1.5).config == mt.LIFConfig(2.0) and mt.LIF(surrogate="atan").surrogate == mt.ATan()

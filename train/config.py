@@ -15,7 +15,6 @@ from dataclasses import dataclass, fields
 
 import mpd_triton as mt
 from models import ENCODINGS, MODEL_NAMES, MODEL_WIDTHS, NeuronOptions
-from models.common import insert_fields
 
 from .compiling import COMPILE_MIN_STEPS
 from .data import DATASETS
@@ -35,7 +34,6 @@ class ConfigError(ValueError):
     """A bad command-line value; the message is one line for the user."""
 
 
-@insert_fields(NeuronOptions, after="schedule")
 @dataclass
 class RunConfig:
     preset: str = "quick"
@@ -59,8 +57,17 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
-    # neurons: NeuronOptions' fields (tau, v_th, v_reset, decay_input, detach_reset, surrogate, surrogate_param,
-    # window, backend; models/common.py) with their defaults, inserted here by insert_fields: one CLI flag each
+    # neurons: NeuronOptions' fields (models/common.py), the same names, order and defaults (tests/test_api.py
+    # keeps them in step), one CLI flag each
+    tau: float = 2.0
+    v_th: float = 1.0
+    v_reset: float | None = 0.0
+    decay_input: bool = True
+    detach_reset: bool = False
+    surrogate: str = "triangle"
+    surrogate_param: float | None = None
+    window: float | None = None
+    backend: str = "auto"
     # MPD-SGR
     eta: float = 0.0
     compare: bool = False  # train eta = 0 and eta = `eta` from the same seed, side by side
