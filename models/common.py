@@ -47,6 +47,8 @@ class NeuronOptions:
         args = () if self.surrogate_param is None else (self.surrogate_param,)
         if self.window is None:
             return cls(*args)
+        if not self.window > 0:
+            raise ValueError(f"window (the smooth surrogate's MPD-SGR window) must be > 0, got {self.window}")
         if cls in (mt.Triangle, mt.Rectangular):
             raise ValueError(f"window: the {cls.name} surrogate's MPD-SGR window is its support, set by its gamma "
                              "(--surrogate-param); window (--window) is for the smooth surrogates (sigmoid, atan, "

@@ -12,7 +12,8 @@
 from .convert import SPIKINGJELLY_SURROGATES, from_spikingjelly
 from .functional import BACKENDS, KERNEL_DTYPES, cpu_kernels_unavailable, lif, triton_interpreted
 from .layers import BACKWARD_MODES, LIF, rate_backward
-from .mpd import DEFAULT_EPS, GRANULARITIES, MPD_WINDOWS, MPDSGR, combine_stats, mpd_overlap, window_overlap
+from .mpd import (DEFAULT_EPS, GRANULARITIES, MPD_WINDOWS, MPDSGR, MPDOptions, combine_stats, mpd_overlap,
+                  window_overlap)
 from .neuron import LIFConfig
 from .reference import lif_reference, membrane_stats
 from .surrogates import (
@@ -32,7 +33,7 @@ from .surrogates import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "lif", "LIF", "MPDSGR", "mpd_overlap", "window_overlap", "combine_stats", "LIFConfig", "lif_reference", "membrane_stats",
+    "lif", "LIF", "MPDSGR", "MPDOptions", "mpd_overlap", "window_overlap", "combine_stats", "LIFConfig", "lif_reference", "membrane_stats",
     "spike_function", "Surrogate", "Triangle", "Rectangular", "Sigmoid", "ATan", "SuperSpike", "as_surrogate",
     "SURROGATE_NAMES", "SURROGATE_KINDS", "WINDOW_PEAK_FRACTION", "BACKENDS", "KERNEL_DTYPES", "DEFAULT_EPS", "GRANULARITIES",
     "MPD_WINDOWS", "triton_interpreted", "cpu_kernels_unavailable", "BACKWARD_MODES", "rate_backward", "from_spikingjelly",

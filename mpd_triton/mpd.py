@@ -8,13 +8,16 @@ surrogate window, and the regularizer that averages it over a model's LIF layers
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .kernels import cpu as _cpu_kernels
 from .neuron import check_real
 
-__all__ = ["mpd_overlap", "window_overlap", "combine_stats", "MPDSGR", "DEFAULT_EPS", "GRANULARITIES", "MPD_WINDOWS"]
+__all__ = ["mpd_overlap", "window_overlap", "combine_stats", "MPDSGR", "MPDOptions", "DEFAULT_EPS", "GRANULARITIES",
+           "MPD_WINDOWS"]
 
 DEFAULT_EPS = 1e-5
 GRANULARITIES = ("time_channel", "channel", "layer")
@@ -153,6 +156,54 @@ def combine_stats(mean: torch.Tensor, var: torch.Tensor, granularity: str) -> tu
     return pooled_mean, var.mean(dim=dims) + spread
 
 
+@dataclass(frozen=True)
+class MPDOptions:
+    """How MPD-SGR measures Omega: validated once, here, and shared by ``MPDSGR`` and whatever reports
+    Omega beside it (the training's per-layer diagnostics), so that both measure the same thing.
+
+    Args:
+        granularity: "time_channel" (per time step and channel, as in the paper), "channel" or
+            "layer": the Gaussian is fitted per cell.
+        gamma: window half-width for every layer; None uses each layer's surrogate window.
+        eps: added to the variance before the square root.
+        window: "surrogate" (the paper): Omega is the Gaussian's share inside [-gamma, gamma].
+            "relative": inside [-k sigma, k sigma] with each cell's own sigma = sqrt(var + eps),
+            so that Omega = Phi(k - |mean|/sigma) - Phi(-k - |mean|/sigma) depends only on how
+            many standard deviations the threshold lies from the mean. A layer whose input is
+            BatchNorm-ed can lower the surrogate-window Omega by spreading u (a larger gain),
+            which moves potentials out of the window but multiplies the gradient of those left
+            inside; the relative window does not reward that (docs/study.md measures it).
+        k: the relative window's half-width in standard deviations.
+    """
+
+    granularity: str = "time_channel"
+    gamma: float | None = None
+    eps: float = DEFAULT_EPS
+    window: str = "surrogate"
+    k: float = 1.0
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.gamma is not None:
+            object.__setattr__(self, "gamma", check_real("gamma", self.gamma, positive=True))
+        object.__setattr__(self, "eps", check_real("eps", self.eps, nonnegative=True))
+        if self.window not in MPD_WINDOWS:
+            raise ValueError(f"window must be one of {MPD_WINDOWS}, got {self.window!r}")
+        object.__setattr__(self, "k", check_real("k (the relative window's half-width in standard deviations)",
+                                                 self.k, positive=True))
+        if self.window == "relative" and self.gamma is not None:
+            raise ValueError("gamma sets the surrogate window; the relative window is set by k")
+
+    def layer_gamma(self, layer) -> float:
+        """The surrogate window's half-width used for ``layer`` (an mt.LIF): ``gamma``, or its surrogate's."""
+        return self.gamma if self.gamma is not None else layer.surrogate.window
+
+    def overlap(self, mean: torch.Tensor, var: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Omega of per-(t, c) statistics [T, C], pooled to the granularity, in this window."""
+        return window_overlap(*combine_stats(mean, var, self.granularity), gamma, self.window, self.k, self.eps)
+
+
 class MPDSGR:
     """MPD-SGR regularizer over every ``mt.LIF`` layer of ``model``.
 
@@ -172,49 +223,44 @@ class MPDSGR:
         model: a module containing mt.LIF layers.
         eta: weight of the regularizer (>= 0; 0 gives the plain baseline but
             still records Omega for monitoring).
-        granularity: "time_channel" (per time step and channel, as in the
-            paper), "channel" or "layer": the Gaussian is fitted per cell.
-        gamma: window half-width; None uses each layer's surrogate window.
-        eps: added to the variance before the square root.
-        window: "surrogate" (the paper): Omega is the Gaussian's share inside [-gamma, gamma].
-            "relative": inside [-k sigma, k sigma] with each cell's own sigma = sqrt(var + eps),
-            so that Omega = Phi(k - |mean|/sigma) - Phi(-k - |mean|/sigma) depends only on how
-            many standard deviations the threshold lies from the mean. A layer whose input is
-            BatchNorm-ed can lower the surrogate-window Omega by spreading u (a larger gain),
-            which moves potentials out of the window but multiplies the gradient of those left
-            inside; the relative window does not reward that. Not shown to make a network more
-            robust: +3.9 +- 2.7 points under the strongest attack over three seeds (docs/study.md).
-        k: the relative window's half-width in standard deviations.
+        granularity, gamma, eps, window, k: how Omega is measured, as ``MPDOptions`` takes them
+            (the paper's: per time step and channel, each surrogate's window).
+        options: an ``MPDOptions`` instead of the five keywords (from a saved configuration).
     """
 
-    def __init__(self, model: nn.Module, eta: float, *, granularity: str = "time_channel", gamma=None,
-                 eps: float = DEFAULT_EPS, window: str = "surrogate", k: float = 1.0):
+    def __init__(self, model: nn.Module, eta: float, *, granularity: str = "time_channel", gamma: float | None = None,
+                 eps: float = DEFAULT_EPS, window: str = "surrogate", k: float = 1.0,
+                 options: MPDOptions | None = None):
         from .layers import LIF
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         eta = check_real("eta", eta, nonnegative=True)
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if gamma is not None:
-            gamma = check_real("gamma", gamma, positive=True)
-        eps = check_real("eps", eps, nonnegative=True)
-        if window not in MPD_WINDOWS:
-            raise ValueError(f"window must be one of {MPD_WINDOWS}, got {window!r}")
-        k = check_real("k (the relative window's half-width in standard deviations)", k, positive=True)
-        if window == "relative" and gamma is not None:
-            raise ValueError("gamma sets the surrogate window; the relative window is set by k")
-        self.window, self.k = window, k
+        keywords = MPDOptions(granularity=granularity, gamma=gamma, eps=eps, window=window, k=k)
+        if options is None:
+            options = keywords
+        elif not isinstance(options, MPDOptions):
+            raise TypeError(f"options must be an mt.MPDOptions, got {type(options).__name__}")
+        elif keywords != MPDOptions():
+            raise ValueError("give MPD-SGR's options either as options=MPDOptions(...) or as keywords, not both")
+        self.options = options
         named = [(name, m) for name, m in model.named_modules() if isinstance(m, LIF)]
         self.layers = [m for _, m in named]
         self.layer_names = [name or type(model).__name__ for name, _ in named]  # for error messages
         if not self.layers:
             raise ValueError("model has no mt.LIF layers: MPD-SGR regularizes the membrane potential of LIF layers")
-        self.eta, self.granularity, self.gamma, self.eps = eta, granularity, gamma, eps
+        self.eta = eta
         for layer in self.layers:
             layer.record_mpd = True
             layer.keep_all_records = True
         self._hook = model.register_forward_pre_hook(self._clear)
+
+    # The options, read where they were read before MPDOptions held them.
+    granularity = property(lambda self: self.options.granularity)
+    gamma = property(lambda self: self.options.gamma)
+    eps = property(lambda self: self.options.eps)
+    window = property(lambda self: self.options.window)
+    k = property(lambda self: self.options.k)
 
     def _clear(self, module, args):
         for layer in self.layers:
@@ -246,14 +292,10 @@ class MPDSGR:
                     f"no membrane statistics recorded for {layer!r}: run a forward pass of the model first "
                     "(every LIF layer must be used in the forward)"
                 )
-            gamma = self.gamma if self.gamma is not None else layer.surrogate.window
-            omegas = [self._overlap(*combine_stats(mean, var, self.granularity), gamma).reshape(-1)
-                      for mean, var in layer.mpd_records]
-            out.append(torch.cat(omegas))
+            gamma = self.options.layer_gamma(layer)
+            out.append(torch.cat([self.options.overlap(mean, var, gamma).reshape(-1)
+                                  for mean, var in layer.mpd_records]))
         return out
-
-    def _overlap(self, mean: torch.Tensor, var: torch.Tensor, gamma: float) -> torch.Tensor:
-        return window_overlap(mean, var, gamma, self.window, self.k, self.eps)
 
     def loss(self) -> torch.Tensor:
         """L_MPD: mean over layers of the mean Omega (unweighted by eta).

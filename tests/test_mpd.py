@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -137,7 +138,7 @@ def _train(model, eta, steps, seed=0):
     return reg.mean_overlap()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.gpu)])
 def test_regularizer_lowers_overlap(backend):
     """From one initialization, eta > 0 ends with clearly lower Omega than eta = 0."""
     torch.manual_seed(0)
@@ -166,18 +167,18 @@ def test_relative_window_depends_only_on_the_mean_in_standard_deviations():
     scaled = (torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.3, 2.0, 0.1]))
     for c in (0.5, 3.0):
         m, v = scaled
-        base = relative._overlap(m, v, gamma=1.0)
-        torch.testing.assert_close(relative._overlap(c * m, c * c * v, gamma=1.0), base, atol=1e-4, rtol=1e-4)
+        base = relative.options.overlap(m, v, 1.0)
+        torch.testing.assert_close(relative.options.overlap(c * m, c * c * v, 1.0), base, atol=1e-4, rtol=1e-4)
     surrogate = mt.MPDSGR(model, eta=1.0)
     m, v = torch.tensor([0.5, -0.3, 0.0]), torch.tensor([0.3, 0.5, 0.1])  # means inside the window
-    assert (surrogate._overlap(3 * m, 9 * v, 1.0) < surrogate._overlap(m, v, 1.0)).all()  # spreading lowers it
+    assert (surrogate.options.overlap(3 * m, 9 * v, 1.0) < surrogate.options.overlap(m, v, 1.0)).all()  # spreading lowers it
 
 
 def test_relative_window_gradient_matches_finite_differences():
     mean = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64, requires_grad=True)
     var = torch.tensor([0.5, 1.5, 0.2], dtype=torch.float64, requires_grad=True)
     reg = mt.MPDSGR(TinySNN(), eta=1.0, window="relative", k=1.3)
-    assert torch.autograd.gradcheck(lambda m, v: reg._overlap(m, v, 1.0), (mean, var))
+    assert torch.autograd.gradcheck(lambda m, v: reg.options.overlap(m, v, 1.0), (mean, var))
 
 
 def test_relative_window_bad_options():
@@ -237,3 +238,23 @@ def test_non_finite_statistics_name_the_layer():
         reg()
     with pytest.raises(FloatingPointError, match="first"):
         reg.mean_overlap()
+
+
+def test_options_object_is_the_keywords_validated_once():
+    model = TinySNN()
+    opts = mt.MPDOptions(granularity="channel", window="relative", k=2.0)
+    by_object = mt.MPDSGR(model, eta=0.5, options=opts)
+    by_keywords = mt.MPDSGR(TinySNN(), eta=0.5, granularity="channel", window="relative", k=2.0)
+    assert by_object.options == by_keywords.options == opts and by_object.granularity == "channel"
+    assert repr(by_object) == repr(by_keywords)
+    with pytest.raises(ValueError, match="either as options=MPDOptions"):
+        mt.MPDSGR(model, eta=0.5, options=opts, k=3.0)
+    with pytest.raises(TypeError, match="options must be an mt.MPDOptions"):
+        mt.MPDSGR(model, eta=0.5, options={"k": 2.0})
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        mt.MPDOptions(granularity="neuron")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.k = 1.0
+    layer = mt.LIF(surrogate=mt.Sigmoid(4.0))
+    assert mt.MPDOptions().layer_gamma(layer) == layer.surrogate.window
+    assert mt.MPDOptions(gamma=0.3).layer_gamma(layer) == 0.3

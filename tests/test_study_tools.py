@@ -246,9 +246,9 @@ def test_diagnostics_use_the_runs_window_and_remove_their_hooks():
     torch.manual_seed(0)
     model = build_model("small", in_channels=1, num_classes=4, image_size=8, T=2, width=4, hidden=8)
     x = torch.rand(6, 1, 8, 8)
-    wide = layer_diagnostics(model, x, gamma=5.0)
-    narrow = layer_diagnostics(model, x, gamma=0.2)
-    relative = layer_diagnostics(model, x, window="relative", k=1.0)
+    wide = layer_diagnostics(model, x, options=mt.MPDOptions(gamma=5.0))
+    narrow = layer_diagnostics(model, x, options=mt.MPDOptions(gamma=0.2))
+    relative = layer_diagnostics(model, x, options=mt.MPDOptions(window="relative", k=1.0))
     for w, n, r in zip(wide, narrow, relative):
         assert w["in_window"] > n["in_window"] and w["omega"] > n["omega"]
         assert w["window"] == 5.0 and r["window"] == "1 sigma"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 
 import mpd_triton as mt
 from models import ENCODINGS, MODEL_NAMES, MODEL_WIDTHS, NeuronOptions
+from mpd_triton.neuron import check_real
 
 from .compiling import COMPILE_MIN_STEPS
 from .data import DATASETS
@@ -106,6 +107,10 @@ class RunConfig:
         """The architecture options of this run that the model builder takes (those set)."""
         options = {} if self.width is None else {"width": self.width}
         return {**options, "classifier_bn": True} if self.classifier_bn else options
+
+    def mpd_options(self) -> mt.MPDOptions:
+        """MPD-SGR's options of this run, validated by the library (ValueError on a bad one)."""
+        return mt.MPDOptions(granularity=self.granularity, gamma=self.gamma, window=self.mpd_window, k=self.mpd_k)
 
     def neuron_options(self) -> dict:
         """The NeuronOptions fields of this run (RunConfig keeps them flat: one CLI flag each)."""
@@ -353,6 +358,19 @@ def _positive_int(name, value):
         raise ConfigError(f"{name} must be >= 1, got {value}")
 
 
+# The library's names of MPD-SGR's options, as the command line spells them.
+_MPD_FLAGS = {"window must be one of": "--mpd-window must be one of", "k (the relative window's": "--mpd-k (the "
+              "relative window's", "gamma sets the surrogate window; the relative window is set by k":
+              "--gamma sets the surrogate window; the relative window is set by --mpd-k"}
+
+
+def _flag_names(message: str) -> str:
+    for library, flag in _MPD_FLAGS.items():
+        if message.startswith(library):
+            return flag + message[len(library):]
+    return message
+
+
 def validate(cfg: RunConfig) -> None:
     if cfg.model not in MODEL_NAMES:
         raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -364,16 +382,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if cfg.mpd_window not in mt.MPD_WINDOWS:
-        raise ConfigError(f"unknown MPD-SGR window {cfg.mpd_window!r}; choose one of {', '.join(mt.MPD_WINDOWS)}")
-    if not (cfg.mpd_k > 0 and math.isfinite(cfg.mpd_k)):
-        raise ConfigError(f"mpd k must be > 0, got {cfg.mpd_k}")
-    if cfg.mpd_window == "relative" and cfg.gamma is not None:
-        raise ConfigError("--gamma sets the surrogate window; the relative window is set by --mpd-k")
-    if cfg.granularity not in mt.GRANULARITIES:
-        raise ConfigError(f"unknown granularity {cfg.granularity!r}; choose one of {', '.join(mt.GRANULARITIES)}")
-    if cfg.backend not in mt.BACKENDS:
-        raise ConfigError(f"unknown backend {cfg.backend!r}; choose one of {', '.join(mt.BACKENDS)}")
+    try:  # MPD-SGR's options and eta, the neuron's: checked by the library's own validation
+        cfg.mpd_options()
+        check_real("eta", cfg.eta, nonnegative=True)
+        NeuronOptions(**cfg.neuron_options()).make()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(_flag_names(str(e))) from None
     if (cfg.width is not None or cfg.classifier_bn) and cfg.model not in MODEL_WIDTHS:
         raise ConfigError(f"--width and --classifier-bn are options of {', '.join(MODEL_WIDTHS)}, not of {cfg.model}")
     for name in ("T", "width", "epochs", "batch_size", "eval_batch_size", "adv_steps", "train_limit", "test_limit",
@@ -383,8 +397,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"lr must be > 0, got {cfg.lr}")
     if cfg.momentum < 0 or cfg.weight_decay < 0:
         raise ConfigError("momentum and weight decay must be >= 0")
-    if not (cfg.eta >= 0 and math.isfinite(cfg.eta)):
-        raise ConfigError(f"eta must be >= 0, got {cfg.eta}")
     if not (cfg.sr_lambda >= 0 and math.isfinite(cfg.sr_lambda)):
         raise ConfigError(f"sr lambda must be >= 0, got {cfg.sr_lambda}")
     if not (cfg.sr_h > 0 and math.isfinite(cfg.sr_h)):
@@ -398,15 +410,6 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(cfg, name)
         if not (0 <= value <= 1):
             raise ConfigError(f"{name.replace('_', ' ')} must be in [0, 1] (images are in [0, 1]), got {value}")
-    for name in ("gamma", "window"):
-        value = getattr(cfg, name)
-        if value is not None and not value > 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
-    try:  # the neuron options, checked by the library's own validation
-        opts = NeuronOptions(**cfg.neuron_options())
-        opts.make()
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
     try:
         from .robustness import parse_attacks
 

@@ -40,13 +40,12 @@ DIAGNOSTICS = {
 
 
 @torch.no_grad()
-def layer_diagnostics(model: nn.Module, images: torch.Tensor, batch_size: int = 250, *, gamma: float | None = None,
-                      granularity: str = "time_channel", window: str = "surrogate", k: float = 1.0,
-                      eps: float = mt.DEFAULT_EPS) -> list[dict]:
+def layer_diagnostics(model: nn.Module, images: torch.Tensor, batch_size: int = 250,
+                      options: mt.MPDOptions | None = None) -> list[dict]:
     """The module docstring's figures for every ``mt.LIF`` layer of ``model`` over ``images``
     ([N, C, H, W] in [0, 1], on the model's device); one dict per layer, in forward order.
-    gamma, granularity, window, k, eps: those of the run's ``mt.MPDSGR``."""
-    settings = dict(gamma=gamma, granularity=granularity, window=window, k=k, eps=eps)
+    options: those of the run's ``mt.MPDSGR`` (default: the paper's, ``mt.MPDOptions()``)."""
+    options = mt.MPDOptions() if options is None else options
     layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
     if not layers:
         raise ValueError("the model has no mt.LIF layers")
@@ -72,7 +71,7 @@ def layer_diagnostics(model: nn.Module, images: torch.Tensor, batch_size: int = 
             for i, layer in enumerate(layers):
                 if i not in captured:
                     raise RuntimeError(f"LIF layer {i + 1} was not used in the forward pass")
-                _accumulate(sums[i], captured[i].float(), layer, settings)
+                _accumulate(sums[i], captured[i].float(), layer, options)
     finally:
         model.train(was_training)
         for h in hooks:
@@ -80,7 +79,7 @@ def layer_diagnostics(model: nn.Module, images: torch.Tensor, batch_size: int = 
     out = []
     for i, (s, layer) in enumerate(zip(sums, layers)):
         mean = s["u"] / s["n"]
-        shown = f"{k:g} sigma" if window == "relative" else _gamma(layer, gamma)
+        shown = f"{options.k:g} sigma" if options.window == "relative" else options.layer_gamma(layer)
         out.append({"layer": i + 1, "window": shown, "firing_rate": s["spikes"] / s["n"],
                     "silent": s["silent"] / s["pairs"], "in_window": s["in_window"] / s["n"],
                     "omega": s["omega"] / s["images"], "u_mean": mean,
@@ -89,18 +88,14 @@ def layer_diagnostics(model: nn.Module, images: torch.Tensor, batch_size: int = 
     return out
 
 
-def _gamma(layer: mt.LIF, gamma: float | None) -> float:
-    return gamma if gamma is not None else layer.surrogate.window
-
-
-def _accumulate(s: dict, x: torch.Tensor, layer: mt.LIF, settings: dict) -> None:
+def _accumulate(s: dict, x: torch.Tensor, layer: mt.LIF, options: mt.MPDOptions) -> None:
     ref = mt.lif_reference(x, layer.config, return_stats=True)
     u, spikes = ref.u.double(), ref.spikes.double()
     images = x.shape[1]
-    gamma = _gamma(layer, settings["gamma"])
-    if settings["window"] == "relative":  # each (t, c) cell's k sigma, broadcast over [T, B, C, ...]
-        sigma = torch.sqrt(ref.var.double() + settings["eps"])
-        half_width = (settings["k"] * sigma).view(*sigma.shape[:1], 1, sigma.shape[1], *([1] * (u.dim() - 3)))
+    gamma = options.layer_gamma(layer)
+    if options.window == "relative":  # each (t, c) cell's k sigma, broadcast over [T, B, C, ...]
+        sigma = torch.sqrt(ref.var.double() + options.eps)
+        half_width = (options.k * sigma).view(*sigma.shape[:1], 1, sigma.shape[1], *([1] * (u.dim() - 3)))
     else:
         half_width = gamma
     s["spikes"] += float(spikes.sum())
@@ -110,8 +105,7 @@ def _accumulate(s: dict, x: torch.Tensor, layer: mt.LIF, settings: dict) -> None
     s["u"] += float(u.sum())
     s["u2"] += float(u.square().sum())
     s["n"] += u.numel()
-    pooled = mt.combine_stats(ref.mean, ref.var, settings["granularity"])
-    omega = mt.window_overlap(*pooled, gamma, settings["window"], settings["k"], settings["eps"])
+    omega = options.overlap(ref.mean, ref.var, gamma)
     s["omega"] += float(omega.mean()) * images  # weighted by the batch's images
     s["images"] += images
     s["cell_std"] += float(ref.var.double().sqrt().sum())

@@ -225,8 +225,7 @@ class _Training:
 def _build_training(cfg: RunConfig, info: DatasetInfo, ctx: RunContext) -> _Training:
     torch.manual_seed(cfg.seed)
     model = to_memory_format(build_for(cfg, info).to(ctx.device), use_channels_last(cfg.channels_last, ctx.device))
-    reg = mt.MPDSGR(model, eta=cfg.eta, granularity=cfg.granularity, gamma=cfg.gamma, window=cfg.mpd_window,
-                    k=cfg.mpd_k)
+    reg = mt.MPDSGR(model, eta=cfg.eta, options=cfg.mpd_options())
     opt = _optimizer(cfg, model)
     return _Training(model, reg, opt, _scheduler(cfg, opt))
 

@@ -128,8 +128,7 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
         model = to_memory_format(build_for(cfg, info).to(ctx.device), use_channels_last(cfg.channels_last, ctx.device))
         model.load_state_dict(torch.load(out / name / "model.pt", map_location=ctx.device, weights_only=False)["model"])
         samples[name] = membrane_samples(model, probe, seed=cfg.seed)
-        diagnostics = layer_diagnostics(model, diagnosed, cfg.eval_batch_size, gamma=cfg.gamma,
-                                        granularity=cfg.granularity, window=cfg.mpd_window, k=cfg.mpd_k)
+        diagnostics = layer_diagnostics(model, diagnosed, cfg.eval_batch_size, cfg.mpd_options())
         robustness = robustness_summary(model, test, cfg, info.num_classes, name)
         if robustness:
             print(f"[{name}] " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in robustness["accuracy"].items())
