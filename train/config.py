@@ -141,20 +141,11 @@ PRESETS: dict[str, dict] = {
     "tinyimagenet-vgg16": dict(_PAPER, model="vgg16", data="tinyimagenet", eta=0.01, compare=True, epochs=100),
 }
 
-# What the study found (docs/study.md), said in one line by the runs of the presets it concerns (train.run
-# prints it under the comparison and writes it into comparison.md).
-STUDY_FINDING = ("The study (docs/study.md: this setting on the full Fashion-MNIST, 15 epochs) found that MPD-SGR "
-                 "lowers Omega as designed but makes the network less robust, not more: at eta = 1, APGD accuracy at "
-                 "8/255 falls from 22.5% to 7.0% (mean of 3 seeds), the more the larger eta up to 3 (one seed; eta 10 "
-                 "costs 6.6 points of clean accuracy, or never trains: 2 of 3 seeds), and the input gradient grows; "
-                 "the SR baseline doubles the APGD accuracy (28% -> 59%, one seed; under "
-                 "ASSG, the strongest attack, 43% against 5% plain and 3% MPD-SGR). Added to "
-                 "adversarial training it is no better under APGD, but better under ASSG "
-                 "(56.5% against 34.7%, mean of 3 seeds; level on the quick preset's subset, one pair); with "
-                 "adversarial training at eps 0.1 it is level with a sound run (seed 1) and kept every run from "
-                 "the false robustness that 3 of 5 plain runs ended in (worst case at 8/255 80.6% vs 54.0%, "
-                 "5 seeds; Fisher p = 0.083).")
-PRESET_NOTES: dict[str, str] = {"quick": STUDY_FINDING, "study": STUDY_FINDING}
+# Where to read what the study found with the setting of these presets (train.run prints it under the
+# comparison and writes it into comparison.md); the findings themselves live in docs/study.md, not in code.
+STUDY_POINTER = ("What MPD-SGR did in this setting at full scale (the full Fashion-MNIST, several seeds, the "
+                 "strongest attacks): docs/study.md")
+PRESET_NOTES: dict[str, str] = {"quick": STUDY_POINTER, "study": STUDY_POINTER}
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "constant")
