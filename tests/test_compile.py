@@ -24,7 +24,9 @@ import mpd_triton as mt
 from models import build_model
 from mpd_triton.kernels import lif as lif_kernels
 
-BACKENDS = ["torch", "triton", "cpu"]
+# The C kernels take CPU tensors only; the Triton cases are in the GPU subset (`pytest -m gpu`,
+# bench/device_run.sh), where Inductor compiles for the GPU around the kernels' operators.
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.gpu)] + (["cpu"] if DEVICE.type == "cpu" else [])
 T, BATCH, IMAGE = 2, 3, 8
 SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, dampening=0.0, nesterov=False, maximize=False)
 
@@ -164,6 +166,7 @@ def test_compiled_model_matches_eager(backend):
         assert_close(f"grad {name}", grads_c[name], grads_e[name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
                     reason="in-graph backward needs torch._dynamo.config.trace_autograd_ops")
 def test_compiled_training_step_matches_eager():
@@ -192,6 +195,7 @@ def test_compiled_training_step_matches_eager():
         assert_close(f"statistic {i}", c, e, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
 def test_dynamic_batch_size():
     """One graph for every batch size (dynamic=True): the layout logic and the validation
     take symbolic sizes and floats."""
@@ -208,21 +212,28 @@ def test_dynamic_batch_size():
         assert_close(f"grad_x, batch {batch}", xc.grad, xe.grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.gpu
 def test_channels_last_model_matches_contiguous():
     """A channels-last model (the LIF layers see channels-last [T, B, C, H, W]) computes
-    what the contiguous one does, eager and compiled."""
+    what the contiguous one does, eager and compiled with fullgraph=True (by Inductor on a GPU;
+    on the CPU by AOTAutograd alone, where Inductor would take most of a minute)."""
     images, labels = _batch(7)
     out = {}
-    for channels_last in (False, True):
+    for channels_last, compiled in ((False, False), (True, False), (True, True)):
         model, reg = _model("triton", seed=8, channels_last=channels_last)
         loss_fn = _loss_fn(model, reg)
+        if compiled:
+            loss_fn = torch.compile(loss_fn, fullgraph=True, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
         x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
         loss, logits, _ = loss_fn(x, labels)
         loss.backward()
-        out[channels_last] = (logits.detach(), [p.grad for p in model.parameters()])
-    assert_close("logits", out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
-    for i, (c, e) in enumerate(zip(out[True][1], out[False][1])):
-        assert_close(f"grad {i}", c, e, atol=1e-5, rtol=1e-4)
+        out[channels_last, compiled] = (logits.detach(), [p.grad for p in model.parameters()])
+    expected_logits, expected_grads = out[False, False]
+    for key in ((True, False), (True, True)):
+        what = "compiled, channels-last" if key[1] else "channels-last"
+        assert_close(f"logits ({what})", out[key][0], expected_logits, atol=1e-5, rtol=1e-5)
+        for i, (c, e) in enumerate(zip(out[key][1], expected_grads)):
+            assert_close(f"grad {i} ({what})", c, e, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- float32 scalars
@@ -295,8 +306,10 @@ def _fwd_samples():
     ]
 
 
-# The Triton kernels' operators and the C kernels' (suffix _cpu); the same schemas.
-OP_SUFFIXES = ["", "_cpu"] if mt.cpu_kernels_unavailable() is None else [""]
+# The Triton kernels' operators (in the GPU subset) and the C kernels' (suffix _cpu, CPU tensors only); the
+# same schemas.
+OP_SUFFIXES = [pytest.param("", marks=pytest.mark.gpu)] + (
+    ["_cpu"] if DEVICE.type == "cpu" and mt.cpu_kernels_unavailable() is None else [])
 
 
 @pytest.mark.parametrize("suffix", OP_SUFFIXES, ids=lambda s: s or "triton")
@@ -334,6 +347,7 @@ def test_opcheck_lif_bwd(suffix):
         torch.library.opcheck(bwd.default, (None, u_saved, None, None, None, *params, False))
 
 
+@pytest.mark.gpu
 def test_op_outputs_match_lif():
     """The operator is what mt.lif runs: same spikes and statistics; empty placeholders
     for the outputs not asked for."""
@@ -347,6 +361,7 @@ def test_op_outputs_match_lif():
     assert torch.equal(mean, mean_lif) and torch.equal(var, var_lif)
 
 
+@pytest.mark.gpu
 def test_compiled_module_keeps_one_record_per_layer():
     """torch.compile(model): MPDSGR's pre-hook that clears the records runs in the graph."""
     model, reg = _model("triton")
@@ -357,6 +372,7 @@ def test_compiled_module_keeps_one_record_per_layer():
         assert [len(layer.mpd_records) for layer in reg.layers] == [1, 1, 1]
 
 
+@pytest.mark.gpu
 def test_lif_module_compiles_with_records():
     layer = mt.LIF(tau=2.0, surrogate="atan", backend="triton", record_mpd=True)
     x = make_input((3, 2, 4, 5), 10)

@@ -29,17 +29,22 @@ def _poison(monkeypatch):
 
 
 ALL_SURROGATES = [mt.Triangle(0.8), mt.Rectangular(0.4), mt.Sigmoid(3.0), mt.ATan(1.5), mt.SuperSpike(6.0)]
-# The fused kernels: Triton (the interpreter without a GPU) and C (the CPU kernels, where a compiler built them).
-# The tests of what both must do run on both; tests/test_cpu_kernels.py has what is particular to the C ones.
-FUSED_BACKENDS = ["triton"] + (["cpu"] if mt.cpu_kernels_unavailable() is None else [])
+# The fused kernels: Triton (the interpreter without a GPU) and C (the CPU kernels, for CPU tensors, where a
+# compiler built them). The tests of what both must do run on both; tests/test_cpu_kernels.py has what is
+# particular to the C ones.
+FUSED_BACKENDS = ["triton"] + (["cpu"] if DEVICE.type == "cpu" and mt.cpu_kernels_unavailable() is None else [])
+# The same, with the Triton cases in the GPU subset (`pytest -m gpu`, bench/device_run.sh).
+GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.gpu) if b == "triton" else b for b in FUSED_BACKENDS]
 
 
 @pytest.mark.parametrize("surrogate", ALL_SURROGATES, ids=lambda s: s.name)
 @pytest.mark.parametrize("v_reset", [0.0, -0.2, None], ids=["hard0", "hard-0.2", "soft"])
 @pytest.mark.parametrize("detach_reset", [False, True], ids=["attached", "detached"])
 @pytest.mark.parametrize("tau,decay_input", [(2.0, True), (3.0, False), (math.inf, False)], ids=["decay", "nodecay", "IF"])
-@pytest.mark.parametrize("backend,shape", [(b, s) for b in FUSED_BACKENDS for s in ((6, 3, 5, 3, 3), (5, 7, 11))],
-                         ids=lambda v: v if isinstance(v, str) else ("conv" if len(v) == 5 else "linear"))
+@pytest.mark.parametrize("backend,shape", [
+    pytest.param(b, s, marks=pytest.mark.gpu) if b == "triton" and len(s) == 5 else (b, s)  # GPU: the conv shape
+    for b in FUSED_BACKENDS for s in ((6, 3, 5, 3, 3), (5, 7, 11))],
+    ids=lambda v: v if isinstance(v, str) else ("conv" if len(v) == 5 else "linear"))
 def test_every_option_combination(surrogate, v_reset, detach_reset, tau, decay_input, backend, shape):
     """Every neuron option on a ragged conv shape and a linear one ([T, B, F]: the C kernels walk
     channels innermost there), every output in the loss, with an initial state."""
@@ -71,7 +76,7 @@ def test_kernel_matches_reference_with_initial_state(shape, opts, seed, terms):
     compare_with_reference("triton", x, opts, seed, terms, v_init=v_init)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("shape", [(3, 70, 1, 2100), (2, 3, 5, 37, 41), (4, 130, 300), (2, 3, 2, 100, 100),
                                    (3, 200, 3, 5)])
 def test_kernel_multi_tile_shapes(shape, backend):
@@ -82,7 +87,7 @@ def test_kernel_multi_tile_shapes(shape, backend):
     compare_with_reference(backend, x, opts, 11, ("spikes", "overlap"))
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_non_contiguous_input_gives_same_result(backend):
     opts = dict(tau=2.0, surrogate=mt.ATan())
     base = make_input((6, 4, 5, 3, 3), 3)
@@ -95,7 +100,7 @@ def test_non_contiguous_input_gives_same_result(backend):
         assert torch.equal(p, q), name
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_inference_path_without_grad_matches(backend):
     x = make_input((5, 3, 4, 6), 5)
     with torch.no_grad():
@@ -104,7 +109,7 @@ def test_inference_path_without_grad_matches(backend):
     assert torch.equal(s1, s2.detach()) and torch.equal(m1, m2.detach()) and torch.equal(v1, v2.detach())
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("with_stats", [False, True])
 def test_deterministic_bitwise(with_stats, backend):
     x = make_input((8, 9, 6, 40, 50), 21)
@@ -121,7 +126,7 @@ def test_deterministic_bitwise(with_stats, backend):
         assert torch.equal(p, q), f"{name} differs between two identical calls"
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 64, 3, 300), (3, 2, 2, 3000), (2, 500, 4)])
 def test_statistics_accurate_when_mean_dwarfs_std(shape, backend):
     """|mean| / std = 1e3: a sum-and-sum-of-squares reduction would lose the variance."""
@@ -139,7 +144,7 @@ def test_statistics_accurate_when_mean_dwarfs_std(shape, backend):
     assert rel_error(mean.cpu(), mean64.cpu()) < 1e-6
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("surrogate", [mt.Triangle(), mt.Rectangular(), mt.Sigmoid(), mt.ATan(), mt.SuperSpike()])
 @pytest.mark.parametrize("v_reset", [0.0, None])
 def test_exactly_at_and_next_to_threshold(surrogate, v_reset, backend):
@@ -165,6 +170,7 @@ def test_exactly_at_and_next_to_threshold(surrogate, v_reset, backend):
     assert_close("grad at threshold", xs.grad, xr.grad, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.gpu
 def test_threshold_hits_in_leaky_sequence():
     """tau = 2, decay_input: x = 2 makes h exactly V_th = 1 at several steps."""
     below_two = float(torch.nextafter(torch.tensor(2.0), torch.tensor(0.0)))
@@ -174,7 +180,7 @@ def test_threshold_hits_in_leaky_sequence():
         assert s[:, 0, 0].tolist() == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0], backend
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_low_precision_no_worse_than_plain_pytorch(dtype, seed, backend):
@@ -212,7 +218,7 @@ def test_low_precision_no_worse_than_plain_pytorch(dtype, seed, backend):
         assert err_k <= max(err_p, floor), f"{name}: kernel error {err_k:.3e} > plain {dtype} error {err_p:.3e}"
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_float16_and_bfloat16_outputs_keep_dtype(backend):
     for dtype in (torch.float16, torch.bfloat16):
         x = make_input((4, 2, 3, 5), 0, dtype=dtype).requires_grad_(True)
@@ -229,7 +235,7 @@ CHANNELS_LAST_LAYOUTS = ("channels_last", "channels_last_expanded_over_T")
 COPYING_LAYOUTS = ("transposed_spatial",)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_memory_formats_match_reference(layout, backend):
     """Strided inputs read in place, outputs written in the input's format, every gradient
@@ -281,6 +287,7 @@ def _launch_copies(x) -> int:
     return counter.copies
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "contiguous"])
 def test_only_unmergeable_inputs_are_copied(layout):
     values = make_input((3, 2, 4, 3, 5), 8)
@@ -302,7 +309,7 @@ def _surrogate_param(kind: str, shape, seed: int) -> torch.Tensor:
     return (torch.rand(size, generator=g, dtype=torch.float64) * 1.5 + 0.3).float().to(DEVICE)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("surrogate", ALL_SURROGATES, ids=lambda s: s.name)
 @pytest.mark.parametrize("kind", ["channel", "element", "sample_channel", "time_position"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -330,7 +337,26 @@ def test_surrogate_param_tensor_matches_reference(surrogate, kind, layout, backe
         assert_close(name, out[backend][name], out["torch"][name], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+# A conv layer of the benchmark (bench/kernels.py: 128 channels of 16 x 16 positions) at T*N = 2^22 on a GPU,
+# its statistics reduced over many tiles; in the interpreter a small one.
+CONV_LAYER = (8, 16, 128, 16, 16) if DEVICE.type == "cuda" else (3, 2, 8, 4, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "batch_major"])
+def test_conv_layer_in_every_dtype_and_layout(dtype, layout):
+    """The Triton kernels on a conv layer in each input dtype and memory layout (strided ones read in place),
+    with a per-channel surrogate parameter, every output and the MPD term in the loss, against the
+    reference: spikes exactly (but at rounding level of the threshold), statistics, state, dL/dx."""
+    _, x = LAYOUTS[layout](make_input(CONV_LAYER, 71, dtype=dtype))
+    param = _surrogate_param("channel", CONV_LAYER, 72)
+    opts = dict(tau=2.0, v_th=1.0, v_reset=0.0, surrogate=mt.Triangle(1.0))  # the benchmark's neuron
+    compare_with_reference("triton", x.detach(), opts, 71, ("spikes", "stats", "overlap", "state"),
+                           surrogate_param=param)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_surrogate_param_for_fully_connected_input_and_low_precision(backend):
     """[T, B, F] input (C = F) with a per-feature and a per-element parameter; bfloat16 I/O."""
     x = make_input((5, 4, 7), 51)
@@ -345,6 +371,7 @@ def test_surrogate_param_for_fully_connected_input_and_low_precision(backend):
             assert_close(f"grad_x {dtype} {tuple(param.shape)}", grads[backend], grads["torch"], atol=tol, rtol=tol)
 
 
+@pytest.mark.gpu
 def test_surrogate_param_changes_only_the_backward_and_scalar_path_is_unchanged(monkeypatch):
     """A constant tensor equal to the scalar gives the scalar path's gradient bit for bit; another value
     changes the gradient, never the spikes; no tensor keeps the scalar kernel variant (SG_PARAM = 0)."""
@@ -378,6 +405,7 @@ def test_surrogate_param_changes_only_the_backward_and_scalar_path_is_unchanged(
     assert torch.equal(s0, s3) and not torch.allclose(g0, g3)
 
 
+@pytest.mark.gpu
 def test_unknown_surrogate_id_is_refused_not_treated_as_another():
     params = mt.LIFConfig().kernel_params
     x = make_input((3, 2, 4), 0)
