@@ -110,6 +110,7 @@ class Plan:
     rep_ms: float
     strict: bool
     compile_Ts: list[int] | None = None  # T values at which torch_compile runs (None: all)
+    compile_sizes: list[int] | None = None  # T*N at which torch_compile runs (None: all)
     copy: str = "start"  # COPY_MODES
 
     def count(self) -> int:
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-T", nargs="+", default=["8"],
                         help="T values at which torch_compile is measured, or 'all' (default 8: each T and dtype "
                              "is a new graph, and compiling every one takes longer than the rest of the sweep)")
+    parser.add_argument("--compile-sizes", nargs="+", default=["all"],
+                        help="T*N at which torch_compile is measured, e.g. 2^27, or 'all' (default): each further "
+                             "size compiles another graph")
     parser.add_argument("--copy", choices=COPY_MODES,
                         help="the copy each share of the ceiling is computed against: 'start', timed once before "
                              "the sweep (default with CUDA), or 'beside', timed right before and after each "
@@ -164,7 +168,7 @@ def make_plan(args, device: torch.device) -> Plan:
     return Plan(list(dict.fromkeys(args.dtype)), list(dict.fromkeys(Ts)), list(dict.fromkeys(sizes)),
                 list(dict.fromkeys(args.providers)), list(dict.fromkeys(args.passes)), STATS_CHOICES[args.stats],
                 args.warmup_ms, args.rep_ms, args.strict, _parse_compile_T(args.compile_T),
-                args.copy or ("start" if device.type == "cuda" else "beside"))
+                _parse_compile_sizes(args.compile_sizes), args.copy or ("start" if device.type == "cuda" else "beside"))
 
 
 def _parse_compile_T(values: list[str]) -> list[int] | None:
@@ -177,6 +181,15 @@ def _parse_compile_T(values: list[str]) -> list[int] | None:
     if any(T < 1 for T in Ts):
         raise ValueError(f"--compile-T must be positive integers, got {Ts}")
     return Ts
+
+
+def _parse_compile_sizes(values: list[str]) -> list[int] | None:
+    if values == ["all"]:
+        return None
+    try:
+        return parse_sizes(values)
+    except ValueError as error:
+        raise ValueError(f"--compile-sizes takes element counts like 2^27 or 'all': {error}") from None
 
 
 def _record(provider, implementation, pass_name, stats, dtype_name, shape, copy_gb_per_s=None, **measured) -> dict:
@@ -279,6 +292,9 @@ def run_sweep(plan: Plan, device: torch.device, copy_gb_per_s: float | None, *, 
 def _not_planned(plan: Plan, provider_name: str, T: int, size: int, device: torch.device) -> str | None:
     if provider_name == "torch_compile" and plan.compile_Ts is not None and T not in plan.compile_Ts:
         return f"torch_compile is measured only at T in {plan.compile_Ts} (--compile-T)"
+    if provider_name == "torch_compile" and plan.compile_sizes is not None and size not in plan.compile_sizes:
+        sizes = ", ".join(f"2^{math.log2(n):g}" if math.log2(n).is_integer() else str(n) for n in plan.compile_sizes)
+        return f"torch_compile is measured only at T*N in [{sizes}] (--compile-sizes)"
     if provider_name == "mpd_triton" and device.type != "cuda" and size > INTERPRETER_MAX_ELEMENTS:
         return f"the Triton interpreter runs only up to T*N = {INTERPRETER_MAX_ELEMENTS}"
     return None
@@ -341,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(device)
     settings = {"dtypes": plan.dtypes, "T": plan.Ts, "sizes": plan.sizes, "providers": plan.providers,
                 "passes": plan.passes, "stats": list(plan.stats_modes), "warmup_ms": plan.warmup_ms,
-                "rep_ms": plan.rep_ms, "compile_T": plan.compile_Ts, "copy": plan.copy, "neuron": _neuron_settings()}
+                "rep_ms": plan.rep_ms, "compile_T": plan.compile_Ts,
+                "compile_sizes": plan.compile_sizes, "copy": plan.copy, "neuron": _neuron_settings()}
     settings = json.loads(json.dumps(settings))  # as results.json holds them
     saved = {}
     if args.resume:

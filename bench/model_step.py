@@ -10,10 +10,12 @@ and an SGD update (the papers' protocol: lr 0.1, momentum 0.9, weight decay
 whether the model runs under ``torch.compile``: ``mpd_triton`` (the Triton
 kernels), ``mpd_triton_cpu`` (the fused C kernels), ``torch_eager`` (the
 reference layers), ``spikingjelly`` (spikingjelly's neuron with PyTorch
-statistics, see bench/peers.py), and ``torch_compile`` /
-``mpd_triton_cpu_compile`` (the reference layers / the C kernels with the model
-under ``torch.compile``; the first step, which compiles, is reported apart).
-Writes model_results.json and model_results.md to --out.
+statistics, see bench/peers.py), and ``mpd_triton_compile`` / ``torch_compile``
+/ ``mpd_triton_cpu_compile`` (the Triton kernels / the reference layers / the C
+kernels with the model under ``torch.compile``; the first step, which compiles,
+is reported apart). Writes model_results.json (after every variant, with
+``"complete": false`` until the last, so a stopped run keeps the variants it
+timed) and model_results.md to --out.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ VARIANTS = {
     "torch_eager": ("torch", False, "torch_eager"),
     "spikingjelly": ("torch", False, "spikingjelly"),
     "torch_compile": ("torch", True, "torch_compile"),
+    "mpd_triton_compile": ("triton", True, "mpd_triton"),
     "mpd_triton_cpu_compile": ("cpu", True, "mpd_triton_cpu"),
 }
 DEFAULT_VARIANTS = ("mpd_triton", "mpd_triton_cpu", "torch_eager", "spikingjelly")
@@ -138,8 +141,10 @@ def _implementation(variant: str, provider: Provider, device: torch.device) -> s
 
 def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batch: int, image_size: int,
                  device: torch.device, warmup_ms: float, rep_ms: float, strict: bool = False,
-                 in_channels: int = 3, channels_last: bool = False, model_options: dict | None = None) -> list[dict]:
-    """Time one training step per variant (name -> the provider whose availability it shares)."""
+                 in_channels: int = 3, channels_last: bool = False, model_options: dict | None = None,
+                 on_variant_done=None) -> list[dict]:
+    """Time one training step per variant (name -> the provider whose availability it shares);
+    on_variant_done(records): called after each variant with the records so far (to save them)."""
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.rand((batch, in_channels, image_size, image_size), generator=gen, device=device)
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen, device=device)
@@ -150,6 +155,8 @@ def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batc
         common = (variant, implementation, model_name, T, batch, image_size)
         if unavailable:
             records.append(_model_record(*common, skipped=unavailable))
+            if on_variant_done is not None:
+                on_variant_done(records)
             continue
         try:
             torch.manual_seed(0)  # the same initial weights in every variant
@@ -177,6 +184,8 @@ def run_variants(variants: dict[str, Provider], model_name: str, *, T: int, batc
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_variant_done is not None:
+            on_variant_done(records)
     return records
 
 
@@ -191,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--T", type=int, help="time steps (default 8 on CUDA)")
     parser.add_argument("--batch", type=int, help="batch size (default 128 on CUDA)")
     parser.add_argument("--image-size", type=int, help="input height and width (default 32)")
+    parser.add_argument("--width", type=int,
+                        help="the model's first conv channels (default: the model's own, 64 for vgg11); a "
+                             "narrow model checks the harness quickly without a GPU")
     parser.add_argument("--out", type=Path, help="output folder (default runs/bench/model-<UTC time>)")
     parser.add_argument("--warmup-ms", type=float, default=200.0)
     parser.add_argument("--rep-ms", type=float, help="timed repetitions per variant (default 2000 on CUDA)")
@@ -220,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or defaults["batch"]
     image_size = args.image_size or defaults["image_size"]
     rep_ms = args.rep_ms or defaults["rep_ms"]
-    for name, value in (("--T", T), ("--batch", batch), ("--image-size", image_size)):
+    if args.width is not None:
+        model_options = {**(model_options or {}), "width": args.width}
+    for name, value in (("--T", T), ("--batch", batch), ("--image-size", image_size), ("--width", 1 if args.width is None else args.width)):
         if value < 1:
             parser.error(f"{name} must be a positive integer, got {value}")
     for name, value in (("--warmup-ms", args.warmup_ms), ("--rep-ms", rep_ms)):
@@ -232,35 +246,44 @@ def main(argv: list[str] | None = None) -> int:
     names = args.providers or list(DEFAULT_VARIANTS) + (
         ["torch_compile", "mpd_triton_cpu_compile"] if device.type == "cpu" and args.model == "small" else [])
     variants = {name: PROVIDERS[VARIANTS[name][2]] for name in dict.fromkeys(names)}
+    info = machine_info(device)
+    command = command_line(argv, "bench.model_step")
+    json_path = out_dir / "model_results.json"
+
+    def payload(records: list[dict], complete: bool) -> dict:
+        return {"benchmark": "model_step", "complete": complete,  # False in the copies saved while it runs
+                "command": command,
+                "first_line": first_line(device, f"{args.model} training-step benchmark"), "machine": info,
+                "settings": {"model": args.model, "T": T, "batch": batch, "image_size": image_size,
+                             "in_channels": in_channels, "channels_last": channels_last,
+                             "model_options": model_options or {}, "warmup_ms": args.warmup_ms, "rep_ms": rep_ms,
+                             "eta": MPD_ETA, "optimizer": "SGD lr 0.1, momentum 0.9, weight decay 5e-4"},
+                "measurements": records,
+                "targets": evaluate_targets([], records, on_gpu=device.type == "cuda")}
+
     records = run_variants(variants, args.model, T=T, batch=batch, image_size=image_size, device=device,
                            warmup_ms=args.warmup_ms, rep_ms=rep_ms, strict=args.strict, in_channels=in_channels,
-                           channels_last=channels_last, model_options=model_options)
-    targets = evaluate_targets([], records, on_gpu=device.type == "cuda")
+                           channels_last=channels_last, model_options=model_options,
+                           on_variant_done=lambda partial: write_json(json_path, payload(partial, complete=False)))
+    final = payload(records, complete=True)
+    write_json(json_path, final)
+    targets = final["targets"]
     headers, rows = model_table(records)
     target_headers, target_rows = targets_table(targets)
     print(text_table(headers, rows))
     print("\nTargets:")
     print(text_table(target_headers, target_rows))
 
-    info = machine_info(device)
-    command = command_line(argv, "bench.model_step")
-    payload = {"benchmark": "model_step", "command": command,
-               "first_line": first_line(device, f"{args.model} training-step benchmark"), "machine": info,
-               "settings": {"model": args.model, "T": T, "batch": batch, "image_size": image_size,
-                            "in_channels": in_channels, "channels_last": channels_last,
-                            "warmup_ms": args.warmup_ms, "rep_ms": rep_ms, "eta": MPD_ETA,
-                            "optimizer": "SGD lr 0.1, momentum 0.9, weight decay 5e-4"},
-               "measurements": records, "targets": targets}
-    write_json(out_dir / "model_results.json", payload)
     where = info.get("gpu") or f"CPU ({info['cpu']}, {info['cpu_count']} cores)"
     markdown = "\n".join([
         f"# {args.model} training step with MPD-SGR", "",
-        f"- {payload['first_line']}",
+        f"- {final['first_line']}",
         f"- machine: {where}; torch {info['torch']}, triton {info['triton']}",
         f"- date (UTC): {info['date_utc']}",
         f"- command: `{command}`",
         f"- step: T = {T}, batch {batch}, {image_size} x {image_size} x {in_channels} images, "
-        f"{'channels-last' if channels_last else 'contiguous'} activations, SGD + cross-entropy + {MPD_ETA} L_MPD",
+        f"{'channels-last' if channels_last else 'contiguous'} activations, SGD + cross-entropy + {MPD_ETA} L_MPD"
+        + (f"; model options {model_options}" if model_options else ""),
         "",
         markdown_table(headers, rows), "",
         "## Targets", "",

@@ -12,7 +12,7 @@ from mpd_triton.files import optional_plot, save_figure
 from mpd_triton.files import write_json as _write_json
 
 __all__ = ["text_table", "markdown_table", "write_json", "kernel_table", "skipped_lines", "model_table", "plot_kernels",
-           "evaluate_targets", "targets_table", "MIB"]
+           "evaluate_targets", "targets_table", "GPU_TARGETS", "MIB"]
 
 MIB = 1 << 20
 
@@ -157,6 +157,25 @@ def plot_kernels(records: Sequence[dict], copy_gb_per_s: float | None, out_dir: 
 
 # ------------------------------------------------------------------ targets (docs/benchmarks.md)
 
+# The H100 targets of docs/benchmarks.md ("Targets"), in its order: name -> (threshold, higher is better,
+# "share" for a fraction shown in percent, "ratio" for a factor). evaluate_targets judges against these.
+GPU_TARGETS = {
+    "forward share of copy bandwidth": (0.85, True, "share"),
+    "backward share of copy bandwidth": (0.80, True, "share"),
+    "statistics overhead": (0.10, False, "share"),
+    "speed-up over spikingjelly + PyTorch statistics": (1.5, True, "ratio"),
+    "speed-up over plain spikingjelly": (1.0, True, "ratio"),
+    "speed-up over the eager reference": (10.0, True, "ratio"),
+    "training step speed-up over spikingjelly": (1.2, True, "ratio"),
+    "training step peak memory vs spikingjelly": (1.0, False, "ratio"),
+}
+
+
+def _gpu_target(name: str, case: str, value: float | None, what: str) -> dict:
+    threshold, higher, _ = GPU_TARGETS[name]
+    return _target(name, case, value, threshold, higher, what)
+
+
 def _index(records: Sequence[dict]) -> dict:
     return {(r["provider"], r["pass_name"], r["stats"], r["dtype"], r["T"], r["elements"]): r
             for r in records if r["median_ms"] is not None}
@@ -201,37 +220,37 @@ def evaluate_targets(records: Sequence[dict], model_records: Sequence[dict] = ()
     out = []
     for (dtype, T), n in sorted(largest.items()):
         case = f"{dtype}, T={T}, T*N={_elements_label(n)}"
-        for pass_name, threshold in (("forward", 0.85), ("backward", 0.80)):
+        for pass_name in ("forward", "backward"):
             r = idx.get(("mpd_triton", pass_name, False, dtype, T, n))
-            out.append(_target(f"{pass_name} share of copy bandwidth", case, r["copy_fraction"] if r else None,
-                               threshold, True, f"mpd_triton {pass_name}, statistics off: effective GB/s / copy GB/s"))
+            out.append(_gpu_target(f"{pass_name} share of copy bandwidth", case, r["copy_fraction"] if r else None,
+                                   f"mpd_triton {pass_name}, statistics off: effective GB/s / copy GB/s"))
         mt_on = ms("mpd_triton", "both", True, dtype, T, n)
         overhead = _ratio(mt_on, ms("mpd_triton", "both", False, dtype, T, n))
-        out.append(_target("statistics overhead", case, None if overhead is None else overhead - 1, 0.10, False,
-                           "mpd_triton fwd+bwd time with statistics / without, minus 1"))
-        out.append(_target("speed-up over spikingjelly + PyTorch statistics", case,
-                           _ratio(ms("spikingjelly", "both", True, dtype, T, n), mt_on), 1.5, True,
-                           "fwd+bwd with statistics: spikingjelly time / mpd_triton time"))
-        out.append(_target("speed-up over plain spikingjelly", case,
-                           _ratio(ms("spikingjelly", "both", False, dtype, T, n), mt_on), 1.0, True,
-                           "spikingjelly fwd+bwd without statistics / mpd_triton fwd+bwd with statistics"))
+        out.append(_gpu_target("statistics overhead", case, None if overhead is None else overhead - 1,
+                               "mpd_triton fwd+bwd time with statistics / without, minus 1"))
+        out.append(_gpu_target("speed-up over spikingjelly + PyTorch statistics", case,
+                               _ratio(ms("spikingjelly", "both", True, dtype, T, n), mt_on),
+                               "fwd+bwd with statistics: spikingjelly time / mpd_triton time"))
+        out.append(_gpu_target("speed-up over plain spikingjelly", case,
+                               _ratio(ms("spikingjelly", "both", False, dtype, T, n), mt_on),
+                               "spikingjelly fwd+bwd without statistics / mpd_triton fwd+bwd with statistics"))
         if T == 8:
-            out.append(_target("speed-up over the eager reference", case,
-                               _ratio(ms("torch_eager", "both", True, dtype, T, n), mt_on), 10.0, True,
-                               "fwd+bwd with statistics: torch_eager time / mpd_triton time"))
+            out.append(_gpu_target("speed-up over the eager reference", case,
+                                   _ratio(ms("torch_eager", "both", True, dtype, T, n), mt_on),
+                                   "fwd+bwd with statistics: torch_eager time / mpd_triton time"))
     if model_records:
         by_variant = {r["provider"]: r for r in model_records if r["median_ms"] is not None}
         mt_step, sj_step = by_variant.get("mpd_triton"), by_variant.get("spikingjelly")
         first = model_records[0]
         case = f"{first['model']}, T={first['T']}, batch {first['batch']}"
         both = mt_step is not None and sj_step is not None
-        out.append(_target("training step speed-up over spikingjelly", case,
-                           _ratio(sj_step["median_ms"], mt_step["median_ms"]) if both else None, 1.2, True,
-                           "step with MPD-SGR: spikingjelly time / mpd_triton time"))
+        out.append(_gpu_target("training step speed-up over spikingjelly", case,
+                               _ratio(sj_step["median_ms"], mt_step["median_ms"]) if both else None,
+                               "step with MPD-SGR: spikingjelly time / mpd_triton time"))
         peaks = both and mt_step["peak_memory_bytes"] is not None and sj_step["peak_memory_bytes"] is not None
-        out.append(_target("training step peak memory vs spikingjelly", case,
-                           _ratio(mt_step["peak_memory_bytes"], sj_step["peak_memory_bytes"]) if peaks else None,
-                           1.0, False, "peak memory: mpd_triton / spikingjelly"))
+        out.append(_gpu_target("training step peak memory vs spikingjelly", case,
+                               _ratio(mt_step["peak_memory_bytes"], sj_step["peak_memory_bytes"]) if peaks else None,
+                               "peak memory: mpd_triton / spikingjelly"))
     return out
 
 

@@ -127,6 +127,7 @@ def test_parse_sizes():
     (["--rep-ms", "0"], "--rep-ms must be > 0"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--compile-T", "eight"], "--compile-T takes time steps or 'all'"),
+    (["--compile-sizes", "2^x"], "--compile-sizes takes element counts like 2^27 or 'all'"),
 ])
 def test_cli_refuses_bad_input(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -236,6 +237,7 @@ def _run_step(provider, stats, x, grads):
     return [o.detach() for o in outputs], x.grad
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", [
     "mpd_triton",
     pytest.param("spikingjelly", marks=needs_spikingjelly),
@@ -291,6 +293,15 @@ def test_torch_compile_runs_only_at_the_planned_T_and_partial_results_are_report
     records = kernels.run_sweep(plan, CPU, 10.0, progress=False, on_size_done=lambda r: sizes_done.append(len(r)))
     assert {r["skipped"] for r in records} == {"torch_compile is measured only at T in [8] (--compile-T)"}
     assert sizes_done == [6, 12], "on_size_done gets the records so far after each size"
+
+
+def test_torch_compile_runs_only_at_the_planned_sizes():
+    plan = tiny_plan(["torch_compile"], Ts=[2], sizes=[1 << 8], compile_sizes=[1 << 10])
+    records = kernels.run_sweep(plan, CPU, 10.0, progress=False)
+    assert {r["skipped"] for r in records} == {"torch_compile is measured only at T*N in [2^10] (--compile-sizes)"}
+    parse = kernels.build_parser().parse_args
+    assert kernels.make_plan(parse(["--compile-sizes", "2^27", "1000"]), CPU).compile_sizes == [1 << 27, 1000]
+    assert kernels.make_plan(parse([]), CPU).compile_sizes is None  # default: every size
 
 
 @needs_spikingjelly
