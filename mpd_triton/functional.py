@@ -79,7 +79,7 @@ def _resolve_backend(backend, x: torch.Tensor) -> str:
         if x.dtype not in KERNEL_DTYPES:
             return "torch"
         if x.is_cuda:
-            return "triton"
+            return "triton" if _runtime.TRITON_MISSING is None else "torch"
         if x.device.type == "cpu":
             if _cpu_kernels.available(x.dtype):
                 return "cpu"
@@ -87,6 +87,9 @@ def _resolve_backend(backend, x: torch.Tensor) -> str:
                 _cpu_fallback_warning()
         return "torch"
     if backend == "triton":
+        if _runtime.TRITON_MISSING is not None:
+            raise ValueError(f"backend='triton' is unavailable: {_runtime.TRITON_MISSING}; backend='auto' runs the "
+                             "C kernels on the CPU and the PyTorch reference elsewhere")
         if x.dtype not in KERNEL_DTYPES:
             raise TypeError(
                 f"backend='triton' takes float32, float16 or bfloat16 input, got {x.dtype}; use backend='torch'"
@@ -154,7 +157,7 @@ def lif(
             default, "triangle", is mt.Triangle(1.0)).
         backend: "triton" (the fused Triton kernels), "cpu" (the fused C
             kernels for CPU tensors), "torch" (the reference), "auto" (triton
-            for CUDA tensors, cpu for CPU tensors where a C compiler built the
+            for CUDA tensors where triton is installed, cpu for CPU tensors where a C compiler built the
             kernels, torch otherwise and for float64).
         return_stats: also return mean and biased variance of u = h - v_th per
             time step and channel, [T, C] float32, differentiable.

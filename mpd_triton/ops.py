@@ -39,9 +39,24 @@ import torch
 from torch import Tensor
 
 from .kernels import cpu as _cpu_kernels
-from .kernels import lif as _kernels
+from .kernels import layout as _layout
 from .kernels import runtime as _runtime
 from .neuron import KernelParams
+
+if _runtime.TRITON_MISSING is None:
+    from .kernels import lif as _kernels
+else:
+    class _kernels:  # noqa: N801 (stands in for the module kernels.lif where triton is missing)
+        """The Triton launchers' stand-in: the operators keep their schemas and fake implementations
+        (so torch.compile traces the same graph), and a launch says in one line why it cannot run."""
+
+        forward_buffers, backward_buffers = staticmethod(_layout.forward_buffers), staticmethod(_layout.backward_buffers)
+
+        @staticmethod
+        def lif_forward(*args, **kwargs):
+            raise RuntimeError(f"the Triton backend cannot run: {_runtime.TRITON_MISSING}")
+
+        lif_backward = lif_forward
 
 __all__ = ["lif_fwd", "lif_bwd", "lif_fwd_cpu", "lif_bwd_cpu", "fused_lif", "BACKEND_KERNELS"]
 

@@ -23,8 +23,11 @@ import math
 import numbers
 
 import torch
-import triton
-import triton.language as tl
+
+from .kernels.runtime import TRITON_MISSING, jit
+
+if TRITON_MISSING is None:
+    import triton.language as tl
 
 __all__ = [
     "Surrogate",
@@ -47,11 +50,12 @@ WINDOW_PEAK_FRACTION = 0.1
 # The ids the kernels dispatch on, one per class below (the C kernels' enum in kernels/lif_cpu.c
 # has the same values; a test compares the two), and the same as Triton constants for the jit code.
 _TRIANGLE, _RECTANGULAR, _SIGMOID, _ATAN, _SUPERSPIKE = 0, 1, 2, 3, 4
-_K_TRIANGLE: tl.constexpr = tl.constexpr(_TRIANGLE)
-_K_RECTANGULAR: tl.constexpr = tl.constexpr(_RECTANGULAR)
-_K_SIGMOID: tl.constexpr = tl.constexpr(_SIGMOID)
-_K_ATAN: tl.constexpr = tl.constexpr(_ATAN)
-_K_SUPERSPIKE: tl.constexpr = tl.constexpr(_SUPERSPIKE)
+if TRITON_MISSING is None:  # (without triton the jit helpers below are plain functions that never run)
+    _K_TRIANGLE: tl.constexpr = tl.constexpr(_TRIANGLE)
+    _K_RECTANGULAR: tl.constexpr = tl.constexpr(_RECTANGULAR)
+    _K_SIGMOID: tl.constexpr = tl.constexpr(_SIGMOID)
+    _K_ATAN: tl.constexpr = tl.constexpr(_ATAN)
+    _K_SUPERSPIKE: tl.constexpr = tl.constexpr(_SUPERSPIKE)
 
 
 def _positive_finite(name: str, value) -> float:
@@ -111,7 +115,7 @@ class Triangle(Surrogate):
         return torch.clamp(gamma - u.abs(), min=0.0) / (gamma * gamma)
 
 
-@triton.jit
+@jit
 def _triangle_grad(u, gamma):
     return tl.maximum(gamma - tl.abs(u), 0.0) / (gamma * gamma)
 
@@ -130,7 +134,7 @@ class Rectangular(Surrogate):
         return (u.abs() < gamma).to(u.dtype) / (2.0 * gamma)
 
 
-@triton.jit
+@jit
 def _rectangular_grad(u, gamma):
     return tl.where(tl.abs(u) < gamma, 1.0 / (2.0 * gamma), 0.0)
 
@@ -155,7 +159,7 @@ class Sigmoid(Surrogate):
         return alpha * sig * (1.0 - sig)
 
 
-@triton.jit
+@jit
 def _sigmoid_grad(u, alpha):
     sig = tl.sigmoid(alpha * u)
     return alpha * sig * (1.0 - sig)
@@ -181,7 +185,7 @@ class ATan(Surrogate):
         return (alpha / 2.0) / (1.0 + z * z)
 
 
-@triton.jit
+@jit
 def _atan_grad(u, alpha):
     z = 1.5707963267948966 * alpha * u
     return (alpha * 0.5) / (1.0 + z * z)
@@ -207,13 +211,13 @@ class SuperSpike(Surrogate):
         return 1.0 / (d * d)
 
 
-@triton.jit
+@jit
 def _superspike_grad(u, alpha):
     d = 1.0 + alpha * tl.abs(u)
     return 1.0 / (d * d)
 
 
-@triton.jit
+@jit
 def surrogate_grad(u, param, KIND: tl.constexpr):
     """g(u) for the surrogate with compile-time id KIND (the ``kind`` of a class above); any other
     id fails to compile (the launchers refuse it before that, with a clear error)."""

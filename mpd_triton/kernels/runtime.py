@@ -1,4 +1,9 @@
-"""Where the kernels run: the launch device, and whether Triton runs them in its interpreter.
+"""Where the kernels run: the launch device, whether Triton is there at all, and whether it runs
+the kernels in its interpreter.
+
+``TRITON_MISSING`` is None where triton imports, else the one line that says why the Triton
+backend cannot run (triton is installed on Linux only: macOS, Windows and some CI images lack it);
+the rest of the library (the C kernels, the PyTorch reference, MPD-SGR) needs no triton.
 
 ``INTERPRETED`` is True when triton was imported with ``TRITON_INTERPRET=1`` (the kernels then
 run on CPU tensors, slowly, which is how the tests run them without a GPU). Triton < 3.7's
@@ -13,9 +18,18 @@ import warnings
 
 import numpy as np
 import torch
-import triton
 
-__all__ = ["device_guard", "traced", "INTERPRETED", "INTERPRETER_PROBLEM", "interpreter_numpy_problem"]
+try:
+    import triton
+except ImportError as _error:  # the C and PyTorch backends work without it
+    triton = None
+    TRITON_MISSING = (f"triton is not installed here ({_error}); it installs on Linux with 'pip install triton' "
+                      "(and comes with torch's CUDA wheels)")
+else:
+    TRITON_MISSING = None
+
+__all__ = ["device_guard", "traced", "INTERPRETED", "INTERPRETER_PROBLEM", "interpreter_numpy_problem",
+           "TRITON_MISSING", "jit"]
 
 
 def device_guard(x: torch.Tensor):
@@ -64,12 +78,18 @@ def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> str | 
     return None
 
 
-@triton.jit
+def jit(fn):
+    """``triton.jit``, or the function left as it is where triton is missing (its kernels then never run:
+    the launchers refuse first, with TRITON_MISSING)."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+@jit
 def _probe():
     pass
 
 
-INTERPRETED = _is_interpreted(_probe)
+INTERPRETED = triton is not None and _is_interpreted(_probe)
 # Known at import; said once here, since the interpreter's own error names neither cause nor fix.
 INTERPRETER_PROBLEM = interpreter_numpy_problem(triton.__version__, np.__version__) if INTERPRETED else None
 if INTERPRETER_PROBLEM:
