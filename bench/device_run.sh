@@ -1,76 +1,244 @@
 #!/usr/bin/env bash
-# The GPU work of docs/benchmarks.md in one call: the test suite on the GPU (no interpreter), the kernel sweep and
-# the VGG11 training step; everything it leaves is under $OUT (at most 7 files, none nested).
+# The GPU measurement of docs/benchmarks.md in one command of at most 8 minutes (one call of the device
+# machine, whose commands may run 10):
 #
-#   bash bench/device_run.sh [tests] [kernels] [model]     # no stage named: all three, in that order
+#   bash bench/device_run.sh [--dry] [tests] [kernels] [model]    # no stage named: all three, in this order
 #
-# Environment:
-#   OUT            where results go (the device tool sets it; default runs/device-<UTC time>)
-#   KERNEL_ARGS    extra arguments for python -m bench.kernels (e.g. "--quick", "--T 4 8")
-#   MODEL_ARGS     extra arguments for python -m bench.model_step (e.g. "--quick")
-#   STAGE_TIMEOUT  seconds per stage (default 540); a stopped sweep still leaves the results saved so far
-# SpikingJelly and loguru travel as wheels in .whl/ (docs/benchmarks.md); they are installed to /tmp/site.
+# tests    GPU correctness: pytest -m gpu, the marked subset of the suite (the compiled kernels against the
+#          reference: forward, backward, statistics, MPD term, per-channel surrogate parameter, float32 /
+#          bfloat16 / float16, strided and channels-last input; torch.compile(fullgraph=True) of small models
+#          with the Triton kernels; opcheck of the custom ops), on pytest-xdist workers where it is installed
+# kernels  python -m bench.kernels: forward, backward and both, statistics off and on, float32 and bfloat16,
+#          T 8 and 4, T*N 2^27 and 2^24 (the targets' case first): mpd_triton, SpikingJelly's Triton LIF
+#          (plain and with PyTorch statistics), the reference eager and compiled, against the copy timed in
+#          the same run
+# model    python -m bench.model_step: VGG11, T = 8, batch 64, 32 x 32 random images, MPD-SGR: mpd_triton,
+#          spikingjelly, the reference, eager and under torch.compile, with peak memory
 #
-# Files under $OUT: device.log (environment, every stage's output), pytest.log, results.json, results.md,
-# kernel_results.tar.gz (plots and tables), model_results.json, model_results.md.
+# Without CUDA it is a dry run (forced with --dry or DEVICE_RUN_DRY=1): the same stages at tiny sizes, the
+# Triton kernels in the interpreter, the GPU tests collected but not run. tests/test_device_run.py runs it in
+# CI, so a broken script is found there and not on the GPU.
+#
+# Each stage is stopped at its budget, and what it finished stays saved (the sweep writes results.json after
+# every size, the model step model_results.json after every variant, pytest prints each test's outcome);
+# no stage starts or runs past GUARD seconds from the start, less the summary's share.
+#
+# Environment: OUT (default runs/device-<UTC time>), PYTHON (default .venv/bin/python if present, else
+# python3), COMMIT (the commit measured, for a copy without .git), DEVICE_RUN_DRY=1, KERNEL_ARGS / MODEL_ARGS
+# (extra arguments, appended), BUDGET_* and GUARD (seconds) to override the values below.
+# Wheels in .whl/ (docs/benchmarks.md: SpikingJelly 2.0 and loguru) are installed, those not installed already,
+# into a scratch folder put on PYTHONPATH.
+#
+# $OUT gets at most 8 files, none in a folder: summary.md (read it first: stages, targets met or missed,
+# tables), device.log (everything printed), pytest.log, results.json, model_results.json, extras.tar.gz
+# (plots, the benchmarks' markdown, the tests' junit XML).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=${OUT:-runs/device-$(date -u +%Y%m%dT%H%M%SZ)}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-WORK=$(mktemp -d)
-LOG="$OUT/device.log"
-STAGE_TIMEOUT=${STAGE_TIMEOUT:-540}
-PYTHON=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET  # the compiled kernels, on the GPU
+# Budgets in seconds: written here only (tests/test_device_run.py reads these lines). The three stages and the
+# setup (wheels, the machine's record, the summary) add up to 480 s; GUARD bounds the whole command.
+BUDGET_TESTS=${BUDGET_TESTS:-150}
+BUDGET_KERNELS=${BUDGET_KERNELS:-180}
+BUDGET_MODEL=${BUDGET_MODEL:-120}
+BUDGET_SETUP=${BUDGET_SETUP:-30}
+GUARD=${GUARD:-540}
+SUMMARY_LIMIT=${SUMMARY_LIMIT:-45}  # the summary's share of GUARD: no stage runs into it
 
-stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests kernels model)
-for stage in "${stages[@]}"; do
-    case "$stage" in tests|kernels|model) ;; *) echo "unknown stage '$stage': use tests, kernels or model" >&2; exit 2 ;; esac
+START=$(date +%s)
+DEADLINE=$((START + GUARD - SUMMARY_LIMIT))
+DRY=${DEVICE_RUN_DRY:-0}
+stages=()
+for arg in "$@"; do
+    case "$arg" in
+    --dry) DRY=1 ;;
+    tests|kernels|model) stages+=("$arg") ;;
+    *) echo "unknown argument '$arg': use --dry, tests, kernels or model" >&2; exit 2 ;;
+    esac
 done
+[ ${#stages[@]} -eq 0 ] && stages=(tests kernels model)
 
+OUT=${OUT:-runs/device-$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+LOG="$OUT/device.log"
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONUNBUFFERED=1
+
+# limit SECONDS: the seconds a step may run, SECONDS clipped to what is left before the deadline (at least 1:
+# `timeout 0` would mean no limit)
+limit() {
+    local left=$((DEADLINE - $(date +%s)))
+    left=$(($1 < left ? $1 : left))
+    echo $((left < 1 ? 1 : left))
+}
+
+say() { echo "$*" | tee -a "$LOG"; }
+say "== bench/device_run.sh ${*:-} (stages: ${stages[*]}; budgets: tests $BUDGET_TESTS s, kernels $BUDGET_KERNELS s," \
+    "model $BUDGET_MODEL s, setup $BUDGET_SETUP s; guard $GUARD s)"
+
+# The wheels of .whl/ that this Python lacks (the device image has pytest, xdist and the rest: docs/benchmarks.md).
 if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    missing=$(timeout 60 "$PYTHON" - .whl/*.whl <<'EOF'
+import importlib.metadata as metadata
+import os
+import sys
+
+for path in sys.argv[1:]:
+    name = os.path.basename(path).split("-")[0]
+    try:
+        print(f"{name} {metadata.version(name)} is installed already: {path} left alone", file=sys.stderr)
+    except metadata.PackageNotFoundError:
+        print(path)
+EOF
+    )
+    if [ -n "$missing" ]; then
+        # shellcheck disable=SC2086  # one path per word
+        if timeout "$(limit 60)" "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target "$WORK/site" $missing 2>&1 | tee -a "$LOG"; then
+            export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+            say "installed from .whl/: $(echo $missing | xargs -n1 basename | tr '\n' ' ')"
+        else
+            say "could not install the wheels of .whl/ (the stages go on; a missing peer is skipped with its reason)"
+        fi
+    fi
 fi
 
+# The machine's record: commit, kernel source, GPU, versions, and whether CUDA is here.
 {
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  stages: ${stages[*]}  commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv || true
-    "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
-    "$PYTHON" -c "import importlib.metadata as m; print('spikingjelly', m.version('spikingjelly'))" 2>/dev/null \
-        || echo "spikingjelly: not installed (carry it as a wheel: docs/benchmarks.md); its provider will be skipped"
-} 2>&1 | tee -a "$LOG"
+    if [ -n "${COMMIT:-}" ]; then
+        echo "commit: $COMMIT (given by COMMIT)"
+    elif c=$(git rev-parse --short HEAD 2>/dev/null); then
+        if git diff --quiet HEAD -- 2>/dev/null; then echo "commit: $c"; else echo "commit: $c with uncommitted changes"; fi
+    else
+        echo "commit: unknown (no git here: pass COMMIT=<hash>)"
+    fi
+    echo "kernel source: mpd_triton/kernels/lif.py sha256 $(sha256sum mpd_triton/kernels/lif.py | cut -c1-16)"
+    echo "host: $(uname -srm), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs)"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,temperature.gpu,power.limit \
+            --format=csv 2>&1 | sed 's/^/nvidia-smi: /'
+    fi
+    timeout "$(limit 90)" "$PYTHON" - <<'EOF'
+import importlib.metadata as metadata
+import os
+import platform
 
-# run_stage NAME LOGFILE COMMAND...: time-limited, output to the terminal and LOGFILE
+import torch
+
+
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+cuda = torch.cuda.is_available()
+print(f"versions: python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      + ", ".join(f"{name} {version(name)}" for name in ("triton", "spikingjelly", "loguru", "numpy", "pytest",
+                                                         "hypothesis", "pytest-xdist", "matplotlib")))
+print(f"gpu: {torch.cuda.get_device_name(0) if cuda else 'none'}; cpu cores: {os.cpu_count()}")
+print(f"cuda: {'yes' if cuda else 'no'}")
+EOF
+} > "$WORK/env.txt" 2>&1
+tee -a "$LOG" < "$WORK/env.txt"
+
+if grep -q '^cuda: yes' "$WORK/env.txt"; then
+    unset TRITON_INTERPRET  # the compiled kernels, on the GPU
+else
+    DRY=1
+    export TRITON_INTERPRET=1  # no GPU: the Triton kernels run in the interpreter
+fi
+if [ "$DRY" = 1 ]; then MODE=dry; else MODE=gpu; fi
+say "mode: $MODE$([ "$MODE" = dry ] && echo ' (tiny sizes: checks the script, measures nothing)')"
+
+# run_stage NAME BUDGET LOGFILE COMMAND...: at most BUDGET seconds (less if the guard is nearer), output to
+# the terminal and LOGFILE; a line of $WORK/stages.tsv for the summary.
 run_stage() {
-    local name=$1 log=$2 start rc
-    shift 2
-    echo "== $name: $*" | tee -a "$LOG"
+    local name=$1 budget=$2 log=$3 lim start rc seconds note=""
+    shift 3
+    lim=$(limit "$budget")
+    if [ $((DEADLINE - $(date +%s))) -lt 5 ]; then
+        printf '%s\t%s\t%s\t-\t0\t%s\n' "$name" "$budget" "$lim" "no time left under the $GUARD s guard" >>"$WORK/stages.tsv"
+        say "== $name: not run: no time left under the $GUARD s guard"
+        return
+    fi
+    say "== $name (budget $budget s, limit $lim s): $*"
     start=$(date +%s)
-    timeout "$STAGE_TIMEOUT" "$@" 2>&1 | tee -a "$log"
+    timeout --kill-after=10 "$lim" "$@" 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc after $(( $(date +%s) - start )) s$([ "$rc" = 124 ] && echo ' (stopped at STAGE_TIMEOUT)')" | tee -a "$LOG"
+    seconds=$(($(date +%s) - start))
+    case "$rc" in 124|137) note="stopped at budget" ;; esac
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$budget" "$lim" "$rc" "$seconds" "$note" >>"$WORK/stages.tsv"
+    say "== $name: exit $rc after $seconds s${note:+ ($note)}"
 }
 
 for stage in "${stages[@]}"; do
     case "$stage" in
     tests)
-        run_stage tests "$OUT/pytest.log" "$PYTHON" -m pytest -q -p no:cacheprovider --maxfail=20
+        args=(-m pytest -m gpu -p no:cacheprovider tests)
+        if [ "$MODE" = dry ]; then
+            args+=(--co -q)  # the selection only: the suite runs these tests in CI, under the interpreter
+        else
+            args+=(-v -rfEs --tb=short --maxfail=30 --junitxml="$WORK/junit.xml")
+            workers=$(($(nproc) / 2 < 8 ? $(nproc) / 2 : 8))
+            if [ "$workers" -ge 2 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then args+=(-n "$workers"); fi
+            if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout 120); fi
+        fi
+        run_stage tests "$BUDGET_TESTS" "$OUT/pytest.log" "$PYTHON" "${args[@]}"
         ;;
     kernels)
+        if [ "$MODE" = dry ]; then  # torch.compile is planned at 2^27 only: skipped here, with the reason
+            sweep=(--T 8 --sizes 2^10 --warmup-ms 1 --rep-ms 1)
+        else
+            sweep=(--T 8 4 --sizes 2^27 2^24)
+        fi
         # shellcheck disable=SC2086  # KERNEL_ARGS is a list of arguments
-        run_stage kernels "$LOG" "$PYTHON" -m bench.kernels --no-progress --out "$WORK/kernels" ${KERNEL_ARGS:-}
-        cp "$WORK"/kernels/results.json "$WORK"/kernels/results.md "$OUT"/ 2>/dev/null
-        [ -d "$WORK/kernels" ] && tar czf "$OUT/kernel_results.tar.gz" -C "$WORK/kernels" .  # plots, with the tables
+        run_stage kernels "$BUDGET_KERNELS" "$LOG" "$PYTHON" -m bench.kernels --no-progress --out "$WORK/kernels" \
+            --dtype float32 bfloat16 --providers mpd_triton spikingjelly torch_eager torch_compile \
+            --compile-T 8 --compile-sizes 2^27 --copy start "${sweep[@]}" ${KERNEL_ARGS:-}
+        cp "$WORK/kernels/results.json" "$OUT/" 2>/dev/null
         ;;
     model)
+        if [ "$MODE" = dry ]; then  # compiling the model takes minutes on a small CPU: the eager variants only
+            step=(--width 4 --T 2 --batch 1 --image-size 8 --warmup-ms 1 --rep-ms 1
+                  --providers mpd_triton spikingjelly torch_eager)
+        else
+            step=(--T 8 --batch 64 --image-size 32 --warmup-ms 200 --rep-ms 1000
+                  --providers mpd_triton spikingjelly torch_eager mpd_triton_compile torch_compile)
+        fi
         # shellcheck disable=SC2086
-        run_stage model "$LOG" "$PYTHON" -m bench.model_step --model vgg11 --out "$WORK/model" ${MODEL_ARGS:-}
-        cp "$WORK"/model/model_results.json "$WORK"/model/model_results.md "$OUT"/ 2>/dev/null
+        run_stage model "$BUDGET_MODEL" "$LOG" "$PYTHON" -m bench.model_step --model vgg11 --out "$WORK/model" \
+            "${step[@]}" ${MODEL_ARGS:-}
+        cp "$WORK/model/model_results.json" "$OUT/" 2>/dev/null
         ;;
     esac
 done
-ls -l "$OUT"
+
+# The summary (python -m bench.device_summary), or the stage table alone if it fails.
+timeout "$SUMMARY_LIMIT" "$PYTHON" -m bench.device_summary --out "$OUT" --work "$WORK" --mode "$MODE" \
+    --command "bash bench/device_run.sh${*:+ $*}" --guard "$GUARD" --elapsed "$(($(date +%s) - START))" \
+    --budget-total "$((BUDGET_TESTS + BUDGET_KERNELS + BUDGET_MODEL + BUDGET_SETUP))" 2>&1 | tee -a "$LOG"
+summary_rc=${PIPESTATUS[0]}
+if [ "$summary_rc" != 0 ] || [ ! -s "$OUT/summary.md" ]; then
+    {
+        echo "# Device run ($MODE): the summary failed (exit $summary_rc, device.log); the stages:"
+        echo
+        echo "| stage | budget s | limit s | exit | ran s | note |"
+        echo "|---|---|---|---|---|---|"
+        sed 's/\t/ | /g; s/^/| /; s/$/ |/' "$WORK/stages.tsv" 2>/dev/null
+        echo
+        cat "$WORK/env.txt"
+    } >"$OUT/summary.md"
+fi
+
+status=0
+[ "$summary_rc" = 0 ] || status=1
+while IFS=$'\t' read -r _ _ _ rc _; do [ "$rc" = 0 ] || status=1; done <"$WORK/stages.tsv"
+files=$(find "$OUT" -type f | wc -l)
+[ "$files" -le 8 ] || { say "more than 8 files in $OUT ($files): the device tool returns only 8"; status=1; }
+say "== done in $(($(date +%s) - START)) s (guard $GUARD s), exit $status: $OUT ($files files)"
+exit "$status"
