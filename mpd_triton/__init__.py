@@ -7,6 +7,7 @@
     layer = mt.LIF(tau=2.0, record_mpd=True)
     reg = mt.MPDSGR(model, eta=0.1)   # reg() -> eta * L_MPD of the last forward
     model = mt.from_spikingjelly(sj_model)   # SpikingJelly LIFNode / IFNode -> mt.LIF
+    net = mt.models.build("vgg11", ...)      # the papers' spiking models; mt.models.load(model.pt)
 """
 
 from .convert import SPIKINGJELLY_SURROGATES, from_spikingjelly
@@ -39,3 +40,12 @@ __all__ = [
     "MPD_WINDOWS", "triton_interpreted", "cpu_kernels_unavailable", "BACKWARD_MODES", "rate_backward", "from_spikingjelly",
     "SPIKINGJELLY_SURROGATES",
 ]
+
+
+def __getattr__(name: str):
+    """``mt.models``: imported on first use (``import mpd_triton`` stays light)."""
+    if name == "models":
+        import importlib
+
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -167,3 +167,49 @@ def test_bad_model_name_and_input():
         model(torch.rand(2, 12, 12))
     with pytest.raises(ValueError, match="was built for 1 input channels, got 3"):
         model(torch.rand(2, 3, 12, 12))
+
+
+def test_models_are_the_installed_library_and_load_what_train_run_saves(tmp_path):
+    """mt.models is the one copy of the models (models/ re-exports it); mt.models.load rebuilds a
+    model.pt of train.run's format with a weights-only load, and refuses other files in one line."""
+    import models as repo_models
+    from train.checkpoint import rng_state, save_checkpoint
+
+    assert mt.models.build is repo_models.build_model is mt.models.build_model
+    assert repo_models.SmallSNN is mt.models.SmallSNN
+    spec = {"model": "small", "in_channels": 1, "num_classes": 10, "image_size": 12, "T": 2, "encoding": "direct",
+            "neuron": {"backend": "torch"}, "width": 4, "hidden": 16, "data": "fmnist-subset"}
+    torch.manual_seed(3)
+    model = mt.models.build("small", **{k: v for k, v in spec.items() if k not in ("model", "data")})
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, {"run": "mpd", "config": {"eta": 1.0}, "model": model.state_dict(), "model_spec": spec})
+    loaded = mt.models.load(path)
+    x = torch.rand(3, 1, 12, 12)
+    model.eval()
+    assert not loaded.training and torch.equal(loaded(x), model(x))
+    record = mt.models.read(path)
+    assert record["model_spec"] == spec and record["format"] == mt.models.FORMAT
+
+    def refused(p, match):
+        with pytest.raises(mt.models.ModelFileError, match=match) as e:
+            mt.models.load(p)
+        assert "\n" not in str(e.value)
+
+    refused(tmp_path / "missing.pt", "no model file at")
+    (tmp_path / "text.pt").write_text("weights")
+    refused(tmp_path / "text.pt", "not a saved mpd-triton model")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    refused(tmp_path / "foreign.pt", "not an mpd-triton model file")
+    torch.save({"format": "mpd-triton-checkpoint/0", "model": {}}, tmp_path / "old.pt")
+    refused(tmp_path / "old.pt", "of format 'mpd-triton-checkpoint/0'; this mpd-triton reads 'mpd-triton-checkpoint/1'")
+    save_checkpoint(tmp_path / "nospec.pt", {"model": model.state_dict()})
+    refused(tmp_path / "nospec.pt", "holds no model")
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_spec": spec, "rng": rng_state()})
+    refused(tmp_path / "ckpt.pt", "holds more than a model")
+    other = dict(spec, hidden=32)
+    save_checkpoint(tmp_path / "mismatch.pt", {"model": model.state_dict(), "model_spec": other})
+    refused(tmp_path / "mismatch.pt", "weights do not fit a small model")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    refused(tmp_path / "flipped.pt", "corrupt|cut short")

@@ -11,18 +11,18 @@ weights), so a checkpoint cut short or changed on disk is reported in one line.
 from __future__ import annotations
 
 import random
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mpd_triton.files import write_with
+from mpd_triton.models import saved
+from mpd_triton.models.saved import FORMAT, ModelFileError, read
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_archive", "checkpoint_bytes",
            "rng_state", "set_rng_state", "FORMAT", "OPTIMIZER_STATE_COPIES"]
 
-FORMAT = "mpd-triton-checkpoint/1"
 
 
 class CheckpointError(RuntimeError):
@@ -51,42 +51,20 @@ def checkpoint_bytes(model: torch.nn.Module, optimizer: str = "sgd", momentum: f
 
 
 def verify_archive(path: Path) -> None:
-    """Raise CheckpointError (one line) unless ``path`` is a complete zip archive whose records all
-    match their CRC-32 (torch.save writes them; torch.load does not check them)."""
+    """mpd_triton.models.saved.verify_archive, raising CheckpointError."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
-        detail = "the end of its archive is missing" if "not a zip file" in str(e) else f"{type(e).__name__}: {e}"
-        raise CheckpointError(f"{path} is cut short or corrupt ({detail})") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
-    if bad is not None:
-        raise CheckpointError(f"{path} is corrupt: its record {bad} fails the CRC-32 check (bits changed after "
-                              "it was written)")
-
-
-def _starts_like_zip(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
-    except OSError:
-        return False
+        saved.verify_archive(path)
+    except ModelFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    if _starts_like_zip(path):  # what torch.save writes; anything else is left to torch.load to refuse
-        verify_archive(path)
+    """A checkpoint or model.pt of train.run, checked (mpd_triton.models.read, which also holds the
+    format); its RNG states need the full unpickler, so this is for the project's own files."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an mpd-triton checkpoint (expected format {FORMAT})")
-    return state
+        return read(path, map_location, weights_only=False)
+    except ModelFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def rng_state() -> dict:

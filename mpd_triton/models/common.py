@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from einops import rearrange
 from torch import nn
 
 import mpd_triton as mt
@@ -105,8 +104,8 @@ class TimeDistributed(nn.Module):
 
     def forward(self, x):
         T = x.shape[0]
-        y = self.module(rearrange(x, "t b ... -> (t b) ..."))
-        return rearrange(y, "(t b) ... -> t b ...", t=T)
+        y = self.module(x.flatten(0, 1))  # [T, B, ...] -> [T * B, ...]: one batch for the layer
+        return y.unflatten(0, (T, -1))
 
 
 class ConvBNLIF(nn.Module):
