@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from train import sweep
+from train.sweep import cli as sweep_cli
+from train.sweep import runner as sweep_runner
+from train.sweep import summary as sweep_summary
 from train.sweep import SweepError, main, parse_cases, parse_grid, plan_points
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +75,7 @@ def test_options_the_sweep_sets_itself_are_refused(tmp_path, capsys, args, messa
 
 def test_a_second_sweep_in_the_same_folder_is_refused(tmp_path, capsys):
     tmp_path.mkdir(exist_ok=True)
-    with sweep._lock(tmp_path):
+    with sweep_cli._lock(tmp_path):
         assert main(["--out", str(tmp_path), "--grid", "seed=0", "--summary-only"]) == 2
         assert "another sweep runs in" in capsys.readouterr().err
     assert main(["--out", str(tmp_path), "--grid", "seed=0", "--summary-only"]) == 0
@@ -104,7 +107,7 @@ class FakeChildren:
 
     def __init__(self, monkeypatch, fail: str | None = None):
         self.commands, self.fail = [], fail
-        monkeypatch.setattr(sweep, "_run_child", self)
+        monkeypatch.setattr(sweep_runner, "_run_child", self)
 
     def __call__(self, command, log, label, runner):
         self.commands.append(command)
@@ -150,7 +153,7 @@ def _started(out, point, train_args=(), eval_args=("--attacks", "fgsm")):
     folder = out / "points" / point.name
     folder.mkdir(parents=True)
     planned = sweep.planned_commands(point, list(train_args), None if eval_args is None else list(eval_args))
-    sweep._record(folder, sweep.PLAN_FILE, {"commands": planned})
+    sweep_runner._record(folder, sweep.PLAN_FILE, {"commands": planned})
     return folder
 
 
@@ -257,7 +260,7 @@ def _finished_point(out, point, clean, robust, n=100):
     (folder / "eval" / "eval.json").write_text(json.dumps({"models": {point.name: {
         "n": n, "clean": clean, "grad_l1": 1.0, "all_checks_passed": True, "checks": [],
         "accuracy": {"pgd": {"0.0313725": robust}}, "worst_case": {"0.0313725": robust - 0.05}}}}))
-    sweep._record(folder, sweep.POINT_FILE, {"commands": sweep.planned_commands(point, [], [])})
+    sweep_runner._record(folder, sweep.POINT_FILE, {"commands": sweep.planned_commands(point, [], [])})
 
 
 def test_settings_are_aggregated_over_seeds_with_standard_errors(tmp_path):
@@ -294,7 +297,7 @@ def test_without_an_evaluation_the_runs_own_robustness_is_summarized(tmp_path):
                 "eps": 8 / 255, "n": 500, "grad_l1": 13.0, "checks_passed": p.name == "eta=0",
                 "checks": [{"name": "iterative_beats_one_step", "passed": p.name == "eta=0", "detail": ""}],
                 "accuracy": {"clean": clean, "apgd": apgd, "all attacks": apgd - 0.01}}}))
-        sweep._record(tmp_path / "points" / p.name, sweep.POINT_FILE, {"commands": sweep.planned_commands(p, [], None)})
+        sweep_runner._record(tmp_path / "points" / p.name, sweep.POINT_FILE, {"commands": sweep.planned_commands(p, [], None)})
     summary = sweep.write_summary(points, tmp_path, "python -m train.sweep ...")
     groups = {g["setting"]: g for g in summary["settings"]}
     mean, se, over = groups["eta=1"]["metrics"]["apgd @ 8/255"]
@@ -384,8 +387,8 @@ def test_plot_gives_each_setting_one_colour_and_the_legend_every_setting(tmp_pat
     """A setting missing from the first panel still has its legend entry, and its colour is the same in
     every panel (it used to shift with the settings a panel had)."""
     figures = []
-    monkeypatch.setattr(sweep, "save_figure", lambda fig, path, **kw: figures.append(fig))
-    monkeypatch.setattr(sweep.plt, "close", lambda fig: None)
+    monkeypatch.setattr(sweep_summary, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    monkeypatch.setattr(sweep_summary.plt, "close", lambda fig: None)
     nan = float("nan")
     summary = {"settings": [
         {"setting": "a", "metrics": {"clean": (0.9, nan, 1), "pgd @ 8/255": (0.5, nan, 1)}},
