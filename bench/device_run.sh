@@ -3,6 +3,7 @@
 # machine, whose commands may run 10):
 #
 #   bash bench/device_run.sh [--dry] [tests] [kernels] [model]    # no stage named: all three, in this order
+#   bash bench/device_run.sh --plan gpu|dry [stage ...]            # print the stages' commands, run nothing
 #
 # tests    GPU correctness: pytest -m gpu, the marked subset of the suite (the compiled kernels against the
 #          reference: forward, backward, statistics, MPD term, per-channel surrogate parameter, float32 /
@@ -21,7 +22,8 @@
 #
 # Each stage is stopped at its budget, and what it finished stays saved (the sweep writes results.json after
 # every size, the model step model_results.json after every variant, pytest prints each test's outcome);
-# no stage starts or runs past GUARD seconds from the start, less the summary's share.
+# no stage starts or runs past GUARD seconds from the start, less the summary's share and the kill grace, so
+# the whole command ends within GUARD.
 #
 # Environment: OUT (default runs/device-<UTC time>), PYTHON (default .venv/bin/python if present, else
 # python3), COMMIT (the commit measured, for a copy without .git), DEVICE_RUN_DRY=1, KERNEL_ARGS / MODEL_ARGS
@@ -43,29 +45,88 @@ BUDGET_MODEL=${BUDGET_MODEL:-120}
 BUDGET_SETUP=${BUDGET_SETUP:-30}
 GUARD=${GUARD:-540}
 SUMMARY_LIMIT=${SUMMARY_LIMIT:-45}  # the summary's share of GUARD: no stage runs into it
+KILL_GRACE=${KILL_GRACE:-10}        # a stage that ignores the stop is killed this much later
 
 START=$(date +%s)
-DEADLINE=$((START + GUARD - SUMMARY_LIMIT))
+DEADLINE=$((START + GUARD - SUMMARY_LIMIT - KILL_GRACE))
 DRY=${DEVICE_RUN_DRY:-0}
+ARGS="$*"
+PLAN=""
 stages=()
-for arg in "$@"; do
-    case "$arg" in
+while [ $# -gt 0 ]; do
+    case "$1" in
     --dry) DRY=1 ;;
-    tests|kernels|model) stages+=("$arg") ;;
-    *) echo "unknown argument '$arg': use --dry, tests, kernels or model" >&2; exit 2 ;;
+    --plan) PLAN=${2:-}; shift ;;  # --plan gpu|dry: print each stage's command in that mode, run nothing
+    tests|kernels|model) stages+=("$1") ;;
+    *) echo "unknown argument '$1': use --dry, --plan gpu|dry, tests, kernels or model" >&2; exit 2 ;;
     esac
+    shift
 done
 [ ${#stages[@]} -eq 0 ] && stages=(tests kernels model)
+case "$PLAN" in ""|gpu|dry) ;; *) echo "--plan takes gpu or dry, not '$PLAN'" >&2; exit 2 ;; esac
 
-OUT=${OUT:-runs/device-$(date -u +%Y%m%dT%H%M%SZ)}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-LOG="$OUT/device.log"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 export PYTHONUNBUFFERED=1
+
+# stage_command STAGE MODE: the stage's command in mode gpu or dry, into the array cmd.
+stage_command() {
+    local stage=$1 mode=$2 workers
+    case "$stage" in
+    tests)
+        cmd=("$PYTHON" -m pytest -m gpu -p no:cacheprovider tests)
+        if [ "$mode" = dry ]; then
+            cmd+=(--co -q)  # the selection only: the suite runs these tests in CI, under the interpreter
+        else
+            cmd+=(-v -rfEs --tb=short --maxfail=30 --junitxml="$WORK/junit.xml")
+            workers=$(($(nproc) / 2 < 8 ? $(nproc) / 2 : 8))
+            if [ "$workers" -ge 2 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then cmd+=(-n "$workers"); fi
+            if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then cmd+=(--timeout 120); fi
+        fi
+        ;;
+    kernels)
+        cmd=("$PYTHON" -m bench.kernels --no-progress --out "$WORK/kernels" --dtype float32 bfloat16
+             --providers mpd_triton spikingjelly torch_eager torch_compile --compile-T 8 --compile-sizes 2^27
+             --copy start)
+        if [ "$mode" = dry ]; then  # torch.compile is planned at 2^27 only: skipped here, with the reason
+            cmd+=(--T 8 --sizes 2^10 --warmup-ms 1 --rep-ms 1)
+        else
+            cmd+=(--T 8 4 --sizes 2^27 2^24)
+        fi
+        # shellcheck disable=SC2206  # KERNEL_ARGS is a list of arguments
+        cmd+=(${KERNEL_ARGS:-})
+        ;;
+    model)
+        cmd=("$PYTHON" -m bench.model_step --model vgg11 --out "$WORK/model")
+        if [ "$mode" = dry ]; then  # compiling the model takes minutes on a small CPU: the eager variants only
+            cmd+=(--width 4 --T 2 --batch 1 --image-size 8 --warmup-ms 1 --rep-ms 1
+                  --providers mpd_triton spikingjelly torch_eager)
+        else
+            cmd+=(--T 8 --batch 64 --image-size 32 --warmup-ms 200 --rep-ms 1000
+                  --providers mpd_triton spikingjelly torch_eager mpd_triton_compile torch_compile)
+        fi
+        # shellcheck disable=SC2206
+        cmd+=(${MODEL_ARGS:-})
+        ;;
+    esac
+}
+
+if [ -n "$PLAN" ]; then  # one line per stage: its name, then its command's words, shell-quoted
+    for stage in "${stages[@]}"; do
+        stage_command "$stage" "$PLAN"
+        printf '%s:' "$stage"
+        printf ' %q' "${cmd[@]}"
+        printf '\n'
+    done
+    exit 0
+fi
+
+OUT=${OUT:-runs/device-$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+LOG="$OUT/device.log"
 
 # limit SECONDS: the seconds a step may run, SECONDS clipped to what is left before the deadline (at least 1:
 # `timeout 0` would mean no limit)
@@ -76,12 +137,12 @@ limit() {
 }
 
 say() { echo "$*" | tee -a "$LOG"; }
-say "== bench/device_run.sh ${*:-} (stages: ${stages[*]}; budgets: tests $BUDGET_TESTS s, kernels $BUDGET_KERNELS s," \
+say "== bench/device_run.sh $ARGS (stages: ${stages[*]}; budgets: tests $BUDGET_TESTS s, kernels $BUDGET_KERNELS s," \
     "model $BUDGET_MODEL s, setup $BUDGET_SETUP s; guard $GUARD s)"
 
 # The wheels of .whl/ that this Python lacks (the device image has pytest, xdist and the rest: docs/benchmarks.md).
 if compgen -G ".whl/*.whl" >/dev/null; then
-    missing=$(timeout 60 "$PYTHON" - .whl/*.whl <<'EOF'
+    missing=$(timeout "$(limit 60)" "$PYTHON" - .whl/*.whl <<'EOF'
 import importlib.metadata as metadata
 import os
 import sys
@@ -168,7 +229,7 @@ run_stage() {
     fi
     say "== $name (budget $budget s, limit $lim s): $*"
     start=$(date +%s)
-    timeout --kill-after=10 "$lim" "$@" 2>&1 | tee -a "$log"
+    timeout --kill-after="$KILL_GRACE" "$lim" "$@" 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     seconds=$(($(date +%s) - start))
     case "$rc" in 124|137) note="stopped at budget" ;; esac
@@ -177,42 +238,15 @@ run_stage() {
 }
 
 for stage in "${stages[@]}"; do
+    stage_command "$stage" "$MODE"
     case "$stage" in
-    tests)
-        args=(-m pytest -m gpu -p no:cacheprovider tests)
-        if [ "$MODE" = dry ]; then
-            args+=(--co -q)  # the selection only: the suite runs these tests in CI, under the interpreter
-        else
-            args+=(-v -rfEs --tb=short --maxfail=30 --junitxml="$WORK/junit.xml")
-            workers=$(($(nproc) / 2 < 8 ? $(nproc) / 2 : 8))
-            if [ "$workers" -ge 2 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then args+=(-n "$workers"); fi
-            if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout 120); fi
-        fi
-        run_stage tests "$BUDGET_TESTS" "$OUT/pytest.log" "$PYTHON" "${args[@]}"
-        ;;
+    tests) run_stage tests "$BUDGET_TESTS" "$OUT/pytest.log" "${cmd[@]}" ;;
     kernels)
-        if [ "$MODE" = dry ]; then  # torch.compile is planned at 2^27 only: skipped here, with the reason
-            sweep=(--T 8 --sizes 2^10 --warmup-ms 1 --rep-ms 1)
-        else
-            sweep=(--T 8 4 --sizes 2^27 2^24)
-        fi
-        # shellcheck disable=SC2086  # KERNEL_ARGS is a list of arguments
-        run_stage kernels "$BUDGET_KERNELS" "$LOG" "$PYTHON" -m bench.kernels --no-progress --out "$WORK/kernels" \
-            --dtype float32 bfloat16 --providers mpd_triton spikingjelly torch_eager torch_compile \
-            --compile-T 8 --compile-sizes 2^27 --copy start "${sweep[@]}" ${KERNEL_ARGS:-}
+        run_stage kernels "$BUDGET_KERNELS" "$LOG" "${cmd[@]}"
         cp "$WORK/kernels/results.json" "$OUT/" 2>/dev/null
         ;;
     model)
-        if [ "$MODE" = dry ]; then  # compiling the model takes minutes on a small CPU: the eager variants only
-            step=(--width 4 --T 2 --batch 1 --image-size 8 --warmup-ms 1 --rep-ms 1
-                  --providers mpd_triton spikingjelly torch_eager)
-        else
-            step=(--T 8 --batch 64 --image-size 32 --warmup-ms 200 --rep-ms 1000
-                  --providers mpd_triton spikingjelly torch_eager mpd_triton_compile torch_compile)
-        fi
-        # shellcheck disable=SC2086
-        run_stage model "$BUDGET_MODEL" "$LOG" "$PYTHON" -m bench.model_step --model vgg11 --out "$WORK/model" \
-            "${step[@]}" ${MODEL_ARGS:-}
+        run_stage model "$BUDGET_MODEL" "$LOG" "${cmd[@]}"
         cp "$WORK/model/model_results.json" "$OUT/" 2>/dev/null
         ;;
     esac
@@ -220,7 +254,7 @@ done
 
 # The summary (python -m bench.device_summary), or the stage table alone if it fails.
 timeout "$SUMMARY_LIMIT" "$PYTHON" -m bench.device_summary --out "$OUT" --work "$WORK" --mode "$MODE" \
-    --command "bash bench/device_run.sh${*:+ $*}" --guard "$GUARD" --elapsed "$(($(date +%s) - START))" \
+    --command "bash bench/device_run.sh${ARGS:+ $ARGS}" --guard "$GUARD" --elapsed "$(($(date +%s) - START))" \
     --budget-total "$((BUDGET_TESTS + BUDGET_KERNELS + BUDGET_MODEL + BUDGET_SETUP))" 2>&1 | tee -a "$LOG"
 summary_rc=${PIPESTATUS[0]}
 if [ "$summary_rc" != 0 ] || [ ! -s "$OUT/summary.md" ]; then

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def script_budgets() -> dict[str, int]:
     """The defaults of the script's BUDGET_* / GUARD / SUMMARY_LIMIT lines, where they are written once."""
-    found = re.findall(r"^(BUDGET_[A-Z]+|GUARD|SUMMARY_LIMIT)=\$\{\1:-(\d+)\}", SCRIPT.read_text(), re.MULTILINE)
+    found = re.findall(r"^(BUDGET_[A-Z]+|GUARD|SUMMARY_LIMIT|KILL_GRACE)=\$\{\1:-(\d+)\}", SCRIPT.read_text(),
+                       re.MULTILINE)
     return {name: int(value) for name, value in found}
 
 
@@ -53,8 +55,8 @@ def test_budgets_fit_one_device_command():
     planned = sum(stages) + budgets["BUDGET_SETUP"]
     assert planned <= PLANNED_SECONDS, f"the default command is planned for {planned} s, more than 8 minutes"
     assert budgets["GUARD"] <= GUARD_SECONDS < COMMAND_SECONDS
-    # Under the guard every stage gets its whole budget, the summary keeping its share.
-    assert sum(stages) + budgets["SUMMARY_LIMIT"] <= budgets["GUARD"]
+    # Under the guard every stage gets its whole budget, the summary and the kill grace keeping their share.
+    assert sum(stages) + budgets["SUMMARY_LIMIT"] + budgets["KILL_GRACE"] <= budgets["GUARD"]
 
 
 def _files(out: Path) -> list[Path]:
@@ -137,9 +139,53 @@ def test_a_stage_past_its_budget_is_stopped_and_reported(tmp_path):
     assert len(_files(out)) <= MAX_FILES
 
 
+def _plan(mode: str) -> dict[str, list[str]]:
+    done = subprocess.run(["bash", str(SCRIPT), "--plan", mode], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    commands = {}
+    for line in done.stdout.splitlines():
+        stage, command = line.split(":", 1)
+        commands[stage] = shlex.split(command)
+    assert list(commands) == list(device_summary.STAGES)
+    return commands
+
+
+def _module_args(command: list[str], module: str) -> list[str]:
+    assert command[:3] == [sys.executable, "-m", module], command
+    return command[3:]
+
+
+def test_the_gpu_commands_are_what_the_gpu_run_needs():
+    """The GPU branch of the script never runs in CI: its commands are parsed here by the tools' own parsers
+    (a typo there would otherwise be found on the GPU, in its few minutes)."""
+    gpu = _plan("gpu")
+    tests = _module_args(gpu["tests"], "pytest")
+    assert tests[:2] == ["-m", "gpu"] and "tests" in tests and "--co" not in tests
+    assert any(a.startswith("--junitxml=") for a in tests) and "-v" in tests
+    plan = kernels.make_plan(kernels.build_parser().parse_args(_module_args(gpu["kernels"], "bench.kernels")),
+                             torch.device("cuda"))
+    assert (plan.dtypes, plan.Ts, plan.sizes) == (["float32", "bfloat16"], [8, 4], [1 << 27, 1 << 24])
+    assert plan.providers == ["mpd_triton", "spikingjelly", "torch_eager", "torch_compile"]
+    assert plan.passes == ["forward", "backward", "both"] and plan.stats_modes == (False, True)
+    assert (plan.compile_Ts, plan.compile_sizes, plan.copy) == ([8], [1 << 27], "start")
+    assert plan.count() == 192
+    step = model_step.build_parser().parse_args(_module_args(gpu["model"], "bench.model_step"))
+    assert (step.model, step.T, step.batch, step.image_size, step.width) == ("vgg11", 8, 64, 32, None)
+    assert step.providers == ["mpd_triton", "spikingjelly", "torch_eager", "mpd_triton_compile", "torch_compile"]
+    dry = _plan("dry")
+    assert "--co" in _module_args(dry["tests"], "pytest")
+    dry_plan = kernels.make_plan(kernels.build_parser().parse_args(_module_args(dry["kernels"], "bench.kernels")),
+                                 torch.device("cpu"))
+    assert dry_plan.Ts == [8] and dry_plan.providers == plan.providers and dry_plan.compile_sizes == [1 << 27]
+
+
 def test_script_refuses_an_unknown_stage(tmp_path):
     done = run_script(tmp_path / "out", "everything")
     assert done.returncode == 2 and "unknown argument 'everything'" in done.stderr
+    assert not (tmp_path / "out").exists()
+    done = run_script(tmp_path / "out", "--plan", "h100")
+    assert done.returncode == 2 and "--plan takes gpu or dry" in done.stderr
 
 
 # ------------------------------------------------------------------ what a stopped stage leaves
