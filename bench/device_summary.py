@@ -120,9 +120,15 @@ def target_rows(records: list[dict], model_records: list[dict], *, judged: bool)
     """A row per target of docs/benchmarks.md and case measured, in the docs' order: every target
     appears, 'not measured' where nothing was measured for it."""
     targets = evaluate_targets(records, model_records, on_gpu=True)
+    # The kernel cases in the sweep's own order (float32 and T = 8 first there), not alphabetical.
+    cases = list(dict.fromkeys(f"{r['dtype']}, T={r['T']}," for r in records))
+
+    def in_sweep_order(target: dict) -> int:
+        return next((i for i, case in enumerate(cases) if target["case"].startswith(case)), len(cases))
+
     rows = []
     for name in GPU_TARGETS:
-        mine = [t for t in targets if t["target"] == name]
+        mine = sorted((t for t in targets if t["target"] == name), key=in_sweep_order)
         if not mine:
             rows.append([name, "-", "-", _goal(name), "not measured"])
         for t in mine:
@@ -235,9 +241,9 @@ def build_summary(out: Path, work: Path, *, mode: str, command: str, budget_tota
         "",
     ]
     if dry:
-        head += ["**Dry run**: no CUDA here (or DEVICE_RUN_DRY=1), so every stage ran at tiny sizes, the Triton "
-                 "kernels in the interpreter and the peers on their CPU paths. It checks the script, not the "
-                 "kernels: no figure below is a speed, and no target is judged.", ""]
+        head += ["**Dry run** (no CUDA here, or DEVICE_RUN_DRY=1): every stage ran at tiny sizes; without CUDA the "
+                 "Triton kernels ran in the interpreter and the peers on their CPU paths. It checks the script, not "
+                 "the kernels: no figure below is a speed, and no target is judged.", ""]
     head += [
         f"- date (UTC): {now}; command: `{command}`",
         f"- {line}" if (line := _env_line(env, "commit")) else "- commit: unknown",

@@ -272,6 +272,12 @@ def test_target_rows_say_met_missed_by_how_much_or_not_measured():
     assert rows["training step speed-up over spikingjelly"][2:] == ["1.08x", ">= 1.2x", "missed by 10%"]
     assert rows["training step peak memory vs spikingjelly"][2:] == ["0.9x", "<= 1x", "met"]
     assert rows["forward share of copy bandwidth"][1] == "float32, T=8, T*N=2^27"
+    # Cases in the sweep's order: float32 before bfloat16, T = 8 before T = 4.
+    more = records + [_kernel("mpd_triton", "forward", False, 1.0, copy_fraction=0.9, dtype=d, T=T)
+                      for d, T in (("float32", 4), ("bfloat16", 8))]
+    cases = [row[1] for row in device_summary.target_rows(more, [], judged=True)
+             if row[0] == "forward share of copy bandwidth"]
+    assert cases == ["float32, T=8, T*N=2^27", "float32, T=4, T*N=2^27", "bfloat16, T=8, T*N=2^27"]
     unjudged = device_summary.target_rows(records, model, judged=False)
     assert {row[-1] for row in unjudged} == {"not judged (dry run: CPU, tiny sizes)", "not measured"}
     nothing = device_summary.target_rows([], [], judged=True)
