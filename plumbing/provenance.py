@@ -60,7 +60,7 @@ def provenance(device: torch.device | str | None = None) -> dict:
         **git_commit(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: TorchVersion would make a model.pt unsafe to load
         "triton": triton_version,
         "numpy": np.__version__,
         "cpu": cpu_model(),
@@ -72,5 +72,5 @@ def provenance(device: torch.device | str | None = None) -> dict:
         info["device"] = str(device)
         if device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(device)
-            info["cuda"] = torch.version.cuda
+            info["cuda"] = str(torch.version.cuda)
     return info

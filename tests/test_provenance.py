@@ -24,6 +24,8 @@ def test_record_names_the_checkout_and_the_versions():
     assert record["torch_threads"] == torch.get_num_threads() and record["cpu"] == cpu_model() != ""
     assert record["device"] == "cpu" and "gpu" not in record
     assert record["date_utc"].endswith("+00:00")
+    # plain values only (torch.__version__ is a str subclass that a weights-only load refuses)
+    assert all(type(v) in (str, int, float, bool, type(None)) for v in record.values()), record
 
 
 def test_commit_outside_a_checkout_is_unknown(tmp_path):
