@@ -27,6 +27,7 @@ import mpd_triton.files as files
 import train.engine as engine
 import train.run as run_module
 from mpd_triton.files import WriteError, ensure_writable, optional_plot, save_figure, write_text, write_with
+from plumbing.lock import folder_lock
 from train.checkpoint import OPTIMIZER_STATE_COPIES, checkpoint_bytes, load_checkpoint, save_checkpoint
 from train.run import main
 
@@ -423,6 +424,28 @@ def test_flipped_bits_are_reported_and_the_previous_checkpoint_offered(run_copy,
     os.replace(previous, ckpt)
     assert main(SMALL + ["--epochs", "2", "--out", str(run_copy), "--resume"]) == 0
     assert "resuming after epoch 1/2" in capsys.readouterr().out
+
+
+def test_a_second_train_run_on_the_same_folder_is_refused_and_writes_nothing(run_copy, capsys):
+    """Another train.run holds the folder (its lock, as a running one does): this one stops in one line naming
+    it, and writes nothing (before this lock, both exited 0 and left one's config.json beside the other's model)."""
+    before = {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file() and p.name != ".lock"}
+    with folder_lock(run_copy, "train.run"):
+        code = main(SMALL + ["--epochs", "3", "--out", str(run_copy), "--resume"])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and line.startswith(f"error: {run_copy} is in use by train.run (pid {os.getpid()} on ")
+    assert line.endswith("wait for it to finish, or choose another output folder")
+    assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert main(SMALL + ["--epochs", "2", "--out", str(run_copy), "--resume"]) == 0  # the lock went with its holder
+
+
+def test_a_refused_resume_writes_nothing(run_copy, capsys):
+    """--resume with other settings is refused before config.json (or anything else) is rewritten."""
+    before = {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file() and p.name != ".lock"}
+    code = main(SMALL + ["--epochs", "2", "--width", "8", "--out", str(run_copy), "--resume"])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and "the run was started with other settings (width: " in line, line
+    assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 def test_a_truncated_checkpoint_is_reported_and_force_starts_over(run_copy, capsys):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from plumbing.lock import folder_lock
 from train import sweep
 from train.sweep import cli as sweep_cli
 from train.sweep import runner as sweep_runner
@@ -75,9 +76,9 @@ def test_options_the_sweep_sets_itself_are_refused(tmp_path, capsys, args, messa
 
 def test_a_second_sweep_in_the_same_folder_is_refused(tmp_path, capsys):
     tmp_path.mkdir(exist_ok=True)
-    with sweep_cli._lock(tmp_path):
+    with folder_lock(tmp_path, "train.sweep", sweep_cli.SWEEP_LOCK):
         assert main(["--out", str(tmp_path), "--grid", "seed=0", "--summary-only"]) == 2
-        assert "another sweep runs in" in capsys.readouterr().err
+        assert f"{tmp_path} is in use by train.sweep (pid {os.getpid()}" in capsys.readouterr().err
     assert main(["--out", str(tmp_path), "--grid", "seed=0", "--summary-only"]) == 0
 
 

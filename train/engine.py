@@ -230,20 +230,32 @@ def _build_training(cfg: RunConfig, info: DatasetInfo, ctx: RunContext) -> _Trai
     return _Training(model, reg, opt, _scheduler(cfg, opt))
 
 
-def _resume(cfg: RunConfig, name: str, run_dir: Path, training: _Training, ctx: RunContext,
-            resume: bool) -> tuple[int, list]:
-    """(first epoch to train, history so far): from the run's checkpoint with --resume, else (0, [])."""
+def check_resumable_run(cfg: RunConfig, name: str, run_dir: Path, resume: bool, map_location="cpu") -> dict | None:
+    """The run's checkpoint when it is to be continued (None when there is none: the run starts); raises
+    CheckpointError (one line) when it may not be: a checkpoint without --resume (and without --force,
+    which removes it), an unreadable one, or one made with other settings. train.run calls it for
+    every run before it writes anything."""
     ckpt_path = run_dir / CHECKPOINT
-    if not ckpt_path.is_file():
-        return 0, []
+    if not ckpt_path.is_file() or cfg.force:
+        return None
     if not resume:
         raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue that run, --force to start it over, "
                               "or choose another --out")
     try:
-        saved = load_checkpoint(ckpt_path, map_location=ctx.device)
+        saved = load_checkpoint(ckpt_path, map_location=map_location)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {_what_now(run_dir)}") from None
     _check_resumable(saved, cfg, name, ckpt_path)
+    return saved
+
+
+def _resume(cfg: RunConfig, name: str, run_dir: Path, training: _Training, ctx: RunContext,
+            resume: bool) -> tuple[int, list]:
+    """(first epoch to train, history so far): from the run's checkpoint with --resume, else (0, [])."""
+    saved = check_resumable_run(cfg, name, run_dir, resume, ctx.device)
+    if saved is None:
+        return 0, []
+    ckpt_path = run_dir / CHECKPOINT
     training.model.load_state_dict(saved["model"])
     training.opt.load_state_dict(saved["optimizer"])
     training.sched.load_state_dict(saved["scheduler"])

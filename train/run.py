@@ -13,6 +13,7 @@ rank that died or hangs (the others stop, naming their rank and the cause).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -26,14 +27,15 @@ import torch.distributed as dist
 
 from mpd_triton.files import WriteError, ensure_writable, remove_leftovers, write_json
 from mpd_triton.kernels.cpu import keep_freed_memory
+from plumbing.lock import LOCK_NAME, FolderBusy, folder_lock
 
 from .checkpoint import CheckpointError
 from .compiling import should_compile, to_memory_format, use_channels_last
 from .config import PRESET_NOTES, ConfigError, RunConfig, eps_label, parse_args
 from .data import DataError, ImageData, dataset_info, load_dataset
 from .diagnostics import layer_diagnostics
-from .engine import (RUN_FILES, RunContext, StoppedByMain, build_for, planned_output_bytes, run_configs, setup_context,
-                     train_run)
+from .engine import (RUN_FILES, RunContext, StoppedByMain, build_for, check_resumable_run, planned_output_bytes,
+                     run_configs, setup_context, train_run)
 from .report import membrane_samples, write_comparison, write_run_report
 from .robustness import EvalSettings, evaluate_robustness, parse_attacks
 
@@ -98,6 +100,20 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
     ctx = setup_context(cfg)
     out = _resolve_out(cfg, resume, ctx)
     runs = run_configs(cfg)
+    with contextlib.ExitStack() as held:
+        def claim():  # one train.run per folder (the ranks of one torchrun share it: rank 0 holds the lock)
+            try:
+                held.enter_context(folder_lock(out, "train.run"))
+            except OSError as e:
+                raise WriteError.from_os_error(out / LOCK_NAME, e) from None
+            for name, run_cfg in runs:  # refused before anything is written (config.json included)
+                check_resumable_run(run_cfg, name, out / name, resume)
+
+        ctx.run_on_main(claim)
+        return _run(cfg, resume, ctx, out, runs)
+
+
+def _run(cfg: RunConfig, resume: bool, ctx: RunContext, out: Path, runs: list) -> list[dict]:
     ctx.run_on_main(lambda: _prepare_out(cfg, out, [name for name, _ in runs]))
     train, test, info = load_dataset(cfg.data, cfg.data_dir, cfg.download)
     train, test = train.limit(cfg.train_limit), test.limit(cfg.test_limit)
@@ -193,7 +209,7 @@ def main(argv=None) -> int:
             leave_now = 0
     except StoppedByMain:
         return 2  # rank 0 says why
-    except (ConfigError, DataError, CheckpointError, FloatingPointError, WriteError) as e:
+    except (ConfigError, DataError, CheckpointError, FloatingPointError, WriteError, FolderBusy) as e:
         print(f"error: {rank}{e}", file=sys.stderr)
         return 2
     except (torch.OutOfMemoryError, MemoryError) as e:

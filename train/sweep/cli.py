@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -18,8 +19,10 @@ matplotlib.use("Agg")
 from tqdm import tqdm  # noqa: E402
 
 from mpd_triton.files import WriteError, ensure_writable  # noqa: E402
+from plumbing.lock import FolderBusy, folder_lock  # noqa: E402
 
 from ..config import ConfigError  # noqa: E402
+
 from .plan import Point, SweepError, parse_cases, parse_grid, plan_points  # noqa: E402
 from .runner import (FAILED_FILE, Runner, _eval_command, _Stopped, _train_command, check_plan,  # noqa: E402
                      planned_commands, run_point)
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Options each point's command sets itself: refused in --train-args, --case and --eval-args (any
 # abbreviation argparse would accept, and the --flag=value form, included).
+SWEEP_LOCK = ".sweep.lock"  # the sweep's own (train.run holds .lock in each point's folder)
 _RESERVED_TRAIN = ("--out", "--resume", "--force", "--compare", "--no-compare")
 _RESERVED_EVAL = ("--out", "--resume", "--checkpoint", "--name")
 
@@ -102,8 +106,9 @@ def main(argv=None) -> int:
         for p in points:  # a folder made with other arguments is refused now, not hours into the sweep
             check_plan(p, out, planned_commands(p, train_args, eval_args))
         ensure_writable(out, what="the sweep")
-        lock = _lock(out)
-    except (SweepError, ConfigError, WriteError) as e:
+        lock = contextlib.ExitStack()
+        lock.enter_context(folder_lock(out, "train.sweep", SWEEP_LOCK))  # a second sweep here is refused
+    except (SweepError, ConfigError, WriteError, FolderBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with lock:
@@ -126,42 +131,6 @@ def main(argv=None) -> int:
           "finished" + (f"; failed: {', '.join(failed)} (their failed.json and logs say why; --retry-failed runs "
                         "them again)" if failed else ""))
     return 1 if failed else 0
-
-
-class _Lock:
-    """OUT/.sweep.lock held (flock) while a sweep runs there: a second sweep in the same folder is refused."""
-
-    def __init__(self, path: Path, handle):
-        self.path, self.handle = path, handle
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.close()
-        return False
-
-
-def _lock(out: Path) -> _Lock:
-    import fcntl
-
-    path = out / ".sweep.lock"
-    try:
-        handle = open(path, "a+")
-    except OSError as e:
-        raise WriteError.from_os_error(path, e) from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise SweepError(f"another sweep runs in {out} ({holder}): wait for it, or stop it first") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    return _Lock(path, handle)
 
 
 def _run_points(points: list[Point], out: Path, train_args: list[str], eval_args: list[str] | None, runner: Runner,
