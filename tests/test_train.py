@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import PRESET_NOTES
+from train.config import PRESET_NOTES, ConfigError, RunConfig
 from train.run import main
 
 from helpers import free_port
@@ -35,11 +36,14 @@ def _run_cli(args, **kwargs):
                           text=True, **kwargs)
 
 
-def test_short_training_learns_and_mpd_lowers_omega(tmp_path):
+def test_short_training_learns_and_mpd_lowers_omega(tmp_path, capsys):
     """Plain and MPD-SGR from the same seed on real (bundled) Fashion-MNIST images."""
     code = main(["--train-limit", "3000", "--test-limit", "500", "--epochs", "2", "--eta", "1", "--compare",
                  "--eval-attacks", "", "--out", str(tmp_path)])
     assert code == 0
+    printed = capsys.readouterr().out  # the reports' real paths, not a pattern
+    assert f"reports: {tmp_path / 'comparison.md'}, {tmp_path / 'plain' / 'report.md'}, " \
+           f"{tmp_path / 'mpd' / 'report.md'}" in printed
     comparison = json.loads((tmp_path / "comparison.json").read_text())
     plain, mpd = comparison["plain"], comparison["mpd"]
     assert plain["clean_acc"] > 0.6, plain  # chance is 0.1
@@ -125,7 +129,13 @@ BAD = [
     (["--window", "0.5"], "window: the triangle surrogate's MPD-SGR window is its support"),
     (["--model", "vgg16"], "model vgg16 on fmnist-subset (28x28): image too small"),
     (["--data", "cifar10", "--data-dir", "/nonexistent"], "--data-dir /nonexistent does not exist"),
-]
+    (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--config", "/nonexistent/config.json"], "--config /nonexistent/config.json: cannot read it"),
+    (["--mpd-window", "wide"], "--mpd-window must be one of ('surrogate', 'relative'), got 'wide'"),
+    (["--v-reset", "1", "--v-th", "1"], "v_reset (1) >= v_th (1): with a hard reset the neuron rests at v_reset"),
+] + ([] if torch.cuda.is_available() else [
+    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+])
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
@@ -234,3 +244,52 @@ def test_help_states_each_default_once(capsys):
     helps = {a.dest: a.help for a in build_parser()._actions}
     for name in ("out", "dist_timeout", "window", "gamma", "compile", "channels_last", "tau", "eval_limit"):
         assert helps[name].count("default") == 1, (name, helps[name])
+
+
+def test_every_option_has_help_and_eps_in_the_papers_units(capsys):
+    """No option is a bare flag with only its default; eps-like options show 8/255, not 0.0313725."""
+    from train.config import build_parser
+
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            text = (action.help or "").split(" (default")[0].strip()
+            assert text and not text.startswith("(default"), f"{action.option_strings[0]} has no help"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 2/255)" in text and "(default: 8/255)" in text and "0.0313725" not in text
+
+
+def test_config_json_reruns_a_run_and_options_override_it(tmp_path):
+    from train.config import parse_args
+
+    cfg, _ = parse_args(["--preset", "study", "--eta", "0.5", "--width", "8", "--adv-train", "--adv-eps", "0.1",
+                         "--out", str(tmp_path / "first"), "--force"])
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(cfg.to_dict()))
+    again, _ = parse_args(["--config", str(saved)])
+    assert again == dataclasses.replace(cfg, out=None, force=False)  # where it went is not repeated
+    changed, _ = parse_args(["--config", str(saved), "--eta", "2", "--no-adv-train"])
+    assert changed == dataclasses.replace(cfg, out=None, force=False, eta=2.0, adv_train=False)
+    assert parse_args(["--config", str(saved), "--preset", "quick"])[0].width is None  # a preset starts afresh
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({**cfg.to_dict(), "learning_rate": 0.1}))
+    with pytest.raises(ConfigError, match="settings this train.run does not have: learning_rate"):
+        parse_args(["--config", str(bad)])
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not a JSON file"):
+        parse_args(["--config", str(bad)])
+
+
+def test_curves_after_one_epoch_draw_every_line(tmp_path, monkeypatch):
+    """One epoch is one point per line: every line, training ones included, has a marker to show it."""
+    from train import report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    monkeypatch.setattr(report.plt, "close", lambda fig: None)
+    history = [{"epoch": 1, "test_omega": 0.5, "train_omega": 0.55, "train_loss": 1.2, "test_acc": 0.7,
+                "train_acc": 0.65}]
+    report.plot_curves({"plain": history}, tmp_path / "curves.png")
+    lines = [line for ax in figures[0].axes for line in ax.get_lines()]
+    assert len(lines) == 5 and all(line.get_marker() not in (None, "None", "") for line in lines)

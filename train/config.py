@@ -12,6 +12,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import mpd_triton as mt
 from models import ENCODINGS, MODEL_NAMES, MODEL_WIDTHS, NeuronOptions
@@ -181,10 +182,10 @@ _SWITCH = dict(action=argparse.BooleanOptionalAction, default=None)
 # needs its line here (tests/test_train.py checks that every field has one).
 NEURON_FLAGS: dict[str, dict] = {
     "tau": dict(type=fraction, help="membrane time constant (inf: integrate-and-fire)"),
-    "v_th": dict(type=fraction),
+    "v_th": dict(type=fraction, help="firing threshold"),
     "v_reset": dict(type=_optional_float, help="hard-reset value, or 'none' for a soft reset"),
-    "decay_input": _SWITCH,
-    "detach_reset": _SWITCH,
+    "decay_input": dict(_SWITCH, help="the leak also scales the input: h = v + (x - (v - v_rest)) / tau"),
+    "detach_reset": dict(_SWITCH, help="no gradient through the reset"),
     "surrogate": dict(help=f"one of: {', '.join(mt.SURROGATE_NAMES)}"),
     "surrogate_param": dict(type=float, help="gamma (triangle, rectangular) or alpha (sigmoid, atan, superspike)"),
     "window": dict(type=float, help="MPD-SGR window of a smooth surrogate (sigmoid, atan, superspike; default: where "
@@ -208,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the chosen preset's value; --help shows the quick preset's (and what the other presets set).",
     )
     a = p.add_argument
-    a("--preset", default="quick", help=f"one of: {', '.join(PRESETS)}")
+    a("--preset", help=f"one of: {', '.join(PRESETS)} (default: quick, or the --config file's)")
+    a("--config", help="a run's config.json: train with its settings again (into a new --out unless one is given; "
+                       "options given here override it)")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help=f"one of: {', '.join(MODEL_NAMES)}")
     g.add_argument("--data", help=f"one of: {', '.join(DATASETS)}")
@@ -224,13 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BatchNorm before the classifier's LIF layers too, so that BatchNorm precedes every LIF "
                         f"({', '.join(m for m in MODEL_WIDTHS)})")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--epochs", type=int, help="passes over the training images")
+    g.add_argument("--batch-size", type=int, help="training images per optimizer step")
+    g.add_argument("--eval-batch-size", type=int, help="images per batch when testing and attacking")
     g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--lr", type=float, help="learning rate (the schedule's peak)")
+    g.add_argument("--momentum", type=float, help="SGD momentum (Adam: its beta1 is its own)")
+    g.add_argument("--weight-decay", type=float, help="L2 weight decay")
     g.add_argument("--schedule", help=f"one of: {', '.join(SCHEDULES)}")
     g = p.add_argument_group("neurons")
     for f in fields(NeuronOptions):
@@ -249,15 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sr-h", type=float, help="SR's finite-difference step")
     g = p.add_argument_group("adversarial training")
     g.add_argument("--adv-train", action=argparse.BooleanOptionalAction, default=None, help="PGD adversarial training")
-    g.add_argument("--adv-eps", type=fraction)
-    g.add_argument("--adv-step", type=fraction)
-    g.add_argument("--adv-steps", type=int)
+    g.add_argument("--adv-eps", type=fraction, help="L-inf radius of the training attack, in pixel units (8/255 "
+                                                    "or 0.03)")
+    g.add_argument("--adv-step", type=fraction, help="step of the training attack")
+    g.add_argument("--adv-steps", type=int, help="PGD steps of the training attack")
     g = p.add_argument_group("evaluation after training")
     g.add_argument("--eval-attacks", help="comma-separated attacks run on the final model ('' for none)")
-    g.add_argument("--eval-eps", type=fraction)
+    g.add_argument("--eval-eps", type=fraction, help="L-inf radius of the attacks after training")
     g.add_argument("--eval-limit", type=int, help="test images used by the attacks (0: all)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help="random seed (initialization, data order, attacks)")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -265,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{COMPILE_MIN_STEPS} training steps, where compiling pays")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="keep activations in torch.channels_last; default: on for the CPU, where it is faster")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch's deterministic algorithms (slower; CPU runs are repeatable without it)")
     g.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out (default: the newest runs/<preset>-*)")
@@ -312,9 +317,15 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
         action.help = f"{action.help} ({note})" if action.help else f"({note})"
 
 
+# Options in pixel units of images in [0, 1]: shown as the papers write them (8/255, not 0.0313725).
+_EPS_OPTIONS = ("adv_eps", "adv_step", "eval_eps")
+
+
 def _shown(name: str, value) -> str:
     if value is None:
         return _NONE_MEANS.get(name, "none")
+    if name in _EPS_OPTIONS:
+        return eps_label(value)
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
@@ -324,12 +335,16 @@ def parse_args(argv=None) -> tuple[RunConfig, bool]:
     """-> (config, resume). Raises ConfigError with a one-line message on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    values = RunConfig().to_dict()
-    values.update(PRESETS[args.preset])
-    values["preset"] = args.preset
     names = {f.name for f in fields(RunConfig)}
+    saved = _read_config(args.config, names) if args.config else {}
+    preset = args.preset or saved.get("preset", "quick")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = RunConfig().to_dict()
+    values.update(PRESETS[preset])
+    if args.preset is None:  # the saved run's settings (an explicit --preset starts from that preset instead)
+        values.update(saved)
+    values["preset"] = preset
     for key, value in vars(args).items():
         if key in names and value is not None and key != "preset":
             values[key] = value
@@ -342,6 +357,45 @@ def parse_args(argv=None) -> tuple[RunConfig, bool]:
         raise ConfigError("--resume continues the run, --force starts it over: give one of them")
     validate(cfg)
     return cfg, args.resume
+
+
+# Where a run went and whether it started over: not part of what a rerun of its config.json repeats.
+_NOT_RERUN = ("out", "force")
+
+
+def _read_config(path: str, names: set[str]) -> dict:
+    """The settings of a run's config.json (train.run writes one in every run folder), for --config."""
+    import json
+
+    try:
+        saved = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ConfigError(f"--config {path}: not a JSON file ({e})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--config {path}: expected the config.json of a train.run run folder")
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise ConfigError(f"--config {path}: settings this train.run does not have: {', '.join(unknown)} (a "
+                          "config of another version?)")
+    return {k: v for k, v in saved.items() if k not in _NOT_RERUN}
+
+
+def check_device(device: str, flag: str) -> None:
+    """ConfigError (one line) for a CUDA device this machine does not have."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = ("this torch was built without CUDA" if torch.version.cuda is None else
+               f"torch {torch.__version__} finds no CUDA device")
+        raise ConfigError(f"{flag} {device}: CUDA is not available here ({why}); use --device cpu (or auto)")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
 
 
 def _positive_int(name, value):
@@ -410,5 +464,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--eval-attacks: {e}") from None
     if not (cfg.dist_timeout > 0 and math.isfinite(cfg.dist_timeout)):
         raise ConfigError(f"dist timeout must be > 0 seconds, got {cfg.dist_timeout}")
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+    if cfg.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    check_device(cfg.device, "--device")

@@ -107,10 +107,12 @@ def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
     for name, history in histories.items():
         epochs = [h["epoch"] for h in history]
         axes[0].plot(epochs, [h["test_omega"] for h in history], marker="o", label=f"{name} (test)")
-        axes[0].plot(epochs, [h["train_omega"] for h in history], linestyle="--", alpha=0.6, label=f"{name} (train)")
+        # the training lines get markers too: after one epoch a line without one draws nothing
+        axes[0].plot(epochs, [h["train_omega"] for h in history], linestyle="--", marker="x", alpha=0.6,
+                     label=f"{name} (train)")
         axes[1].plot(epochs, [h["train_loss"] for h in history], marker="o", label=name)
         axes[2].plot(epochs, [100 * h["test_acc"] for h in history], marker="o", label=f"{name} (test)")
-        axes[2].plot(epochs, [100 * h["train_acc"] for h in history], linestyle="--", alpha=0.6,
+        axes[2].plot(epochs, [100 * h["train_acc"] for h in history], linestyle="--", marker="x", alpha=0.6,
                      label=f"{name} (train)")
     for ax, title in zip(axes, ("mean Omega (share in the SG window)", "training loss (task)", "accuracy %")):
         ax.set_title(title, fontsize=10)

@@ -155,7 +155,8 @@ def _run(cfg: RunConfig, resume: bool, ctx: RunContext, out: Path, runs: list) -
     if len(reports) > 1:
         note = PRESET_NOTES.get(cfg.preset)
         table = write_comparison(out, reports, samples, note)
-        print("\n" + table + (f"\n\n{note}" if note else "") + f"\n\nreports: {out}/comparison.md, {out}/<run>/report.md")
+        print("\n" + table + (f"\n\n{note}" if note else "") + f"\n\nreports: {out / 'comparison.md'}, "
+              + ", ".join(str(out / r["run"] / "report.md") for r in reports))
     else:
         r = reports[0]
         print(f"\n{r['run']}: clean accuracy {100 * r['clean_acc']:.2f}%, mean Omega {r['mean_omega']:.4f}; "
