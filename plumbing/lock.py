@@ -4,7 +4,8 @@
         ...   # a second train.run on the same folder is refused with FolderBusy, naming this one
 
 The lock file keeps the holder's description (the tool, its pid, host and start time) for the
-message of the process refused. The OS releases the lock when the holder exits, however it exits
+message of the process refused. A folder the lock had to create is removed again if nothing but the
+lock file was written in it (a run refused before it began leaves nothing behind). The OS releases the lock when the holder exits, however it exits
 (a crash or SIGKILL included): a stale lock file from a dead process blocks nothing.
 """
 
@@ -33,9 +34,14 @@ def folder_lock(folder: str | Path, tool: str, name: str = LOCK_NAME) -> Iterato
     import fcntl  # POSIX; the tools run on Linux and macOS
 
     folder = Path(folder)
+    created = [f for f in (folder, *folder.parents) if not f.exists()]  # what to take away if left empty
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    handle = open(path, "a+")
+    try:
+        handle = open(path, "a+")
+    except OSError:
+        _remove_empty(created)
+        raise
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -51,4 +57,16 @@ def folder_lock(folder: str | Path, tool: str, name: str = LOCK_NAME) -> Iterato
         handle.flush()
         yield path
     finally:
+        if created and [p.name for p in folder.iterdir()] == [name]:  # refused before it wrote anything
+            path.unlink(missing_ok=True)
+            _remove_empty(created)
         handle.close()  # releases the lock
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this lock created (innermost first), as far as they are empty."""
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:
+            return

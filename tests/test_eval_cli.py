@@ -126,11 +126,11 @@ def test_source_with_other_classes_and_foreign_checkpoints(checkpoints, tmp_path
     bad.write_bytes(b"garbage")
     code = main(["--checkpoint", str(bad), "--limit", "4"])
     err = capsys.readouterr().err
-    assert code == 2 and "is not a saved mpd-triton model (not a torch.save archive)" in err
+    assert code == 2 and "is not a file that mpd-triton saved (not a torch.save archive)" in err
     torch.save({"something": 1}, tmp_path / "foreign.pt")
     code = main(["--checkpoint", str(tmp_path / "foreign.pt"), "--limit", "4"])
     err = capsys.readouterr().err
-    assert code == 2 and "is not an mpd-triton model file" in err
+    assert code == 2 and "is not an mpd-triton file" in err
 
 
 def test_help_shows_real_defaults():

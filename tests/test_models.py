@@ -197,9 +197,9 @@ def test_models_are_the_installed_library_and_load_what_train_run_saves(tmp_path
 
     refused(tmp_path / "missing.pt", "no model file at")
     (tmp_path / "text.pt").write_text("weights")
-    refused(tmp_path / "text.pt", "not a saved mpd-triton model")
+    refused(tmp_path / "text.pt", "not a file that mpd-triton saved")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
-    refused(tmp_path / "foreign.pt", "not an mpd-triton model file")
+    refused(tmp_path / "foreign.pt", "not an mpd-triton file")
     torch.save({"format": "mpd-triton-checkpoint/0", "model": {}}, tmp_path / "old.pt")
     refused(tmp_path / "old.pt", "of format 'mpd-triton-checkpoint/0'; this mpd-triton reads 'mpd-triton-checkpoint/1'")
     save_checkpoint(tmp_path / "nospec.pt", {"model": model.state_dict()})

@@ -61,6 +61,8 @@ def verify_archive(path: Path) -> None:
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """A checkpoint or model.pt of train.run, checked (mpd_triton.models.read, which also holds the
     format); its RNG states need the full unpickler, so this is for the project's own files."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
     try:
         return read(path, map_location, weights_only=False)
     except ModelFileError as e:

@@ -122,3 +122,28 @@ def diagnostics_table(diagnostics: dict[str, list[dict]]) -> list[str]:
             lines.append(f"| {name} | {d['layer']} | {window} | "
                          + " | ".join(fmt.format(d[key]) for key, (_, fmt) in DIAGNOSTICS.items()) + " |")
     return lines
+
+
+# "Well above chance": a model below this multiple of chance accuracy is reported as at chance.
+CHANCE_FACTOR = 1.5
+
+
+def diagnose(clean: float, num_classes: int, layers: list[dict], n_images: int) -> list[str]:
+    """What makes a model's robustness figures meaningless, said before them: clean accuracy not well
+    above chance (below CHANCE_FACTOR x chance on ``n_images`` test images), and LIF layers that never fire
+    (``layers``: layer_diagnostics' figures). An empty list: nothing found."""
+    problems = []
+    chance = 1.0 / num_classes
+    if clean < CHANCE_FACTOR * chance:
+        problems.append(f"the model is at chance: clean accuracy {100 * clean:.1f}% on {n_images} test images, "
+                        f"chance {100 * chance:.0f}%")
+    silent = [str(d["layer"]) for d in layers if d["firing_rate"] == 0.0]
+    mostly = [f"{d['layer']} ({100 * d['silent']:.0f}% of its neurons silent)" for d in layers
+              if d["firing_rate"] > 0.0 and d["silent"] >= 0.99]
+    if silent:
+        problems.append(f"LIF layer{'s' if len(silent) > 1 else ''} {', '.join(silent)} never fire"
+                        f"{'s' if len(silent) == 1 else ''}")
+    if mostly:
+        problems.append(f"LIF layer{'s' if len(mostly) > 1 else ''} {', '.join(mostly)} almost never fire"
+                        f"{'s' if len(mostly) == 1 else ''}")
+    return problems

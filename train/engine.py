@@ -178,6 +178,43 @@ def evaluate(model: nn.Module, reg: mt.MPDSGR, data: ImageData, cfg: RunConfig, 
     return {"acc": sums[0] / count, "omega": sum(per_layer) / max(n_layers, 1), "omega_layers": per_layer}
 
 
+# BatchNorm's running statistics start at mean 0, variance 1 and move by `momentum` (0.1) per step: after a
+# few dozen steps they can still hold much of that start, and in eval mode a layer whose true variance is
+# far below 1 then no longer reaches its threshold (silent layers, a model at chance; docs/training.md).
+# While they hold more than this share of their start, they are recomputed after each epoch.
+BN_STALE_SHARE = 0.01
+BN_RECALIBRATION_IMAGES = 4096  # the first training images, in order, without augmentation
+
+
+def batchnorm_is_stale(model: nn.Module, steps: int) -> bool:
+    """Whether some BatchNorm's running statistics still hold more than BN_STALE_SHARE of their initial
+    values after ``steps`` optimizer steps (a cumulative average, momentum None, never does)."""
+    return any(m.momentum is not None and (1.0 - m.momentum) ** steps > BN_STALE_SHARE
+               for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data: ImageData, batch_size: int, device: torch.device) -> int:
+    """Every BatchNorm's running statistics recomputed as the plain average over the first
+    BN_RECALIBRATION_IMAGES training images (train mode, no gradient); returns the images used."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    subset = data.limit(BN_RECALIBRATION_IMAGES)
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        model.train()
+        for start in range(0, len(subset), batch_size):
+            model(subset.images[start:start + batch_size].to(device).float().div(255.0))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(subset)
+
+
 @dataclass
 class RunResult:
     name: str
@@ -356,11 +393,19 @@ def train_run(cfg: RunConfig, name: str, run_dir: Path, train: ImageData, test: 
         t0 = time.perf_counter()
         sums = _train_epoch(cfg, name, epoch, net, training, loader, ctx)
         train_seconds = time.perf_counter() - t0
+        steps = (epoch + 1) * len(loader)
+        stale = batchnorm_is_stale(training.model, steps)
+        if stale:  # a short run: BatchNorm's running statistics still hold their start (see BN_STALE_SHARE)
+            used = recalibrate_batchnorm(training.model, train, cfg.eval_batch_size, ctx.device)
+            if ctx.is_main:
+                print(f"[{name}] after {steps} steps BatchNorm's running statistics still held more than "
+                      f"{BN_STALE_SHARE:.0%} of their start: recomputed over {used} training images", flush=True)
         test_metrics = evaluate(training.model, training.reg, test, cfg, ctx, desc=f"{name} test")
         history.append({"epoch": epoch + 1, "lr": training.opt.param_groups[0]["lr"], "train_loss": sums[0] / sums[2],
                         "train_acc": sums[1] / sums[2], "train_omega": sums[3] / sums[2],
                         "test_acc": test_metrics["acc"], "test_omega": test_metrics["omega"],
-                        "test_omega_layers": test_metrics["omega_layers"], "epoch_seconds": train_seconds})
+                        "test_omega_layers": test_metrics["omega_layers"], "epoch_seconds": train_seconds,
+                        **({"batchnorm_recalibrated": True} if stale else {})})
         _checkpoint_epoch(cfg, name, run_dir, epoch, training, history, info, ctx)
 
     def save_model():

@@ -130,9 +130,10 @@ def _fmt_pct(value) -> str:
 
 def write_run_report(run_dir: Path, name: str, config: dict, history: list[dict], samples: list[dict],
                      robustness: dict | None = None, diagnostics: list[dict] | None = None,
-                     test_images: int | None = None) -> dict:
+                     test_images: int | None = None, problems: list[str] | None = None) -> dict:
     """report.json / report.md and the run's plots; ``config`` is the run's own (its eta included),
-    test_images the number of test images the accuracy is over."""
+    test_images the number of test images the accuracy is over, problems what diagnostics.diagnose found
+    (said at the top of report.md: the robustness figures of such a model mean nothing)."""
     run_dir = Path(run_dir)
     final = history[-1]
     eta = config["eta"]
@@ -145,12 +146,15 @@ def write_run_report(run_dir: Path, name: str, config: dict, history: list[dict]
         "membrane_share_in_window": [float(np.mean(np.abs(s["u"]) <= s["window"])) for s in samples],
         "robustness": robustness,
         "diagnostics": diagnostics,
+        "problems": problems or [],
     }
     write_json(run_dir / "report.json", report)
     plot_membrane({name: samples}, run_dir / "membrane.png", f"{name} (eta = {eta:g})")
     plot_curves({name: history}, run_dir / "curves.png")
     lines = [
         f"# Run `{name}` (eta = {eta:g})", "",
+        *([f"**Diagnosis: {'; '.join(problems)}.** The robustness figures below cannot be judged on this model "
+           "(train longer: more epochs or images).", ""] if problems else []),
         f"- model {config['model']}, data {config['data']}, T = {config['T']}, encoding {config['encoding']}, "
         f"surrogate {config['surrogate']}, epochs {len(history)}",
         f"- clean test accuracy: **{_fmt_pct(report['clean_acc'])}**"
@@ -222,13 +226,17 @@ def write_comparison(out_dir: Path, reports: list[dict], samples: dict[str, list
         for attack in [a for a in reports[0]["robustness"]["accuracy"] if a != "clean"]:
             rows.append((f"{attack} accuracy", [_fmt_pct(r["robustness"]["accuracy"][attack]) for r in reports]))
         rows.append(("input-gradient L1", [f"{r['robustness']['grad_l1']:.4g}" for r in reports]))
-        rows.append(("masking checks", ["pass" if r["robustness"]["checks_passed"] else "FAILED" for r in reports]))
+        rows.append(("masking checks", ["not judged" if r.get("problems") else
+                                        "pass" if r["robustness"]["checks_passed"] else "FAILED" for r in reports]))
     rows.append(("s / epoch", [f"{r['seconds_per_epoch']:.1f}" for r in reports]))
     width = max(len(k) for k, _ in rows) + 2
     col = max(12, *(len(n) + 2 for n in names))
     table = "".ljust(width) + "".join(n.rjust(col) for n in names) + "\n"
     table += "\n".join(k.ljust(width) + "".join(v.rjust(col) for v in vals) for k, vals in rows)
-    md = ["# Plain vs MPD-SGR (same seed)", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    diagnosed = [f"- `{r['run']}`: {'; '.join(r['problems'])}" for r in reports if r.get("problems")]
+    md = ["# Plain vs MPD-SGR (same seed)", "",
+          *(["**Diagnosis** (the robustness figures of these models cannot be judged):", *diagnosed, ""]
+            if diagnosed else []), "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     md += [f"| {k} | " + " | ".join(vals) + " |" for k, vals in rows]
     md += ["", note] if note else []
     md += ["", "![membrane potential](membrane.png)", "", "![curves](curves.png)", ""]

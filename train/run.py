@@ -33,7 +33,7 @@ from .checkpoint import CheckpointError
 from .compiling import should_compile, to_memory_format, use_channels_last
 from .config import PRESET_NOTES, ConfigError, RunConfig, eps_label, parse_args
 from .data import DataError, ImageData, dataset_info, load_dataset
-from .diagnostics import layer_diagnostics
+from .diagnostics import diagnose, layer_diagnostics
 from .engine import (RUN_FILES, RunContext, StoppedByMain, build_for, check_resumable_run, planned_output_bytes,
                      run_configs, setup_context, train_run)
 from .report import membrane_samples, write_comparison, write_run_report
@@ -104,8 +104,8 @@ def run(cfg: RunConfig, resume: bool) -> list[dict]:
         def claim():  # one train.run per folder (the ranks of one torchrun share it: rank 0 holds the lock)
             try:
                 held.enter_context(folder_lock(out, "train.run"))
-            except OSError as e:
-                raise WriteError.from_os_error(out / LOCK_NAME, e) from None
+            except OSError as e:  # the folder (or its lock file) cannot be made: said of what failed
+                raise WriteError.from_os_error(Path(e.filename) if e.filename else out / LOCK_NAME, e) from None
             for name, run_cfg in runs:  # refused before anything is written (config.json included)
                 check_resumable_run(run_cfg, name, out / name, resume)
 
@@ -145,13 +145,20 @@ def _run(cfg: RunConfig, resume: bool, ctx: RunContext, out: Path, runs: list) -
         model.load_state_dict(torch.load(out / name / "model.pt", map_location=ctx.device, weights_only=False)["model"])
         samples[name] = membrane_samples(model, probe, seed=cfg.seed)
         diagnostics = layer_diagnostics(model, diagnosed, cfg.eval_batch_size, cfg.mpd_options())
+        problems = diagnose(result.final["test_acc"], info.num_classes, diagnostics, len(test))
+        if problems:  # said before any robustness figure: those of such a model mean nothing
+            print(f"[{name}] {'; '.join(problems)}: robustness cannot be judged on this model (train longer: more "
+                  "epochs or images)", flush=True)
         robustness = robustness_summary(model, test, cfg, info.num_classes, name)
         if robustness:
+            failed = [c["name"] for c in robustness["checks"] if not c["passed"]]
+            verdict = ("not judged (see above)" if problems else "pass" if not failed else
+                       f"FAILED: {', '.join(failed)} (report.md says why; the robust accuracies may reflect "
+                       "gradient masking)")
             print(f"[{name}] " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in robustness["accuracy"].items())
-                  + f" (eps {eps_label(cfg.eval_eps)}, {robustness['n']} images); sanity checks "
-                  + ("pass" if robustness["checks_passed"] else "FAILED"), flush=True)
+                  + f" (eps {eps_label(cfg.eval_eps)}, {robustness['n']} images); sanity checks {verdict}", flush=True)
         reports.append(write_run_report(out / name, name, run_cfg.to_dict(), result.history, samples[name],
-                                        robustness, diagnostics, len(test)))
+                                        robustness, diagnostics, len(test), problems))
     if len(reports) > 1:
         note = PRESET_NOTES.get(cfg.preset)
         table = write_comparison(out, reports, samples, note)

@@ -63,7 +63,7 @@ def read(path: str | Path, map_location: str | torch.device = "cpu", *, weights_
     if not path.is_file():
         raise ModelFileError(f"no model file at {path}")
     if not _starts_like_zip(path):
-        raise ModelFileError(f"{path} is not a saved mpd-triton model (not a torch.save archive)")
+        raise ModelFileError(f"{path} is not a file that mpd-triton saved (not a torch.save archive)")
     verify_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
@@ -74,7 +74,7 @@ def read(path: str | Path, map_location: str | torch.device = "cpu", *, weights_
                                  "give the model.pt that train.run writes beside its checkpoint") from None
         raise ModelFileError(f"cannot read {path}: {type(e).__name__}: {first}") from None
     if not isinstance(state, dict) or "format" not in state:
-        raise ModelFileError(f"{path} is not an mpd-triton model file (no format record; expected {FORMAT})")
+        raise ModelFileError(f"{path} is not an mpd-triton file (no format record; expected {FORMAT})")
     if state["format"] != FORMAT:
         raise ModelFileError(f"{path} is of format {state['format']!r}; this mpd-triton reads {FORMAT!r}")
     return state
