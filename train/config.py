@@ -100,6 +100,7 @@ class RunConfig:
     force: bool = False  # start the runs in `out` over: their checkpoints and models are removed first
     keep_previous: bool = False  # keep the previous epoch's checkpoint as checkpoint.previous.pt
     dist_timeout: float = DIST_TIMEOUT  # seconds a collective waits for the other ranks (torchrun)
+    quiet: bool = False  # print only the result (no progress, no per-epoch lines)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -279,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-previous", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the previous epoch's checkpoint too (checkpoint.previous.pt), to fall back on if the "
                         "last one is damaged")
+    g.add_argument("--quiet", action="store_true", default=None,
+                   help="print only the result: no progress bar or progress lines, no per-epoch lines")
     g.add_argument("--dist-timeout", type=float,
                    help=f"seconds a collective waits for the other processes under torchrun (default {DIST_TIMEOUT:g})")
     _show_defaults(p)
@@ -360,7 +363,7 @@ def parse_args(argv=None) -> tuple[RunConfig, bool]:
 
 
 # Where a run went and whether it started over: not part of what a rerun of its config.json repeats.
-_NOT_RERUN = ("out", "force")
+_NOT_RERUN = ("out", "force", "quiet")
 
 
 def _read_config(path: str, names: set[str]) -> dict:

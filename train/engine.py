@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 import mpd_triton as mt
 from models import build_model
 from mpd_triton.files import WriteError, write_text, write_with
+from plumbing.progress import progress
 from plumbing.provenance import provenance
 
 from .attacks import pgd
@@ -42,7 +42,7 @@ REPORT_BYTES = 4 << 20  # reports, plots and metrics of one run, generously
 STARTUP_TIMEOUT = 300.0  # seconds the processes of a torchrun wait for each other at the start
 # Config entries that may differ when a run is resumed (where it runs, not what it computes).
 RESUMABLE_DIFFERENCES = {"out", "device", "download", "data_dir", "eval_attacks", "eval_limit", "eval_eps", "compile",
-                         "channels_last", "force", "keep_previous", "dist_timeout"}
+                         "channels_last", "force", "keep_previous", "dist_timeout", "quiet"}
 # What a setting missing from an older checkpoint's config was (options added since have these defaults).
 DEFAULTS = RunConfig().to_dict()
 
@@ -164,7 +164,7 @@ def evaluate(model: nn.Module, reg: mt.MPDSGR, data: ImageData, cfg: RunConfig, 
                          device=ctx.device, pad=False)
     n_layers = len(reg.layers)
     sums = [0.0] * (2 + n_layers)  # correct, count, omega-sum per layer
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=None if ctx.is_main else True, mininterval=1.0):
+    for x, y in progress(loader, f"[{desc}]", "batches", quiet=cfg.quiet or not ctx.is_main):
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = model(x)
         sums[0] += float((logits.argmax(1) == y).sum())
@@ -297,7 +297,7 @@ def _resume(cfg: RunConfig, name: str, run_dir: Path, training: _Training, ctx: 
     training.opt.load_state_dict(saved["optimizer"])
     training.sched.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"][min(ctx.rank, len(saved["rng"]) - 1)])
-    if ctx.is_main:
+    if ctx.is_main and not cfg.quiet:
         print(f"[{name}] resuming after epoch {saved['epoch']}/{cfg.epochs} from {ckpt_path}")
     return saved["epoch"], saved["history"]
 
@@ -332,8 +332,8 @@ def _train_epoch(cfg: RunConfig, name: str, epoch: int, net: nn.Module, training
     loader.set_epoch(epoch)
     training.model.train()
     sums = [0.0, 0.0, 0.0, 0.0]
-    bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=None if ctx.is_main else True, mininterval=1.0)  # None: off when not a terminal
+    bar = progress(loader, f"[{name}] epoch {epoch + 1}/{cfg.epochs}", "steps", scale=cfg.batch_size * ctx.world_size,
+                   scale_unit="images", quiet=cfg.quiet or not ctx.is_main)  # a bar, or a line now and then in a log
     for x, y in bar:
         task, logits, omega = _train_step(cfg, net, training, x, y, ctx)
         n = len(y)
@@ -341,8 +341,7 @@ def _train_epoch(cfg: RunConfig, name: str, epoch: int, net: nn.Module, training
         sums[1] += float((logits.argmax(1) == y).sum())
         sums[2] += n
         sums[3] += omega * n
-        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
-                        omega=f"{omega:.3f}", refresh=False)
+        bar.set_postfix(f"loss {sums[0] / sums[2]:.3f}, acc {100 * sums[1] / sums[2]:.1f}%, Omega {omega:.3f}")
     training.sched.step()
     if not all(math.isfinite(s) for s in sums):
         raise FloatingPointError(f"[{name}] training diverged in epoch {epoch + 1} (loss is not finite); "
@@ -368,6 +367,8 @@ def _checkpoint_epoch(cfg: RunConfig, name: str, run_dir: Path, epoch: int, trai
                               f"[{name}] stopped in its first epoch, before any checkpoint; make room, then "
                               "start again") from None
         _write_metrics(run_dir, history)
+        if cfg.quiet:
+            return
         print(f"[{name}] epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}, "
               f"train acc {100 * record['train_acc']:.2f}%, test acc {100 * record['test_acc']:.2f}%, "
               f"Omega {record['test_omega']:.4f} ({record['epoch_seconds']:.1f} s)", flush=True)
@@ -397,7 +398,7 @@ def train_run(cfg: RunConfig, name: str, run_dir: Path, train: ImageData, test: 
         stale = batchnorm_is_stale(training.model, steps)
         if stale:  # a short run: BatchNorm's running statistics still hold their start (see BN_STALE_SHARE)
             used = recalibrate_batchnorm(training.model, train, cfg.eval_batch_size, ctx.device)
-            if ctx.is_main:
+            if ctx.is_main and not cfg.quiet:
                 print(f"[{name}] after {steps} steps BatchNorm's running statistics still held more than "
                       f"{BN_STALE_SHARE:.0%} of their start: recomputed over {used} training images", flush=True)
         test_metrics = evaluate(training.model, training.reg, test, cfg, ctx, desc=f"{name} test")

@@ -122,13 +122,13 @@ def _run(cfg: RunConfig, resume: bool, ctx: RunContext, out: Path, runs: list) -
     except ValueError as e:
         raise ConfigError(f"model {cfg.model} on {cfg.data} ({info.image_size}x{info.image_size}): {e}") from None
     ctx.run_on_main(lambda: write_json(out / "config.json", cfg.to_dict()))
-    if ctx.is_main:
+    if ctx.is_main and not cfg.quiet:
         print(f"mpd-triton train.run: preset {cfg.preset}, model {cfg.model}, data {cfg.data} "
               f"({len(train)} train / {len(test)} test, from {info.source}), device {ctx.device}"
               f"{f' x {ctx.world_size} processes' if ctx.distributed else ''}, out {out}", flush=True)
     full_steps = cfg.epochs * (len(train) // (cfg.batch_size * ctx.world_size)) * len(runs)
     compile_model, why = should_compile(cfg.compile, full_steps)
-    if ctx.is_main:
+    if ctx.is_main and not cfg.quiet:
         print(f"torch.compile: {'on' if compile_model else 'off'} ({why})", flush=True)
     results = [train_run(run_cfg, name, out / name, train, test, info, ctx, resume, compile_model)
                for name, run_cfg in runs]
@@ -150,7 +150,7 @@ def _run(cfg: RunConfig, resume: bool, ctx: RunContext, out: Path, runs: list) -
             print(f"[{name}] {'; '.join(problems)}: robustness cannot be judged on this model (train longer: more "
                   "epochs or images)", flush=True)
         robustness = robustness_summary(model, test, cfg, info.num_classes, name)
-        if robustness:
+        if robustness and not cfg.quiet:
             failed = [c["name"] for c in robustness["checks"] if not c["passed"]]
             verdict = ("not judged (see above)" if problems else "pass" if not failed else
                        f"FAILED: {', '.join(failed)} (report.md says why; the robust accuracies may reflect "
