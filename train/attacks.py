@@ -4,21 +4,30 @@ Every attack puts the model in eval mode and restores its mode afterwards,
 leaves the parameters' .grad untouched, and returns images inside the eps ball
 around x and inside [0, 1].
 
-Gradient-based attacks (fgsm, pgd, bim, apgd, sapgd) take the attacker's gradient
+Gradient-based attacks (fgsm, pgd, bim, apgd, apgd-t, sapgd) take the attacker's gradient
 through ``gradient_source``:
 
 - ``"own"``: backpropagation through time with the model's own surrogate;
 - ``"triangle"``, ``"sigmoid"``, ``"atan"``, ...: BPTT with another surrogate
   (the forward is unchanged, only the backward differs);
-- ``"bptr"``: backward through the firing rate (``mt.rate_backward``).
+- ``"bptr"``: backward through the firing rate (``mt.rate_backward``);
+- ``"ste"``: BPTT with the straight-through derivative d spike / d u = 1 everywhere
+  (``StraightThrough``);
+- ``"fitted"``: BPTT with an arctangent window centred on each channel's mean membrane
+  potential on the clean batch and as wide as its spread there (``FittedWindow``), so that
+  the window covers the potentials wherever a defence moved them.
 
 and ``eot`` > 1 averages the gradient over that many forward/backward passes
 (expectation over transformation, for Poisson-encoded models whose forward is
-random). ``assg`` is SA-PGD through the adaptive-sharpness surrogate gradient
+random). ``apgd-t`` (``apgd_targeted``) is APGD on the targeted DLR loss, once per
+target class among the most likely other classes (AutoAttack's APGD-T).
+``assg`` is SA-PGD through the adaptive-sharpness surrogate gradient
 (ASSG) of Wang et al., "Towards Reliable Evaluation of Adversarial Robustness for
 Spiking Neural Networks" (arXiv 2512.22522): its own gradient, whose surrogate
 sharpness follows the membrane potentials the attack meets (``AdaptiveSharpness``;
 docs/evaluation.md says what was implemented and where it departs from the paper).
+SA-PGD and ASSG + SA-PGD take ``restarts``: more runs from new random starts, an image
+counting as fooled if any run fools it.
 Score-based and random attacks (square, gaussian, uniform) need no gradient;
 ``transfer`` crafts examples on a source model with one of ``TRANSFER_ATTACKS``
 (PGD by default; APGD or ASSG + SA-PGD, so that the strongest white-box attack's
@@ -27,9 +36,11 @@ own examples can be tried on another model).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -37,31 +48,50 @@ from torch import nn
 import mpd_triton as mt
 
 __all__ = [
-    "fgsm", "pgd", "bim", "apgd", "sapgd", "assg", "square", "gaussian_noise", "uniform_noise", "transfer",
-    "input_gradient", "gradient_source", "GRADIENT_SOURCES", "GRADIENT_ATTACKS", "WHITE_BOX_ATTACKS",
-    "ITERATIVE_ATTACKS", "FIXED_STEP_ATTACKS", "ATTACKS", "TRANSFER_ATTACKS", "run_attack", "margin", "ASSGOptions",
-    "AdaptiveSharpness", "SAPGD_STEPS",
-    "sapgd_halvings",
+    "fgsm", "pgd", "bim", "apgd", "apgd_targeted", "sapgd", "assg", "square", "gaussian_noise", "uniform_noise",
+    "transfer", "input_gradient", "gradient_source", "GRADIENT_SOURCES", "REFERENCE_GRADIENT_SOURCES",
+    "GRADIENT_ATTACKS", "WHITE_BOX_ATTACKS", "ITERATIVE_ATTACKS", "FIXED_STEP_ATTACKS", "RESTART_ATTACKS", "ATTACKS",
+    "TRANSFER_ATTACKS", "run_attack", "margin", "dlr_targeted", "ASSGOptions", "AdaptiveSharpness", "StraightThrough",
+    "FittedWindow", "SAPGD_STEPS", "APGDT_TARGETS", "FITTED_WIDTH", "FITTED_MIN_STD", "sapgd_halvings",
 ]
 
 # Attacks that take a gradient source (and so run once per source of an ensemble).
-GRADIENT_ATTACKS = ("fgsm", "pgd", "bim", "apgd", "sapgd")
+GRADIENT_ATTACKS = ("fgsm", "pgd", "bim", "apgd", "apgd-t", "sapgd")
 # Every attack that follows the model's (surrogate) gradient: ASSG brings its own.
 WHITE_BOX_ATTACKS = GRADIENT_ATTACKS + ("assg",)
-ITERATIVE_ATTACKS = ("pgd", "bim", "apgd", "sapgd", "assg")
+ITERATIVE_ATTACKS = ("pgd", "bim", "apgd", "apgd-t", "sapgd", "assg")
+# The attacks that take ``restarts`` (more runs from new random starts, a per-image worst case).
+RESTART_ATTACKS = ("sapgd", "assg")
 # The iterative attacks of a fixed step (--steps x --step-size): their budget may not reach eps.
 FIXED_STEP_ATTACKS = ("pgd", "bim")
 ATTACKS = WHITE_BOX_ATTACKS + ("gaussian", "uniform", "square", "transfer")
 # What the transfer attack may run on its source model (with the source's own surrogate).
 TRANSFER_ATTACKS = ("pgd", "apgd", "assg")
-GRADIENT_SOURCES = ("own", "bptr") + mt.SURROGATE_NAMES
+# The attacker's derivatives that no kernel evaluates: their backward goes through the reference LIF
+# (``StraightThrough``, ``FittedWindow``).
+REFERENCE_GRADIENT_SOURCES = ("ste", "fitted")
+GRADIENT_SOURCES = ("own", "bptr") + mt.SURROGATE_NAMES + REFERENCE_GRADIENT_SOURCES
+# APGD-T: target classes per image (the most likely other classes; fewer when the model has fewer).
+APGDT_TARGETS = 9
+# The fitted window: half-width FITTED_WIDTH x the channel's standard deviation of u, the standard
+# deviation taken as at least FITTED_MIN_STD (a channel whose potentials do not vary).
+FITTED_WIDTH, FITTED_MIN_STD = 1.0, 1e-3
 
 
 @contextmanager
-def gradient_source(model: nn.Module, source: str):
-    """Temporarily give every LIF layer the attacker's backward (see module docstring)."""
+def gradient_source(model: nn.Module, source: str, x: torch.Tensor | None = None, *,
+                    fitted_width: float = FITTED_WIDTH):
+    """Temporarily give every LIF layer the attacker's backward (see module docstring).
+
+    ``x``: the clean batch about to be attacked; ``"fitted"`` measures its windows on it (the
+    other sources ignore it). ``fitted_width``: the fitted window's half-width in standard
+    deviations (``FittedWindow``)."""
     if source not in GRADIENT_SOURCES:
         raise ValueError(f"unknown gradient source {source!r}; choose one of {', '.join(GRADIENT_SOURCES)}")
+    if source in REFERENCE_GRADIENT_SOURCES:
+        with (StraightThrough(model) if source == "ste" else FittedWindow(model, x, fitted_width)):
+            yield model
+        return
     layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
     saved = [(layer.config, layer.backward_mode, layer.surrogate_param) for layer in layers]
     try:
@@ -75,6 +105,189 @@ def gradient_source(model: nn.Module, source: str):
     finally:
         for layer, (config, mode, param) in zip(layers, saved):
             layer.config, layer.backward_mode, layer.surrogate_param = config, mode, param
+
+
+class _PseudoDerivative(mt.Surrogate):
+    """An attacker's d spike / d u for ``mt.lif_reference``: ``grad(u)`` is ``fn(u)``, u one time
+    step's [B, C, *spatial] (or [B, F]). No kernel evaluates it (it has no kernel id), and it has
+    no window (MPD-SGR never sees it)."""
+
+    kind, name = -1, "attacker"
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__(1.0, math.inf)
+        self.fn = fn
+
+    def grad(self, u, param=None):
+        return self.fn(u)
+
+
+class _ReferenceBackward:
+    """Base of the attacker's gradients that the fused kernels cannot take ("ste", "fitted").
+
+    For the duration of a ``with`` block every ``mt.LIF`` of the model keeps its forward (its
+    output is the model's own spikes, from the layer's own backend, bit for bit), but the
+    gradient of that output is taken through ``mt.lif_reference`` run on the layer's input with
+    the layer's neuron (leak, threshold, reset and detach_reset as the model's) and the spike's
+    derivative replaced by ``derivative(key, u)``: BPTT through the reference with the attacker's
+    pseudo-derivative. key = (layer index, call of that layer within the model's forward pass),
+    calls counted from 0 at every forward of the model (a forward pre-hook on it). Forward passes
+    without gradient skip the reference. The reference computes the same u and spikes as the
+    kernels (docs/design.md); were a spike to differ in the last bit, the forward would still be
+    the model's and only that neuron's reset path in the backward would follow the reference's.
+
+    Inside the block torch.compile is off (``torch.compiler.set_stance("force_eager")``: a compiled
+    model runs eagerly). Compiled, the hooks give the same gradients (checked on the small SNN, torch
+    2.14), but every new block (one per attacked batch and gradient source) has new hooks, which
+    Dynamo guards on: the model would be compiled again for each, at a cost far above the reference's
+    own (its loop over time steps runs in Python anyway).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = [m for m in model.modules() if isinstance(m, mt.LIF)]
+        self._calls = [0] * len(self.layers)
+        self._hooks = []
+        self._measuring = False
+        self._stance = None
+
+    def __enter__(self):
+        self._stance = torch.compiler.set_stance("force_eager")
+        self._stance.__enter__()
+        self._hooks.append(self.model.register_forward_pre_hook(self._begin_pass))
+        for i, layer in enumerate(self.layers):
+            self._hooks.append(layer.register_forward_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)
+            self._stance = None
+        return False
+
+    def _begin_pass(self, module, args):
+        self._calls = [0] * len(self.layers)
+
+    def derivative(self, key: tuple[int, int], u: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _measure(self, key: tuple[int, int], layer: mt.LIF, x: torch.Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _hook(self, i: int):
+        def hook(layer, args, out):
+            x = args[0]
+            key = (i, self._calls[i])
+            self._calls[i] += 1
+            if self._measuring:
+                with torch.no_grad():
+                    self._measure(key, layer, x)
+                return None
+            if not (torch.is_grad_enabled() and x.requires_grad):
+                return None  # no gradient asked for: the layer's own output
+            config = dataclasses.replace(layer.config,
+                                         surrogate=_PseudoDerivative(lambda u: self.derivative(key, u)))
+            proxy = mt.lif_reference(x, config).spikes
+            return out.detach() + (proxy - proxy.detach())
+
+        return hook
+
+
+class StraightThrough(_ReferenceBackward):
+    """Gradient source ``"ste"``: BPTT with the straight-through estimator, d spike / d u := 1 for
+    every neuron, time step and value of u (the Heaviside's derivative replaced by the identity's).
+
+    No neuron is outside its window, so moving the potentials away from the threshold (what
+    MPD-SGR does) cannot starve this gradient; it is also the crudest of the derivatives (it
+    ignores how far a neuron is from firing). Everything else is the model's own BPTT (through
+    the reset too, unless the model's neuron detaches it). See ``_ReferenceBackward`` for how it
+    is installed.
+    """
+
+    def derivative(self, key, u):
+        return torch.ones_like(u)
+
+
+class FittedWindow(_ReferenceBackward):
+    """Gradient source ``"fitted"``: a surrogate window fitted to where each channel's membrane
+    potentials are on the batch under attack.
+
+    On entering, one forward pass of the clean batch ``x`` (eval mode, no gradient) measures, per
+    LIF layer, per call of that layer within the pass and per channel c (dim 2 of the layer's
+    [T, B, C, *spatial] input; the feature of [T, B, F]), the mean m_c and the standard deviation
+    s_c (biased, over time steps, images and positions) of u = h - V_th, recomputed from the
+    layer's input by ``mt.lif_reference`` as ``AdaptiveSharpness`` does. During the attack the
+    spike's derivative of a neuron of channel c is then the attacker's pseudo-derivative
+
+        d s / d u := g_c(u) = (a_c / 2) / (1 + (pi/2 a_c (u - m_c))^2),   a_c = 6 / (pi w_c),
+        w_c = width * max(s_c, FITTED_MIN_STD)
+
+    the arctangent surrogate (``mt.ATan``) moved from the threshold (u = 0) to the channel's mean
+    and scaled so that its window (where it falls to a tenth of its peak, mt's convention) is
+    m_c +- w_c: one standard deviation by default (``width`` = ``FITTED_WIDTH`` = 1). It is the
+    derivative of a smoothed step that rises across the channel's own distribution of
+    potentials: the attacker treats each channel as if its threshold sat where its potentials
+    are, so that every neuron that moves with the input passes gradient back, even where a
+    defence (MPD-SGR) moved all potentials out of the model's own window. Like every mt
+    surrogate it integrates to 1 over u, so layers and time steps weigh as in the model's own
+    BPTT; unlike a triangle, its tails give some gradient to the neurons beyond the window.
+
+    The statistics are measured once, on the clean batch, and stay fixed for the whole attack
+    (they do not follow the iterates): that is what distinguishes this source from ASSG, whose
+    sharpness follows the potentials the attack meets (and is centred on the threshold). They
+    are per channel, so they apply to any subset of the batch (APGD-T attacks the images still
+    correct). ``windows()`` returns them. See ``_ReferenceBackward`` for how it is installed.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor | None, width: float = FITTED_WIDTH):
+        super().__init__(model)
+        if not isinstance(x, torch.Tensor):
+            raise ValueError("the fitted gradient source measures the membrane potentials on the clean batch "
+                             "under attack: pass it (gradient_source(model, 'fitted', x))")
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0.0 < width < math.inf:
+            raise ValueError(f"the fitted window's width must be a finite number > 0, got {width!r}")
+        self.x, self.width = x.detach(), float(width)
+        self.stats: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __enter__(self):
+        super().__enter__()
+        self._measuring = True
+        try:
+            with torch.no_grad(), _eval_mode(self.model):
+                self.model(self.x)
+        except BaseException:
+            self.__exit__()
+            raise
+        finally:
+            self._measuring = False
+        return self
+
+    def _measure(self, key, layer, x):
+        u = mt.lif_reference(x.detach().float(), layer.config).u
+        dims = tuple(d for d in range(u.dim()) if d != 2)
+        self.stats[key] = (u.mean(dim=dims), u.std(dim=dims, correction=0))
+
+    def windows(self) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """{(layer, call): (centre m_c, half-width w_c)}, each of shape [C]."""
+        return {key: (m, self.width * s.clamp_min(FITTED_MIN_STD)) for key, (m, s) in self.stats.items()}
+
+    def derivative(self, key, u):
+        if key not in self.stats:
+            raise RuntimeError(f"fitted gradient: LIF layer {key[0]} was called {key[1] + 1} times in a forward "
+                               "pass, more than on the clean batch it was fitted on")
+        m, s = self.stats[key]
+        shape = (1, -1) + (1,) * (u.dim() - 2)
+        centre = m.view(shape).to(u.dtype)
+        half_width = (self.width * s.clamp_min(FITTED_MIN_STD)).view(shape).to(u.dtype)
+        alpha = _ATAN_ALPHA_TIMES_WINDOW / half_width
+        return mt.ATan().grad(u - centre, alpha)
+
+
+# mt.ATan's alpha x its window (g falls to WINDOW_PEAK_FRACTION of its peak at u = window): 6 / pi.
+_ATAN_ALPHA_TIMES_WINDOW = 2.0 * math.sqrt(1.0 / mt.WINDOW_PEAK_FRACTION - 1.0) / math.pi
 
 
 @contextmanager
@@ -91,9 +304,10 @@ def _logits(model, x):
     return model(x).float()
 
 
-def _gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int = 1, loss: str = "ce",
+def _gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int = 1, loss="ce",
               before_draw=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (d loss / dx averaged over ``eot`` passes, per-image loss and logits of the last pass).
+    ``loss``: "ce", "margin" (``input_gradient``) or a function (logits, y) -> per-image loss.
     ``before_draw(i)`` is called before the i-th pass (ASSG updates its statistics on the first)."""
     grad = torch.zeros_like(x)
     for i in range(eot):
@@ -101,7 +315,10 @@ def _gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int = 1, 
             before_draw(i)
         xi = x.detach().requires_grad_(True)
         z = _logits(model, xi)
-        per_image = nn.functional.cross_entropy(z, y, reduction="none") if loss == "ce" else -margin(z, y)
+        if callable(loss):
+            per_image = loss(z, y)
+        else:
+            per_image = nn.functional.cross_entropy(z, y, reduction="none") if loss == "ce" else -margin(z, y)
         (g,) = torch.autograd.grad(per_image.sum(), xi)
         grad += g
     return grad / eot, per_image.detach(), z.detach()
@@ -171,50 +388,119 @@ def apgd(model, x, y, eps: float, steps: int = 100, eot: int = 1, rho: float = 0
     Returns, per image, the first misclassified point found, else the point of highest loss.
     """
     with _eval_mode(model):
+        return _apgd(model, x, y, eps, steps, eot, rho, momentum, "ce")[0]
+
+
+def _apgd(model, x, y, eps: float, steps: int, eot: int, rho: float, momentum: float,
+          loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """APGD's iterations (the model already in eval mode), ascending ``loss`` (as ``_gradient`` takes
+    it: "ce" or a function (logits, y) -> per-image loss) -> (per image the first misclassified point
+    found, else the point of highest loss; which images some iterate misclassified)."""
+    x = x.detach()
+    B = x.shape[0]
+    view = (B,) + (1,) * (x.dim() - 1)
+    step = torch.full(view, 2.0 * eps, device=x.device)
+    x_cur = _project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+    grad, loss_cur, _ = _gradient(model, x_cur, y, eot, loss)
+    best_loss, x_best, grad_best = loss_cur.clone(), x_cur.clone(), grad.clone()
+    fooled = torch.zeros(B, dtype=torch.bool, device=x.device)
+    x_fooled = x_cur.clone()
+
+    def note_fooled(x_new):
+        with torch.no_grad():
+            wrong = _logits(model, x_new).argmax(1) != y
+        newly = wrong & ~fooled
+        x_fooled[newly] = x_new[newly]
+        fooled.logical_or_(wrong)
+
+    note_fooled(x_cur)
+    x_prev = x_cur.clone()
+    checkpoints = _apgd_checkpoints(steps)
+    last_check, successes = 0, torch.zeros(B, device=x.device)
+    loss_at_check, reduced_at_check = best_loss.clone(), torch.zeros(B, dtype=torch.bool, device=x.device)
+    for k in range(steps):
+        z = _project(x_cur + step * grad.sign(), x, eps)
+        a = 1.0 if k == 0 else momentum
+        x_next = _project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - x_prev), x, eps)
+        grad_next, loss_next, _ = _gradient(model, x_next, y, eot, loss)
+        note_fooled(x_next)
+        successes += (loss_next > loss_cur).float()
+        better = loss_next > best_loss
+        best_loss = torch.where(better, loss_next, best_loss)
+        x_best[better], grad_best[better] = x_next[better], grad_next[better]
+        x_prev, x_cur, grad, loss_cur = x_cur, x_next, grad_next, loss_next
+        if k + 1 in checkpoints:
+            window = k + 1 - last_check
+            stalled = successes < rho * window
+            no_progress = (~reduced_at_check) & (best_loss <= loss_at_check)
+            halve = stalled | no_progress
+            step[halve] /= 2.0
+            x_cur[halve], grad[halve], loss_cur[halve] = x_best[halve], grad_best[halve], best_loss[halve]
+            x_prev[halve] = x_best[halve]
+            last_check, successes = k + 1, torch.zeros_like(successes)
+            loss_at_check, reduced_at_check = best_loss.clone(), halve
+    return torch.where(fooled.view(view), x_fooled, x_best).detach(), fooled
+
+
+DLR_EPS = 1e-12  # keeps the DLR loss finite where the logits tie
+
+
+def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The targeted DLR loss of Croce & Hein (2020), per image:
+
+        -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)
+
+    with z_pi1 >= z_pi2 >= ... the sorted logits, y the true and t the target class: it grows as
+    z_t overtakes z_y, and does not change when the logits are shifted or scaled by a positive
+    factor. With 3 classes z_pi4 is taken as z_pi3 (the lowest logit); it needs at least 3 (with
+    2 it would be the constant +-1)."""
+    classes = logits.shape[1]
+    if classes < 3:
+        raise ValueError(f"the targeted DLR loss needs at least 3 classes, got {classes}")
+    ranked = logits.sort(dim=1, descending=True).values
+    scale = ranked[:, 0] - 0.5 * (ranked[:, 2] + ranked[:, min(3, classes - 1)]) + DLR_EPS
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    z_t = logits.gather(1, target[:, None])[:, 0]
+    return -(z_y - z_t) / scale
+
+
+def apgd_targeted(model, x, y, eps: float, steps: int = 100, eot: int = 1, n_targets: int = APGDT_TARGETS,
+                  rho: float = 0.75, momentum: float = 0.75) -> torch.Tensor:
+    """APGD-T (Croce & Hein 2020, as in AutoAttack): APGD (``apgd``'s iterations and step-size
+    schedule, ``steps`` of them per target) on the targeted DLR loss (``dlr_targeted``), once per
+    target class among the ``n_targets`` other classes of highest clean logit (all
+    ``num_classes - 1`` when there are fewer), in that order; each run attacks only the images no
+    earlier run has misclassified, each from its own uniform random start in the eps ball (the
+    global RNG). An image counts as fooled if any run misclassifies it (into any class, as
+    AutoAttack counts).
+
+    Returns, per image, the first misclassified point found, else the first target's point of
+    highest loss. Needs at least 3 classes.
+    """
+    if isinstance(n_targets, bool) or not isinstance(n_targets, int) or n_targets < 1:
+        raise ValueError(f"n_targets must be an integer >= 1, got {n_targets!r}")
+    with _eval_mode(model):
         x = x.detach()
-        B = x.shape[0]
-        view = (B,) + (1,) * (x.dim() - 1)
-        step = torch.full(view, 2.0 * eps, device=x.device)
-        x_cur = _project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
-        grad, loss = input_gradient(model, x_cur, y, eot)
-        best_loss, x_best, grad_best = loss.clone(), x_cur.clone(), grad.clone()
-        fooled = torch.zeros(B, dtype=torch.bool, device=x.device)
-        x_fooled = x_cur.clone()
-
-        def note_fooled(x_new):
-            with torch.no_grad():
-                wrong = _logits(model, x_new).argmax(1) != y
-            newly = wrong & ~fooled
-            x_fooled[newly] = x_new[newly]
-            fooled.logical_or_(wrong)
-
-        note_fooled(x_cur)
-        x_prev = x_cur.clone()
-        checkpoints = _apgd_checkpoints(steps)
-        last_check, successes = 0, torch.zeros(B, device=x.device)
-        loss_at_check, reduced_at_check = best_loss.clone(), torch.zeros(B, dtype=torch.bool, device=x.device)
-        for k in range(steps):
-            z = _project(x_cur + step * grad.sign(), x, eps)
-            a = 1.0 if k == 0 else momentum
-            x_next = _project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - x_prev), x, eps)
-            grad_next, loss_next = input_gradient(model, x_next, y, eot)
-            note_fooled(x_next)
-            successes += (loss_next > loss).float()
-            better = loss_next > best_loss
-            best_loss = torch.where(better, loss_next, best_loss)
-            x_best[better], grad_best[better] = x_next[better], grad_next[better]
-            x_prev, x_cur, grad, loss = x_cur, x_next, grad_next, loss_next
-            if k + 1 in checkpoints:
-                window = k + 1 - last_check
-                stalled = successes < rho * window
-                no_progress = (~reduced_at_check) & (best_loss <= loss_at_check)
-                halve = stalled | no_progress
-                step[halve] /= 2.0
-                x_cur[halve], grad[halve], loss[halve] = x_best[halve], grad_best[halve], best_loss[halve]
-                x_prev[halve] = x_best[halve]
-                last_check, successes = k + 1, torch.zeros_like(successes)
-                loss_at_check, reduced_at_check = best_loss.clone(), halve
-        return torch.where(fooled.view(view), x_fooled, x_best).detach()
+        with torch.no_grad():
+            clean = _logits(model, x)
+        classes = clean.shape[1]
+        if classes < 3:
+            raise ValueError(f"apgd-t (the targeted DLR loss) needs at least 3 classes, got {classes}")
+        others = clean.scatter(1, y[:, None], -math.inf)
+        targets = others.sort(dim=1, descending=True, stable=True).indices[:, :min(n_targets, classes - 1)]
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        x_out = x.clone()
+        for j in range(targets.shape[1]):
+            todo = (~fooled).nonzero()[:, 0]
+            if todo.numel() == 0:
+                break
+            target = targets[todo, j]
+            x_j, fooled_j = _apgd(model, x[todo], y[todo], eps, steps, eot, rho, momentum,
+                                  lambda z, y_, t=target: dlr_targeted(z, y_, t))
+            keep = torch.ones_like(fooled_j) if j == 0 else fooled_j
+            x_out[todo[keep]] = x_j[keep]
+            fooled[todo[fooled_j]] = True
+        return x_out.detach()
 
 
 # ---------------------------------------------------------------- SA-PGD and ASSG (arXiv 2512.22522)
@@ -246,8 +532,62 @@ def sapgd_halvings(steps: int) -> list[int]:
     return out
 
 
-def sapgd(model, x, y, eps: float, steps: int = SAPGD_STEPS, eot: int = 1, before_draw=None) -> torch.Tensor:
-    """Stable Adaptive PGD (SA-PGD, Wang et al. 2025), L-inf, on the cross-entropy.
+def _restart_seed(seed: int, run: int) -> int:
+    """The global RNG's seed for run ``run`` (1, 2, ...; run 0 takes the RNG as it comes) of an
+    attack with restarts on the batch of ``seed``."""
+    return (seed * 1_000_003 + run) % 2**63
+
+
+def _with_restarts(attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: nn.Module,
+                   x: torch.Tensor, y: torch.Tensor, restarts: int, seed: int) -> torch.Tensor:
+    """``attack(x, y)`` run ``restarts`` times, per image the worst case.
+
+    The first run is ``attack(x, y)`` itself, with the global RNG as it comes (so ``restarts=1``
+    is the attack as it is, bit for bit). Each further run attacks only the images no earlier run
+    misclassified (checked by one forward pass in eval mode), from the attack's own random start
+    drawn anew: the global RNG is reseeded with ``_restart_seed(seed, run)`` inside
+    ``torch.random.fork_rng``, so the runs are repeatable and the global RNG after the call is as
+    after the first run (later attacks of an evaluation draw what they would have drawn without
+    restarts). Returns, per image, the first run's images where it misclassified them, else a
+    later run's where one did, else the first run's.
+    """
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    x_adv = attack(x, y)
+    if restarts == 1:
+        return x_adv
+    x_adv = x_adv.clone()
+    devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] \
+        if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _eval_mode(model):
+        with torch.no_grad():
+            fooled = _logits(model, x_adv).argmax(1) != y
+        for run in range(1, restarts):
+            todo = (~fooled).nonzero()[:, 0]
+            if todo.numel() == 0:
+                break
+            torch.manual_seed(_restart_seed(seed, run))
+            x_run = attack(x[todo], y[todo])
+            with torch.no_grad():
+                wrong = _logits(model, x_run).argmax(1) != y[todo]
+            x_adv[todo[wrong]] = x_run[wrong]
+            fooled[todo[wrong]] = True
+    return x_adv
+
+
+def sapgd(model, x, y, eps: float, steps: int = SAPGD_STEPS, eot: int = 1, before_draw=None, restarts: int = 1,
+          seed: int = 0) -> torch.Tensor:
+    """Stable Adaptive PGD (SA-PGD, Wang et al. 2025), L-inf, on the cross-entropy; with
+    ``restarts`` > 1, more runs from new random starts (``_with_restarts``; ``seed`` seeds them)."""
+    if restarts != 1 and before_draw is not None:
+        raise ValueError("sapgd: restarts run on subsets of the batch, which a before_draw hook's statistics "
+                         "do not fit; restart the whole attack instead (as assg does)")
+    return _with_restarts(lambda xs, ys: _sapgd(model, xs, ys, eps, steps, eot, before_draw), model, x, y,
+                          restarts, seed)
+
+
+def _sapgd(model, x, y, eps: float, steps: int = SAPGD_STEPS, eot: int = 1, before_draw=None) -> torch.Tensor:
+    """Stable Adaptive PGD (SA-PGD, Wang et al. 2025), L-inf, on the cross-entropy: one run.
 
     From a random start on the surface of the eps ball (uniform noise scaled so that its largest
     entry is eps), each iteration, per image:
@@ -432,10 +772,16 @@ class AdaptiveSharpness:
 
 
 def assg(model, x, y, eps: float, steps: int = SAPGD_STEPS, eot: int = 1,
-         options: ASSGOptions | None = None) -> torch.Tensor:
-    """SA-PGD through the adaptive-sharpness surrogate gradient (ASSG + SA-PGD, the paper's attack)."""
-    with _eval_mode(model), AdaptiveSharpness(model, options) as sharp:
-        return sapgd(model, x, y, eps, steps, eot, before_draw=sharp.draw)
+         options: ASSGOptions | None = None, restarts: int = 1, seed: int = 0) -> torch.Tensor:
+    """SA-PGD through the adaptive-sharpness surrogate gradient (ASSG + SA-PGD, the paper's attack).
+    ``restarts`` > 1: more runs from new random starts (``_with_restarts``; ``seed`` seeds them),
+    each with its own ASSG statistics from M = 1, D = 0."""
+
+    def once(xs, ys):
+        with _eval_mode(model), AdaptiveSharpness(model, options) as sharp:
+            return _sapgd(model, xs, ys, eps, steps, eot, before_draw=sharp.draw)
+
+    return _with_restarts(once, model, x, y, restarts, seed)
 
 
 def _square_p(p_init: float, it: int, n_queries: int) -> float:
@@ -516,17 +862,19 @@ def transfer(source: nn.Module, x, y, eps: float, alpha: float, steps: int, eot:
 def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 7,
                alpha: float = 0.01, eot: int = 1, gradient: str = "own", source: nn.Module | None = None,
                n_queries: int = 1000, seed: int = 0, assg_options: ASSGOptions | None = None,
-               transfer_attack: str = "pgd") -> torch.Tensor:
+               transfer_attack: str = "pgd", restarts: int = 1, n_targets: int = APGDT_TARGETS) -> torch.Tensor:
     """One attack by name on a batch; returns the adversarial images. ``steps`` is the iteration
-    count of every iterative attack (PGD, BIM, APGD, SA-PGD, ASSG; for ``transfer``, of
-    ``transfer_attack`` on the source)."""
+    count of every iterative attack (PGD, BIM, APGD, APGD-T per target, SA-PGD, ASSG; for
+    ``transfer``, of ``transfer_attack`` on the source). ``restarts``: runs of SA-PGD and ASSG
+    (``RESTART_ATTACKS``; the others ignore it), seeded by ``seed``. ``n_targets``: APGD-T's
+    target classes."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
     g = torch.Generator().manual_seed(seed)
     if name == "assg":
-        return assg(model, x, y, eps, steps=steps, eot=eot, options=assg_options)
+        return assg(model, x, y, eps, steps=steps, eot=eot, options=assg_options, restarts=restarts, seed=seed)
     if name in GRADIENT_ATTACKS:
-        with gradient_source(model, gradient):
+        with gradient_source(model, gradient, x):
             if name == "fgsm":
                 return fgsm(model, x, y, eps, eot=eot)
             if name == "pgd":
@@ -534,7 +882,9 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
             if name == "bim":
                 return bim(model, x, y, eps, alpha, steps, eot=eot)
             if name == "sapgd":
-                return sapgd(model, x, y, eps, steps=steps, eot=eot)
+                return sapgd(model, x, y, eps, steps=steps, eot=eot, restarts=restarts, seed=seed)
+            if name == "apgd-t":
+                return apgd_targeted(model, x, y, eps, steps=steps, eot=eot, n_targets=n_targets)
             return apgd(model, x, y, eps, steps=steps, eot=eot)
     if name == "gaussian":
         return gaussian_noise(model, x, y, eps, generator=g)

@@ -33,7 +33,8 @@ from mpd_triton.files import WriteError, ensure_writable, remove_leftovers, writ
 from mpd_triton.kernels.cpu import keep_freed_memory
 from plumbing.provenance import provenance
 
-from .attacks import ASSG_LEVEL, ASSG_LEVEL_RANGE, GRADIENT_ATTACKS, GRADIENT_SOURCES, SAPGD_STEPS, TRANSFER_ATTACKS
+from .attacks import (APGDT_TARGETS, ASSG_LEVEL, ASSG_LEVEL_RANGE, FITTED_WIDTH, GRADIENT_ATTACKS, GRADIENT_SOURCES,
+                      RESTART_ATTACKS, SAPGD_STEPS, TRANSFER_ATTACKS)
 from .checkpoint import CheckpointError, load_checkpoint
 from .compiling import COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format, use_channels_last
 from .config import ConfigError, eps_label, fraction, states_default
@@ -50,6 +51,9 @@ RELIABLE_ATTACKS = ["fgsm", "apgd", "assg", "square"]
 # --reliable's ASSG levels: the ends of the paper's search range and its default, as a per-image worst case
 # (at least as strong as the best single level the paper's search would pick; docs/evaluation.md).
 RELIABLE_ASSG_LEVELS = [ASSG_LEVEL_RANGE[0], ASSG_LEVEL, ASSG_LEVEL_RANGE[1]]
+# EvalSettings' fields added after results version 3 was fixed, with the value that evaluates as an
+# eval.json without them did: --resume continues such a file.
+SETTINGS_ADDED = {"restarts": 1}
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
@@ -78,7 +82,10 @@ def evaluation_passes(settings: EvalSettings, n_images: int) -> int:
             return settings.n_queries // 3  # forward passes only
         steps = 1 if attack == "fgsm" else attack_steps(settings, attack)
         runs = len(settings.gradients) if attack in GRADIENT_ATTACKS else 1
-        return steps * runs * (len(settings.assg_levels) if attack == "assg" else 1)
+        runs *= len(settings.assg_levels) if attack == "assg" else 1
+        runs *= settings.restarts if attack in RESTART_ATTACKS else 1  # at most: later runs take the unfooled
+        runs *= APGDT_TARGETS if attack == "apgd-t" else 1  # at most (fewer classes, or images fooled before)
+        return steps * runs
 
     per_batch = sum(cost(a) for a in settings.attacks) * len(settings.eps) * settings.eot
     return (n_images // settings.batch_size) * per_batch
@@ -106,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", required=True,
                    help="model.pt or checkpoint.pt of train.run (repeat to compare models)")
     p.add_argument("--name", action="append", help="column name per checkpoint (default: the run folder name)")
-    p.add_argument("--attacks", help=f"comma-separated: fgsm, pgd, bim, apgd, sapgd, assg, gaussian (noise), "
-                                      f"uniform, square, transfer (default {DEFAULT_ATTACKS})")
+    p.add_argument("--attacks", help=f"comma-separated: fgsm, pgd, bim, apgd, apgd-t (targeted APGD on the DLR "
+                                      f"loss, --apgd-steps iterations per target among the {APGDT_TARGETS} most "
+                                      f"likely other classes), sapgd, assg, gaussian (noise), uniform, square, "
+                                      f"transfer (default {DEFAULT_ATTACKS})")
     p.add_argument("--reliable", action="store_true",
                    help=f"the strongest set in one command: --attacks {','.join(RELIABLE_ATTACKS)} (+ transfer "
                         f"with --source) --ensemble")
@@ -116,12 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-size", type=fraction, default=0.01, help="PGD / BIM step size")
     p.add_argument("--apgd-steps", type=int, default=50, help="APGD iterations")
     p.add_argument("--sapgd-steps", type=int, default=SAPGD_STEPS, help="SA-PGD and ASSG iterations")
+    p.add_argument("--restarts", type=int, default=1,
+                   help="runs of SA-PGD and ASSG + SA-PGD per image, each further one from a new random start in "
+                        "the eps ball (seeded by --seed) on the images no earlier run fooled; an image fooled by "
+                        "any run counts as fooled")
     p.add_argument("--assg-level",
                    help="ASSG level(s) in (0, 0.5), the paper's A/2, comma-separated: several run as an ensemble "
                         f"(per-image worst case); default {ASSG_LEVEL:g}, with --reliable "
                         f"{','.join(f'{v:g}' for v in RELIABLE_ASSG_LEVELS)}")
     p.add_argument("--gradients",
-                   help=f"attacker gradients, comma-separated: {', '.join(GRADIENT_SOURCES)} (default own)")
+                   help=f"attacker gradients, comma-separated: {', '.join(GRADIENT_SOURCES)} (default own; ste: "
+                        "straight-through, d spike / d u = 1; fitted: an arctangent window centred on each "
+                        "channel's mean membrane potential on the clean batch, half-width "
+                        f"{FITTED_WIDTH:g} standard deviation)")
     p.add_argument("--ensemble", action="store_true",
                    help=f"shortcut for --gradients {','.join(ENSEMBLE)} (per-image worst case)")
     p.add_argument("--eot", type=int, help="gradient draws averaged per step (default 1; 8 for Poisson models)")
@@ -160,6 +176,8 @@ def _previous(out: Path, key: dict, models: dict[str, str]) -> dict:
     except (OSError, ValueError) as e:
         raise ConfigError(f"--resume: cannot read {path}: {e}") from None
     old = saved.get("key", {})
+    if isinstance(old.get("settings"), dict):  # settings added since, at the value that evaluates as before
+        old = {**old, "settings": {**SETTINGS_ADDED, **old["settings"]}}
     if old.get("version", 1) != key["version"]:
         raise ConfigError(f"--resume: {path} was made by a train.eval that counts differently (results version "
                           f"{old.get('version', 1)}, this one {key['version']}): evaluate again into another --out")
@@ -258,6 +276,7 @@ def _evaluate(argv, where: dict) -> int:
         poisson = any(spec["encoding"] == "poisson" for _, spec in models)
         settings = EvalSettings(attacks=attacks, eps=eps, steps=args.steps, alpha=args.step_size,
                                 apgd_steps=args.apgd_steps, sapgd_steps=args.sapgd_steps,
+                                restarts=args.restarts,
                                 assg_levels=assg_levels, gradients=gradients,
                                 eot=args.eot or (8 if poisson else 1), n_queries=args.queries,
                                 batch_size=args.batch_size, seed=args.seed,

@@ -14,10 +14,14 @@ an image counts as robust only if it survives every one of them (the
 ensemble, a per-image worst case); the reported accuracy of a gradient attack
 is that worst case. ASSG (``assg``) brings its own adaptive gradient and runs
 once per level in ``assg_levels`` (a per-image worst case over them likewise).
+``restarts`` > 1 runs SA-PGD and ASSG + SA-PGD that many times per image from new
+random starts (an image fooled by any run counts as fooled; its mask keeps the
+attack's usual key). APGD-T (``apgd-t``) runs once per target class within each
+gradient source and counts as fooled an image any target's run fooled.
 
 Sanity checks (Carlini et al. 2019; Athalye et al. 2018), each PASS / FAIL with figures:
 - ``eps_monotone``: accuracy does not rise as eps grows (per attack);
-- ``iterative_beats_one_step``: PGD / BIM / APGD / SA-PGD / ASSG are at least as strong as FGSM
+- ``iterative_beats_one_step``: PGD / BIM / APGD / APGD-T / SA-PGD / ASSG are at least as strong as FGSM
   (PGD and BIM only at an eps their steps x step size can travel: 7 x 0.01 cannot reach eps = 0.1,
   and a weaker attack there is its budget, not masking; the detail names what was left out);
 - ``white_box_strongest``: noise, Square and transfer are weaker than the strongest white-box attack;
@@ -96,6 +100,7 @@ class EvalSettings:
     alpha: float = 0.01
     apgd_steps: int = 50
     sapgd_steps: int = SAPGD_STEPS  # SA-PGD and ASSG iterations
+    restarts: int = 1  # runs of SA-PGD and ASSG + SA-PGD per image (RESTART_ATTACKS), a per-image worst case
     assg_levels: list[float] = field(default_factory=lambda: [ASSG_LEVEL])
     gradients: list[str] = field(default_factory=lambda: ["own"])
     eot: int = 1
@@ -115,7 +120,7 @@ class EvalSettings:
         for e in self.eps:
             if not 0.0 <= e <= 1.0:
                 raise ValueError(f"eps must be in [0, 1] (images are in [0, 1]), got {e}")
-        for name in ("steps", "apgd_steps", "sapgd_steps", "eot", "n_queries", "batch_size"):
+        for name in ("steps", "apgd_steps", "sapgd_steps", "restarts", "eot", "n_queries", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.assg_levels:
@@ -141,8 +146,8 @@ def attack_steps(settings: EvalSettings, attack: str) -> int:
     """The iteration budget of an attack under these settings (transfer: of the attack it runs on its source)."""
     if attack == "transfer":
         attack = settings.transfer_attack
-    return {"apgd": settings.apgd_steps, "sapgd": settings.sapgd_steps, "assg": settings.sapgd_steps}.get(
-        attack, settings.steps)
+    return {"apgd": settings.apgd_steps, "apgd-t": settings.apgd_steps, "sapgd": settings.sapgd_steps,
+            "assg": settings.sapgd_steps}.get(attack, settings.steps)
 
 
 @torch.no_grad()
@@ -226,7 +231,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                     for source_name in settings.gradients:
                         x_adv = run_attack(attack, model, x, y, eps, steps=attack_steps(settings, attack),
                                            alpha=settings.alpha, eot=settings.eot, gradient=source_name,
-                                           seed=settings.seed + start)
+                                           seed=settings.seed + start, restarts=settings.restarts)
                         ok = clean & _correct(model, x_adv, y)
                         record((attack, _key(eps), source_name), start, ok)
                         survived &= ok
@@ -234,7 +239,8 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                     survived = clean.clone()
                     for level in settings.assg_levels:
                         x_adv = run_attack("assg", model, x, y, eps, steps=attack_steps(settings, "assg"), eot=settings.eot,
-                                           assg_options=ASSGOptions(level=level))
+                                           assg_options=ASSGOptions(level=level), restarts=settings.restarts,
+                                           seed=settings.seed + start)
                         ok = clean & _correct(model, x_adv, y)
                         record((attack, _key(eps), _level_key(level)), start, ok)
                         survived &= ok
