@@ -354,3 +354,20 @@ def test_a_model_at_chance_is_diagnosed_before_its_robustness(tmp_path, capsys, 
     assert "sanity checks not judged (see above)" in printed
     assert "**Diagnosis: the model is at chance" in (tmp_path / "plain" / "report.md").read_text()
     assert "**Diagnosis**" in (tmp_path / "comparison.md").read_text()
+
+
+def test_tensorboard_scalars_beside_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["--train-limit", "128", "--test-limit", "64", "--epochs", "2", "--batch-size", "64",
+                 "--eval-attacks", "fgsm", "--eval-limit", "32", "--no-compare", "--eta", "1", "--tensorboard",
+                 "--quiet", "--out", str(tmp_path)]) == 0
+    events = EventAccumulator(str(tmp_path / "mpd" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/train", "accuracy/test", "omega/test", "omega_layer/1", "omega_layer/3", "lr",
+            "robust_accuracy/fgsm", "robust_accuracy/clean", "firing_rate/layer_2", "silent/layer_3"} <= tags
+    assert [e.step for e in events.Scalars("accuracy/test")] == [1, 2]
+    history = [json.loads(line) for line in (tmp_path / "mpd" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("accuracy/test")] == pytest.approx([h["test_acc"] for h in history])

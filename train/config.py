@@ -101,6 +101,7 @@ class RunConfig:
     keep_previous: bool = False  # keep the previous epoch's checkpoint as checkpoint.previous.pt
     dist_timeout: float = DIST_TIMEOUT  # seconds a collective waits for the other ranks (torchrun)
     quiet: bool = False  # print only the result (no progress, no per-epoch lines)
+    tensorboard: bool = False  # TensorBoard scalars in RUN/<run>/tensorboard (train/tensorboard.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -280,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-previous", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the previous epoch's checkpoint too (checkpoint.previous.pt), to fall back on if the "
                         "last one is damaged")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write TensorBoard scalars (loss, accuracy, Omega per layer, firing rates, robust "
+                        "accuracy) to RUN/<run>/tensorboard; needs the tensorboard package")
     g.add_argument("--quiet", action="store_true", default=None,
                    help="print only the result: no progress bar or progress lines, no per-epoch lines")
     g.add_argument("--dist-timeout", type=float,
@@ -470,3 +474,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check_device(cfg.device, "--device")
+    if cfg.tensorboard:
+        from .tensorboard import MISSING
+
+        if MISSING:
+            raise ConfigError(MISSING)

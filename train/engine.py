@@ -42,7 +42,7 @@ REPORT_BYTES = 4 << 20  # reports, plots and metrics of one run, generously
 STARTUP_TIMEOUT = 300.0  # seconds the processes of a torchrun wait for each other at the start
 # Config entries that may differ when a run is resumed (where it runs, not what it computes).
 RESUMABLE_DIFFERENCES = {"out", "device", "download", "data_dir", "eval_attacks", "eval_limit", "eval_eps", "compile",
-                         "channels_last", "force", "keep_previous", "dist_timeout", "quiet"}
+                         "channels_last", "force", "keep_previous", "dist_timeout", "quiet", "tensorboard"}
 # What a setting missing from an older checkpoint's config was (options added since have these defaults).
 DEFAULTS = RunConfig().to_dict()
 
@@ -390,6 +390,11 @@ def train_run(cfg: RunConfig, name: str, run_dir: Path, train: ImageData, test: 
     net = compile_for_batches(net, cfg.batch_size, compile_model, retain_graph=cfg.sr_lambda > 0)
     loader = EpochLoader(train, cfg.batch_size, shuffle=True, augment=info.augment, seed=cfg.seed,
                          rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+    board = None
+    if cfg.tensorboard and ctx.is_main:
+        from .tensorboard import EpochLog
+
+        board = EpochLog(run_dir)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         sums = _train_epoch(cfg, name, epoch, net, training, loader, ctx)
@@ -408,6 +413,10 @@ def train_run(cfg: RunConfig, name: str, run_dir: Path, train: ImageData, test: 
                         "test_omega_layers": test_metrics["omega_layers"], "epoch_seconds": train_seconds,
                         **({"batchnorm_recalibrated": True} if stale else {})})
         _checkpoint_epoch(cfg, name, run_dir, epoch, training, history, info, ctx)
+        if board is not None:
+            board.add(history[-1])
+    if board is not None:
+        board.close()
 
     def save_model():
         try:

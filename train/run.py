@@ -159,6 +159,10 @@ def _run(cfg: RunConfig, resume: bool, ctx: RunContext, out: Path, runs: list) -
                   + f" (eps {eps_label(cfg.eval_eps)}, {robustness['n']} images); sanity checks {verdict}", flush=True)
         reports.append(write_run_report(out / name, name, run_cfg.to_dict(), result.history, samples[name],
                                         robustness, diagnostics, len(test), problems))
+        if cfg.tensorboard:
+            from .tensorboard import log_final
+
+            log_final(out / name, len(result.history), robustness, diagnostics)
     if len(reports) > 1:
         note = PRESET_NOTES.get(cfg.preset)
         table = write_comparison(out, reports, samples, note)
