@@ -8,6 +8,7 @@
     reg = mt.MPDSGR(model, eta=0.1)   # reg() -> eta * L_MPD of the last forward
     model = mt.from_spikingjelly(sj_model)   # SpikingJelly LIFNode / IFNode -> mt.LIF
     net = mt.models.build("vgg11", ...)      # the papers' spiking models; mt.models.load(model.pt)
+    result = mt.attacks.evaluate(net, images, labels, eps=[8 / 255], suite="reliable")
 """
 
 from .convert import SPIKINGJELLY_SURROGATES, from_spikingjelly
@@ -43,9 +44,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``mt.models``: imported on first use (``import mpd_triton`` stays light)."""
-    if name == "models":
+    """``mt.models`` and ``mt.attacks``: imported on first use (``import mpd_triton`` stays light)."""
+    if name in ("models", "attacks"):
         import importlib
 
-        return importlib.import_module(".models", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

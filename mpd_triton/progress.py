@@ -1,7 +1,7 @@
-"""Progress a terminal shows and a log keeps.
+"""Progress a terminal shows and a log keeps (the library's evaluation and the repository's tools).
 
-``progress(items, desc, unit)`` yields the items. On a terminal it draws tqdm's bar; when the output
-goes to a file or a pipe (a batch job, ``nohup``, the sweep's child processes), where tqdm turns itself
+``progress(items, desc, unit)`` yields the items. On a terminal it draws tqdm's bar where tqdm is
+installed (an extra; without it, the lines below); when the output goes to a file or a pipe (a batch job, ``nohup``, the sweep's child processes), where tqdm turns itself
 off, it prints one line at most every ``PROGRESS_EVERY`` seconds instead, and one at the end:
 
     [plain] epoch 3/15: 120/469 steps, 812 images/s, 0:02:10 elapsed, about 0:06:18 left
@@ -20,6 +20,15 @@ __all__ = ["progress", "Progress", "PROGRESS_EVERY", "clock"]
 
 PROGRESS_EVERY = 30.0  # seconds between two lines in a log
 T = TypeVar("T")
+
+
+def _tqdm():
+    """tqdm's class, or None where it is not installed (the library needs only torch and numpy)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm
 
 
 def clock(seconds: float) -> str:
@@ -41,10 +50,8 @@ class Progress:
         self.stream = stream if stream is not None else sys.stdout
         self.postfix = ""
         self._bar = None
-        if not quiet and self.stream.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.total, desc=desc, unit=unit, leave=False, mininterval=1.0, file=self.stream)
+        if not quiet and self.stream.isatty() and _tqdm() is not None:
+            self._bar = _tqdm()(total=self.total, desc=desc, unit=unit, leave=False, mininterval=1.0, file=self.stream)
 
     def set_postfix(self, text: str) -> None:
         self.postfix = text

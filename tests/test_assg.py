@@ -14,9 +14,13 @@ from torch import nn
 
 import mpd_triton as mt
 from models import build_model
-from train import attacks as A
+from mpd_triton.attacks import methods as A
+from mpd_triton.attacks.evaluation import (
+    EvalSettings,
+    evaluate_robustness,
+    sanity_checks,
+)
 from train.data import load_dataset
-from train.robustness import EvalSettings, evaluate_robustness, sanity_checks
 
 
 def test_sapgd_on_a_linear_score_finds_the_optimum():

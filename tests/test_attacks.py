@@ -12,9 +12,15 @@ from torch import nn
 
 import mpd_triton as mt
 from models import build_model
-from train import attacks as A
-from train.robustness import (EvalSettings, evaluate_robustness, pack_outcomes, parse_attacks, sanity_checks,
-                              unpack_outcomes)
+from mpd_triton.attacks import methods as A
+from mpd_triton.attacks.evaluation import (
+    EvalSettings,
+    evaluate_robustness,
+    pack_outcomes,
+    parse_attacks,
+    sanity_checks,
+    unpack_outcomes,
+)
 
 
 class Linear2(nn.Module):
@@ -259,7 +265,7 @@ def test_ensemble_counts_an_image_only_if_it_survives_every_source(monkeypatch):
         x_adv[fooled_by[gradient]] = 0.0  # score 0: predicted class 0, wrong
         return x_adv
 
-    import train.robustness as R
+    import mpd_triton.attacks.evaluation as R
 
     monkeypatch.setattr(R, "run_attack", fake_attack)
     settings = EvalSettings(attacks=["pgd"], eps=[0.1], gradients=["own", "sigmoid"], large_eps_check=False)
@@ -302,7 +308,7 @@ def test_transfer_with_assg_runs_every_level_and_counts_the_worst_case(monkeypat
         x_adv[fooled_by[assg_options.level]] = 0.0
         return x_adv
 
-    import train.robustness as R
+    import mpd_triton.attacks.evaluation as R
 
     monkeypatch.setattr(R, "run_attack", fake_attack)
     settings = EvalSettings(attacks=["transfer"], eps=[0.1], assg_levels=[0.35, 0.49], sapgd_steps=11,
@@ -329,7 +335,7 @@ def test_worst_case_carries_smaller_eps_examples_to_larger_eps(monkeypatch):
         x_adv[fooled_at[eps]] = 0.0
         return x_adv
 
-    import train.robustness as R
+    import mpd_triton.attacks.evaluation as R
 
     monkeypatch.setattr(R, "run_attack", fake_attack)
     settings = EvalSettings(attacks=["fgsm"], eps=[0.1, 0.05], gradients=["own"], large_eps_check=False)
@@ -404,7 +410,9 @@ def test_a_fixed_step_attack_is_not_held_to_an_eps_its_budget_cannot_reach():
 
 
 def test_parse_attacks_and_settings_errors():
-    assert parse_attacks("fgsm, noise,PGD") == ["fgsm", "gaussian", "pgd"]
+    assert parse_attacks("fgsm, gaussian,PGD,fgsm") == ["fgsm", "gaussian", "pgd"]
+    with pytest.raises(ValueError, match="unknown attack 'noise' \\(it is called 'gaussian'\\)"):
+        parse_attacks("fgsm,noise")  # one name per attack
     with pytest.raises(ValueError, match="unknown attack 'cw'"):
         parse_attacks("fgsm,cw")
     with pytest.raises(ValueError, match=r"eps must be in \[0, 1\]"):

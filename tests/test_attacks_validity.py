@@ -20,9 +20,14 @@ from test_eval_cli import _checkpoint
 from torch import nn
 
 import mpd_triton as mt
-from train import attacks as A
+from mpd_triton.attacks import methods as A
+from mpd_triton.attacks.evaluation import (
+    EvalSettings,
+    evaluate_robustness,
+    sanity_checks,
+    unpack_outcomes,
+)
 from train.eval import build_parser, main
-from train.robustness import EvalSettings, evaluate_robustness, sanity_checks, unpack_outcomes
 
 CPU_KERNELS = mt.cpu_kernels_unavailable() is None
 BACKENDS = ["torch"] + (["cpu"] if CPU_KERNELS else [])
@@ -567,7 +572,7 @@ def test_more_restarts_are_never_weaker_per_image_and_repeatable(trained, attack
 def test_evaluation_gives_sapgd_and_assg_their_restarts_and_seeds(monkeypatch):
     """Every SA-PGD and ASSG + SA-PGD run of the evaluation gets --restarts and the batch's seed (seed +
     its first image); the eps = 1 checks run once."""
-    import train.robustness as R
+    import mpd_triton.attacks.evaluation as R
 
     calls = []
 

@@ -12,11 +12,11 @@ from torch._dynamo.testing import CompileCounter
 
 import mpd_triton as mt
 from models import build_model
+from mpd_triton.attacks.evaluation import EvalSettings
 from train import compiling
 from train.checkpoint import save_checkpoint
 from train.eval import evaluation_passes
 from train.eval import main as eval_main
-from train.robustness import EvalSettings
 from train.run import main as run_main
 
 pytestmark = pytest.mark.skipif(mt.cpu_kernels_unavailable() is not None and not torch.cuda.is_available(),

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from models import build_model
+from mpd_triton.attacks.evaluation import unpack_outcomes
 from train.checkpoint import save_checkpoint
 from train.eval import main
-from train.robustness import unpack_outcomes
 
 
 def _checkpoint(path, num_classes=10, seed=0, data="fmnist-subset"):
@@ -34,7 +34,7 @@ def checkpoints(tmp_path_factory):
 
 def test_end_to_end_two_models_with_transfer(checkpoints, tmp_path, capsys):
     code = main(["--checkpoint", str(checkpoints["a"]), "--checkpoint", str(checkpoints["b"]),
-                 "--attacks", "fgsm,pgd,noise,transfer", "--eps", "2/255,8/255", "--steps", "2", "--limit", "16",
+                 "--attacks", "fgsm,pgd,gaussian,transfer", "--eps", "2/255,8/255", "--steps", "2", "--limit", "16",
                  "--gradients", "own,sigmoid", "--source", str(checkpoints["b"]), "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
@@ -135,7 +135,7 @@ def test_source_with_other_classes_and_foreign_checkpoints(checkpoints, tmp_path
 
 def test_help_shows_real_defaults():
     """--help shows the defaults that apply (not None), once, and keeps the examples as written."""
-    from train.attacks import SAPGD_STEPS
+    from mpd_triton.attacks.methods import SAPGD_STEPS
     from train.eval import build_parser
 
     raw = build_parser().format_help()

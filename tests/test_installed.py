@@ -1,6 +1,7 @@
 """Installed as a user installs it: the wheel built from this checkout, installed into a fresh virtual
 environment outside the repository (reusing this environment's torch and numpy, no network), used from
-another folder: build a model, train a step with MPD-SGR, load a model.pt that train.run wrote."""
+another folder: build a model, train a step with MPD-SGR, load a model.pt that train.run wrote, and
+evaluate it with FGSM and PGD."""
 
 from __future__ import annotations
 
@@ -79,8 +80,12 @@ def test_wheel_installs_and_works_outside_the_repository(installed):
         record = mt.models.read({str(installed["model"])!r})
         out = trained(torch.rand(3, 1, 28, 28))
         print("loaded", record["model_spec"]["model"], tuple(out.shape), record["provenance"]["commit"] is not None)
+        x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
+        result = mt.attacks.evaluate(trained, x, y, eps=[8 / 255], attacks=["fgsm", "pgd"], steps=2, progress=False)
+        print("evaluated", sorted(result["accuracy"]), result["n"], len(result["checks"]) > 0)
         """)
     done = _run([str(installed["python"]), "-c", script], cwd=installed["work"])
     lines = done.stdout.splitlines()
-    assert lines[-1] == "loaded small (3, 10) True"
+    assert lines[-2] == "loaded small (3, 10) True"
+    assert lines[-1] == "evaluated ['fgsm', 'pgd'] 6 True"
     assert lines[0].startswith("backend torch.float32")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from plumbing import progress as P
+from mpd_triton import progress as P
 
 
 def test_a_log_gets_lines_with_rate_and_time_left(monkeypatch):

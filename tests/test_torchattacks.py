@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from models import SmallSNN
-from train import attacks as A
+from mpd_triton.attacks import methods as A
 
 torchattacks = pytest.importorskip("torchattacks", reason="torchattacks (the `test` extra) is not installed")
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import mpd_triton as mt
 from models import ENCODINGS, MODEL_NAMES, MODEL_WIDTHS, NeuronOptions
+from mpd_triton.attacks import DEFAULT_ATTACKS
+from mpd_triton.attacks.units import eps_label, parse_eps
 from mpd_triton.neuron import check_real
 
 from .compiling import COMPILE_MIN_STEPS
@@ -86,7 +88,7 @@ class RunConfig:
     adv_step: float = 1 / 255
     adv_steps: int = 2
     # evaluation at the end of training
-    eval_attacks: str = "fgsm,pgd,noise"  # at eval_eps on eval_limit test images; '' for none
+    eval_attacks: str = ",".join(DEFAULT_ATTACKS)  # at eval_eps on eval_limit test images; '' for none
     eval_eps: float = 8 / 255
     eval_limit: int | None = 1000
     # run
@@ -131,7 +133,7 @@ PRESETS: dict[str, dict] = {
     # The default run: the study's setting (BatchNorm before every LIF, the paper's SGD and cosine schedule,
     # eta = 1) shrunk to 3 epochs on the bundled subset, plain vs MPD-SGR, so that it shows what the study found.
     "quick": dict(_PAPER_SGD, model="small", classifier_bn=True, data="fmnist-subset", T=4, epochs=3, batch_size=64,
-                  eta=1.0, compare=True, eval_attacks="fgsm,pgd,apgd,noise", eval_limit=500),
+                  eta=1.0, compare=True, eval_limit=500),
     # The MPD-SGR study (docs/study.md): the full Fashion-MNIST, the small net with BatchNorm before every LIF
     # (the setting of MPD-SGR's theory), the paper's optimizer and schedule, 15 epochs.
     "study": dict(_PAPER_SGD, model="small", classifier_bn=True, data="fmnist", T=4, epochs=15, batch_size=128,
@@ -155,22 +157,11 @@ SCHEDULES = ("cosine", "step", "constant")
 
 
 def fraction(text: str) -> float:
-    """'8/255' or '0.03' -> float."""
+    """'8/255' or '0.03' -> float (argparse's type for eps-like options)."""
     try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from None
-
-
-def eps_label(eps: str | float) -> str:
-    """How reports write an eps: '8/255' where 0 < eps < 1 and 255 eps is a whole number (to 1e-3),
-    else the plain number ('0.1', not '25.5/255'; '1'). ``fraction`` reads both back."""
-    e = fraction(eps) if isinstance(eps, str) else float(eps)
-    scaled = e * 255
-    return f"{round(scaled):d}/255" if 0 < e < 1 and abs(scaled - round(scaled)) < 1e-3 else f"{e:g}"
+        return parse_eps(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _optional_float(text: str) -> float | None:
@@ -259,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adv-step", type=fraction, help="step of the training attack")
     g.add_argument("--adv-steps", type=int, help="PGD steps of the training attack")
     g = p.add_argument_group("evaluation after training")
-    g.add_argument("--eval-attacks", help="comma-separated attacks run on the final model ('' for none)")
+    g.add_argument("--eval-attacks", help="comma-separated attacks run on the final model ('' for none); the same "
+                                          "default as python -m train.eval, at the one eps --eval-eps to keep the "
+                                          "run short (train.eval takes an eps list)")
     g.add_argument("--eval-eps", type=fraction, help="L-inf radius of the attacks after training")
     g.add_argument("--eval-limit", type=int, help="test images used by the attacks (0: all)")
     g = p.add_argument_group("run")
@@ -463,7 +456,7 @@ def validate(cfg: RunConfig) -> None:
         if not (0 <= value <= 1):
             raise ConfigError(f"{name.replace('_', ' ')} must be in [0, 1] (images are in [0, 1]), got {value}")
     try:
-        from .robustness import parse_attacks
+        from mpd_triton.attacks.evaluation import parse_attacks
 
         if "transfer" in parse_attacks(cfg.eval_attacks):
             raise ConfigError("the transfer attack needs a source model: use python -m train.eval --source")

@@ -18,17 +18,24 @@ from torch import nn
 
 import mpd_triton as mt
 from models import build_model
+from mpd_triton.attacks.methods import pgd
 from mpd_triton.files import WriteError, write_text, write_with
-from plumbing.progress import progress
+from mpd_triton.progress import progress
 from plumbing.provenance import provenance
 
-from .attacks import pgd
-from .checkpoint import (CheckpointError, checkpoint_bytes, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state, verify_archive)
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_bytes,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    verify_archive,
+)
 from .compiling import compile_for_batches, to_memory_format, use_channels_last
 from .config import RunConfig
-from .regularizers import replay_state, sr_penalty
 from .data import DatasetInfo, EpochLoader, ImageData
+from .regularizers import replay_state, sr_penalty
 
 __all__ = ["RunContext", "setup_context", "build_for", "train_run", "run_configs", "evaluate", "RunResult", "MODEL_FILE",
            "StoppedByMain", "planned_output_bytes", "RUN_FILES"]

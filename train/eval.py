@@ -1,7 +1,7 @@
 """python -m train.eval: robustness of trained spiking models (see --help).
 
     python -m train.eval --checkpoint runs/quick-*/plain/model.pt --checkpoint runs/quick-*/mpd/model.pt \\
-        --attacks fgsm,pgd,bim,apgd,noise,square --eps 2/255,4/255,8/255 --ensemble
+        --attacks fgsm,pgd,bim,apgd,gaussian,square --eps 2/255,4/255,8/255 --ensemble
     # the strongest set in one command: APGD with the five-gradient ensemble, ASSG + SA-PGD,
     # Square (and transfer with --source), with FGSM for the masking checks
     python -m train.eval --checkpoint runs/quick-*/mpd/model.pt --reliable --eps 8/255,16/255
@@ -29,28 +29,57 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from mpd_triton.files import WriteError, ensure_writable, remove_leftovers, write_json, write_text
+from mpd_triton.attacks import (
+    DEFAULT_ATTACKS,
+    ENSEMBLE,
+    RELIABLE_ASSG_LEVELS,
+    RELIABLE_ATTACKS,
+    RESULTS_VERSION,
+    EvalSettings,
+    attack_steps,
+    evaluate_robustness,
+    parse_attacks,
+)
+from mpd_triton.attacks.methods import (
+    APGDT_TARGETS,
+    ASSG_LEVEL,
+    FITTED_WIDTH,
+    GRADIENT_ATTACKS,
+    GRADIENT_SOURCES,
+    RESTART_ATTACKS,
+    SAPGD_STEPS,
+    TRANSFER_ATTACKS,
+)
+from mpd_triton.files import (
+    WriteError,
+    ensure_writable,
+    remove_leftovers,
+    write_json,
+    write_text,
+)
 from mpd_triton.kernels.cpu import keep_freed_memory
 from plumbing.provenance import provenance
 
-from .attacks import (APGDT_TARGETS, ASSG_LEVEL, ASSG_LEVEL_RANGE, FITTED_WIDTH, GRADIENT_ATTACKS, GRADIENT_SOURCES,
-                      RESTART_ATTACKS, SAPGD_STEPS, TRANSFER_ATTACKS)
 from .checkpoint import CheckpointError, load_checkpoint
-from .compiling import COMPILE_MIN_STEPS, compile_for_batches, should_compile, to_memory_format, use_channels_last
+from .compiling import (
+    COMPILE_MIN_STEPS,
+    compile_for_batches,
+    should_compile,
+    to_memory_format,
+    use_channels_last,
+)
 from .config import ConfigError, eps_label, fraction, states_default
 from .data import DataError, load_dataset
 from .diagnostics import layer_diagnostics
-from .report import eval_markdown, eval_table, membrane_samples, plot_membrane, plot_robustness
-from .robustness import RESULTS_VERSION, EvalSettings, attack_steps, evaluate_robustness, parse_attacks
+from .report import (
+    eval_markdown,
+    eval_table,
+    membrane_samples,
+    plot_membrane,
+    plot_robustness,
+)
 
-ENSEMBLE = ["own", "triangle", "sigmoid", "atan", "bptr"]
-DEFAULT_ATTACKS = "fgsm,pgd,bim,gaussian"
 MEMBRANE_IMAGES, DIAGNOSTIC_IMAGES = 256, 1000  # test images of membrane.png and of the per-layer diagnostics
-# --reliable: the strongest set (FGSM only feeds the masking checks); + transfer when --source is given.
-RELIABLE_ATTACKS = ["fgsm", "apgd", "assg", "square"]
-# --reliable's ASSG levels: the ends of the paper's search range and its default, as a per-image worst case
-# (at least as strong as the best single level the paper's search would pick; docs/evaluation.md).
-RELIABLE_ASSG_LEVELS = [ASSG_LEVEL_RANGE[0], ASSG_LEVEL, ASSG_LEVEL_RANGE[1]]
 # EvalSettings' fields added after results version 3 was fixed, with the value that evaluates as an
 # eval.json without them did: --resume continues such a file.
 SETTINGS_ADDED = {"restarts": 1}
@@ -116,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", help=f"comma-separated: fgsm, pgd, bim, apgd, apgd-t (targeted APGD on the DLR "
                                       f"loss, --apgd-steps iterations per target among the {APGDT_TARGETS} most "
                                       f"likely other classes), sapgd, assg, gaussian (noise), uniform, square, "
-                                      f"transfer (default {DEFAULT_ATTACKS})")
+                                      f"transfer (default {','.join(DEFAULT_ATTACKS)}, as train.run's end-of-run evaluation)")
     p.add_argument("--reliable", action="store_true",
                    help=f"the strongest set in one command: --attacks {','.join(RELIABLE_ATTACKS)} (+ transfer "
                         f"with --source) --ensemble")
@@ -233,9 +262,9 @@ def _evaluate(argv, where: dict) -> int:
             raise ConfigError("--reliable sets the attacks and the gradients; drop --attacks / --gradients "
                               "(or drop --reliable)")
         if args.reliable:
-            attacks = RELIABLE_ATTACKS + (["transfer"] if args.source else [])
+            attacks = list(RELIABLE_ATTACKS) + (["transfer"] if args.source else [])
         else:
-            attacks = parse_attacks(args.attacks or DEFAULT_ATTACKS)
+            attacks = parse_attacks(args.attacks) if args.attacks else list(DEFAULT_ATTACKS)
         try:
             eps = [fraction(e) for e in args.eps.split(",") if e.strip()]
         except argparse.ArgumentTypeError as e:
@@ -247,7 +276,7 @@ def _evaluate(argv, where: dict) -> int:
             raise ConfigError(f"--assg-level: expected numbers in (0, 0.5), got {args.assg_level!r}") from None
         if args.resume and not args.out:
             raise ConfigError("--resume needs --out, the folder of the evaluation to continue")
-        gradients = (ENSEMBLE if args.ensemble or args.reliable else
+        gradients = (list(ENSEMBLE) if args.ensemble or args.reliable else
                      [g.strip() for g in (args.gradients or "own").split(",") if g.strip()])
         if "transfer" in attacks and not args.source:
             raise ConfigError("the transfer attack needs --source CHECKPOINT (an independently trained model)")

@@ -25,6 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mpd_triton.attacks.evaluation import (
+    EvalSettings,
+    evaluate_robustness,
+    parse_attacks,
+)
 from mpd_triton.files import WriteError, ensure_writable, remove_leftovers, write_json
 from mpd_triton.kernels.cpu import keep_freed_memory
 from plumbing.lock import LOCK_NAME, FolderBusy, folder_lock
@@ -34,10 +39,18 @@ from .compiling import should_compile, to_memory_format, use_channels_last
 from .config import PRESET_NOTES, ConfigError, RunConfig, eps_label, parse_args
 from .data import DataError, ImageData, dataset_info, load_dataset
 from .diagnostics import diagnose, layer_diagnostics
-from .engine import (RUN_FILES, RunContext, StoppedByMain, build_for, check_resumable_run, planned_output_bytes,
-                     run_configs, setup_context, train_run)
+from .engine import (
+    RUN_FILES,
+    RunContext,
+    StoppedByMain,
+    build_for,
+    check_resumable_run,
+    planned_output_bytes,
+    run_configs,
+    setup_context,
+    train_run,
+)
 from .report import membrane_samples, write_comparison, write_run_report
-from .robustness import EvalSettings, evaluate_robustness, parse_attacks
 
 RUNS_ROOT = Path("runs")
 DIAGNOSTIC_IMAGES = 1000  # test images of the per-layer diagnostics in the reports

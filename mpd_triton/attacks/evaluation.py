@@ -50,9 +50,9 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from .attacks import (
+from ..progress import Progress
+from .methods import (
     ASSG_LEVEL,
     ATTACKS,
     FIXED_STEP_ATTACKS,
@@ -66,9 +66,13 @@ from .attacks import (
     input_gradient,
     run_attack,
 )
-from .config import eps_label
+from .units import eps_label
 
-__all__ = ["EvalSettings", "evaluate_robustness", "sanity_checks", "parse_attacks", "ATTACK_ALIASES", "attack_steps",
+# The evaluation's defaults, one set for the library, train.eval and train.run's end-of-run evaluation:
+# cheap enough for every run, with APGD (the strongest of them) and a gradient-free check.
+DEFAULT_ATTACKS = ("fgsm", "pgd", "apgd", "gaussian")
+
+__all__ = ["EvalSettings", "evaluate_robustness", "sanity_checks", "parse_attacks", "DEFAULT_ATTACKS", "attack_steps",
            "RESULTS_VERSION", "pack_outcomes", "unpack_outcomes", "OUTCOMES_FORMAT"]
 
 # How the counts are made, for train.eval --resume (an evaluation is continued only by code that
@@ -78,23 +82,26 @@ RESULTS_VERSION = 3
 OUTCOMES_FORMAT = ("base64 of the bits of numpy.packbits(mask, bitorder='little'): bit i is image i of the "
                    "evaluated images (the first n of the test set); 1 = counted as correct")
 
-ATTACK_ALIASES = {"noise": "gaussian"}
+# The names tools and earlier versions used for an attack that now has one name: said in the error.
+_RENAMED = {"noise": "gaussian"}
 # eps = 1 admits any image; 10 steps of 0.2 cross the whole [0, 1] box twice from the random start.
 LARGE_EPS, LARGE_EPS_STEPS, LARGE_EPS_ALPHA = 1.0, 10, 0.2
 _LARGE_EPS_NAMES = {"pgd": "PGD", "assg": "ASSG + SA-PGD"}
 
 
 def parse_attacks(text: str) -> list[str]:
-    names = [ATTACK_ALIASES.get(a.strip().lower(), a.strip().lower()) for a in text.split(",") if a.strip()]
+    """'fgsm, pgd' -> ["fgsm", "pgd"]: comma-separated attack names, each once, checked."""
+    names = [a.strip().lower() for a in text.split(",") if a.strip()]
     for name in names:
         if name not in ATTACKS:
-            raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)} (or 'noise' for gaussian)")
+            hint = f" (it is called {_RENAMED[name]!r})" if name in _RENAMED else ""
+            raise ValueError(f"unknown attack {name!r}{hint}; choose from {', '.join(ATTACKS)}")
     return list(dict.fromkeys(names))
 
 
 @dataclass
 class EvalSettings:
-    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd", "gaussian"])
+    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
     eps: list[float] = field(default_factory=lambda: [8 / 255])
     steps: int = 7
     alpha: float = 0.01
@@ -213,7 +220,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         outcomes.setdefault(key, torch.zeros(n, dtype=torch.bool))[start:start + ok.numel()] = ok.cpu()
 
     batches = range(first, n, settings.batch_size)
-    bar = tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=1.0)
+    bar = Progress(batches, desc, "batches", scale=settings.batch_size, scale_unit="images", quiet=not progress)
     for start in bar:
         x = images[start:start + settings.batch_size].to(device)
         y = labels[start:start + settings.batch_size].to(device)
@@ -225,7 +232,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         survived_all = {_key(eps): clean.clone() for eps in settings.eps}
         for attack in settings.attacks:
             for eps in settings.eps:
-                bar.set_postfix_str(f"{attack} @ {eps_label(eps)}", refresh=False)
+                bar.set_postfix(f"{attack} @ {eps_label(eps)}")
                 if attack in GRADIENT_ATTACKS:
                     survived = clean.clone()
                     for source_name in settings.gradients:
@@ -268,7 +275,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         for eps_key, survived in survived_all.items():
             record(("all", eps_key, "worst"), start, survived)
         if settings.large_eps_check:
-            bar.set_postfix_str(f"large-eps check (eps {LARGE_EPS:g})", refresh=False)
+            bar.set_postfix(f"large-eps check (eps {LARGE_EPS:g})")
             survived = clean.clone()
             for source_name in settings.gradients:
                 x_adv = run_attack("pgd", model, x, y, LARGE_EPS, steps=LARGE_EPS_STEPS, alpha=LARGE_EPS_ALPHA,
