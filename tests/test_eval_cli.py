@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import build_model
-from mpd_triton.attacks.evaluation import unpack_outcomes
+from mpd_triton.attacks.evaluation import EvalSettings, unpack_outcomes
 from train.checkpoint import save_checkpoint
 from train.eval import main
 
@@ -150,3 +150,22 @@ def test_help_shows_real_defaults():
     assert "default: None" not in text and "default: False" not in text
     assert "(default: the run folder name) --attacks" in text  # a default the help states is not repeated
     assert "\n    python -m train.eval --checkpoint runs/quick-*/mpd/model.pt --reliable" in raw  # raw description
+
+
+def test_device_and_small_sets_and_diagnosis(checkpoints, tmp_path, capsys):
+    """--device cuda without CUDA is said in one line (not blamed on the checkpoint); 200 images are one
+    pass per batch, not 0; an untrained model at chance is diagnosed before the table, its checks not alarmed."""
+    from train.eval import evaluation_passes
+
+    if not torch.cuda.is_available():
+        assert main(["--checkpoint", str(checkpoints["a"]), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --device cuda: CUDA is not available here") and "\n" not in err
+    assert evaluation_passes(EvalSettings(attacks=["fgsm"], batch_size=250), 200) == 1
+    assert main(["--checkpoint", str(checkpoints["a"]), "--attacks", "fgsm,pgd", "--eps", "8/255", "--steps", "2",
+                 "--limit", "16", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "[a] the model is at chance: clean accuracy" in out and "robustness cannot be judged" in out
+    assert out.index("robustness cannot be judged") < out.index("all attacks @ 8/255")
+    assert "!!!" not in captured.err

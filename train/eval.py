@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
@@ -68,9 +69,9 @@ from .compiling import (
     to_memory_format,
     use_channels_last,
 )
-from .config import ConfigError, eps_label, fraction, states_default
+from .config import ConfigError, check_device, eps_label, fraction, states_default
 from .data import DataError, load_dataset
-from .diagnostics import layer_diagnostics
+from .diagnostics import diagnose, layer_diagnostics
 from .report import (
     eval_markdown,
     eval_table,
@@ -117,7 +118,7 @@ def evaluation_passes(settings: EvalSettings, n_images: int) -> int:
         return steps * runs
 
     per_batch = sum(cost(a) for a in settings.attacks) * len(settings.eps) * settings.eot
-    return (n_images // settings.batch_size) * per_batch
+    return -(-n_images // settings.batch_size) * per_batch  # a last, partial batch is a pass too
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -144,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", action="append", help="column name per checkpoint (default: the run folder name)")
     p.add_argument("--attacks", help=f"comma-separated: fgsm, pgd, bim, apgd, apgd-t (targeted APGD on the DLR "
                                       f"loss, --apgd-steps iterations per target among the {APGDT_TARGETS} most "
-                                      f"likely other classes), sapgd, assg, gaussian (noise), uniform, square, "
-                                      f"transfer (default {','.join(DEFAULT_ATTACKS)}, as train.run's end-of-run evaluation)")
+                                      f"likely other classes), sapgd, assg, gaussian (Gaussian noise), uniform "
+                                      f"(uniform noise), square, transfer (default {','.join(DEFAULT_ATTACKS)}, as "
+                                      "train.run's end-of-run evaluation)")
     p.add_argument("--reliable", action="store_true",
                    help=f"the strongest set in one command: --attacks {','.join(RELIABLE_ATTACKS)} (+ transfer "
                         f"with --source) --ensemble")
@@ -178,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--assg-level)")
     p.add_argument("--no-large-eps-check", action="store_true", help="skip the eps = 1 sanity check")
     p.add_argument("--data", help="data set (default: the checkpoint's)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="where the data set lives (train.run's --data-dir)")
     p.add_argument("--limit", type=int, default=1000, help="test images (0: all)")
     p.add_argument("--batch-size", type=int, default=250, help="test images per batch")
     p.add_argument("--seed", type=int, default=0, help="random seed (random starts, noise, Poisson draws)")
@@ -257,6 +259,9 @@ def _evaluate(argv, where: dict) -> int:
     keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
+        if args.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", args.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+        check_device(args.device, "--device")
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
         if args.reliable and (args.attacks or args.gradients):
             raise ConfigError("--reliable sets the attacks and the gradients; drop --attacks / --gradients "
@@ -372,12 +377,19 @@ def _evaluate(argv, where: dict) -> int:
     write_text(out / "eval.md", eval_markdown(names, results, command, diagnostics))
     plot_robustness(names, results, out / "robustness.png")
     plot_membrane(samples, out / "membrane.png", "membrane potential of the evaluated models")
+    problems = {name: diagnose(r["clean"], spec["num_classes"], diagnostics[name], r["n"])
+                for name, r, (_, spec) in zip(names, results, models)}
+    for name in names:  # before any robustness figure: on such a model they mean nothing
+        if problems[name]:
+            print(f"\n[{name}] {'; '.join(problems[name])}: robustness cannot be judged on this model, and its "
+                  "masking checks neither", flush=True)
     print("\n" + eval_table(names, results))
     for name, r in zip(names, results):
-        for c in r["checks"]:
-            if not c["passed"]:
-                print(f"\n!!! {name}: sanity check {c['name']} FAILED: {c['detail']}\n!!! the robust accuracies "
-                      "may reflect gradient masking, not robustness", file=sys.stderr)
+        failed = [c for c in r["checks"] if not c["passed"]]
+        if failed and not problems[name]:
+            for c in failed:
+                print(f"\n!!! {name}: sanity check {c['name']} FAILED: {c['detail']}", file=sys.stderr)
+            print(f"!!! {name}: the robust accuracies may reflect gradient masking, not robustness", file=sys.stderr)
     print(f"\nwrote {out}/eval.json, eval.md, robustness.png")
     return 0
 
