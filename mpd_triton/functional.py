@@ -140,7 +140,7 @@ def lif(
     v_init: torch.Tensor | None = None,
     return_state: bool = False,
     surrogate_param: torch.Tensor | None = None,
-):
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Multi-step LIF neuron over time-major input.
 
     Args:
@@ -168,13 +168,14 @@ def lif(
             (gamma or alpha) in the backward only: [C] (one per channel), or of
             x's rank with dims 1 or x's (e.g. x.shape: one per element and time
             step); finite, > 0, on x's device. The forward is unaffected.
-            Attacks set it (train/attacks.py, ASSG).
+            Attacks set it (mpd_triton.attacks, ASSG).
 
     Returns:
-        spikes (x.dtype, same shape as x); with return_stats ``(spikes, mean,
-        var)``; with return_state the final state is appended. The triton
-        backend reads x through its strides and writes spikes and the final
-        state channels-last when x is (see docs/compile.md for what is copied).
+        The spikes (x.dtype, same shape as x); with
+            return_stats ``(spikes, mean, var)``; with return_state the final
+            state is appended. The triton backend reads x through its strides
+            and writes spikes and the final state channels-last when x is (see
+            docs/compile.md for what is copied).
     """
     return lif_with_config(x, LIFConfig(tau, v_th, v_reset, decay_input, detach_reset, surrogate), backend,
                            return_stats=return_stats, v_init=v_init, return_state=return_state,

@@ -223,8 +223,12 @@ class MPDSGR:
         model: a module containing mt.LIF layers.
         eta: weight of the regularizer (>= 0; 0 gives the plain baseline but
             still records Omega for monitoring).
-        granularity, gamma, eps, window, k: how Omega is measured, as ``MPDOptions`` takes them
-            (the paper's: per time step and channel, each surrogate's window).
+        granularity: how Omega is measured, as ``MPDOptions`` takes it (the paper's: per time
+            step and channel).
+        gamma: as ``MPDOptions`` (None: each layer's surrogate window).
+        eps: as ``MPDOptions``.
+        window: as ``MPDOptions``.
+        k: as ``MPDOptions``.
         options: an ``MPDOptions`` instead of the five keywords (from a saved configuration).
     """
 
