@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import triton
 
-from mpd_triton.files import ensure_writable, write_text
 from mpd_triton.kernels import lif as lif_kernels
 from mpd_triton.kernels import runtime
 from mpd_triton.neuron import LIFConfig
+from plumbing.files import ensure_writable, write_text
 
 from .cli import command_line, write_errors_in_one_line
 from .kernels import bench_shape

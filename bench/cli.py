@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import mpd_triton as mt
-from mpd_triton.files import WriteError
+from plumbing.files import WriteError
 
 __all__ = ["first_line", "default_out", "command_line", "write_errors_in_one_line"]
 
@@ -42,7 +42,7 @@ def command_line(argv: list[str], module: str) -> str:
 
 
 def write_errors_in_one_line(main):
-    """For a benchmark's main(): a file it cannot write (mpd_triton.files.WriteError: a full disk, an
+    """For a benchmark's main(): a file it cannot write (plumbing.files.WriteError: a full disk, an
     unwritable folder) ends it with one line on stderr and exit status 2 instead of a traceback."""
 
     @functools.wraps(main)

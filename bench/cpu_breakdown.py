@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-import mpd_triton as mt
-from mpd_triton.files import write_text
 from mpd_triton.kernels import cpu as cpu_kernels
+from plumbing.files import write_text
+from plumbing.memory import keep_freed_memory
 
 from .cli import command_line, first_line, write_errors_in_one_line
 from .kernels import bench_shape, parse_sizes
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error).replace("--sizes", "--size"))
     if size % args.T:
         parser.error(f"--size ({size}) must be a multiple of --T ({args.T})")
-    cpu_kernels.keep_freed_memory()
+    keep_freed_memory()
     print(first_line(torch.device("cpu"), "CPU breakdown"))
     results = {n: breakdown(args.T, size, n, rep_ms=args.rep_ms) for n in args.threads}
     text = (f"Command: `{command_line(argv, 'bench.cpu_breakdown')}`\n\nfloat32, T = {args.T}, T*N = {size}, "

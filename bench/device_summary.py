@@ -24,7 +24,14 @@ import tarfile
 import traceback
 from pathlib import Path
 
-from .report import GPU_TARGETS, evaluate_targets, kernel_table, markdown_table, model_table, skipped_lines
+from .report import (
+    GPU_TARGETS,
+    evaluate_targets,
+    kernel_table,
+    markdown_table,
+    model_table,
+    skipped_lines,
+)
 
 __all__ = ["main", "read_stages", "parse_pytest_log", "target_rows", "STAGES", "STATUS_WORDS"]
 

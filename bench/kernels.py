@@ -29,15 +29,40 @@ from pathlib import Path
 
 import torch
 
-from mpd_triton.files import ensure_writable, remove_leftovers, write_text
-from mpd_triton.kernels.cpu import keep_freed_memory
+from plumbing.files import ensure_writable, remove_leftovers, write_text
+from plumbing.memory import keep_freed_memory
 
 from .cli import command_line, default_out, first_line, write_errors_in_one_line
-from .measure import (PASSES, CopyMeter, describe_failure, gb_per_s, machine_info, minimal_bytes, peak_memory,
-                      reset_grads, time_call)
-from .providers import NEURON, PROVIDER_NAMES, PROVIDERS, Provider, make_input, make_output_grads, pass_callable
-from .report import (evaluate_targets, kernel_table, markdown_table, plot_kernels, skipped_lines, targets_table,
-                     text_table, write_json)
+from .measure import (
+    PASSES,
+    CopyMeter,
+    describe_failure,
+    gb_per_s,
+    machine_info,
+    minimal_bytes,
+    peak_memory,
+    reset_grads,
+    time_call,
+)
+from .providers import (
+    NEURON,
+    PROVIDER_NAMES,
+    PROVIDERS,
+    Provider,
+    make_input,
+    make_output_grads,
+    pass_callable,
+)
+from .report import (
+    evaluate_targets,
+    kernel_table,
+    markdown_table,
+    plot_kernels,
+    skipped_lines,
+    targets_table,
+    text_table,
+    write_json,
+)
 
 __all__ = ["main", "parse_sizes", "bench_shape", "run_sweep", "RECORD_FIELDS", "DTYPES", "Plan"]
 

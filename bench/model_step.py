@@ -32,16 +32,22 @@ import torch.nn.functional as F
 
 import mpd_triton as mt
 from models import MODEL_NAMES, NeuronOptions, build_model
-from mpd_triton.files import ensure_writable, write_text
-from mpd_triton.kernels.cpu import keep_freed_memory
-
+from plumbing.files import ensure_writable, write_text
+from plumbing.memory import keep_freed_memory
 from train.config import PRESETS, RunConfig
 
 from .cli import command_line, default_out, first_line, write_errors_in_one_line
 from .measure import describe_failure, machine_info, peak_memory, time_call
 from .peers import SpikingJellyLIF
 from .providers import MPD_ETA, NEURON, PROVIDERS, Provider
-from .report import evaluate_targets, markdown_table, model_table, targets_table, text_table, write_json
+from .report import (
+    evaluate_targets,
+    markdown_table,
+    model_table,
+    targets_table,
+    text_table,
+    write_json,
+)
 
 __all__ = ["main", "VARIANTS", "MODEL_RECORD_FIELDS", "build_variant", "run_variants", "QUICK_MODEL"]
 

@@ -18,7 +18,12 @@ from torch._functorch import config as functorch_config
 import mpd_triton as mt
 
 from .measure import PASSES
-from .peers import SPIKINGJELLY_IMPLEMENTATION_ENV, SpikingJellyLIF, load_spikingjelly, spikingjelly_implementation
+from .peers import (
+    SPIKINGJELLY_IMPLEMENTATION_ENV,
+    SpikingJellyLIF,
+    load_spikingjelly,
+    spikingjelly_implementation,
+)
 
 __all__ = ["NEURON", "MPD_ETA", "Provider", "PROVIDERS", "PROVIDER_NAMES", "mpd_loss", "make_input",
            "make_output_grads", "pass_callable"]

@@ -8,8 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from mpd_triton.files import optional_plot, save_figure
-from mpd_triton.files import write_json as _write_json
+from plumbing.files import optional_plot, save_figure
+from plumbing.files import write_json as _write_json
 
 __all__ = ["text_table", "markdown_table", "write_json", "kernel_table", "skipped_lines", "model_table", "plot_kernels",
            "evaluate_targets", "targets_table", "GPU_TARGETS", "MIB"]
@@ -35,7 +35,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """The benchmarks' JSON (no NaN), written atomically (mpd_triton.files)."""
+    """The benchmarks' JSON (no NaN), written atomically (plumbing.files)."""
     _write_json(path, payload, allow_nan=False)
 
 

@@ -12,10 +12,24 @@
 """
 
 from .convert import SPIKINGJELLY_SURROGATES, from_spikingjelly
-from .functional import BACKENDS, KERNEL_DTYPES, cpu_kernels_unavailable, lif, triton_interpreted
+from .functional import (
+    BACKENDS,
+    KERNEL_DTYPES,
+    cpu_kernels_unavailable,
+    lif,
+    triton_interpreted,
+)
 from .layers import BACKWARD_MODES, LIF, rate_backward
-from .mpd import (DEFAULT_EPS, GRANULARITIES, MPD_WINDOWS, MPDSGR, MPDOptions, combine_stats, mpd_overlap,
-                  window_overlap)
+from .mpd import (
+    DEFAULT_EPS,
+    GRANULARITIES,
+    MPD_WINDOWS,
+    MPDSGR,
+    MPDOptions,
+    combine_stats,
+    mpd_overlap,
+    window_overlap,
+)
 from .neuron import LIFConfig
 from .reference import lif_reference, membrane_stats
 from .surrogates import (

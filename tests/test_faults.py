@@ -22,16 +22,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
-import mpd_triton.files as files
+import plumbing.files as files
 import train.engine as engine
 import train.run as run_module
-from mpd_triton.files import WriteError, ensure_writable, optional_plot, save_figure, write_text, write_with
+from plumbing.files import (
+    WriteError,
+    ensure_writable,
+    optional_plot,
+    save_figure,
+    write_text,
+    write_with,
+)
 from plumbing.lock import folder_lock
-from train.checkpoint import OPTIMIZER_STATE_COPIES, checkpoint_bytes, load_checkpoint, save_checkpoint
+from train.checkpoint import (
+    OPTIMIZER_STATE_COPIES,
+    checkpoint_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
 from train.run import main
-
-from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two steps of 50 images per epoch, two time steps: the faults, not the learning, are under test.
@@ -475,9 +486,9 @@ def test_a_truncated_checkpoint_is_reported_and_force_starts_over(run_copy, caps
 def test_a_temporary_file_left_by_a_killed_process_is_ignored_and_removed_by_resume(run_copy, capsys):
     ckpt = run_copy / "mpd" / "checkpoint.pt"
     before = ckpt.read_bytes()
-    # a process killed while it writes the checkpoint, through the real helper (loaded alone: no torch import)
+    # a process killed while it writes the checkpoint, through the real helper (plumbing/files.py, loaded alone)
     script = ("import importlib.util, os, signal, sys\n"
-              f"spec = importlib.util.spec_from_file_location('files', {str(ROOT / 'mpd_triton' / 'files.py')!r})\n"
+              f"spec = importlib.util.spec_from_file_location('files', {str(ROOT / 'plumbing' / 'files.py')!r})\n"
               "files = importlib.util.module_from_spec(spec); spec.loader.exec_module(files)\n"
               "def write(f):\n"
               "    f.write(b'PK' + bytes(100_000)); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"

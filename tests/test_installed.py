@@ -89,3 +89,18 @@ def test_wheel_installs_and_works_outside_the_repository(installed):
     assert lines[-2] == "loaded small (3, 10) True"
     assert lines[-1] == "evaluated ['fgsm', 'pgd'] 6 True"
     assert lines[0].startswith("backend torch.float32")
+
+
+def test_the_readme_examples_run_from_outside_the_repository(installed):
+    """Each Python example of the README, run as written (the device chosen at run time where it names one)
+    by the installed library, from a folder outside the checkout."""
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert blocks
+    for i, code in enumerate(blocks):
+        script = installed["work"] / f"readme_{i}.py"
+        script.write_text(code)
+        done = subprocess.run([str(installed["python"]), str(script)], cwd=installed["work"], capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, f"README example {i} failed outside the repository:\n{done.stderr[-3000:]}"

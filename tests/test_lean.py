@@ -55,3 +55,16 @@ def test_import_pulls_in_no_tool_dependency():
         """)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_the_library_leaves_the_tools_files_and_the_allocator_to_the_tools():
+    """Writing the tools' files (plumbing/files.py) and tuning the process's allocator (plumbing/memory.py)
+    are the repository's, not the installed library's."""
+    import importlib.util
+
+    import mpd_triton.kernels.cpu as cpu
+
+    assert importlib.util.find_spec("mpd_triton.files") is None
+    assert not hasattr(cpu, "keep_freed_memory")
+    from plumbing.files import write_json  # noqa: F401
+    from plumbing.memory import keep_freed_memory  # noqa: F401

@@ -1,6 +1,6 @@
 """Atomic checkpoints: model, optimizer, schedule, RNG states, history, config.
 
-A checkpoint is written through mpd_triton.files (a temporary file in the same
+A checkpoint is written through plumbing.files (a temporary file in the same
 folder, flushed to disk and renamed over the old one), so a run killed at any
 moment, or a full disk, leaves either the previous complete checkpoint or the
 new one, never a torn file. Reading one first checks the CRC-32 of every record
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpd_triton.files import write_with
 from mpd_triton.models import saved
 from mpd_triton.models.saved import FORMAT, ModelFileError, read
+from plumbing.files import write_with
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_archive", "checkpoint_bytes",
            "rng_state", "set_rng_state", "FORMAT", "OPTIMIZER_STATE_COPIES"]
@@ -36,7 +36,7 @@ CHECKPOINT_EXTRA_BYTES = 1 << 20
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically; raises mpd_triton.files.WriteError (one line) when the file system refuses."""
+    """Write atomically; raises plumbing.files.WriteError (one line) when the file system refuses."""
     write_with(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpd_triton.files import WriteError, write_with
+from plumbing.files import WriteError, write_with
 
 __all__ = ["DATASETS", "DataError", "ImageData", "DatasetInfo", "dataset_info", "load_dataset", "EpochLoader",
            "read_idx", "SUBSET_PATH", "DEBIAN_FMNIST"]

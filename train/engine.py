@@ -19,8 +19,8 @@ from torch import nn
 import mpd_triton as mt
 from models import build_model
 from mpd_triton.attacks.methods import pgd
-from mpd_triton.files import WriteError, write_text, write_with
 from mpd_triton.progress import progress
+from plumbing.files import WriteError, write_text, write_with
 from plumbing.provenance import provenance
 
 from .checkpoint import (

@@ -51,14 +51,14 @@ from mpd_triton.attacks.methods import (
     SAPGD_STEPS,
     TRANSFER_ATTACKS,
 )
-from mpd_triton.files import (
+from plumbing.files import (
     WriteError,
     ensure_writable,
     remove_leftovers,
     write_json,
     write_text,
 )
-from mpd_triton.kernels.cpu import keep_freed_memory
+from plumbing.memory import keep_freed_memory
 from plumbing.provenance import provenance
 
 from .checkpoint import CheckpointError, load_checkpoint

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mpd_triton.files import WriteError, write_with
+from plumbing.files import WriteError, write_with
 
 from .data import DEBIAN_FMNIST, SUBSET_PATH, DataError, load_fmnist_arrays
 

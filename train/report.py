@@ -15,10 +15,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import mpd_triton as mt  # noqa: E402
-from mpd_triton.files import optional_plot, save_figure, write_json, write_text  # noqa: E402
+from plumbing.files import optional_plot, save_figure, write_json, write_text  # noqa: E402
 from plumbing.provenance import provenance  # noqa: E402
-from .config import eps_label  # noqa: E402
 
+from .config import eps_label  # noqa: E402
 from .diagnostics import diagnostics_table  # noqa: E402
 
 __all__ = ["membrane_samples", "write_run_report", "write_comparison", "plot_curves", "plot_membrane", "eval_table",

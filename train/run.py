@@ -30,9 +30,9 @@ from mpd_triton.attacks.evaluation import (
     evaluate_robustness,
     parse_attacks,
 )
-from mpd_triton.files import WriteError, ensure_writable, remove_leftovers, write_json
-from mpd_triton.kernels.cpu import keep_freed_memory
+from plumbing.files import WriteError, ensure_writable, remove_leftovers, write_json
 from plumbing.lock import LOCK_NAME, FolderBusy, folder_lock
+from plumbing.memory import keep_freed_memory
 
 from .checkpoint import CheckpointError
 from .compiling import should_compile, to_memory_format, use_channels_last

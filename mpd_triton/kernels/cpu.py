@@ -49,15 +49,23 @@ from pathlib import Path
 
 import torch
 
-from ..files import describe_os_error
 from ..neuron import KernelParams
+from ..oserrors import describe_os_error
 from ..surrogates import SURROGATE_KINDS, check_surrogate_kind
+
 # The layouts and the output buffers are the Triton launchers' (the same outputs, the same fake
 # implementation for torch.compile).
 from . import runtime as _runtime
-from .layout import StepLayout, backward_buffers, dense_in, empty_in, forward_buffers, step_layout
+from .layout import (
+    StepLayout,
+    backward_buffers,
+    dense_in,
+    empty_in,
+    forward_buffers,
+    step_layout,
+)
 
-__all__ = ["available", "unavailable_reason", "keep_freed_memory", "lif_forward", "lif_backward", "overlap_forward",
+__all__ = ["available", "unavailable_reason", "lif_forward", "lif_backward", "overlap_forward",
            "overlap_backward", "mpd_terms", "takes_float32", "forward_buffers", "backward_buffers",
            "tile_shape", "library_path", "DISABLE_ENV", "CACHE_ENV", "TILE_ELEMENTS"]
 
@@ -258,34 +266,6 @@ def available(dtype: torch.dtype | None = None) -> bool:
     if dtype not in _DTYPE_SUFFIX:
         return False
     return dtype != torch.float16 or bool(lib.lif_cpu_has_float16())
-
-
-# ---------------------------------------------------------------- the process's allocator
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_KEEP_BYTES = 1 << 30
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of returning it to the OS (Linux only).
-
-    By default glibc serves a multi-megabyte allocation with a fresh mmap, or trims the heap
-    when a large block is freed; either way the next tensor of that size faults its pages in
-    again, one 4 KiB page at a time, which on this project's machines costs more than the LIF
-    kernels themselves (a [4, 64, 16, 28, 28] float32 forward: 2 ms with reused pages, up to
-    17 ms with fresh ones). Raising the trim and mmap thresholds to 1 GiB makes repeated
-    allocations reuse pages. The process's memory then does not shrink after a peak. Called
-    by train.run, train.eval and the benchmarks at start-up; a library does not change its
-    user's allocator on its own. Returns True if the allocator took the settings.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to tune
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
 # ---------------------------------------------------------------- layout and tiles

@@ -51,7 +51,14 @@ import triton.language as tl
 
 from ..neuron import KernelParams
 from ..surrogates import check_surrogate_kind, surrogate_grad
-from .layout import StepLayout, backward_buffers, dense_in, forward_buffers, readable, step_layout
+from .layout import (
+    StepLayout,
+    backward_buffers,
+    dense_in,
+    forward_buffers,
+    readable,
+    step_layout,
+)
 
 __all__ = ["lif_forward", "lif_backward", "forward_buffers", "backward_buffers", "tile_shape", "KERNELS",
            "SG_PARAM_SCALAR", "SG_PARAM_CHANNEL", "SG_PARAM_STRIDED"]

@@ -12,10 +12,10 @@ In a checkout the same code is importable as ``models`` (``from models import bu
 from __future__ import annotations
 
 from .common import ENCODINGS, NeuronOptions, SpikingModel, poisson_encode
+from .saved import FORMAT, ModelFileError, load, read
 from .small import SmallSNN
 from .vgg import SpikingVGG
 from .wrn import SpikingWRN
-from .saved import FORMAT, ModelFileError, load, read
 
 __all__ = ["build", "build_model", "load", "read", "ModelFileError", "FORMAT", "MODEL_NAMES", "MODEL_WIDTHS", "NeuronOptions", "SpikingModel", "SmallSNN", "SpikingVGG", "SpikingWRN",
            "ENCODINGS", "poisson_encode"]

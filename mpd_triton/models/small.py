@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from .common import ConvBNLIF, NeuronOptions, SpikingModel, TimeDistributed, classifier_layer, pooled_size
+from .common import (
+    ConvBNLIF,
+    NeuronOptions,
+    SpikingModel,
+    TimeDistributed,
+    classifier_layer,
+    pooled_size,
+)
 
 __all__ = ["SmallSNN"]
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from .common import ConvBNLIF, NeuronOptions, SpikingModel, TimeDistributed, classifier_layer, pooled_size
+from .common import (
+    ConvBNLIF,
+    NeuronOptions,
+    SpikingModel,
+    TimeDistributed,
+    classifier_layer,
+    pooled_size,
+)
 
 __all__ = ["SpikingVGG", "VGG_CFGS"]
 

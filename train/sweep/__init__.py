@@ -37,8 +37,25 @@ records, resuming), ``summary`` (results over seeds, the files and plots), ``cli
 
 from .cli import main
 from .plan import SEED_KEY, Point, SweepError, parse_cases, parse_grid, plan_points
-from .runner import FAILED_FILE, PLAN_FILE, POINT_FILE, Runner, check_plan, planned_commands, run_point
-from .summary import markdown, mean_se, numeric_key, plot, plot_curve, point_result, summarize, write_summary
+from .runner import (
+           FAILED_FILE,
+           PLAN_FILE,
+           POINT_FILE,
+           Runner,
+           check_plan,
+           planned_commands,
+           run_point,
+)
+from .summary import (
+           markdown,
+           mean_se,
+           numeric_key,
+           plot,
+           plot_curve,
+           point_result,
+           summarize,
+           write_summary,
+)
 
 __all__ = ["Point", "Runner", "SweepError", "plan_points", "parse_grid", "parse_cases", "run_point", "check_plan",
            "planned_commands", "point_result", "summarize", "markdown", "plot", "plot_curve", "numeric_key",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import argparse
 import contextlib
 import os
@@ -18,14 +17,21 @@ import matplotlib
 matplotlib.use("Agg")
 from tqdm import tqdm  # noqa: E402
 
-from mpd_triton.files import WriteError, ensure_writable  # noqa: E402
+from plumbing.files import WriteError, ensure_writable  # noqa: E402
 from plumbing.lock import FolderBusy, folder_lock  # noqa: E402
 
 from ..config import ConfigError  # noqa: E402
-
 from .plan import Point, SweepError, parse_cases, parse_grid, plan_points  # noqa: E402
-from .runner import (FAILED_FILE, Runner, _eval_command, _Stopped, _train_command, check_plan,  # noqa: E402
-                     planned_commands, run_point)
+from .runner import (  # noqa: E402
+    FAILED_FILE,
+    Runner,
+    _eval_command,
+    _Stopped,
+    _train_command,
+    check_plan,
+    planned_commands,
+    run_point,
+)
 from .summary import write_summary  # noqa: E402
 
 # ---------------------------------------------------------------- command line

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import argparse
 import itertools
 import re
@@ -15,7 +14,6 @@ matplotlib.use("Agg")
 
 
 from ..config import build_parser as build_run_parser  # noqa: E402
-
 
 SEED_KEY = "seed"  # the grid key a setting is aggregated over
 # train.run options a sweep sets itself (one model per point, in the point's folder): not grid keys.

@@ -3,7 +3,6 @@ that say what is done or failed, and the pool that runs several points at once."
 
 from __future__ import annotations
 
-
 import json
 import os
 import shlex
@@ -19,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 from tqdm import tqdm  # noqa: E402
 
-from mpd_triton.files import WriteError, write_json  # noqa: E402
+from plumbing.files import WriteError, write_json  # noqa: E402
 
 from .plan import Point, SweepError  # noqa: E402
 

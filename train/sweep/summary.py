@@ -3,7 +3,6 @@ standard error), sweep.json / sweep.md and the plots."""
 
 from __future__ import annotations
 
-
 import math
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mpd_triton.files import optional_plot, save_figure, write_json, write_text  # noqa: E402
+from plumbing.files import optional_plot, save_figure, write_json, write_text  # noqa: E402
 from plumbing.provenance import provenance  # noqa: E402
 
 from ..config import eps_label  # noqa: E402

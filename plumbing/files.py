@@ -11,9 +11,8 @@ on device", "permission denied", "read-only file system"). A plot is not worth
 stopping for: ``save_figure`` (and ``optional_plot`` around the drawing) print a
 warning line instead.
 
-It lives in ``mpd_triton`` because imports run one way (train/ and bench/ over models/
-over mpd_triton/) and train/ and bench/ must not import each other: the library is the
-one package both may import, and the only one installed.
+It lives in the repository's ``plumbing`` (shared by train/ and bench/, which must not import
+each other), not in the installed library: writing the tools' files is not the library's business.
 """
 
 from __future__ import annotations
@@ -28,17 +27,13 @@ import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from mpd_triton.oserrors import describe_os_error
+
 __all__ = ["WriteError", "TMP_SUFFIX", "describe_os_error", "write_with", "write_bytes", "write_text", "write_json",
            "save_figure", "optional_plot", "ensure_writable", "free_bytes", "remove_leftovers", "format_bytes"]
 
 TMP_SUFFIX = ".tmp"
 
-
-def describe_os_error(error: OSError) -> str:
-    """'no space left on device', 'permission denied', ...: the cause in the words of the OS, lower case."""
-    if error.errno is not None:
-        return os.strerror(error.errno).lower()
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 class WriteError(RuntimeError):
