@@ -153,19 +153,20 @@ def test_help_shows_real_defaults():
 
 
 def test_device_and_small_sets_and_diagnosis(checkpoints, tmp_path, capsys):
-    """--device cuda without CUDA is said in one line (not blamed on the checkpoint); 200 images are one
-    pass per batch, not 0; an untrained model at chance is diagnosed before the table, its checks not alarmed."""
+    """--device cuda without CUDA is said in one line (not blamed on the checkpoint); fewer images than a batch
+    make no full batch to compile, and the compile line says so (it said "0 forward-backward passes"); an untrained model at chance is diagnosed before the table, its checks not alarmed."""
     from train.eval import evaluation_passes
 
     if not torch.cuda.is_available():
         assert main(["--checkpoint", str(checkpoints["a"]), "--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --device cuda: CUDA is not available here") and "\n" not in err
-    assert evaluation_passes(EvalSettings(attacks=["fgsm"], batch_size=250), 200) == 1
+    assert evaluation_passes(EvalSettings(attacks=["fgsm"], batch_size=250), 200) == 0  # partial batches: eager
     assert main(["--checkpoint", str(checkpoints["a"]), "--attacks", "fgsm,pgd", "--eps", "8/255", "--steps", "2",
                  "--limit", "16", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     out = captured.out
+    assert "torch.compile: off (auto: 16 images make no full batch of 250, and only full batches run compiled)" in out
     assert "[a] the model is at chance: clean accuracy" in out and "robustness cannot be judged" in out
     assert out.index("robustness cannot be judged") < out.index("all attacks @ 8/255")
     assert "!!!" not in captured.err

@@ -118,7 +118,7 @@ def evaluation_passes(settings: EvalSettings, n_images: int) -> int:
         return steps * runs
 
     per_batch = sum(cost(a) for a in settings.attacks) * len(settings.eps) * settings.eot
-    return -(-n_images // settings.batch_size) * per_batch  # a last, partial batch is a pass too
+    return (n_images // settings.batch_size) * per_batch  # a partial batch runs eagerly (compile_for_batches)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -338,8 +338,12 @@ def _evaluate(argv, where: dict) -> int:
     if args.resume:
         for path in remove_leftovers(out):
             print(f"removed {path} (a temporary file left by an interrupted write)", flush=True)
-    compile_models, why = should_compile(args.compile, evaluation_passes(settings, len(images)),
-                                          unit="forward-backward passes")
+    if args.compile is None and len(images) < settings.batch_size:  # said so, not as "0 passes"
+        compile_models, why = False, (f"auto: {len(images)} images make no full batch of {settings.batch_size}, "
+                                      "and only full batches run compiled")
+    else:
+        compile_models, why = should_compile(args.compile, evaluation_passes(settings, len(images)),
+                                              unit="forward-backward passes")
     print(f"torch.compile: {'on' if compile_models else 'off'} ({why})", flush=True)
     results = []
 
