@@ -154,7 +154,8 @@ def test_help_shows_real_defaults():
 
 def test_device_and_small_sets_and_diagnosis(checkpoints, tmp_path, capsys):
     """--device cuda without CUDA is said in one line (not blamed on the checkpoint); fewer images than a batch
-    make no full batch to compile, and the compile line says so (it said "0 forward-backward passes"); an untrained model at chance is diagnosed before the table, its checks not alarmed."""
+    make no full batch to compile, and the compile line says so (it said "0 forward-backward passes"); an
+    untrained model at chance is diagnosed before the table, its checks not alarmed."""
     from train.eval import evaluation_passes
 
     if not torch.cuda.is_available():
