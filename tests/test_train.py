@@ -357,7 +357,7 @@ def test_a_model_at_chance_is_diagnosed_before_its_robustness(tmp_path, capsys, 
 
 
 def test_tensorboard_scalars_beside_metrics(tmp_path):
-    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboard", reason="--tensorboard needs the [tensorboard] extra (make test installs it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert main(["--train-limit", "128", "--test-limit", "64", "--epochs", "2", "--batch-size", "64",
