@@ -4,7 +4,7 @@ With no arguments it runs the 'quick' preset: a small SNN on the bundled
 Fashion-MNIST subset, trained plain (eta = 0) and with MPD-SGR from the same
 seed, then compared side by side.
 
-Faults end in one line on stderr and a non-zero exit (README, "Interrupted runs"):
+Faults end in one line on stderr and a non-zero exit (docs/training.md, "Interrupted runs and faults"):
 a file that cannot be written (WriteError: the file and the cause; the previous
 complete file is kept), an unreadable checkpoint, SIGTERM or Ctrl-C (the last
 finished epoch is in the checkpoint), running out of memory, and under torchrun a

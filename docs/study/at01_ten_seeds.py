@@ -10,6 +10,7 @@ with runs/, so their verdicts and figures are those of docs/study.md's tables (m
 
     python docs/study/at01_ten_seeds.py            # prints the table and the two tests
     python docs/study/at01_ten_seeds.py --markdown # the same as a Markdown table
+    python docs/study/at01_ten_seeds.py --plot docs/study/figures/at01_ten_seeds.png  # and the figure
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def count(seeds: range) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--markdown", action="store_true", help="print the per-seed table as Markdown")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="also draw each seed's pair (needs matplotlib)")
     args = p.parse_args(argv)
     rows = []
     for seed in range(10):
@@ -103,7 +105,37 @@ def main(argv=None) -> int:
         else:
             print(f"seeds {c['seeds']} ({label}): false-robust {c['plain']} of {c['n']} plain runs against "
                   f"{c['mpd']} of {c['n']} with MPD-SGR, one-sided Fisher exact p = {c['p']:.4f}")
+    if args.plot:
+        plot(args.plot)
     return 0
+
+
+def plot(path: Path) -> None:
+    """Each seed's worst case at 8/255, AT against AT + MPD-SGR, joined by a line; false-robust runs red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    for seed in range(10):
+        a, m = verdict("at0.1", seed), verdict("at0.1+mpd", seed)
+        if a is None or m is None:
+            continue
+        ax.plot([0, 1], [100 * a["worst"], 100 * m["worst"]], color="0.7", zorder=1)
+        for x, v in ((0, a), (1, m)):
+            ax.scatter([x], [100 * v["worst"]], color="tab:red" if v["false_robust"] else "tab:blue", zorder=2)
+        if a["false_robust"] or a["worst"] < 0.75:
+            ax.annotate(f"seed {seed}", (0, 100 * a["worst"]), xytext=(-8, 0), textcoords="offset points",
+                        ha="right", va="center", fontsize=8)
+    ax.set_xticks([0, 1], ["AT (eps 0.1)", "AT + MPD-SGR"])
+    ax.set_xlim(-0.6, 1.3)
+    ax.set_ylabel("worst case over every attack, 8/255 (%)")
+    ax.set_title("Ten seeds per recipe; red: false-robust by the rule", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
