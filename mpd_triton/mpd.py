@@ -172,7 +172,7 @@ class MPDOptions:
             many standard deviations the threshold lies from the mean. A layer whose input is
             BatchNorm-ed can lower the surrogate-window Omega by spreading u (a larger gain),
             which moves potentials out of the window but multiplies the gradient of those left
-            inside; the relative window does not reward that (docs/study.md measures it).
+            inside; the relative window does not reward that (docs/study/README.md measures it).
         k: the relative window's half-width in standard deviations.
     """
 

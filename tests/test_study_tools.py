@@ -279,7 +279,7 @@ def test_eps_label_writes_fractions_of_255_and_plain_numbers():
 
 
 def test_ten_seed_count_applies_the_fixed_rule_to_the_committed_files():
-    """docs/study/at01_ten_seeds.py: the verdicts docs/study.md reached by hand for seeds 2-4 (seed 2:
+    """docs/study/at01_ten_seeds.py: the verdicts docs/study/README.md reached by hand for seeds 2-4 (seed 2:
     a failed check; seed 3: 23.6 points below APGD; seed 4: 8.4 points, sound), from the raw files."""
     import importlib.util
 

@@ -125,7 +125,7 @@ class RunConfig:
 # The paper protocol (docs/training.md): T = 8, SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine schedule,
 # batch 128, 200 epochs; AT: PGD 2/255, 1/255, 2 steps. eta: the paper's value is not known to us. Without
 # BatchNorm before the hidden LIF, eta = 1 silences the small network (docs/training.md); with BatchNorm before
-# every LIF (--classifier-bn) it trains to within a point of the plain model (docs/study.md). The VGG presets'
+# every LIF (--classifier-bn) it trains to within a point of the plain model (docs/study/README.md). The VGG presets'
 # 0.01 is a starting point to tune, not a reproduction of the paper.
 _PAPER_SGD = dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine")
 _PAPER = dict(_PAPER_SGD, T=8, batch_size=128, epochs=200, eval_limit=None)
@@ -134,7 +134,7 @@ PRESETS: dict[str, dict] = {
     # eta = 1) shrunk to 3 epochs on the bundled subset, plain vs MPD-SGR, so that it shows what the study found.
     "quick": dict(_PAPER_SGD, model="small", classifier_bn=True, data="fmnist-subset", T=4, epochs=3, batch_size=64,
                   eta=1.0, compare=True, eval_limit=500),
-    # The MPD-SGR study (docs/study.md): the full Fashion-MNIST, the small net with BatchNorm before every LIF
+    # The MPD-SGR study (docs/study/README.md): the full Fashion-MNIST, the small net with BatchNorm before every LIF
     # (the setting of MPD-SGR's theory), the paper's optimizer and schedule, 15 epochs.
     "study": dict(_PAPER_SGD, model="small", classifier_bn=True, data="fmnist", T=4, epochs=15, batch_size=128,
                   eta=1.0, compare=True, eval_limit=1000),
@@ -147,9 +147,9 @@ PRESETS: dict[str, dict] = {
 }
 
 # Where to read what the study found with the setting of these presets (train.run prints it under the
-# comparison and writes it into comparison.md); the findings themselves live in docs/study.md, not in code.
+# comparison and writes it into comparison.md); the findings themselves live in docs/study/README.md, not in code.
 STUDY_POINTER = ("What MPD-SGR did in this setting at full scale (the full Fashion-MNIST, several seeds, the "
-                 "strongest attacks): docs/study.md")
+                 "strongest attacks): docs/study/README.md")
 PRESET_NOTES: dict[str, str] = {"quick": STUDY_POINTER, "study": STUDY_POINTER}
 
 OPTIMIZERS = ("sgd", "adam")

@@ -1,12 +1,12 @@
 """Adversarial training at eps 0.1, seeds 0-9: each run's verdict by the false-robust rule fixed on
 2026-12-06 before seeds 3-4 ran, the counts over seeds 0-9 (what the text fixed on 2026-12-06 names)
-and over seeds 5-9 alone, each with a one-sided Fisher exact test, as fixed in docs/study.md section 6.
+and over seeds 5-9 alone, each with a one-sided Fisher exact test, as fixed in docs/study/log.md section 6.
 
 The rule: a run is false-robust if one of its masking checks fails, or if its worst case over every
 attack at 8/255 is 10 or more points below APGD alone at 8/255 on the same images.
 
-Seeds 2-9 are read from their raw evaluation files under docs/study_data/; seeds 0 and 1 lost theirs
-with runs/, so their verdicts and figures are those of docs/study.md's tables (marked "table").
+Seeds 2-9 are read from their raw evaluation files under docs/study/data/; seeds 0 and 1 lost theirs
+with runs/, so their verdicts and figures are those of docs/study/log.md's tables (marked "table").
 
     python docs/study/at01_ten_seeds.py            # prints the table and the two tests
     python docs/study/at01_ten_seeds.py --markdown # the same as a Markdown table
@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root, for train
 from train.stats import fisher_one_sided  # noqa: E402
 
-DATA = ROOT / "docs" / "study_data"
+DATA = ROOT / "docs" / "study" / "data"
 EPS = "0.0313725"  # 8/255, as eval.json keys it
 RULE_POINTS = 0.10  # APGD minus the worst case, at 8/255
 RECIPES = ("at0.1", "at0.1+mpd")
 
-# Seeds 0 and 1: docs/study.md, section 5, "Adversarial training at Fashion-MNIST's eps (0.1), three seeds"
+# Seeds 0 and 1: docs/study/log.md, section 5, "Adversarial training at Fashion-MNIST's eps (0.1), three seeds"
 # (500 images for ASSG, 1,000 for the other attacks; the raw files were lost with runs/).
 FROM_TABLES = {
     ("at0.1", 0): {"worst": 0.434, "apgd": None, "checks": False, "false_robust": True, "n": 500},
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             gap = "" if v["apgd"] is None else f", APGD {100 * v['apgd']:.1f} (gap {100 * (v['apgd'] - v['worst']):.1f})"
             mark = "FALSE-ROBUST" if v["false_robust"] else "sound"
             cells.append(f"{100 * v['worst']:.1f}{gap}, checks {'pass' if v['checks'] else 'FAIL'}: {mark} "
-                         f"[{v['n']} images, {'docs/study.md table' if v['source'] == 'table' else 'raw file'}]")
+                         f"[{v['n']} images, {'docs/study/log.md table' if v['source'] == 'table' else 'raw file'}]")
         rows.append((seed, *cells))
     if args.markdown:
         print("| seed | AT at eps 0.1: worst case 8/255 | AT + MPD-SGR: worst case 8/255 |\n|---|---|---|")

@@ -7,7 +7,7 @@
     result["checks"]          # the gradient-masking sanity checks, each passed or not, with figures
     result["per_image"]       # which images survived what (bitmasks: unpack_outcomes)
 
-Attacks through a fixed surrogate overstate the robustness of spiking networks (docs/study.md measured
+Attacks through a fixed surrogate overstate the robustness of spiking networks (docs/study/README.md measured
 9 to 39 points): the ``"reliable"`` suite takes APGD through an ensemble of five gradients (the model's
 own surrogate, three others and BPTR), ASSG + SA-PGD (the attack whose surrogate adapts to the
 membrane potentials) at three levels, Square (no gradient) and FGSM, and counts an image robust only if

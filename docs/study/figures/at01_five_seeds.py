@@ -1,7 +1,7 @@
-"""docs/study.md, section 5, "Seeds 3 and 4": the five-seed summary of adversarial training at eps 0.1
+"""docs/study/log.md, section 5, "Seeds 3 and 4": the five-seed summary of adversarial training at eps 0.1
 (mean ± standard error over seeds, the paired difference, a one-sided Fisher exact test of the counts of
 false-robust runs) and its figure, study_at01_seeds.png. The figures are the tables' own (seeds 0-2: 500
-images, seeds 3-4: 250). Run: python docs/figures/study_at01_seeds.py"""
+images, seeds 3-4: 250). Run: python docs/study/figures/at01_five_seeds.py"""
 import sys
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for train
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root, for train
 from train.stats import fisher_one_sided  # noqa: E402
 from train.sweep import mean_se  # noqa: E402  (the sweep's mean and standard error over seeds)
 
