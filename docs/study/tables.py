@@ -1,0 +1,216 @@
+"""The study's tables recomputed from the committed result files, with 95% intervals over seeds and images.
+
+    python docs/study/tables.py            # print every table
+    python docs/study/tables.py --write    # rewrite the tables between their markers in docs/study/README.md
+    python docs/study/tables.py --check    # exit 1 if docs/study/README.md differs from the files (a test runs it)
+
+Each table reads the `eval.json` files that `train.eval` wrote (and the sweep's `sweep.json` for clean
+accuracy on all 10,000 test images) under docs/study/data/. The intervals are the two-stage bootstrap of
+docs/study/README.md's analysis (`train.stats`: seeds drawn with replacement, then images within each seed,
+10,000 draws). A difference between the two recipes is paired image by image where both files hold each
+image's outcome (results version 3), with the exact McNemar test per seed; where they do not, the two are
+resampled independently (a wider interval) and the table says "unpaired".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root, for train and mpd_triton
+from mpd_triton.attacks.evaluation import _key as eps_key  # noqa: E402  (how eval.json keys an eps)
+from mpd_triton.attacks.evaluation import unpack_outcomes  # noqa: E402
+from mpd_triton.attacks.units import eps_label  # noqa: E402
+from train.stats import Interval, bootstrap_difference, bootstrap_mean, mcnemar_exact  # noqa: E402
+
+DATA = ROOT / "docs" / "study" / "data"
+STUDY = ROOT / "docs" / "study" / "README.md"
+EPS = 8 / 255
+
+
+@dataclass
+class Outcome:
+    """One model's per-image outcomes under one count (clean, an attack, or the worst case) at one eps."""
+
+    mask: np.ndarray  # bool, one entry per image; the order is meaningful only when paired
+    paired: bool  # True when read from the file's per-image record
+
+
+def outcome(result: dict, attack: str, eps: float = EPS) -> Outcome:
+    """``attack``: "clean", an attack of the run ("fgsm", "pgd", "apgd", "assg", ...) or "all" (the worst
+    case over every attack at this and every smaller eps)."""
+    n = result["n"]
+    per_image = result.get("per_image")
+    if per_image:
+        text = per_image["clean"] if attack == "clean" else per_image["survived"][attack][eps_key(eps)]["worst"]
+        return Outcome(unpack_outcomes(text, n), paired=True)
+    if attack == "clean":
+        acc = result["clean"]
+    elif attack == "all":
+        acc = result["worst_case"][eps_key(eps)]
+    else:
+        acc = result["accuracy"][attack][eps_key(eps)]
+    k = int(round(acc * n))
+    return Outcome(np.arange(n) < k, paired=False)  # k of n images: enough for a mean, not for pairing
+
+
+def read_model(path: Path, name: str | None = None) -> dict:
+    """The result of one model in an eval.json (its only model, or the one called ``name``)."""
+    models = json.loads(path.read_text())["models"]
+    if name in models:
+        return models[name]
+    if len(models) != 1:
+        raise SystemExit(f"{path}: no model {name!r} among {', '.join(models)}")
+    (result,) = models.values()
+    return result
+
+
+def unpaired_difference(a: list[np.ndarray], b: list[np.ndarray], *, draws: int = 10_000,
+                        seed: int = 0) -> Interval:
+    """Mean over seeds of accuracy(b) - accuracy(a) with the images of a and b resampled independently
+    (for files without per-image records): seeds drawn with replacement, then each model's images."""
+    rng = np.random.default_rng(seed)
+    s = len(a)
+    estimates = np.empty(draws)
+    for d in range(draws):
+        chosen = rng.integers(0, s, s)
+        estimates[d] = np.mean([b[i][rng.integers(0, b[i].size, b[i].size)].mean()
+                                - a[i][rng.integers(0, a[i].size, a[i].size)].mean() for i in chosen])
+    low, high = np.quantile(estimates, [0.025, 0.975])
+    return Interval(mean=float(np.mean([y.mean() - x.mean() for x, y in zip(a, b)])), low=float(low),
+                    high=float(high), seeds=s, images=min(x.size for x in a))
+
+
+def pct(i: Interval) -> str:
+    return f"{100 * i.mean:.1f} [{100 * i.low:.1f}, {100 * i.high:.1f}]"
+
+
+# --- the tables ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Pair:
+    """Two recipes (a: without MPD-SGR, b: with it) over seeds, each seed's two models on the same images."""
+
+    title: str
+    label_a: str
+    label_b: str
+    seeds: tuple[int, ...]
+    files: dict  # seed -> (eval.json of a, eval.json of b, sweep.json or None)
+    names: dict  # seed -> (name of a, name of b): the sweep's points, and the models in eval.json
+    rows: tuple[tuple[str, str, float], ...]  # (row label, attack, eps)
+
+    def available(self) -> list[int]:
+        return [s for s in self.seeds if all(Path(f).is_file() for f in self.files[s][:2])]
+
+    def markdown(self) -> str:
+        seeds = self.available()
+        missing = [s for s in self.seeds if s not in seeds]
+        head = (f"| {self.title} | {self.label_a} | {self.label_b} | difference [95% interval] | "
+                f"McNemar p, per seed |\n|---|---|---|---|---|")
+        if not seeds:
+            return head + "\n| (no seed has its files yet) | | | | |"
+        lines = [head]
+        clean = [self._clean10k(s) for s in seeds]
+        if all(c is not None for c in clean):
+            a = " / ".join(f"{100 * c[0]:.2f}" for c in clean)
+            b = " / ".join(f"{100 * c[1]:.2f}" for c in clean)
+            d = " / ".join(f"{100 * (c[1] - c[0]):+.2f}" for c in clean)
+            lines.append(f"| clean, all 10,000 test images (per seed) | {a} | {b} | {d} | |")
+        for label, attack, eps in self.rows:
+            a_out, b_out = [], []
+            for s in seeds:
+                (fa, fb, _), (na, nb) = self.files[s], self.names[s]
+                a_out.append(outcome(read_model(Path(fa), na), attack, eps))
+                b_out.append(outcome(read_model(Path(fb), nb), attack, eps))
+            a_i = bootstrap_mean([o.mask for o in a_out])
+            b_i = bootstrap_mean([o.mask for o in b_out])
+            paired = all(x.paired and y.paired for x, y in zip(a_out, b_out))
+            if paired:
+                diff = bootstrap_difference([o.mask for o in a_out], [o.mask for o in b_out])
+                tests = " / ".join(f"{mcnemar_exact(x.mask, y.mask)['p']:.2g}" for x, y in zip(a_out, b_out))
+            else:
+                diff = unpaired_difference([o.mask for o in a_out], [o.mask for o in b_out])
+                tests = "unpaired"
+            lines.append(f"| {label} ({a_out[0].mask.size:,} images) | {pct(a_i)} | {pct(b_i)} | "
+                         f"{diff.points()} | {tests} |")
+        note = (f"\n\nSeeds {', '.join(map(str, seeds))} ({len(seeds)} of {len(self.seeds)})"
+                + (f"; not yet run: seed {', '.join(map(str, missing))}" if missing else "") + ".")
+        return "\n".join(lines) + note
+
+    def _clean10k(self, seed: int) -> tuple[float, float] | None:
+        sweep = self.files[seed][2]
+        if sweep is None or not Path(sweep).is_file():
+            return None
+        points = {p["point"]: p for p in json.loads(Path(sweep).read_text())["points"]}
+        a, b = (points.get(n) for n in self.names[seed])
+        if a is None or b is None:
+            return None
+        return a["clean_acc"], b["clean_acc"]
+
+
+def _at2_files(seed: int) -> tuple[Path, Path, Path]:
+    folder = DATA / "2026-12-07" / f"at2_seed{seed}"
+    return folder / f"eval_at2_seed{seed}.json", folder / f"eval_at2+mpd_seed{seed}.json", folder / "sweep.json"
+
+
+ROWS_8 = (("clean", "clean", EPS), (f"FGSM {eps_label(EPS)}", "fgsm", EPS), (f"PGD-7 {eps_label(EPS)}", "pgd", EPS),
+          (f"APGD {eps_label(EPS)}", "apgd", EPS), (f"worst case {eps_label(EPS)}", "all", EPS))
+
+TABLES = {
+    "at2_retrained": Pair(
+        title="AT 2/255, trained again 2026-12-07; own + arctangent surrogate",
+        label_a="AT", label_b="AT + MPD-SGR", seeds=(0, 1, 2),
+        files={s: _at2_files(s) for s in (0, 1, 2)},
+        names={s: (f"at2_seed={s}", f"at2+mpd_seed={s}") for s in (0, 1, 2)},
+        rows=ROWS_8),
+}
+
+MARKER = re.compile(r"(<!-- tables\.py: (\w+) -->\n)(.*?)(<!-- /tables\.py -->)", re.S)
+
+
+def render(text: str) -> str:
+    """``text`` with every marked table recomputed."""
+    def fill(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in TABLES:
+            raise SystemExit(f"{STUDY}: a marker names the table {name!r}, which tables.py does not have")
+        return m.group(1) + TABLES[name].markdown() + "\n" + m.group(4)
+    missing = set(TABLES) - {m.group(2) for m in MARKER.finditer(text)}
+    if missing:
+        raise SystemExit(f"{STUDY}: no marker for the table(s) {', '.join(sorted(missing))}")
+    return MARKER.sub(fill, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rewrite the marked tables in docs/study/README.md")
+    mode.add_argument("--check", action="store_true", help="exit 1 if docs/study/README.md's tables differ")
+    args = p.parse_args(argv)
+    if not (args.write or args.check):
+        for name, table in TABLES.items():
+            print(f"{name}:\n{table.markdown()}\n")
+        return 0
+    text = STUDY.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print(f"{STUDY.relative_to(ROOT)}: its tables differ from the result files; "
+                  "run python docs/study/tables.py --write", file=sys.stderr)
+            return 1
+        print(f"{STUDY.relative_to(ROOT)}: every table matches the result files")
+        return 0
+    STUDY.write_text(new)
+    print(f"wrote {STUDY.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
