@@ -20,7 +20,7 @@ Differences from the Triton launchers:
   ``lif_bwd_mt``). Built with ``-fopenmp`` (the first flag sets), the library needs
   ``libgomp.so.1``, which the loader finds already loaded by torch: the ranges run on
   torch's own OpenMP threads (a second pool beside them lost to their spinning,
-  docs/benchmarks.md). Without OpenMP, and in a child forked after the threads started,
+  docs/benchmarks_log.md, 2026-12-05). Without OpenMP, and in a child forked after the threads started,
   the library starts threads of its own for the call. ctypes releases the GIL for the
   call. Small tensors run on the calling thread.
 
