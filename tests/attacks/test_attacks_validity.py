@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from test_assg import trained  # noqa: F401 (a fixture: the small SNN trained for two epochs, 200 test images)
 from test_attacks import _snn
 from test_eval_cli import _checkpoint
 from torch import nn

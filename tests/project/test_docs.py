@@ -12,7 +12,7 @@ import pytest
 
 import mpd_triton
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), REPO / "tests" / "README.md"]
 # The raw result files of the study (the .md that train.eval and train.sweep wrote beside their .json) name
 # plots that were not kept (docs/study/data/README.md says so): they are data, not documents.

@@ -11,7 +11,7 @@ import torch
 
 from plumbing.provenance import cpu_model, git_commit, provenance
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_record_names_the_checkout_and_the_versions():

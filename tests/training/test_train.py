@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 from train.config import PRESET_NOTES, ConfigError, RunConfig
 from train.run import main
 
-from helpers import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--train-limit", "600", "--test-limit", "200", "--eval-attacks", "", "--batch-size", "50"]
 
 
@@ -191,7 +190,6 @@ def test_run_config_neuron_defaults_match_the_models():
     import dataclasses
 
     from models import NeuronOptions
-    from train.config import RunConfig
 
     assert RunConfig().neuron_options() == dataclasses.asdict(NeuronOptions())
     assert RunConfig(tau=3.0, surrogate="atan").neuron_options()["tau"] == 3.0
@@ -203,7 +201,7 @@ def test_neuron_fields_and_flags_come_from_neuron_options():
     import dataclasses
 
     from models import NeuronOptions
-    from train.config import NEURON_FLAGS, RunConfig, build_parser
+    from train.config import NEURON_FLAGS, build_parser
 
     neuron = [(f.name, f.type, f.default) for f in dataclasses.fields(NeuronOptions)]
     run = [(f.name, f.type, f.default) for f in dataclasses.fields(RunConfig)]

@@ -22,7 +22,7 @@ from bench import kernels, measure, model_step, peers, providers, report
 from bench.measure import Timing, minimal_bytes
 from bench.providers import PROVIDERS, SpikingJellyProvider
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 SPIKINGJELLY_MISSING = peers.load_spikingjelly()[1]
 needs_spikingjelly = pytest.mark.skipif(SPIKINGJELLY_MISSING is not None, reason=str(SPIKINGJELLY_MISSING))

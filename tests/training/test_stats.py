@@ -7,7 +7,12 @@ from math import comb
 import numpy as np
 import pytest
 
-from train.stats import bootstrap_difference, bootstrap_mean, fisher_one_sided, mcnemar_exact
+from train.stats import (
+    bootstrap_difference,
+    bootstrap_mean,
+    fisher_one_sided,
+    mcnemar_exact,
+)
 
 
 def test_fisher_matches_the_hypergeometric_tail_of_the_study():

@@ -283,7 +283,7 @@ def test_ten_seed_count_applies_the_fixed_rule_to_the_committed_files():
     a failed check; seed 3: 23.6 points below APGD; seed 4: 8.4 points, sound), from the raw files."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "docs" / "study" / "at01_ten_seeds.py"
+    path = Path(__file__).resolve().parents[2] / "docs" / "study" / "at01_ten_seeds.py"
     spec = importlib.util.spec_from_file_location("at01_ten_seeds", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -44,7 +44,7 @@ from train.checkpoint import (
 )
 from train.run import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Two steps of 50 images per epoch, two time steps: the faults, not the learning, are under test.
 SMALL = ["--train-limit", "100", "--test-limit", "50", "--eval-attacks", "", "--batch-size", "50", "--T", "2",
          "--eta", "0.05", "--no-compare"]
@@ -517,7 +517,7 @@ def _env(**extra) -> dict:
     return env
 
 
-WORKER = str(ROOT / "tests" / "fault_worker.py")
+WORKER = str(Path(__file__).resolve().parent / "fault_worker.py")
 DDP = SMALL + ["--train-limit", "200", "--epochs", "2"]  # two steps per rank and epoch
 
 

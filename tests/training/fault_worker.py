@@ -1,4 +1,4 @@
-"""python -m train.run with a fault injected into one rank (tests/test_faults.py runs it under torchrun
+"""python -m train.run with a fault injected into one rank (tests/training/test_faults.py runs it under torchrun
 or as processes started by hand).
 
 FAULT=kill (SIGKILL) or stop (SIGSTOP: a rank that hangs), on rank FAULT_RANK when it reaches the

@@ -22,7 +22,7 @@ import mpd_triton as mt
 from bench import device_summary, kernels, model_step
 from bench.report import GPU_TARGETS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "device_run.sh"
 # What the device tool brings back from $OUT.
 MAX_FILES, MAX_DEPTH, MAX_FILE_BYTES = 8, 2, 16 << 20
@@ -286,19 +286,20 @@ def test_target_rows_say_met_missed_by_how_much_or_not_measured():
 
 def test_pytest_log_counts_each_test_once_even_when_stopped():
     serial = "\n".join([
-        "tests/test_kernels.py::test_a[triton] PASSED                [  1%]",
-        "tests/test_kernels.py::test_b[triton] FAILED                [  2%]",
-        "tests/test_compile.py::test_c[triton] SKIPPED (no trace_autograd_ops) [  3%]",
+        "tests/library/test_kernels.py::test_a[triton] PASSED                [  1%]",
+        "tests/library/test_kernels.py::test_b[triton] FAILED                [  2%]",
+        "tests/library/test_compile.py::test_c[triton] SKIPPED (no trace_autograd_ops) [  3%]",
         "____ test_b[triton] ____",
-        "tests/test_kernels.py:12: in test_b",
-        "FAILED tests/test_kernels.py::test_b[triton] - AssertionError: spikes",
+        "tests/library/test_kernels.py:12: in test_b",
+        "FAILED tests/library/test_kernels.py::test_b[triton] - AssertionError: spikes",
         "=========== 1 failed, 1 passed, 1 skipped in 12.3s ===========",
     ])
     parsed = device_summary.parse_pytest_log(serial)
     assert parsed["counts"] == {"passed": 1, "failed": 1, "skipped": 1}
-    assert parsed["failed"] == ["tests/test_kernels.py::test_b[triton]"]
+    assert parsed["failed"] == ["tests/library/test_kernels.py::test_b[triton]"]
     assert parsed["closing"] == "1 failed, 1 passed, 1 skipped in 12.3s"
-    workers = "[gw0] [ 50%] PASSED tests/test_kernels.py::test_a[triton]\n[gw1] [100%] ERROR tests/test_x.py::test_d"
+    workers = ("[gw0] [ 50%] PASSED tests/library/test_kernels.py::test_a[triton]\n"
+               "[gw1] [100%] ERROR tests/test_x.py::test_d")
     stopped = device_summary.parse_pytest_log(workers)  # stopped at its budget: no closing line
     assert stopped["counts"] == {"passed": 1, "error": 1} and stopped["closing"] is None
     assert device_summary.parse_pytest_log("206/1214 tests collected (1008 deselected) in 7.70s")["collected"] == 206

@@ -22,7 +22,11 @@ from helpers import assert_close
 from torch import nn
 
 import mpd_triton as mt
-from mpd_triton.convert import SPIKINGJELLY_SURROGATES, surrogate_from_spikingjelly, surrogate_to_spikingjelly
+from mpd_triton.convert import (
+    SPIKINGJELLY_SURROGATES,
+    surrogate_from_spikingjelly,
+    surrogate_to_spikingjelly,
+)
 
 try:
     import spikingjelly.activation_based as sj

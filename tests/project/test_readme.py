@@ -1,4 +1,4 @@
-"""The README's Python examples run as written, here in the checkout (tests/test_installed.py runs them
+"""The README's Python examples run as written, here in the checkout (tests/project/test_installed.py runs them
 again with the installed wheel from a folder outside it)."""
 
 import re
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # What the wheel is built from: the files pyproject.toml packages (a copy, so the checkout gets no build/).
 SOURCES = ("pyproject.toml", "README.md", "mpd_triton")
 

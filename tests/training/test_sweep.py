@@ -14,12 +14,12 @@ import pytest
 
 from plumbing.lock import folder_lock
 from train import sweep
+from train.sweep import SweepError, main, parse_cases, parse_grid, plan_points
 from train.sweep import cli as sweep_cli
 from train.sweep import runner as sweep_runner
 from train.sweep import summary as sweep_summary
-from train.sweep import SweepError, main, parse_cases, parse_grid, plan_points
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ("--train-limit 100 --test-limit 40 --epochs 1 --batch-size 50 --eval-attacks '' --width 4 "
         "--eval-batch-size 40")
 

@@ -11,8 +11,18 @@ import math
 
 import pytest
 import torch
-from helpers import (DEVICE, LAYOUTS, assert_close, compare_with_reference, input_shapes, make_input,
-                     neuron_options, output_weights, poison_kernel_outputs, rel_error)
+from helpers import (
+    DEVICE,
+    LAYOUTS,
+    assert_close,
+    compare_with_reference,
+    input_shapes,
+    make_input,
+    neuron_options,
+    output_weights,
+    poison_kernel_outputs,
+    rel_error,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,7 +40,7 @@ def _poison(monkeypatch):
 
 ALL_SURROGATES = [mt.Triangle(0.8), mt.Rectangular(0.4), mt.Sigmoid(3.0), mt.ATan(1.5), mt.SuperSpike(6.0)]
 # The fused kernels: Triton (the interpreter without a GPU) and C (the CPU kernels, for CPU tensors, where a
-# compiler built them). The tests of what both must do run on both; tests/test_cpu_kernels.py has what is
+# compiler built them). The tests of what both must do run on both; tests/library/test_cpu_kernels.py has what is
 # particular to the C ones.
 FUSED_BACKENDS = ["triton"] + (["cpu"] if DEVICE.type == "cpu" and mt.cpu_kernels_unavailable() is None else [])
 # The same, with the Triton cases in the GPU subset (`pytest -m gpu`, bench/device_run.sh).

@@ -2,7 +2,7 @@
 
 What both fused backends must do (every option, multi-tile shapes, thresholds, determinism,
 statistics at |mean| >> std, low precision, memory formats, the surrogate parameter tensor) is
-tested on both in tests/test_kernels.py. Here: many more random examples (the C kernels run
+tested on both in tests/library/test_kernels.py. Here: many more random examples (the C kernels run
 natively), tiles and threads, what is copied, float16/bfloat16 forwards, the build, its cache
 and its fallback, a forked child, bad input.
 """
@@ -16,7 +16,15 @@ import textwrap
 
 import pytest
 import torch
-from helpers import LAYOUTS, assert_close, compare_with_reference, input_shapes, make_input, neuron_options, poison_kernel_outputs
+from helpers import (
+    LAYOUTS,
+    assert_close,
+    compare_with_reference,
+    input_shapes,
+    make_input,
+    neuron_options,
+    poison_kernel_outputs,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 import mpd_triton as mt
-from mpd_triton.attacks import SUITES, EvalSettings, TimeSteps, evaluate, evaluate_robustness
+from mpd_triton.attacks import (
+    SUITES,
+    EvalSettings,
+    TimeSteps,
+    evaluate,
+    evaluate_robustness,
+)
 from train.checkpoint import save_checkpoint
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from plumbing.lock import LOCK_NAME, FolderBusy, folder_lock
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_held_folder_is_refused_naming_its_holder_and_freed_on_exit(tmp_path):
@@ -25,7 +28,7 @@ def test_a_held_folder_is_refused_naming_its_holder_and_freed_on_exit(tmp_path):
 def test_a_killed_holder_frees_the_folder(tmp_path):
     code = ("import os, sys; from plumbing.lock import folder_lock\n"
             f"with folder_lock({str(tmp_path)!r}, 'train.run'):\n    os._exit(9)\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO)
     assert done.returncode == 9 and "train.run" in (tmp_path / LOCK_NAME).read_text()  # the stale file stays
     with folder_lock(tmp_path, "train.run"):  # and blocks nothing
         pass

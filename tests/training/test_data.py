@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import DATASETS, DataError, EpochLoader, ImageData, load_dataset, read_idx
+from train.data import (
+    DATASETS,
+    DataError,
+    EpochLoader,
+    ImageData,
+    load_dataset,
+    read_idx,
+)
 
 
 def test_bundled_subset_is_real_and_balanced():
