@@ -153,6 +153,7 @@ def test_assg_gradient_through_the_kernels_matches_the_reference():
     assert not torch.allclose(grads["torch"], own)
 
 
+@pytest.mark.slow
 def test_assg_with_sapgd_is_at_least_as_strong_as_fixed_surrogate_attacks(trained):
     """Same budget (20 gradients at 16/255): ASSG + SA-PGD leaves no more images correct than PGD through
     the model's own surrogate, the sigmoid or the arctangent surrogate, nor than SA-PGD through the

@@ -196,6 +196,7 @@ def test_robust_accuracy_below_clean_and_ensemble_is_per_image_worst_case():
                 assert value <= min(per_source.values())  # the per-image AND is below every single source
 
 
+@pytest.mark.slow
 def test_per_image_outcomes_recount_every_figure():
     """Every accuracy of the result is the share of ones in its per-image mask; the masks nest as the
     counts do (an attack's worst case within each gradient source and level, the worst case over every

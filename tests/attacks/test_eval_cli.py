@@ -32,6 +32,7 @@ def checkpoints(tmp_path_factory):
             "cifar": _checkpoint(root / "cifar" / "model.pt", data="cifar10")}
 
 
+@pytest.mark.slow
 def test_end_to_end_two_models_with_transfer(checkpoints, tmp_path, capsys):
     code = main(["--checkpoint", str(checkpoints["a"]), "--checkpoint", str(checkpoints["b"]),
                  "--attacks", "fgsm,pgd,gaussian,transfer", "--eps", "2/255,8/255", "--steps", "2", "--limit", "16",
@@ -70,6 +71,7 @@ def test_transfer_of_assg_examples_end_to_end(checkpoints, tmp_path, capsys):
     assert "transfer_attack=assg" in (tmp_path / "eval.md").read_text()
 
 
+@pytest.mark.slow
 def test_reliable_preset_end_to_end(checkpoints, tmp_path, capsys):
     """--reliable: APGD with the five-gradient ensemble, ASSG + SA-PGD, Square, transfer with --source (and
     FGSM for the checks); ASSG in the worst case, the table, the plot's panels and the masking checks."""

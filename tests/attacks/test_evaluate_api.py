@@ -39,6 +39,7 @@ def _data(n=12, seed=1):
     return torch.rand(n, 1, 12, 12, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+@pytest.mark.slow
 def test_evaluate_is_evaluate_robustness_with_the_suites_settings():
     model, (x, y) = _model(), _data()
     result = evaluate(model, x, y, eps=[4 / 255, 16 / 255], steps=2, apgd_steps=3, batch_size=8, progress=False)
@@ -101,6 +102,7 @@ def test_a_model_of_time_steps_through_time_steps():
         TimeSteps(nn.Flatten(0), 3)(x)
 
 
+@pytest.mark.slow
 def test_train_eval_reports_what_evaluate_gives(tmp_path):
     """The command line and the library agree, figure for figure, on a checkpoint of train.run's format."""
     from train.data import load_dataset

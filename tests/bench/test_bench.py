@@ -444,6 +444,7 @@ def test_quick_cli_writes_json_markdown_and_plots(tmp_path, capsys, monkeypatch)
     assert plot.stat().st_size > 10_000 and f"]({plot.name})" in markdown
 
 
+@pytest.mark.slow
 @cpu_only
 def test_cli_without_the_interpreter_says_so_and_skips_the_kernels(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

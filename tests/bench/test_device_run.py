@@ -72,6 +72,7 @@ def _targets(summary: str) -> dict[str, list[str]]:
     return statuses
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the device machine runs Linux; the script uses its tools")
 def test_dry_run_of_the_whole_command(tmp_path):
     """`bash bench/device_run.sh` as the device tool calls it, dry: every stage ends, at most 8 files come
@@ -128,6 +129,7 @@ def test_dry_run_of_the_whole_command(tmp_path):
     assert not [line for line in selected if re.search(r"[\[-]cpu[\]-]|_cpu\]", line)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the device machine runs Linux; the script uses its tools")
 def test_a_stage_past_its_budget_is_stopped_and_reported(tmp_path):
     out = tmp_path / "out"

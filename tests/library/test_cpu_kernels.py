@@ -248,6 +248,7 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     assert "ERROR backend='cpu' is unavailable: no C compiler found" in done.stdout
 
 
+@pytest.mark.slow
 def test_build_is_cached(tmp_path):
     """The first process compiles into the cache; a later one loads the cached library
     (the compiler is only asked for its version)."""
@@ -286,6 +287,7 @@ NO_OPENMP_PROBE = """
 """
 
 
+@pytest.mark.slow
 def test_a_compiler_without_openmp_builds_kernels_that_start_their_own_threads(tmp_path):
     """A compiler that refuses -fopenmp (Apple's clang): the flag sets without it build the library,
     whose threads, started per call, give the bits of one thread."""
@@ -299,6 +301,7 @@ def test_a_compiler_without_openmp_builds_kernels_that_start_their_own_threads(t
     assert "OPENMP 0" in done.stdout and "EQUAL True" in done.stdout, done.stdout
 
 
+@pytest.mark.slow
 def test_an_unwritable_cache_builds_in_a_temporary_folder_with_a_warning(tmp_path):
     """A cache folder that cannot be made (its parent is a file) or written: the kernels still run,
     built for the process in a temporary folder, and one warning names the folder and the cause."""

@@ -119,7 +119,8 @@ def test_inference_path_without_grad_matches(backend):
     assert torch.equal(s1, s2.detach()) and torch.equal(m1, m2.detach()) and torch.equal(v1, v2.detach())
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.gpu, pytest.mark.slow]) if b == "triton" else b
+                                     for b in FUSED_BACKENDS])  # the interpreter: slow on the CPU
 @pytest.mark.parametrize("with_stats", [False, True])
 def test_deterministic_bitwise(with_stats, backend):
     x = make_input((8, 9, 6, 40, 50), 21)

@@ -138,7 +138,7 @@ def _train(model, eta, steps, seed=0):
     return reg.mean_overlap()
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.gpu, pytest.mark.slow])])
 def test_regularizer_lowers_overlap(backend):
     """From one initialization, eta > 0 ends with clearly lower Omega than eta = 0."""
     torch.manual_seed(0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
 from mpd_triton import progress as P
 
 
@@ -29,6 +31,7 @@ def test_quiet_and_short_loops_print_nothing():
     assert P.clock(3725) == "1:02:05"
 
 
+@pytest.mark.slow
 def test_train_run_in_a_log_prints_progress_and_quiet_keeps_the_result(tmp_path, capsys, monkeypatch):
     from train.run import main
 

@@ -29,7 +29,7 @@ def _twins(name, encoding, T=2):
     return ref, tri
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [n if n == "small" else pytest.param(n, marks=pytest.mark.slow) for n in MODEL_NAMES])
 def test_triton_and_reference_models_agree(name):
     """Forward and backward (input gradient and weight gradients) through the fused kernels."""
     if name in ("vgg16",) and DEVICE.type == "cpu":

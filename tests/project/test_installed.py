@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # building and installing the wheel: a minute on a 2-core CPU
+
 REPO = Path(__file__).resolve().parents[2]
 # What the wheel is built from: the files pyproject.toml packages (a copy, so the checkout gets no build/).
 SOURCES = ("pyproject.toml", "README.md", "mpd_triton")

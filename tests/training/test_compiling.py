@@ -66,6 +66,7 @@ def test_evaluation_passes_counts_the_attack_budget():
     assert evaluation_passes(settings, 105) == 10 * 2 * (1 * 2 + 7 * 2 + 1)
 
 
+@pytest.mark.slow
 def test_train_run_with_compile_end_to_end(tmp_path, capsys):
     code = run_main(["--train-limit", "96", "--test-limit", "64", "--epochs", "1", "--batch-size", "32",
                      "--eval-attacks", "", "--no-compare", "--eta", "0.1", "--compile", "--out", str(tmp_path)])
@@ -76,6 +77,7 @@ def test_train_run_with_compile_end_to_end(tmp_path, capsys):
     assert report["config"]["compile"] is True and report["clean_acc"] > 0
 
 
+@pytest.mark.slow
 def test_train_eval_with_compile_end_to_end(tmp_path, capsys):
     torch.manual_seed(0)
     spec = {"model": "small", "in_channels": 1, "num_classes": 10, "image_size": 28, "T": 2, "encoding": "direct",

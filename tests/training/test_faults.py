@@ -311,6 +311,7 @@ def test_too_little_room_is_refused_before_the_data_load(how, tmp_path, monkeypa
                            "needs about ") and line.endswith(" are free there"), line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["tmpfs", "injected ENOSPC"])
 def test_disk_full_during_a_checkpoint_stops_the_run_and_resume_continues(how, tmp_path, monkeypatch, capsys):
     """Epoch 1's checkpoint is written; the disk fills up in epoch 2's: the run stops in one line,
@@ -527,6 +528,7 @@ def _torchrun(args, **env):
     return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_torchrun_with_a_killed_rank_stops_in_one_line_and_resumes(tmp_path):
     """Plain torchrun: rank 1 is killed in epoch 2; torchrun stops rank 0 (SIGTERM) or rank 0 finds
     its peer gone first. Either way rank 0 says so in one line, no traceback of ours, and epoch 1's
@@ -547,6 +549,7 @@ def test_torchrun_with_a_killed_rank_stops_in_one_line_and_resumes(tmp_path):
     assert load_checkpoint(out / "mpd" / "checkpoint.pt")["epoch"] == 2 and (out / "mpd" / "report.md").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["kill", "stop"])
 def test_processes_that_keep_running_stop_when_a_rank_dies_or_hangs(fault, tmp_path):
     """Two processes started by hand (no torchrun to tear them down): rank 1 is killed or hangs
@@ -612,6 +615,7 @@ def test_resume_refuses_an_evaluation_counted_by_an_older_version(tmp_path, caps
             in _one_line(capsys.readouterr().err))
 
 
+@pytest.mark.slow
 def test_an_interrupted_evaluation_continues_to_the_same_result(tmp_path, monkeypatch, capsys):
     """Model b (Poisson: its forward draws from the global RNG) is interrupted after its first batch;
     --resume keeps model a, continues b from its second batch, and ends with what an uninterrupted

@@ -119,6 +119,7 @@ def test_sr_penalty_bad_input():
         parse_args(["--sr-lambda", "-1"])
 
 
+@pytest.mark.slow
 def test_sr_training_shrinks_the_input_gradient(tmp_path):
     """SR's term reaches the weights: trained from the same seed, the SR model's true-class input
     gradient (what SR penalizes) is smaller than the plain model's."""

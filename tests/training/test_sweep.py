@@ -355,6 +355,7 @@ def _interrupt_at(out, marker, send, ignore_sigint=False):
     return proc.returncode, "".join(lines) + rest
 
 
+@pytest.mark.slow
 def test_a_real_sweep_interrupted_and_continued(tmp_path):
     """Two points of two epochs, trained and evaluated by the real command lines. Ctrl-C (SIGINT to
     the process group, as a terminal sends it) during the first point's second epoch; then, started

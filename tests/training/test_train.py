@@ -35,6 +35,7 @@ def _run_cli(args, **kwargs):
                           text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_short_training_learns_and_mpd_lowers_omega(tmp_path, capsys):
     """Plain and MPD-SGR from the same seed on real (bundled) Fashion-MNIST images."""
     code = main(["--train-limit", "3000", "--test-limit", "500", "--epochs", "2", "--eta", "1", "--compare",
@@ -66,6 +67,7 @@ def _final_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_the_same_final_weights(tmp_path):
     """Poisson encoding draws from the RNG every step: the resumed run must restore it exactly."""
     args = SMALL + ["--epochs", "3", "--eta", "0.05", "--no-compare", "--encoding", "poisson", "--seed", "7"]
@@ -99,6 +101,7 @@ def test_sigkill_and_resume_gives_the_same_final_weights(tmp_path):
     assert history == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     # 2000 images: 20 steps per rank and epoch, enough for BatchNorm's running statistics to settle
@@ -168,6 +171,7 @@ def test_unreadable_and_mismatched_checkpoints(capsys, tmp_path):
     assert code == 2 and "no checkpoint under" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--adv-train", "--adv-steps", "1"], ["--bf16"], ["--encoding", "poisson"]],
                          ids=["adversarial-training", "bf16-autocast", "poisson"])
 def test_training_variants_run(extra, tmp_path, monkeypatch):
@@ -294,6 +298,7 @@ def test_curves_after_one_epoch_draw_every_line(tmp_path, monkeypatch):
     assert len(lines) == 5 and all(line.get_marker() not in (None, "None", "") for line in lines)
 
 
+@pytest.mark.slow
 def test_the_tiny_run_of_the_docs_trains_well_above_chance(tmp_path, capsys):
     """The run a newcomer tries first (10 steps on 640 images) ended at 9% for both models, layers 2-3 silent:
     BatchNorm's running statistics still held their start. They are recomputed after such short epochs."""
@@ -332,6 +337,7 @@ def test_batchnorm_recalibration_is_the_plain_average_and_only_for_short_runs():
     assert torch.allclose(bn.running_var, torch.stack([b.var(0) for b in batches]).mean(0), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_model_at_chance_is_diagnosed_before_its_robustness(tmp_path, capsys, monkeypatch):
     from train import run as run_module
     from train.diagnostics import diagnose
@@ -354,6 +360,7 @@ def test_a_model_at_chance_is_diagnosed_before_its_robustness(tmp_path, capsys, 
     assert "**Diagnosis**" in (tmp_path / "comparison.md").read_text()
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_beside_metrics(tmp_path):
     pytest.importorskip("tensorboard", reason="--tensorboard needs the [tensorboard] extra (make test installs it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
