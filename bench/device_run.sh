@@ -17,7 +17,7 @@
 #          spikingjelly, the reference, eager and under torch.compile, with peak memory
 #
 # Without CUDA it is a dry run (forced with --dry or DEVICE_RUN_DRY=1): the same stages at tiny sizes, the
-# Triton kernels in the interpreter, the GPU tests collected but not run. tests/test_device_run.py runs it in
+# Triton kernels in the interpreter, the GPU tests collected but not run. tests/bench/test_device_run.py runs it in
 # CI, so a broken script is found there and not on the GPU.
 #
 # Each stage is stopped at its budget, and what it finished stays saved (the sweep writes results.json after
@@ -37,7 +37,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# Budgets in seconds: written here only (tests/test_device_run.py reads these lines). The three stages and the
+# Budgets in seconds: written here only (tests/bench/test_device_run.py reads these lines). The three stages and the
 # setup (wheels, the machine's record, the summary) add up to 480 s; GUARD bounds the whole command.
 BUDGET_TESTS=${BUDGET_TESTS:-150}
 BUDGET_KERNELS=${BUDGET_KERNELS:-180}

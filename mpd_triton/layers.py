@@ -53,7 +53,7 @@ class LIF(nn.Module):
                  detach_reset: bool = False, surrogate: Surrogate | str = "triangle", *, backend: str = "auto",
                  record_mpd: bool = False):
         """The neuron's parameters are :class:`mpd_triton.LIFConfig`'s (the same names, order and
-        defaults; tests/test_api.py keeps them in step), validated once, here."""
+        defaults; tests/library/test_api.py keeps them in step), validated once, here."""
         super().__init__()
         self.config = LIFConfig(tau=tau, v_th=v_th, v_reset=v_reset, decay_input=decay_input,
                                 detach_reset=detach_reset, surrogate=surrogate)

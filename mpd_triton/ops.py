@@ -12,7 +12,7 @@ launch (``kernels.layout.forward_buffers`` / ``backward_buffers``).
 Outside ``torch.compile`` a custom operator costs tens of microseconds of Python per call (its
 schema handling and dispatch), more than a small layer's kernels; eagerly, ``fused_lif`` runs the
 launchers through a ``torch.autograd.Function`` instead. Both paths call the same launchers with
-the same arguments and the same backward, so they return the same bits (``tests/test_compile.py``).
+the same arguments and the same backward, so they return the same bits (``tests/library/test_compile.py``).
 
 They are ``torch.library.custom_op`` rather than ``triton_op``: the kernels already fuse
 everything there is to fuse around the LIF, and an opaque op runs the same host launcher eagerly,

@@ -61,7 +61,7 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
-    # neurons: NeuronOptions' fields (models/common.py), the same names, order and defaults (tests/test_api.py
+    # neurons: NeuronOptions' fields (models/common.py), the same names, order and defaults (tests/library/test_api.py
     # keeps them in step), one CLI flag each
     tau: float = 2.0
     v_th: float = 1.0
@@ -172,7 +172,7 @@ _SWITCH = dict(action=argparse.BooleanOptionalAction, default=None)
 
 # The command line of each NeuronOptions field (models/common.py; the fields and their defaults are
 # LIFConfig's and NeuronOptions'): argparse's arguments for its --flag. A neuron option added there
-# needs its line here (tests/test_train.py checks that every field has one).
+# needs its line here (tests/training/test_train.py checks that every field has one).
 NEURON_FLAGS: dict[str, dict] = {
     "tau": dict(type=fraction, help="membrane time constant (inf: integrate-and-fire)"),
     "v_th": dict(type=fraction, help="firing threshold"),

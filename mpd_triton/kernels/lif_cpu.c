@@ -228,7 +228,7 @@ INLINE float pow2i(float k) {
     return f;
 }
 
-/* exp(x) for x <= 0 (larger x is not asked for here), relative error below 3e-7 (tests/test_cpu_kernels.py),
+/* exp(x) for x <= 0 (larger x is not asked for here), relative error below 3e-7 (tests/library/test_cpu_kernels.py),
  * subnormal results included: x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, as in Cephes'
  * expf), exp(r) by Cephes' degree-7 polynomial, 2^n as two normal factors (n down to -150). */
 INLINE float exp_nonpositive(float x) {

@@ -24,7 +24,7 @@ ENCODINGS = ("direct", "poisson")
 @dataclass
 class NeuronOptions:
     """Options of every LIF layer of a model: the fields of ``mt.LIFConfig`` (tau ... surrogate: the same
-    names, order and defaults, tests/test_api.py keeps them in step), with the surrogate by name, then
+    names, order and defaults, tests/library/test_api.py keeps them in step), with the surrogate by name, then
     those below. ``to_config()`` is the validated LIFConfig, ``make()`` a layer of it.
 
     Plain values only (a checkpoint's model_spec["neuron"] is ``to_dict()``, and ``NeuronOptions(**it)``
