@@ -31,7 +31,9 @@ A tolerance of max(1%, 2 images) absorbs the randomness of the random attacks.
 
 Per-image outcomes: ``result["per_image"]`` holds, for the clean pass and for every count above
 (each attack, eps and gradient source or ASSG level, each attack's per-image worst case, the worst
-case over every attack, the large-eps check), which images counted as correct, as a bitmask
+case over every attack, the large-eps check; with ``restarts`` > 1, also each restarted attack's first
+run alone, under ``FIRST_RUN``: the attack without restarts, bit for bit), which images counted as
+correct, as a bitmask
 (``pack_outcomes``: bit i is image i of the evaluated images; ``unpack_outcomes`` reads it). Two
 models evaluated on the same images can so be compared image by image (a paired test), and every
 accuracy can be recounted from the file.
@@ -59,6 +61,7 @@ from .methods import (
     GRADIENT_ATTACKS,
     GRADIENT_SOURCES,
     ITERATIVE_ATTACKS,
+    RESTART_ATTACKS,
     SAPGD_STEPS,
     TRANSFER_ATTACKS,
     WHITE_BOX_ATTACKS,
@@ -139,6 +142,11 @@ class EvalSettings:
                              f"not {self.transfer_attack!r}")
         if not self.alpha > 0:
             raise ValueError(f"step size must be > 0, got {self.alpha}")
+
+
+# The per-image and "first_run" entry of an attack run with restarts: its first run alone (the attack
+# without restarts, bit for bit: methods._with_restarts), per image the worst case over gradients or levels.
+FIRST_RUN = "first_run"
 
 
 def _key(eps: float) -> str:
@@ -233,24 +241,32 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         for attack in settings.attacks:
             for eps in settings.eps:
                 bar.set_postfix(f"{attack} @ {eps_label(eps)}")
+                restarted = settings.restarts > 1 and attack in RESTART_ATTACKS
+                first_survived = clean.clone()  # the first run of each, for attacks with restarts
                 if attack in GRADIENT_ATTACKS:
                     survived = clean.clone()
                     for source_name in settings.gradients:
+                        first: list = []
                         x_adv = run_attack(attack, model, x, y, eps, steps=attack_steps(settings, attack),
                                            alpha=settings.alpha, eot=settings.eot, gradient=source_name,
-                                           seed=settings.seed + start, restarts=settings.restarts)
+                                           seed=settings.seed + start, restarts=settings.restarts, first_run=first)
                         ok = clean & _correct(model, x_adv, y)
                         record((attack, _key(eps), source_name), start, ok)
                         survived &= ok
+                        if restarted:
+                            first_survived &= clean & _correct(model, first[0], y)
                 elif attack == "assg":
                     survived = clean.clone()
                     for level in settings.assg_levels:
+                        first = []
                         x_adv = run_attack("assg", model, x, y, eps, steps=attack_steps(settings, "assg"), eot=settings.eot,
                                            assg_options=ASSGOptions(level=level), restarts=settings.restarts,
-                                           seed=settings.seed + start)
+                                           seed=settings.seed + start, first_run=first)
                         ok = clean & _correct(model, x_adv, y)
                         record((attack, _key(eps), _level_key(level)), start, ok)
                         survived &= ok
+                        if restarted:
+                            first_survived &= clean & _correct(model, first[0], y)
                 elif attack == "transfer":  # ASSG on the source: every level (per-image worst case)
                     survived = clean.clone()
                     levels = settings.assg_levels if settings.transfer_attack == "assg" else [settings.assg_levels[0]]
@@ -266,6 +282,8 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
                                        seed=settings.seed + start)
                     survived = clean & _correct(model, x_adv, y)
                 record((attack, _key(eps), "worst"), start, survived)
+                if restarted:  # the same attack without restarts, read from this run (bit for bit what it gives)
+                    record((attack, _key(eps), FIRST_RUN), start, first_survived)
                 survived_all[_key(eps)] &= survived
         smaller = None  # robust at eps only if robust at every smaller eps (its examples are within eps too)
         for eps in sorted(settings.eps):
@@ -295,6 +313,8 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
     accuracy = {a: {_key(e): counts[(a, _key(e), "worst")] / n for e in settings.eps} for a in settings.attacks}
     by_gradient = {a: {_key(e): {g: counts[(a, _key(e), g)] / n for g in settings.gradients} for e in settings.eps}
                    for a in settings.attacks if a in GRADIENT_ATTACKS}
+    first_run = ({a: {_key(e): counts[(a, _key(e), FIRST_RUN)] / n for e in settings.eps}
+                  for a in settings.attacks if a in RESTART_ATTACKS} if settings.restarts > 1 else None)
     by_level = ({_key(e): {_level_key(lv): counts[("assg", _key(e), _level_key(lv))] / n
                            for lv in settings.assg_levels} for e in settings.eps}
                 if "assg" in settings.attacks else None)
@@ -308,7 +328,7 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
             large_eps["by_attack"]["assg"] = counts[("large_eps", _key(LARGE_EPS), "assg")] / n
     result = {
         "n": n, "clean": clean_total / n, "grad_l1": grad_l1_total / n, "settings": asdict(settings),
-        "accuracy": accuracy, "by_gradient": by_gradient, "assg_by_level": by_level,
+        "accuracy": accuracy, "by_gradient": by_gradient, "assg_by_level": by_level, "first_run": first_run,
         "worst_case": {_key(e): counts[("all", _key(e), "worst")] / n for e in settings.eps},
         "large_eps": large_eps,
         "per_image": _per_image(outcomes),

@@ -539,7 +539,8 @@ def _restart_seed(seed: int, run: int) -> int:
 
 
 def _with_restarts(attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: nn.Module,
-                   x: torch.Tensor, y: torch.Tensor, restarts: int, seed: int) -> torch.Tensor:
+                   x: torch.Tensor, y: torch.Tensor, restarts: int, seed: int,
+                   first_run: list | None = None) -> torch.Tensor:
     """``attack(x, y)`` run ``restarts`` times, per image the worst case.
 
     The first run is ``attack(x, y)`` itself, with the global RNG as it comes (so ``restarts=1``
@@ -549,11 +550,14 @@ def _with_restarts(attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ``torch.random.fork_rng``, so the runs are repeatable and the global RNG after the call is as
     after the first run (later attacks of an evaluation draw what they would have drawn without
     restarts). Returns, per image, the first run's images where it misclassified them, else a
-    later run's where one did, else the first run's.
+    later run's where one did, else the first run's. ``first_run``: a list that receives the first
+    run's images (what the attack without restarts returns), to count both from one run.
     """
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     x_adv = attack(x, y)
+    if first_run is not None:
+        first_run.append(x_adv)
     if restarts == 1:
         return x_adv
     x_adv = x_adv.clone()
@@ -576,14 +580,15 @@ def _with_restarts(attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 
 
 def sapgd(model, x, y, eps: float, steps: int = SAPGD_STEPS, eot: int = 1, before_draw=None, restarts: int = 1,
-          seed: int = 0) -> torch.Tensor:
+          seed: int = 0, first_run: list | None = None) -> torch.Tensor:
     """Stable Adaptive PGD (SA-PGD, Wang et al. 2025), L-inf, on the cross-entropy; with
-    ``restarts`` > 1, more runs from new random starts (``_with_restarts``; ``seed`` seeds them)."""
+    ``restarts`` > 1, more runs from new random starts (``_with_restarts``; ``seed`` seeds them;
+    ``first_run`` receives the first run's images)."""
     if restarts != 1 and before_draw is not None:
         raise ValueError("sapgd: restarts run on subsets of the batch, which a before_draw hook's statistics "
                          "do not fit; restart the whole attack instead (as assg does)")
     return _with_restarts(lambda xs, ys: _sapgd(model, xs, ys, eps, steps, eot, before_draw), model, x, y,
-                          restarts, seed)
+                          restarts, seed, first_run)
 
 
 def _sapgd(model, x, y, eps: float, steps: int = SAPGD_STEPS, eot: int = 1, before_draw=None) -> torch.Tensor:
@@ -772,16 +777,17 @@ class AdaptiveSharpness:
 
 
 def assg(model, x, y, eps: float, steps: int = SAPGD_STEPS, eot: int = 1,
-         options: ASSGOptions | None = None, restarts: int = 1, seed: int = 0) -> torch.Tensor:
+         options: ASSGOptions | None = None, restarts: int = 1, seed: int = 0,
+         first_run: list | None = None) -> torch.Tensor:
     """SA-PGD through the adaptive-sharpness surrogate gradient (ASSG + SA-PGD, the paper's attack).
     ``restarts`` > 1: more runs from new random starts (``_with_restarts``; ``seed`` seeds them),
-    each with its own ASSG statistics from M = 1, D = 0."""
+    each with its own ASSG statistics from M = 1, D = 0; ``first_run`` receives the first run's images."""
 
     def once(xs, ys):
         with _eval_mode(model), AdaptiveSharpness(model, options) as sharp:
             return _sapgd(model, xs, ys, eps, steps, eot, before_draw=sharp.draw)
 
-    return _with_restarts(once, model, x, y, restarts, seed)
+    return _with_restarts(once, model, x, y, restarts, seed, first_run)
 
 
 def _square_p(p_init: float, it: int, n_queries: int) -> float:
@@ -862,17 +868,19 @@ def transfer(source: nn.Module, x, y, eps: float, alpha: float, steps: int, eot:
 def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 7,
                alpha: float = 0.01, eot: int = 1, gradient: str = "own", source: nn.Module | None = None,
                n_queries: int = 1000, seed: int = 0, assg_options: ASSGOptions | None = None,
-               transfer_attack: str = "pgd", restarts: int = 1, n_targets: int = APGDT_TARGETS) -> torch.Tensor:
+               transfer_attack: str = "pgd", restarts: int = 1, n_targets: int = APGDT_TARGETS,
+               first_run: list | None = None) -> torch.Tensor:
     """One attack by name on a batch; returns the adversarial images. ``steps`` is the iteration
     count of every iterative attack (PGD, BIM, APGD, APGD-T per target, SA-PGD, ASSG; for
     ``transfer``, of ``transfer_attack`` on the source). ``restarts``: runs of SA-PGD and ASSG
-    (``RESTART_ATTACKS``; the others ignore it), seeded by ``seed``. ``n_targets``: APGD-T's
-    target classes."""
+    (``RESTART_ATTACKS``; the others ignore it), seeded by ``seed``; ``first_run``, a list, receives
+    their first run's images. ``n_targets``: APGD-T's target classes."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
     g = torch.Generator().manual_seed(seed)
     if name == "assg":
-        return assg(model, x, y, eps, steps=steps, eot=eot, options=assg_options, restarts=restarts, seed=seed)
+        return assg(model, x, y, eps, steps=steps, eot=eot, options=assg_options, restarts=restarts, seed=seed,
+                    first_run=first_run)
     if name in GRADIENT_ATTACKS:
         with gradient_source(model, gradient, x):
             if name == "fgsm":
@@ -882,7 +890,8 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
             if name == "bim":
                 return bim(model, x, y, eps, alpha, steps, eot=eot)
             if name == "sapgd":
-                return sapgd(model, x, y, eps, steps=steps, eot=eot, restarts=restarts, seed=seed)
+                return sapgd(model, x, y, eps, steps=steps, eot=eot, restarts=restarts, seed=seed,
+                             first_run=first_run)
             if name == "apgd-t":
                 return apgd_targeted(model, x, y, eps, steps=steps, eot=eot, n_targets=n_targets)
             return apgd(model, x, y, eps, steps=steps, eot=eot)

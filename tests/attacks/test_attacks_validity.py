@@ -21,6 +21,7 @@ from torch import nn
 import mpd_triton as mt
 from mpd_triton.attacks import methods as A
 from mpd_triton.attacks.evaluation import (
+    FIRST_RUN,
     EvalSettings,
     evaluate_robustness,
     sanity_checks,
@@ -575,8 +576,10 @@ def test_evaluation_gives_sapgd_and_assg_their_restarts_and_seeds(monkeypatch):
 
     calls = []
 
-    def fake_attack(name, model, x, y, eps, restarts=1, seed=0, **kw):
+    def fake_attack(name, model, x, y, eps, restarts=1, seed=0, first_run=None, **kw):
         calls.append((name, eps, restarts, seed))
+        if first_run is not None:
+            first_run.append(x)
         return x
 
     monkeypatch.setattr(R, "run_attack", fake_attack)
@@ -622,6 +625,16 @@ def test_evaluation_masks_checks_and_restarts():
                     assert not (three & ~one).any(), (attack, eps, variant)
                 else:
                     assert (one == three).all(), (attack, eps, variant)
+    # the restarted attacks' first run, recorded apart, is the attack without restarts, image for image
+    assert r1["first_run"] is None and FIRST_RUN not in r1["per_image"]["survived"]["assg"][f"{32 / 255:.6g}"]
+    assert set(r3["first_run"]) == set(A.RESTART_ATTACKS)
+    for attack in A.RESTART_ATTACKS:
+        for eps in r1["accuracy"][attack]:
+            first = unpack_outcomes(r3["per_image"]["survived"][attack][eps][FIRST_RUN], n)
+            assert (first == unpack_outcomes(r1["per_image"]["survived"][attack][eps]["worst"], n)).all()
+            assert r3["first_run"][attack][eps] == r1["accuracy"][attack][eps]
+    assert any(r3["accuracy"][a][e] < r3["first_run"][a][e] for a in A.RESTART_ATTACKS for e in r3["accuracy"][a]), \
+        "no restart found an image the first run missed: the test no longer tells the two records apart"
     json.dumps(r3)
 
 
@@ -652,7 +665,8 @@ def test_train_eval_runs_the_new_attacks_end_to_end(checkpoint, tmp_path, capsys
     key = f"{8 / 255:.6g}"
     assert r["settings"]["restarts"] == 2 and r["settings"]["gradients"] == ["own", "ste", "fitted"]
     assert set(r["per_image"]["survived"]["apgd-t"][key]) == {"own", "ste", "fitted", "worst"}
-    assert set(r["per_image"]["survived"]["sapgd"][key]) == {"own", "ste", "fitted", "worst"}
+    assert set(r["per_image"]["survived"]["sapgd"][key]) == {"own", "ste", "fitted", "worst", FIRST_RUN}  # restarts=2
+    assert set(r["first_run"]) == {"sapgd", "assg"}
     assert "iterative_beats_one_step" in {c["name"] for c in r["checks"]}
     assert "restarts=2" in (tmp_path / "eval.md").read_text()
 
