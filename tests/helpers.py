@@ -222,3 +222,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_checkpoint(path, num_classes: int = 10, seed: int = 0, data: str = "fmnist-subset"):
+    """A model.pt as train.run writes it, of an untrained small SNN (T = 2, the PyTorch backend), for the
+    command-line tests of train.eval and the study's scripts."""
+    from models import build_model
+    from train.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    spec = {"model": "small", "in_channels": 1, "num_classes": num_classes, "image_size": 28, "T": 2,
+            "encoding": "direct", "neuron": {"backend": "torch"}, "mean": [0.286], "std": [0.353], "data": data}
+    kwargs = {k: v for k, v in spec.items() if k not in ("model", "data")}
+    model = build_model("small", width=16, hidden=128, **kwargs)
+    save_checkpoint(path, {"run": "plain", "eta": 0.0, "config": {}, "model": model.state_dict(),
+                           "model_spec": spec})
+    return path

@@ -1,0 +1,273 @@
+"""Is the gain of adversarial training + MPD-SGR robustness, or the attack failing? The attack-validity
+study of issue #30, item 2, exactly as fixed in docs/study/log.md ("Fixed on 2026-12-07 at 06:35 UTC").
+
+    python docs/study/validity.py plan              # every job, its command, and what is done
+    python docs/study/validity.py run               # run what is left, one job after another, resumable
+    python docs/study/validity.py analysis          # the analysis fixed beforehand, on what is done
+
+The models: the adversarially trained pair at 2/255 (AT and AT + MPD-SGR), seeds 0-2, as trained again
+on 2026-12-07 and committed under docs/study/models/2026-12-07/. Each job is one `train.eval` run on
+one model at 8/255 (its folder under runs/study/validity/, continued with --resume after an
+interruption); when a job has finished, its eval.json is copied to docs/study/data/validity/, to be
+committed at once. `run` stops cleanly on Ctrl-C or SIGTERM (the job keeps what it finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root, for train and mpd_triton
+from mpd_triton.attacks.evaluation import FIRST_RUN, unpack_outcomes  # noqa: E402
+from mpd_triton.attacks.evaluation import _key as eps_key  # noqa: E402  (how eval.json keys an eps)
+from train.stats import bootstrap_difference, bootstrap_mean, mcnemar_exact  # noqa: E402
+
+MODELS = ROOT / "docs" / "study" / "models" / "2026-12-07"
+DATA = ROOT / "docs" / "study" / "data" / "validity"
+RUNS = ROOT / "runs" / "study" / "validity"
+SEEDS = (0, 1, 2)
+RECIPES = ("at2", "at2+mpd")
+EPS = 8 / 255
+LEVELS = "0.35,0.425,0.49"
+IMAGES, LONG_IMAGES = 1000, 250  # the primary analysis's images; ASSG at 1,000 iterations runs on the first 250
+GRADIENTS = "own,triangle,sigmoid,atan,bptr,ste,fitted"  # the surrogate ensemble, BPTR, straight-through, fitted
+
+
+def _shown(path: Path) -> str:
+    """A path as a command shows it: relative to the repository root (the commands run there)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def model_path(recipe: str, seed: int) -> Path:
+    return MODELS / f"at2_seed{seed}" / f"{recipe}_seed{seed}" / "model.pt"
+
+
+def twin(recipe: str) -> str:
+    return RECIPES[1 - RECIPES.index(recipe)]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One train.eval run of the fixed study on one model."""
+
+    recipe: str
+    seed: int
+    name: str  # assg100, assg300, assg1000, apgd, square, transfer_twin, transfer_independent
+    flags: tuple[str, ...]
+    images: int
+
+    @property
+    def model(self) -> str:
+        return f"{self.recipe}_seed{self.seed}"
+
+    @property
+    def folder(self) -> Path:
+        return RUNS / self.model / self.name
+
+    @property
+    def result(self) -> Path:
+        return DATA / self.model / f"{self.name}.json"
+
+    def command(self, resume: bool = False) -> list[str]:
+        return [sys.executable, "-m", "train.eval", "--checkpoint", _shown(model_path(self.recipe, self.seed)),
+                "--name", self.model, "--eps", "8/255", "--limit", str(self.images), *self.flags,
+                "--out", _shown(self.folder), *(["--resume"] if resume else [])]
+
+
+def _next(seed: int, seeds) -> int:
+    """The independently trained source of the transfer: the next seed of the same recipe (0 <- 1, 1 <- 2, 2 <- 0)."""
+    return seeds[(seeds.index(seed) + 1) % len(seeds)]
+
+
+def jobs(seeds=SEEDS, images: int = IMAGES, long_images: int = LONG_IMAGES, scale: float = 1.0) -> list[Job]:
+    """The fixed study's jobs (``scale`` < 1 shortens every budget: for the tests only)."""
+    def n(x: int) -> str:
+        return str(max(1, int(round(x * scale))))
+
+    out = []
+    for seed in seeds:
+        for recipe in RECIPES:
+            assg = ("--attacks", "fgsm,assg", "--assg-level", LEVELS)
+            out += [
+                # 1. ASSG + SA-PGD at the three levels: 100 iterations with 3 restarts (the first run = today's
+                #    attack, recorded apart), 300 with 2, and 1,000 on the first 250 images
+                Job(recipe, seed, "assg100", (*assg, "--sapgd-steps", n(100), "--restarts", "3"), images),
+                Job(recipe, seed, "assg300", (*assg, "--sapgd-steps", n(300), "--restarts", "2"), images),
+                Job(recipe, seed, "assg1000", (*assg, "--sapgd-steps", n(1000)), long_images),
+                # 2. APGD-CE and targeted APGD-DLR through the ensemble, BPTR, straight-through and the fitted window
+                Job(recipe, seed, "apgd", ("--attacks", "fgsm,apgd,apgd-t", "--gradients", GRADIENTS,
+                                           "--apgd-steps", n(50)), images),
+                # 3. Square with 5,000 queries
+                Job(recipe, seed, "square", ("--attacks", "fgsm,square", "--queries", n(5000)), images),
+                # 4. ASSG's examples transferred from the twin and from an independent model (the next seed)
+                Job(recipe, seed, "transfer_twin",
+                    ("--attacks", "fgsm,transfer", "--transfer-attack", "assg", "--assg-level", LEVELS,
+                     "--sapgd-steps", n(100), "--source", _shown(model_path(twin(recipe), seed)),
+                     "--no-large-eps-check"), images),
+                Job(recipe, seed, "transfer_independent",
+                    ("--attacks", "fgsm,transfer", "--transfer-attack", "assg", "--assg-level", LEVELS,
+                     "--sapgd-steps", n(100), "--source", _shown(model_path(recipe, _next(seed, SEEDS))),
+                     "--no-large-eps-check"), images),
+            ]
+    return out
+
+
+PRIMARY = ("assg100", "assg300", "apgd", "square", "transfer_twin", "transfer_independent")
+
+
+def _eval_done(path: Path) -> dict | None:
+    """The one model's result of a finished eval.json, else None."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if "in_progress" in saved or len(saved.get("models", {})) != 1:
+        return None
+    (result,) = saved["models"].values()
+    return result
+
+
+# ---------------------------------------------------------------- running
+
+def plan(all_jobs: list[Job]) -> int:
+    for job in all_jobs:
+        state = "done" if job.result.is_file() else ("started" if (job.folder / "eval.json").is_file() else "to run")
+        print(f"{job.model:16s} {job.name:22s} {state:8s} {' '.join(job.command()[1:])}")
+    missing = [m for m in {model_path(j.recipe, j.seed) for j in all_jobs} if not m.is_file()]
+    if missing:
+        print(f"not trained yet: {', '.join(str(m.relative_to(ROOT)) for m in sorted(missing))}")
+    return 0
+
+
+def run(all_jobs: list[Job]) -> int:
+    for job in all_jobs:
+        if job.result.is_file():
+            continue
+        if not model_path(job.recipe, job.seed).is_file() or any(
+                not (ROOT / f).is_file() for f in job.flags if f.endswith("model.pt")):
+            print(f"[{job.model} {job.name}] skipped: a model it needs is not trained yet")
+            continue
+        resume = (job.folder / "eval.json").is_file()
+        print(f"[{job.model} {job.name}] {'continuing' if resume else 'starting'}", flush=True)
+        done = subprocess.run(job.command(resume=resume), cwd=ROOT)
+        if done.returncode != 0:
+            print(f"[{job.model} {job.name}] stopped (exit {done.returncode}); the same command continues it")
+            return done.returncode
+        job.result.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(job.folder / "eval.json", job.result)
+        if (job.folder / "eval.md").is_file():
+            shutil.copyfile(job.folder / "eval.md", job.result.with_suffix(".md"))
+        print(f"[{job.model} {job.name}] done: {_shown(job.result)} (commit it)", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- the analysis fixed beforehand
+
+def _mask(result: dict, attack: str, variant: str = "worst", limit: int | None = None) -> np.ndarray:
+    text = result["per_image"]["survived"][attack][eps_key(EPS)][variant]
+    mask = unpack_outcomes(text, result["n"])
+    return mask[:limit] if limit else mask
+
+
+def model_masks(recipe: str, seed: int, data: Path = DATA) -> dict | None:
+    """Per model: "worst" (every attack of the primary jobs, 1,000 images), "today" (ASSG, 100 iterations,
+    three levels, no restart), per attack its own mask, and on the first 250 images the same with ASSG at
+    1,000 iterations ("worst_250"), or None while a primary job is missing."""
+    results = {}
+    for name in (*PRIMARY, "assg1000"):
+        r = _eval_done(data / f"{recipe}_seed{seed}" / f"{name}.json")
+        if r is not None:
+            results[name] = r
+    if any(name not in results for name in PRIMARY):
+        return None
+    n = min(results[name]["n"] for name in PRIMARY)
+    worst = np.logical_and.reduce([_mask(results[name], "all", limit=n) for name in PRIMARY])
+    today = _mask(results["assg100"], "assg", FIRST_RUN, limit=n)
+    by_attack = {"ASSG, 100 it., 3 restarts": _mask(results["assg100"], "assg", limit=n),
+                 "ASSG, 300 it., 2 restarts": _mask(results["assg300"], "assg", limit=n),
+                 "APGD-CE, 7 gradients": _mask(results["apgd"], "apgd", limit=n),
+                 "APGD-T (DLR), 7 gradients": _mask(results["apgd"], "apgd-t", limit=n),
+                 "Square, 5,000 queries": _mask(results["square"], "square", limit=n),
+                 "transfer from the twin": _mask(results["transfer_twin"], "transfer", limit=n),
+                 "transfer from the next seed": _mask(results["transfer_independent"], "transfer", limit=n)}
+    out = {"n": n, "worst": worst, "today": today, "by_attack": by_attack, "clean": unpack_outcomes(
+        results["assg100"]["per_image"]["clean"], results["assg100"]["n"])[:n]}
+    if "assg1000" in results:
+        m = results["assg1000"]["n"]
+        out["worst_250"] = worst[:m] & _mask(results["assg1000"], "all")
+        out["iterations_250"] = {100: today[:m], 300: _mask(results["assg300"], "assg", FIRST_RUN, limit=m),
+                                 1000: _mask(results["assg1000"], "assg")}
+    return out
+
+
+def analysis(data: Path = DATA, seeds=SEEDS) -> str:
+    masks = {(r, s): model_masks(r, s, data) for r in RECIPES for s in seeds}
+    done = [s for s in seeds if masks["at2", s] is not None and masks["at2+mpd", s] is not None]
+    lines = [f"Seeds with every primary job of both models done: {', '.join(map(str, done)) or 'none'} "
+             f"(of {', '.join(map(str, seeds))})."]
+    if not done:
+        return "\n".join(lines)
+    a = [masks["at2", s] for s in done]
+    b = [masks["at2+mpd", s] for s in done]
+    lines += ["", "| 8/255 | AT | AT + MPD-SGR | difference [95%] | McNemar p per seed |", "|---|---|---|---|---|"]
+    for label, key in (("today's attack alone (ASSG, 100 it., no restart)", "today"),
+                       ("**worst case over every attack (primary)**", "worst")):
+        ia = bootstrap_mean([m[key] for m in a])
+        ib = bootstrap_mean([m[key] for m in b])
+        d = bootstrap_difference([m[key] for m in a], [m[key] for m in b])
+        p = " / ".join(f"{mcnemar_exact(x[key], y[key])['p']:.2g}" for x, y in zip(a, b))
+        lines.append(f"| {label} | {100 * ia.mean:.1f} [{100 * ia.low:.1f}, {100 * ia.high:.1f}] | "
+                     f"{100 * ib.mean:.1f} [{100 * ib.low:.1f}, {100 * ib.high:.1f}] | {d.points()} | {p} |")
+    worst = bootstrap_difference([m["worst"] for m in a], [m["worst"] for m in b])
+    shrink = bootstrap_mean([(y["today"].astype(int) - x["today"].astype(int))
+                             - (y["worst"].astype(int) - x["worst"].astype(int)) for x, y in zip(a, b)])
+    lines += ["", f"The gap {'survives' if worst.low > 0 else 'does not survive'}: the paired difference of the "
+                  f"worst case is {worst.points()} points (it survives if the interval's lower end is above 0); "
+                  f"it shrinks by {shrink.points()} points from today's attack alone to the worst case."]
+    # which attacks join --reliable: below ASSG (today's) on any model by more than max(1 point, 2 images)
+    joins = set()
+    for (recipe, seed), m in masks.items():
+        if m is None:
+            continue
+        tol = max(0.01, 2 / m["n"])
+        for attack, mask in m["by_attack"].items():
+            if not attack.startswith("ASSG") and mask.mean() < m["today"].mean() - tol:
+                joins.add(attack)
+    lines.append("Attacks stronger than ASSG on some model (they join --reliable): "
+                 + (", ".join(sorted(joins)) if joins else "none") + ".")
+    long = [(x, y) for x, y in zip(a, b) if "worst_250" in x and "worst_250" in y]
+    if long:
+        d = bootstrap_difference([x["worst_250"] for x, _ in long], [y["worst_250"] for _, y in long])
+        lines.append(f"Secondary, first {long[0][0]['worst_250'].size} images with ASSG at 1,000 iterations: "
+                     f"paired difference {d.points()} points over {len(long)} seed(s).")
+        for (recipe, seed), m in masks.items():
+            if m is not None and "iterations_250" in m:
+                curve = ", ".join(f"{k}: {100 * v.mean():.1f}" for k, v in m["iterations_250"].items())
+                lines.append(f"  {recipe} seed {seed}, ASSG accuracy against iterations: {curve}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("plan", "run", "analysis"))
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="seeds to plan or run (default 0,1,2)")
+    args = p.parse_args(argv)
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    if args.what == "plan":
+        return plan(jobs(seeds))
+    if args.what == "run":
+        return run(jobs(seeds))
+    print(analysis(seeds=SEEDS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

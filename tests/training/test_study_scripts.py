@@ -1,0 +1,196 @@
+"""docs/study/tables.py and docs/study/validity.py: the study's tables match its committed result files;
+the bootstrap intervals, the paired tests and the unpaired fallback; the attack-validity study's jobs are
+the ones fixed in docs/study/log.md, they run end to end (tiny budgets), and the fixed analysis reads the
+right masks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_checkpoint
+
+from mpd_triton.attacks.evaluation import FIRST_RUN, pack_outcomes
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = f"{8 / 255:.6g}"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"study_{name}", REPO / "docs" / "study" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return _script("tables")
+
+
+@pytest.fixture(scope="module")
+def validity():
+    return _script("validity")
+
+
+def test_the_study_page_shows_what_its_result_files_give(tables, capsys):
+    """One command recomputes the tables: docs/study/README.md holds exactly what tables.py computes."""
+    assert tables.main(["--check"]) == 0, capsys.readouterr().err
+
+
+def _eval_file(path: Path, name: str, masks: dict[str, np.ndarray], *, per_image: bool = True) -> Path:
+    """An eval.json of one model with the given per-attack masks (and "clean") at 8/255."""
+    n = masks["clean"].size
+    result = {"n": n, "clean": float(masks["clean"].mean()),
+              "accuracy": {a: {KEY: float(m.mean())} for a, m in masks.items() if a not in ("clean", "all")},
+              "worst_case": {KEY: float(masks["all"].mean())}}
+    if per_image:
+        survived = {a: {KEY: {"worst": pack_outcomes(m)}} for a, m in masks.items() if a != "clean"}
+        for a, m in masks.items():
+            if a.endswith(FIRST_RUN):  # "assg/first_run": the first run of a restarted attack
+                attack = a.split("/")[0]
+                survived.setdefault(attack, {KEY: {}})[KEY][FIRST_RUN] = pack_outcomes(m)
+        result["per_image"] = {"format": "test", "clean": pack_outcomes(masks["clean"]), "survived": survived}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"models": {name: result}}))
+    return path
+
+
+def _masks(rng, n, clean_p, robust_p):
+    clean = rng.random(n) < clean_p
+    fgsm = clean & (rng.random(n) < robust_p + 0.1)
+    pgd = fgsm & (rng.random(n) < 0.95)
+    apgd = pgd & (rng.random(n) < 0.95)
+    return {"clean": clean, "fgsm": fgsm, "pgd": pgd, "apgd": apgd, "all": apgd}
+
+
+def test_a_pair_table_pairs_images_and_tests_each_seed(tables, tmp_path):
+    rng = np.random.default_rng(0)
+    files, names = {}, {}
+    for seed in (0, 1):
+        a, b = _masks(rng, 400, 0.9, 0.5), _masks(rng, 400, 0.9, 0.7)
+        files[seed] = (_eval_file(tmp_path / f"a{seed}.json", "x", a), _eval_file(tmp_path / f"b{seed}.json", "y", b),
+                       None)
+        names[seed] = ("x", "y")
+    pair = tables.Pair(title="t", label_a="A", label_b="B", seeds=(0, 1, 2), files={**files, 2: (
+        tmp_path / "none.json", tmp_path / "none.json", None)}, names={**names, 2: ("x", "y")}, rows=tables.ROWS_8)
+    text = pair.markdown()
+    assert "not yet run: seed 2" in text and "unpaired" not in text
+    worst = next(line for line in text.splitlines() if line.startswith("| worst case"))
+    cells = [c.strip() for c in worst.strip("|").split("|")]
+    # B is the more robust by construction: about +20 points, the interval above 0, McNemar small per seed
+    low = float(cells[3].split("[")[1].split(",")[0])
+    assert low > 5 and all(float(p) < 1e-3 for p in cells[4].split(" / "))
+
+
+def test_files_without_per_image_outcomes_give_an_unpaired_interval(tables, tmp_path):
+    rng = np.random.default_rng(1)
+    a, b = _masks(rng, 300, 0.9, 0.5), _masks(rng, 300, 0.9, 0.5)
+    pair = tables.Pair(title="t", label_a="A", label_b="B", seeds=(0,),
+                       files={0: (_eval_file(tmp_path / "a.json", "x", a, per_image=False),
+                                  _eval_file(tmp_path / "b.json", "y", b), None)},
+                       names={0: ("x", "y")}, rows=tables.ROWS_8)
+    lines = [line for line in pair.markdown().splitlines() if line.startswith("| worst case")]
+    assert lines and lines[0].rstrip().endswith("| unpaired |")
+    # k of n images: the same mean as the file's figure
+    assert tables.outcome({"n": 300, "worst_case": {KEY: a["all"].mean()}}, "all").mask.mean() == a["all"].mean()
+
+
+def test_markers_and_tables_must_match(tables):
+    with pytest.raises(SystemExit, match="does not have"):
+        tables.render("<!-- tables.py: nothing -->\n<!-- /tables.py -->\n"
+                      + "".join(f"<!-- tables.py: {n} -->\n<!-- /tables.py -->\n" for n in tables.TABLES))
+    with pytest.raises(SystemExit, match="no marker"):
+        tables.render("no markers here")
+
+
+# ---------------------------------------------------------------- the attack-validity study
+
+
+def test_the_jobs_are_the_ones_fixed_before_the_runs(validity):
+    jobs = validity.jobs()
+    assert len(jobs) == 3 * 2 * 7
+    by = {(j.model, j.name): j for j in jobs}
+    flags = {name: " ".join(by["at2+mpd_seed1", name].command()) for name in validity.PRIMARY + ("assg1000",)}
+    assert "--sapgd-steps 100 --restarts 3" in flags["assg100"] and "--limit 1000" in flags["assg100"]
+    assert "--sapgd-steps 300 --restarts 2" in flags["assg300"]
+    assert "--sapgd-steps 1000" in flags["assg1000"] and "--limit 250" in flags["assg1000"]
+    assert "--assg-level 0.35,0.425,0.49" in flags["assg100"]
+    assert "apgd,apgd-t" in flags["apgd"] and "own,triangle,sigmoid,atan,bptr,ste,fitted" in flags["apgd"]
+    assert "--queries 5000" in flags["square"]
+    assert "at2_seed1/at2_seed1/model.pt" in flags["transfer_twin"]          # the twin: the other recipe
+    assert "at2_seed2/at2+mpd_seed2/model.pt" in flags["transfer_independent"]  # the next seed, same recipe
+    assert "at2_seed0/at2+mpd_seed0" in " ".join(by["at2+mpd_seed2", "transfer_independent"].command())
+    assert all("--eps 8/255" in " ".join(j.command()) for j in jobs)
+
+
+def _validity_files(validity, data: Path, seed: int, recipe: str, rng, robust: float, square_below: float = 0.0):
+    """Each primary job's file: ASSG's first run leaves ``robust`` of the clean images, its restarts a few
+    fewer; every other attack as strong as ASSG's first run, Square ``square_below`` stronger."""
+    n = 200
+    clean = rng.random(n) < 0.9
+    today = clean & (rng.random(n) < robust)
+    restarted = today & (rng.random(n) > 0.05)
+    square = today & (rng.random(n) >= square_below)
+    attack_of = {"apgd": "apgd", "square": "square", "transfer_twin": "transfer", "transfer_independent": "transfer"}
+    folder = data / f"{recipe}_seed{seed}"
+    for name in validity.PRIMARY:
+        masks = {"clean": clean, "fgsm": clean.copy()}
+        if name in ("assg100", "assg300"):
+            masks.update({"assg": restarted, "assg/first_run": today, "all": restarted})
+        else:
+            mask = square if name == "square" else today
+            masks.update({attack_of[name]: mask, "all": mask})
+            if name == "apgd":
+                masks["apgd-t"] = today
+        _eval_file(folder / f"{name}.json", f"{recipe}_seed{seed}", masks)
+
+
+def test_the_fixed_analysis_on_known_masks(validity, tmp_path):
+    rng = np.random.default_rng(3)
+    for seed in (0, 1):
+        _validity_files(validity, tmp_path, seed, "at2", rng, robust=0.35)
+        _validity_files(validity, tmp_path, seed, "at2+mpd", rng, robust=0.6)
+    text = validity.analysis(data=tmp_path, seeds=(0, 1, 2))
+    assert "done: 0, 1 (of 0, 1, 2)" in text
+    assert "The gap survives" in text
+    assert "join --reliable): none" in text
+    masks = validity.model_masks("at2", 0, tmp_path)
+    assert masks["n"] == 200 and masks["worst"].sum() < masks["today"].sum()
+    # Square 20% stronger than ASSG on one model: it joins --reliable
+    _validity_files(validity, tmp_path, 1, "at2+mpd", rng, robust=0.6, square_below=0.2)
+    assert "join --reliable): Square, 5,000 queries." in validity.analysis(data=tmp_path, seeds=(0, 1, 2))
+    # the gap does not survive when both recipes are alike
+    alike = tmp_path / "alike"
+    for seed in (0, 1):
+        for recipe in validity.RECIPES:
+            _validity_files(validity, alike, seed, recipe, np.random.default_rng(seed), robust=0.5)
+    assert "The gap does not survive" in validity.analysis(data=alike, seeds=(0, 1))
+
+
+@pytest.mark.slow
+def test_the_jobs_run_end_to_end_and_land_in_the_data_folder(validity, tmp_path, monkeypatch, capsys):
+    """Every kind of job's train.eval command runs (tiny budgets, 6 images, one seed, the MPD-SGR model's
+    seven jobs), is copied beside the data, and is skipped when run again."""
+    models = tmp_path / "models"
+    for recipe, seed in (("at2", 0), ("at2+mpd", 0)):
+        tiny_checkpoint(models / f"at2_seed{seed}" / f"{recipe}_seed{seed}" / "model.pt", seed=len(recipe))
+    monkeypatch.setattr(validity, "MODELS", models)
+    monkeypatch.setattr(validity, "DATA", tmp_path / "data")
+    monkeypatch.setattr(validity, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(validity, "SEEDS", (0,))
+    jobs = [j for j in validity.jobs(seeds=(0,), images=6, long_images=4, scale=0.01) if j.recipe == "at2+mpd"]
+    assert len(jobs) == 7
+    torch.set_num_threads(1)
+    assert validity.run(jobs) == 0
+    for job in jobs:
+        saved = json.loads(job.result.read_text())
+        assert job.model in saved["models"] and "in_progress" not in saved
+    assert validity.run(jobs) == 0 and "starting" not in capsys.readouterr().out.split("done:")[-1]
+    assert validity.model_masks("at2+mpd", 0, tmp_path / "data")["n"] == 6
