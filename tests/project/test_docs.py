@@ -40,6 +40,41 @@ def test_relative_links_resolve(document):
     assert not broken, f"{document.relative_to(REPO)}: links to nothing: {', '.join(broken)}"
 
 
+def _github_slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but '-' and '_' dropped, each space a '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _mkdocs_slug(heading: str) -> str:
+    """The docs site's (Python-Markdown's toc): the same, with runs of spaces and '-' made one '-'."""
+    return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", heading).strip().lower())
+
+
+def _anchors(path: Path, slug) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+?)\s*$", text, re.M):
+        s = slug(heading)
+        anchors.add(s if s not in seen else f"{s}-{seen[s]}")  # a repeated heading gets -1, -2, ...
+        seen[s] = seen.get(s, 0) + 1
+    return anchors
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_links_to_a_heading_find_it_on_github_and_on_the_site(document):
+    broken = []
+    for target in _links(document):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or "#" not in target:
+            continue
+        path, anchor = target.split("#", 1)
+        page = document if not path else document.parent / path
+        if page.suffix != ".md" or not page.is_file():
+            continue
+        if anchor not in _anchors(page, _github_slug) or anchor not in _anchors(page, _mkdocs_slug):
+            broken.append(target)
+    assert not broken, f"{document.relative_to(REPO)}: links to no heading: {', '.join(broken)}"
+
+
 def test_license_and_citation_match_the_package():
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'license = "MIT"' in pyproject
