@@ -15,9 +15,10 @@ import mpd_triton
 REPO = Path(__file__).resolve().parents[2]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), REPO / "tests" / "README.md"]
 # The raw result files of the study (the .md that train.eval and train.sweep wrote beside their .json) name
-# plots that were not kept (docs/study/data/README.md says so): they are data, not documents.
-DATA = REPO / "docs" / "study" / "data"
-DOCUMENTS = [d for d in DOCUMENTS if d.is_file() and not (DATA in d.parents and d.name != "README.md")]
+# plots that were not kept (docs/study/data/README.md says so): they are data, not documents. So are the
+# report.md files that train.run wrote beside the study's models.
+DATA = (REPO / "docs" / "study" / "data", REPO / "docs" / "study" / "models")
+DOCUMENTS = [d for d in DOCUMENTS if d.is_file() and not (any(f in d.parents for f in DATA) and d.name != "README.md")]
 # [text](target) and ![alt](target), not inside code spans; the target up to a space or ')'
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
