@@ -155,6 +155,46 @@ class Pair:
         return a["clean_acc"], b["clean_acc"]
 
 
+@dataclass
+class TenSeeds:
+    """Adversarial training at eps 0.1, seeds 0-9 (docs/study/at01_ten_seeds.py's verdicts): each seed's
+    worst case at 8/255, the mean with its interval over seeds and images, the false-robust counts and the
+    fixed Fisher tests. The files hold no per-image record (made before it existed): unpaired."""
+
+    def markdown(self) -> str:
+        at01 = _script("at01_ten_seeds")
+        lines = ["| seeds | AT: worst case, each seed | AT + MPD-SGR | false-robust (one-sided Fisher p) |",
+                 "|---|---|---|---|"]
+        for seeds, label in ((range(0, 5), "0-4"), (range(5, 10), "5-9 (fixed before they ran)"),
+                             (range(0, 10), "**0-9, the count fixed on 2026-12-06**")):
+            runs = {r: [at01.verdict(r, s) for s in seeds] for r in at01.RECIPES}
+            if any(v is None for vs in runs.values() for v in vs):
+                lines.append(f"| {label} | not complete | | |")
+                continue
+            c = at01.count(seeds)
+            cells = []
+            for recipe in at01.RECIPES:
+                vectors = [np.arange(v["n"]) < round(v["worst"] * v["n"]) for v in runs[recipe]]
+                if len(seeds) == 10:
+                    cells.append(f"mean {pct(bootstrap_mean(vectors))}")
+                else:
+                    cells.append(", ".join(f"{100 * v['worst']:.1f}" for v in runs[recipe]))
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} | {c['plain']} of {c['n']} against {c['mpd']} of "
+                         f"{c['n']} (p = {c['p']:.3f}) |")
+        return "\n".join(lines)
+
+
+def _script(name: str):
+    """A script of this folder, imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"study_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _at2_files(seed: int) -> tuple[Path, Path, Path]:
     folder = DATA / "2026-12-07" / f"at2_seed{seed}"
     return folder / f"eval_at2_seed{seed}.json", folder / f"eval_at2+mpd_seed{seed}.json", folder / "sweep.json"
@@ -170,6 +210,7 @@ TABLES = {
         files={s: _at2_files(s) for s in (0, 1, 2)},
         names={s: (f"at2_seed={s}", f"at2+mpd_seed={s}") for s in (0, 1, 2)},
         rows=ROWS_8),
+    "at01_ten_seeds": TenSeeds(),
 }
 
 MARKER = re.compile(r"(<!-- tables\.py: (\w+) -->\n)(.*?)(<!-- /tables\.py -->)", re.S)
