@@ -194,3 +194,45 @@ def test_the_jobs_run_end_to_end_and_land_in_the_data_folder(validity, tmp_path,
         assert job.model in saved["models"] and "in_progress" not in saved
     assert validity.run(jobs) == 0 and "starting" not in capsys.readouterr().out.split("done:")[-1]
     assert validity.model_masks("at2+mpd", 0, tmp_path / "data")["n"] == 6
+
+
+# ---------------------------------------------------------------- landing a sweep's results
+
+
+def _fake_point(sweep: Path, point: str, run: str, *, trained: bool, evaluated: str | None):
+    folder = sweep / "points" / point
+    (folder / run).mkdir(parents=True)
+    if trained:
+        (folder / run / "model.pt").write_bytes(b"weights")
+        (folder / run / "report.json").write_text(json.dumps({"provenance": {"date_utc": "2026-12-08T01:02:03+00:00"}}))
+    if evaluated:
+        (folder / "eval").mkdir()
+        saved = {"models": {point: {}}} if evaluated == "done" else {"models": {}, "in_progress": {}}
+        (folder / "eval" / "eval.json").write_text(json.dumps(saved))
+
+
+def test_land_copies_finished_models_and_results_once(tmp_path):
+    land = _script("land")
+    sweep = tmp_path / "runs" / "pair_seed0"
+    _fake_point(sweep, "a_seed=0", "plain", trained=True, evaluated="done")
+    _fake_point(sweep, "b_seed=0", "mpd", trained=True, evaluated="running")
+    _fake_point(sweep, "c_seed=0", "mpd", trained=False, evaluated=None)
+    (sweep / "sweep.json").write_text("{}")
+    models, data = tmp_path / "models", tmp_path / "data"
+    first = land.land(sweep, models, data)
+    day = "2026-12-08"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in first) == sorted([
+        f"models/{day}/pair_seed0/a_seed0/model.pt", f"models/{day}/pair_seed0/a_seed0/report.json",
+        f"data/{day}/pair_seed0/eval_a_seed0.json",
+        f"models/{day}/pair_seed0/b_seed0/model.pt", f"models/{day}/pair_seed0/b_seed0/report.json"])
+    assert land.land(sweep, models, data) == []  # nothing new: nothing copied again
+    # the rest finishes: the evaluation, the last model, then the sweep's summary
+    (sweep / "points" / "b_seed=0" / "eval" / "eval.json").write_text(json.dumps({"models": {"b": {}}}))
+    _fake_point(tmp_path / "more", "c_seed=0", "mpd", trained=True, evaluated="done")
+    import shutil
+    shutil.rmtree(sweep / "points" / "c_seed=0")
+    shutil.move(tmp_path / "more" / "points" / "c_seed=0", sweep / "points" / "c_seed=0")
+    names = {p.name for p in land.land(sweep, models, data)}
+    assert names == {"eval_b_seed0.json", "model.pt", "report.json", "eval_c_seed0.json", "sweep.json"}
+    with pytest.raises(SystemExit, match="not a train.sweep folder"):
+        land.land(tmp_path / "models", models, data)
