@@ -6,22 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_checkpoint
 
-from models import build_model
 from mpd_triton.attacks.evaluation import EvalSettings, unpack_outcomes
-from train.checkpoint import save_checkpoint
 from train.eval import main
 
-
-def _checkpoint(path, num_classes=10, seed=0, data="fmnist-subset"):
-    torch.manual_seed(seed)
-    spec = {"model": "small", "in_channels": 1, "num_classes": num_classes, "image_size": 28, "T": 2,
-            "encoding": "direct", "neuron": {"backend": "torch"}, "mean": [0.286], "std": [0.353], "data": data}
-    kwargs = {k: v for k, v in spec.items() if k not in ("model", "data")}
-    model = build_model("small", width=16, hidden=128, **kwargs)
-    save_checkpoint(path, {"run": "plain", "eta": 0.0, "config": {}, "model": model.state_dict(),
-                           "model_spec": spec})
-    return path
+_checkpoint = tiny_checkpoint  # the untrained small SNN's model.pt (tests/helpers.py)
 
 
 @pytest.fixture(scope="module")
