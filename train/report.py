@@ -304,6 +304,14 @@ def eval_markdown(names: list[str], results: list[dict], command: str,
                    "| eps | " + " | ".join(f"level {k}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
             for eps, by_level in r["assg_by_level"].items():
                 md.append(f"| {eps_label(eps)} | " + " | ".join(_fmt_pct(by_level[k]) for k in keys) + " |")
+        if r.get("first_run"):
+            runs = r["settings"]["restarts"]
+            md += ["", f"## {name}: the first of the {runs} runs alone (the attack without restarts)", "",
+                   "| attack @ eps | first run | all runs |", "|---|---|---|"]
+            for attack, by_eps in r["first_run"].items():
+                for eps, acc in by_eps.items():
+                    every = _fmt_pct(r["accuracy"][attack][eps])
+                    md.append(f"| {attack} @ {eps_label(eps)} | {_fmt_pct(acc)} | {every} |")
         md += ["", f"## {name}: gradient-masking sanity checks", ""]
         for c in r["checks"]:
             flag = "PASS" if c["passed"] else "**FAIL**"

@@ -668,7 +668,8 @@ def test_train_eval_runs_the_new_attacks_end_to_end(checkpoint, tmp_path, capsys
     assert set(r["per_image"]["survived"]["sapgd"][key]) == {"own", "ste", "fitted", "worst", FIRST_RUN}  # restarts=2
     assert set(r["first_run"]) == {"sapgd", "assg"}
     assert "iterative_beats_one_step" in {c["name"] for c in r["checks"]}
-    assert "restarts=2" in (tmp_path / "eval.md").read_text()
+    md = (tmp_path / "eval.md").read_text()
+    assert "restarts=2" in md and "the first of the 2 runs alone" in md and "| assg @ 8/255 |" in md
 
 
 def test_resume_continues_an_evaluation_made_before_restarts_existed(checkpoint, tmp_path, capsys):
