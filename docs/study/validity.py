@@ -26,8 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root, for train and mpd_triton
-from mpd_triton.attacks.evaluation import FIRST_RUN, unpack_outcomes  # noqa: E402
-from mpd_triton.attacks.evaluation import _key as eps_key  # noqa: E402  (how eval.json keys an eps)
+from mpd_triton.attacks.evaluation import FIRST_RUN, eps_key, unpack_outcomes  # noqa: E402
 from train.stats import bootstrap_difference, bootstrap_mean, mcnemar_exact  # noqa: E402
 
 MODELS = ROOT / "docs" / "study" / "models" / "2026-12-07"

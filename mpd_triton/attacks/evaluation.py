@@ -149,8 +149,12 @@ class EvalSettings:
 FIRST_RUN = "first_run"
 
 
-def _key(eps: float) -> str:
+def eps_key(eps: float) -> str:
+    """How a result (and eval.json) keys an eps: six significant digits, '0.0313725' for 8/255."""
     return f"{eps:.6g}"
+
+
+_key = eps_key
 
 
 def _level_key(level: float) -> str:
