@@ -64,12 +64,12 @@ class Interval:
         """'+21.8 [+15.9, +27.5]': percentage points, as the study writes them."""
         return f"{100 * self.mean:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
 
+    def percent(self) -> str:
+        """'61.6 [57.2, 67.9]': an accuracy in %, as the study writes it."""
+        return f"{100 * self.mean:.1f} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
 
-def bootstrap_mean(values: Sequence[np.ndarray], *, draws: int = BOOTSTRAP_DRAWS, level: float = 0.95,
-                   seed: int = 0) -> Interval:
-    """Mean over seeds of the per-image mean of ``values[i]`` (seed i's per-image figures: outcomes as
-    0/1, or paired differences as -1/0/+1), with a two-stage bootstrap interval: seeds drawn with
-    replacement, then images within each drawn seed."""
+
+def _vectors(values: Sequence[np.ndarray]) -> list[np.ndarray]:
     if not len(values):
         raise ValueError("no seeds")
     vectors = []
@@ -78,17 +78,44 @@ def bootstrap_mean(values: Sequence[np.ndarray], *, draws: int = BOOTSTRAP_DRAWS
         if v.ndim != 1 or v.size == 0:
             raise ValueError(f"seed {i}: a non-empty vector of per-image figures expected, got shape {v.shape}")
         vectors.append(v)
+    return vectors
+
+
+def _two_stage(groups: Sequence[Sequence[np.ndarray]], signs: Sequence[int], draws: int, level: float,
+               seed: int) -> Interval:
+    """The two-stage bootstrap: seeds drawn with replacement, then, for each drawn seed, the images of each
+    of its vectors drawn independently; the estimate is the mean over seeds of sum(sign x mean)."""
+    n_seeds = len(groups[0])
     rng = np.random.default_rng(seed)
-    n_seeds = len(vectors)
     estimates = np.empty(draws)
     for d in range(draws):
         chosen = rng.integers(0, n_seeds, n_seeds)
-        estimates[d] = np.mean([vectors[s][rng.integers(0, vectors[s].size, vectors[s].size)].mean()
-                                for s in chosen])
+        estimates[d] = np.mean([sum(sign * group[s][rng.integers(0, group[s].size, group[s].size)].mean()
+                                    for sign, group in zip(signs, groups)) for s in chosen])
     tail = (1 - level) / 2
     low, high = np.quantile(estimates, [tail, 1 - tail])
-    return Interval(mean=float(np.mean([v.mean() for v in vectors])), low=float(low), high=float(high),
-                    seeds=n_seeds, images=min(v.size for v in vectors))
+    mean = np.mean([sum(sign * group[s].mean() for sign, group in zip(signs, groups)) for s in range(n_seeds)])
+    return Interval(mean=float(mean), low=float(low), high=float(high), seeds=n_seeds,
+                    images=min(v.size for group in groups for v in group))
+
+
+def bootstrap_mean(values: Sequence[np.ndarray], *, draws: int = BOOTSTRAP_DRAWS, level: float = 0.95,
+                   seed: int = 0) -> Interval:
+    """Mean over seeds of the per-image mean of ``values[i]`` (seed i's per-image figures: outcomes as
+    0/1, or paired differences as -1/0/+1), with a two-stage bootstrap interval: seeds drawn with
+    replacement, then images within each drawn seed."""
+    return _two_stage([_vectors(values)], [1], draws, level, seed)
+
+
+def bootstrap_unpaired_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *,
+                                  draws: int = BOOTSTRAP_DRAWS, level: float = 0.95, seed: int = 0) -> Interval:
+    """Mean over seeds of accuracy(b) - accuracy(a) where the images cannot be paired (results without
+    per-image outcomes): seeds drawn with replacement, then each model's images independently (a wider
+    interval than ``bootstrap_difference``'s)."""
+    a, b = _vectors(a), _vectors(b)
+    if len(a) != len(b):
+        raise ValueError(f"one outcome vector per seed for each model expected, got {len(a)} and {len(b)}")
+    return _two_stage([a, b], [-1, 1], draws, level, seed)
 
 
 def bootstrap_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *, draws: int = BOOTSTRAP_DRAWS,

@@ -27,7 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root, for train and mpd_triton
 from mpd_triton.attacks.evaluation import eps_key, unpack_outcomes  # noqa: E402
 from mpd_triton.attacks.units import eps_label  # noqa: E402
-from train.stats import Interval, bootstrap_difference, bootstrap_mean, mcnemar_exact  # noqa: E402
+from train.stats import (  # noqa: E402
+    bootstrap_difference,
+    bootstrap_mean,
+    bootstrap_unpaired_difference,
+    mcnemar_exact,
+)
 
 DATA = ROOT / "docs" / "study" / "data"
 STUDY = ROOT / "docs" / "study" / "README.md"
@@ -69,26 +74,6 @@ def read_model(path: Path, name: str | None = None) -> dict:
         raise SystemExit(f"{path}: no model {name!r} among {', '.join(models)}")
     (result,) = models.values()
     return result
-
-
-def unpaired_difference(a: list[np.ndarray], b: list[np.ndarray], *, draws: int = 10_000,
-                        seed: int = 0) -> Interval:
-    """Mean over seeds of accuracy(b) - accuracy(a) with the images of a and b resampled independently
-    (for files without per-image records): seeds drawn with replacement, then each model's images."""
-    rng = np.random.default_rng(seed)
-    s = len(a)
-    estimates = np.empty(draws)
-    for d in range(draws):
-        chosen = rng.integers(0, s, s)
-        estimates[d] = np.mean([b[i][rng.integers(0, b[i].size, b[i].size)].mean()
-                                - a[i][rng.integers(0, a[i].size, a[i].size)].mean() for i in chosen])
-    low, high = np.quantile(estimates, [0.025, 0.975])
-    return Interval(mean=float(np.mean([y.mean() - x.mean() for x, y in zip(a, b)])), low=float(low),
-                    high=float(high), seeds=s, images=min(x.size for x in a))
-
-
-def pct(i: Interval) -> str:
-    return f"{100 * i.mean:.1f} [{100 * i.low:.1f}, {100 * i.high:.1f}]"
 
 
 # --- the tables ---------------------------------------------------------------------------------------------
@@ -135,9 +120,9 @@ class Pair:
                 diff = bootstrap_difference([o.mask for o in a_out], [o.mask for o in b_out])
                 tests = " / ".join(f"{mcnemar_exact(x.mask, y.mask)['p']:.2g}" for x, y in zip(a_out, b_out))
             else:
-                diff = unpaired_difference([o.mask for o in a_out], [o.mask for o in b_out])
+                diff = bootstrap_unpaired_difference([o.mask for o in a_out], [o.mask for o in b_out])
                 tests = "unpaired"
-            lines.append(f"| {label} ({a_out[0].mask.size:,} images) | {pct(a_i)} | {pct(b_i)} | "
+            lines.append(f"| {label} ({a_out[0].mask.size:,} images) | {a_i.percent()} | {b_i.percent()} | "
                          f"{diff.points()} | {tests} |")
         note = (f"\n\nSeeds {', '.join(map(str, seeds))} ({len(seeds)} of {len(self.seeds)})"
                 + (f"; not yet run: seed {', '.join(map(str, missing))}" if missing else "") + ".")
@@ -175,7 +160,7 @@ class TenSeeds:
             for recipe in at01.RECIPES:
                 vectors = [np.arange(v["n"]) < round(v["worst"] * v["n"]) for v in runs[recipe]]
                 if len(seeds) == 10:
-                    cells.append(f"mean {pct(bootstrap_mean(vectors))}")
+                    cells.append(f"mean {bootstrap_mean(vectors).percent()}")
                 else:
                     cells.append(", ".join(f"{100 * v['worst']:.1f}" for v in runs[recipe]))
             lines.append(f"| {label} | {cells[0]} | {cells[1]} | {c['plain']} of {c['n']} against {c['mpd']} of "

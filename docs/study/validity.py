@@ -223,8 +223,7 @@ def analysis(data: Path = DATA, seeds=SEEDS) -> str:
         ib = bootstrap_mean([m[key] for m in b])
         d = bootstrap_difference([m[key] for m in a], [m[key] for m in b])
         p = " / ".join(f"{mcnemar_exact(x[key], y[key])['p']:.2g}" for x, y in zip(a, b))
-        lines.append(f"| {label} | {100 * ia.mean:.1f} [{100 * ia.low:.1f}, {100 * ia.high:.1f}] | "
-                     f"{100 * ib.mean:.1f} [{100 * ib.low:.1f}, {100 * ib.high:.1f}] | {d.points()} | {p} |")
+        lines.append(f"| {label} | {ia.percent()} | {ib.percent()} | {d.points()} | {p} |")
     worst = bootstrap_difference([m["worst"] for m in a], [m["worst"] for m in b])
     shrink = bootstrap_mean([(y["today"].astype(int) - x["today"].astype(int))
                              - (y["worst"].astype(int) - x["worst"].astype(int)) for x, y in zip(a, b)])

@@ -10,6 +10,7 @@ import pytest
 from train.stats import (
     bootstrap_difference,
     bootstrap_mean,
+    bootstrap_unpaired_difference,
     fisher_one_sided,
     mcnemar_exact,
 )
@@ -66,6 +67,18 @@ def test_bootstrap_difference_is_paired_and_signed():
         bootstrap_difference(a, b[:2])
     with pytest.raises(ValueError):
         bootstrap_difference([a[0]], [b[0][:10]])
+
+
+def test_unpaired_difference_is_wider_than_the_paired_one_and_has_the_same_mean():
+    rng = np.random.default_rng(5)
+    a = [rng.random(500) < 0.5 for _ in range(3)]
+    b = [x | (rng.random(500) < 0.2) for x in a]
+    paired, unpaired = bootstrap_difference(a, b, draws=3000), bootstrap_unpaired_difference(a, b, draws=3000)
+    assert unpaired.mean == pytest.approx(paired.mean)
+    assert unpaired.high - unpaired.low > paired.high - paired.low  # pairing removes the images' shared noise
+    assert unpaired.percent() == f"{100 * unpaired.mean:.1f} [{100 * unpaired.low:.1f}, {100 * unpaired.high:.1f}]"
+    with pytest.raises(ValueError):
+        bootstrap_unpaired_difference(a, b[:2])
 
 
 def test_bootstrap_is_repeatable():
