@@ -36,5 +36,5 @@ if [[ $what == all || $what == sr ]]; then  # section 5: SR (lambda = 0.01), see
     sweep sr_seed0 --grid seed=0 --case sr0.01="--eta 0 --sr-lambda 0.01"
 fi
 if [[ $what == all || $what == validity ]]; then  # item 2, on the retrained AT 2/255 pair
-    "$PY" docs/study/validity.py run
+    "$PY" docs/study/validity.py run --jobs 2
 fi

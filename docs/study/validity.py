@@ -2,23 +2,28 @@
 study of issue #30, item 2, exactly as fixed in docs/study/log.md ("Fixed on 2026-12-07 at 06:35 UTC").
 
     python docs/study/validity.py plan              # every job, its command, and what is done
-    python docs/study/validity.py run               # run what is left, one job after another, resumable
+    python docs/study/validity.py run --jobs 2      # run what is left, two jobs at a time, resumable
+    python docs/study/validity.py interim           # what the finished jobs give so far (a progress report)
     python docs/study/validity.py analysis          # the analysis fixed beforehand, on what is done
 
 The models: the adversarially trained pair at 2/255 (AT and AT + MPD-SGR), seeds 0-2, as trained again
 on 2026-12-07 and committed under docs/study/models/2026-12-07/. Each job is one `train.eval` run on
 one model at 8/255 (its folder under runs/study/validity/, continued with --resume after an
 interruption); when a job has finished, its eval.json is copied to docs/study/data/validity/, to be
-committed at once. `run` stops cleanly on Ctrl-C or SIGTERM (the job keeps what it finished).
+committed at once. `run` stops cleanly on Ctrl-C or SIGTERM (each running job keeps what it finished).
+The jobs run in the order of :func:`order` (ASSG at 100 iterations on every model first).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +142,7 @@ def _eval_done(path: Path) -> dict | None:
 # ---------------------------------------------------------------- running
 
 def plan(all_jobs: list[Job]) -> int:
-    for job in all_jobs:
+    for job in order(all_jobs):
         state = "done" if job.result.is_file() else ("started" if (job.folder / "eval.json").is_file() else "to run")
         print(f"{job.model:16s} {job.name:22s} {state:8s} {' '.join(job.command()[1:])}")
     missing = [m for m in {model_path(j.recipe, j.seed) for j in all_jobs} if not m.is_file()]
@@ -146,26 +151,108 @@ def plan(all_jobs: list[Job]) -> int:
     return 0
 
 
-def run(all_jobs: list[Job]) -> int:
-    for job in all_jobs:
+def order(all_jobs: list[Job]) -> list[Job]:
+    """The order the jobs run in (the analysis does not depend on it): ASSG at 100 iterations on every model
+    first, which gives each model's figure under today's attack and the restarts beside it; then the rest of
+    the primary jobs seed by seed, the two recipes of a seed together, so that each seed's paired comparison
+    is complete as early as it can be; the secondary ASSG at 1,000 iterations last."""
+    def key(job: Job) -> tuple:
+        if job.name == "assg100":
+            return (0, job.seed, RECIPES.index(job.recipe), 0)
+        if job.name in PRIMARY:
+            return (1, job.seed, PRIMARY.index(job.name), RECIPES.index(job.recipe))
+        return (2, job.seed, RECIPES.index(job.recipe), 0)
+    return sorted(all_jobs, key=key)
+
+
+def _runnable(job: Job) -> bool:
+    return model_path(job.recipe, job.seed).is_file() and all(
+        (ROOT / f).is_file() for f in job.flags if f.endswith("model.pt"))
+
+
+def _land(job: Job) -> None:
+    job.result.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(job.folder / "eval.json", job.result)
+    if (job.folder / "eval.md").is_file():
+        shutil.copyfile(job.folder / "eval.md", job.result.with_suffix(".md"))
+    print(f"[{job.model} {job.name}] done: {_shown(job.result)} (commit it)", flush=True)
+
+
+def run(all_jobs: list[Job], parallel: int = 1) -> int:
+    """Run what is left in :func:`order`, ``parallel`` jobs at a time (each child then gets cores / parallel
+    threads), and copy each finished result beside the data. Ctrl-C or SIGTERM stops every running job (each
+    keeps the images it finished: the same command continues it with --resume); a job that fails stops the
+    study after the running ones end."""
+    if parallel < 1:
+        raise SystemExit("--jobs must be >= 1")
+    todo = []
+    for job in order(all_jobs):
         if job.result.is_file():
             continue
-        if not model_path(job.recipe, job.seed).is_file() or any(
-                not (ROOT / f).is_file() for f in job.flags if f.endswith("model.pt")):
+        if not _runnable(job):
             print(f"[{job.model} {job.name}] skipped: a model it needs is not trained yet")
             continue
-        resume = (job.folder / "eval.json").is_file()
-        print(f"[{job.model} {job.name}] {'continuing' if resume else 'starting'}", flush=True)
-        done = subprocess.run(job.command(resume=resume), cwd=ROOT)
-        if done.returncode != 0:
-            print(f"[{job.model} {job.name}] stopped (exit {done.returncode}); the same command continues it")
-            return done.returncode
-        job.result.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(job.folder / "eval.json", job.result)
-        if (job.folder / "eval.md").is_file():
-            shutil.copyfile(job.folder / "eval.md", job.result.with_suffix(".md"))
-        print(f"[{job.model} {job.name}] done: {_shown(job.result)} (commit it)", flush=True)
-    return 0
+        todo.append(job)
+    env = dict(os.environ)
+    if parallel > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    running: dict[subprocess.Popen, Job] = {}
+    failed = 0
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        while (todo and not failed) or running:
+            while todo and not failed and len(running) < parallel:
+                job = todo.pop(0)
+                resume = (job.folder / "eval.json").is_file()
+                print(f"[{job.model} {job.name}] {'continuing' if resume else 'starting'}", flush=True)
+                running[subprocess.Popen(job.command(resume=resume), cwd=ROOT, env=env)] = job
+            for proc in [p for p in running if p.poll() is not None]:
+                job = running.pop(proc)
+                if proc.returncode == 0:
+                    _land(job)
+                else:
+                    print(f"[{job.model} {job.name}] stopped (exit {proc.returncode}); the same command "
+                          "continues it", flush=True)
+                    failed = failed or proc.returncode
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for proc, job in running.items():
+            proc.terminate()
+        for proc, job in running.items():
+            proc.wait()
+            print(f"[{job.model} {job.name}] interrupted; the same command continues it", flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return failed
+
+
+def _stop(signum, frame):  # SIGTERM: stop like Ctrl-C, children included
+    raise KeyboardInterrupt
+
+
+def interim(data: Path = DATA, seeds=SEEDS) -> str:
+    """What the finished jobs give so far, per model and attack (accuracy at 8/255 on the job's images): a
+    progress report, not the fixed analysis, which needs every primary job of both models of a seed."""
+    lines = ["| model | job | images | attack | accuracy (%) |", "|---|---|---|---|---|"]
+    found = False
+    for seed in seeds:
+        for recipe in RECIPES:
+            for name in (*PRIMARY, "assg1000"):
+                r = _eval_done(data / f"{recipe}_seed{seed}" / f"{name}.json")
+                if r is None:
+                    continue
+                found = True
+                for attack, by_eps in r["accuracy"].items():
+                    if attack == "fgsm" or eps_key(EPS) not in by_eps:
+                        continue
+                    row = f"| {recipe}_seed{seed} | {name} | {r['n']:,} | {attack} | {100 * by_eps[eps_key(EPS)]:.1f} |"
+                    first = (r.get("per_image") or {}).get("survived", {}).get(attack, {}).get(eps_key(EPS), {})
+                    if FIRST_RUN in first:
+                        today = unpack_outcomes(first[FIRST_RUN], r["n"]).mean()
+                        row = row[:-2] + f" (first run alone: {100 * today:.1f}) |"
+                    lines.append(row)
+    return "\n".join(lines) if found else "No job has finished yet."
 
 
 # ---------------------------------------------------------------- the analysis fixed beforehand
@@ -255,14 +342,19 @@ def analysis(data: Path = DATA, seeds=SEEDS) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("plan", "run", "analysis"))
+    p.add_argument("what", choices=("plan", "run", "analysis", "interim"))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="seeds to plan or run (default 0,1,2)")
+    p.add_argument("--jobs", type=int, default=1, help="jobs run at a time, each with cores / jobs threads "
+                   "(default 1)")
     args = p.parse_args(argv)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if args.what == "plan":
         return plan(jobs(seeds))
     if args.what == "run":
-        return run(jobs(seeds))
+        return run(jobs(seeds), parallel=args.jobs)
+    if args.what == "interim":
+        print(interim(seeds=seeds))
+        return 0
     print(analysis(seeds=SEEDS))
     return 0
 

@@ -174,6 +174,52 @@ def test_the_fixed_analysis_on_known_masks(validity, tmp_path):
     assert "The gap does not survive" in validity.analysis(data=alike, seeds=(0, 1))
 
 
+def test_the_jobs_run_in_an_order_that_gives_todays_attack_on_every_model_first(validity):
+    ordered = validity.order(validity.jobs())
+    assert len(ordered) == 42 and {(j.model, j.name) for j in ordered} == {(j.model, j.name) for j in validity.jobs()}
+    assert [(j.name, j.model) for j in ordered[:6]] == [("assg100", f"{r}_seed{s}") for s in (0, 1, 2)
+                                                         for r in validity.RECIPES]
+    rest = [j for j in ordered[6:] if j.name != "assg1000"]
+    assert [j.seed for j in rest] == sorted(j.seed for j in rest)  # seed by seed
+    assert rest[0].seed == 0 and rest[0].name == rest[1].name and rest[0].recipe != rest[1].recipe  # pairs together
+    assert all(j.name == "assg1000" for j in ordered[-6:])
+
+
+def test_the_interim_report_lists_the_finished_jobs_and_todays_attack_apart(validity, tmp_path):
+    assert validity.interim(data=tmp_path) == "No job has finished yet."
+    _validity_files(validity, tmp_path, 0, "at2", np.random.default_rng(0), robust=0.4)
+    text = validity.interim(data=tmp_path, seeds=(0,))
+    assert "| at2_seed0 | assg100 | 200 | assg |" in text and "(first run alone:" in text
+    assert "| at2_seed0 | square | 200 | square |" in text and "fgsm" not in text
+
+
+def test_sigterm_stops_every_running_job(validity, tmp_path, monkeypatch):
+    """SIGTERM to the study stops its running jobs (they continue with --resume), not only itself."""
+    import os
+    import signal
+    import threading
+
+    pids = tmp_path / "pids"
+    sleeper = [sys.executable, "-c", f"import os, time; open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n'); "
+               "time.sleep(60)"]
+    monkeypatch.setattr(validity.Job, "command", lambda self, resume=False: sleeper)
+    monkeypatch.setattr(validity, "_runnable", lambda job: True)
+    monkeypatch.setattr(validity, "DATA", tmp_path / "data")
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert validity.run(validity.jobs(seeds=(0,))[:3], parallel=2) == 130
+    finally:
+        timer.cancel()
+    started = [int(x) for x in pids.read_text().split()]
+    assert len(started) == 2  # two at a time
+    for pid in started:  # each child has ended (terminated, then reaped by run)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert signal.getsignal(signal.SIGTERM) is not validity._stop  # the handler is put back
+    assert not (tmp_path / "data").exists()  # nothing interrupted is landed
+
+
 @pytest.mark.slow
 def test_the_jobs_run_end_to_end_and_land_in_the_data_folder(validity, tmp_path, monkeypatch, capsys):
     """Every kind of job's train.eval command runs (tiny budgets, 6 images, one seed, the MPD-SGR model's
@@ -188,7 +234,7 @@ def test_the_jobs_run_end_to_end_and_land_in_the_data_folder(validity, tmp_path,
     jobs = [j for j in validity.jobs(seeds=(0,), images=6, long_images=4, scale=0.01) if j.recipe == "at2+mpd"]
     assert len(jobs) == 7
     torch.set_num_threads(1)
-    assert validity.run(jobs) == 0
+    assert validity.run(jobs, parallel=2) == 0  # two at a time, as the study runs
     for job in jobs:
         saved = json.loads(job.result.read_text())
         assert job.model in saved["models"] and "in_progress" not in saved
