@@ -5,7 +5,7 @@
 # docs/study/land.py copies what finished into docs/study/models/ and docs/study/data/: commit it at once.
 #
 #   bash docs/study/retrain.sh            # everything left, two one-thread runs at a time
-#   bash docs/study/retrain.sh at2        # only the adversarially trained pair (also: eta, sr, validity)
+#   bash docs/study/retrain.sh at2        # only the adversarially trained pair (also: eta, sr, paper, validity)
 #
 # About 60 minutes per pair of models on a 2-core CPU; the validity study is far longer (docs/study/README.md).
 set -euo pipefail
@@ -34,6 +34,24 @@ if [[ $what == all || $what == eta ]]; then  # section 2: plain against MPD-SGR 
 fi
 if [[ $what == all || $what == sr ]]; then  # section 5: SR (lambda = 0.01), seed 0
     sweep sr_seed0 --grid seed=0 --case sr0.01="--eta 0 --sr-lambda 0.01"
+fi
+if [[ $what == all || $what == paper ]]; then  # table 2: seed 0's five models under the paper's protocol, and ASSG
+    M=docs/study/models/2026-12-07; D=docs/study/data/2026-12-07/seed0
+    five=(--checkpoint $M/eta_seed0/eta0_seed0/model.pt --checkpoint $M/sr_seed0/sr0.01_seed0/model.pt
+          --checkpoint $M/eta_seed0/eta1_seed0/model.pt --checkpoint $M/at2_seed0/at2_seed0/model.pt
+          --checkpoint $M/at2_seed0/at2+mpd_seed0/model.pt --name plain --name sr --name mpd --name at2 --name at2+mpd)
+    evaluate() {  # evaluate NAME ARGS...: one train.eval, resumable, its result copied to $D/NAME.json once
+        local name=$1; shift
+        [[ -f $D/$name.json ]] && return 0
+        local out=runs/study/retrain/seed0/$name resume=()
+        [[ -f $out/eval.json ]] && resume=(--resume)
+        "$PY" -m train.eval "$@" --out "$out" "${resume[@]}"
+        mkdir -p "$D"; cp "$out/eval.json" "$D/$name.json"; cp "$out/eval.md" "$D/$name.md"
+        echo "landed $D/$name.json: commit it"
+    }
+    evaluate paper10k "${five[@]}" --attacks fgsm,pgd,bim --eps 8/255,0.1 --limit 0
+    evaluate assg "${five[@]:0:6}" --name plain --name sr --name mpd --attacks fgsm,assg \
+        --assg-level 0.35,0.425,0.49 --sapgd-steps 100 --eps 8/255 --limit 1000
 fi
 if [[ $what == all || $what == validity ]]; then  # item 2, on the retrained AT 2/255 pair
     "$PY" docs/study/validity.py run --jobs 2

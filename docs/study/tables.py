@@ -89,6 +89,7 @@ class Pair:
     files: dict  # seed -> (eval.json of a, eval.json of b, sweep.json or None)
     names: dict  # seed -> (name of a, name of b): the sweep's points, and the models in eval.json
     rows: tuple[tuple[str, str, float], ...]  # (row label, attack, eps)
+    per_seed: tuple[tuple[str, str, str, str], ...] = ()  # (row label, "sweep" or "eval", key, format) after clean
 
     def available(self) -> list[int]:
         return [s for s in self.seeds if all(Path(f).is_file() for f in self.files[s][:2])]
@@ -107,6 +108,13 @@ class Pair:
             b = " / ".join(f"{100 * c[1]:.2f}" for c in clean)
             d = " / ".join(f"{100 * (c[1] - c[0]):+.2f}" for c in clean)
             lines.append(f"| clean, all 10,000 test images (per seed) | {a} | {b} | {d} | |")
+        for label, source, key, fmt in self.per_seed:
+            values = [self._value(s, source, key) for s in seeds]
+            if all(v is not None for v in values):
+                a = " / ".join(format(v[0], fmt) for v in values)
+                b = " / ".join(format(v[1], fmt) for v in values)
+                d = " / ".join(format(v[1] - v[0], "+" + fmt) for v in values)
+                lines.append(f"| {label} (per seed) | {a} | {b} | {d} | |")
         for label, attack, eps in self.rows:
             a_out, b_out = [], []
             for s in seeds:
@@ -129,14 +137,67 @@ class Pair:
         return "\n".join(lines) + note
 
     def _clean10k(self, seed: int) -> tuple[float, float] | None:
-        sweep = self.files[seed][2]
-        if sweep is None or not Path(sweep).is_file():
+        return self._value(seed, "sweep", "clean_acc")
+
+    def _value(self, seed: int, source: str, key: str) -> tuple[float, float] | None:
+        """One number per model of a seed: a field of its sweep point (the sweep's summary) or of its
+        eval.json result."""
+        fa, fb, sweep = self.files[seed]
+        na, nb = self.names[seed]
+        if source == "eval":
+            a, b = read_model(Path(fa), na).get(key), read_model(Path(fb), nb).get(key)
+        else:
+            if sweep is None or not Path(sweep).is_file():
+                return None
+            points = {p["point"]: p for p in json.loads(Path(sweep).read_text())["points"]}
+            a, b = ((points.get(n) or {}).get(key) for n in (na, nb))
+        return None if a is None or b is None else (a, b)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model's accuracy in one row: its eval.json, its name there, the attack ("clean", an attack or
+    "all") and which record ("worst"; "first_run" for a restarted attack's first run alone)."""
+
+    path: Path
+    name: str
+    attack: str
+    eps: float = EPS
+    variant: str = "worst"
+
+    def mask(self) -> np.ndarray | None:
+        """Each image's outcome, or None while the file has not landed."""
+        if not self.path.is_file():
             return None
-        points = {p["point"]: p for p in json.loads(Path(sweep).read_text())["points"]}
-        a, b = (points.get(n) for n in self.names[seed])
-        if a is None or b is None:
-            return None
-        return a["clean_acc"], b["clean_acc"]
+        result = read_model(self.path, self.name)
+        if self.variant == "worst":
+            return outcome(result, self.attack, self.eps).mask
+        if self.attack == "clean" or not result.get("per_image"):
+            raise SystemExit(f"{self.path}: {self.name} has no per-image {self.variant} record of {self.attack}")
+        text = result["per_image"]["survived"][self.attack][eps_key(self.eps)][self.variant]
+        return unpack_outcomes(text, result["n"])
+
+
+@dataclass
+class Columns:
+    """Several models of one seed side by side, one column each; every cell the accuracy with its 95%
+    interval over the images (the two-stage bootstrap with one seed). A cell whose file has not landed
+    says so."""
+
+    title: str
+    labels: tuple[str, ...]
+    rows: tuple[tuple[str, tuple[Cell, ...]], ...]  # (row label, one cell per column)
+    note: str = ""
+
+    def markdown(self) -> str:
+        lines = [f"| {self.title} | " + " | ".join(self.labels) + " |", "|---|" + "---|" * len(self.labels)]
+        for label, cells in self.rows:
+            masks = [c.mask() for c in cells]
+            sizes = {m.size for m in masks if m is not None}
+            shown = f"{label} ({', '.join(f'{n:,}' for n in sorted(sizes))} images)" if sizes else label
+            lines.append(f"| {shown} | " + " | ".join(
+                "not run yet" if m is None else bootstrap_mean([m]).percent() for m in masks) + " |")
+        return "\n".join(lines) + (f"\n\n{self.note}" if self.note else "")
 
 
 @dataclass
@@ -179,21 +240,55 @@ def _script(name: str):
     return module
 
 
-def _at2_files(seed: int) -> tuple[Path, Path, Path]:
-    folder = DATA / "2026-12-07" / f"at2_seed{seed}"
-    return folder / f"eval_at2_seed{seed}.json", folder / f"eval_at2+mpd_seed{seed}.json", folder / "sweep.json"
+def _sweep_files(sweep: str, a: str, b: str) -> tuple[Path, Path, Path]:
+    """A pair's files as docs/study/land.py lays them out: data/DATE/SWEEP/eval_POINT.json and sweep.json."""
+    folder = DATA / "2026-12-07" / sweep
+    return folder / f"eval_{a}.json", folder / f"eval_{b}.json", folder / "sweep.json"
 
 
 ROWS_8 = (("clean", "clean", EPS), (f"FGSM {eps_label(EPS)}", "fgsm", EPS), (f"PGD-7 {eps_label(EPS)}", "pgd", EPS),
           (f"APGD {eps_label(EPS)}", "apgd", EPS), (f"worst case {eps_label(EPS)}", "all", EPS))
 
+SEED0 = DATA / "2026-12-07" / "seed0"  # table 2's evaluations of seed 0's five models (docs/study/retrain.sh paper)
+SEED0_MODELS = (("plain", "plain"), ("SR", "sr"), ("MPD-SGR", "mpd"), ("AT", "at2"), ("AT + MPD-SGR", "at2+mpd"))
+
+
+def _seed0_rows() -> tuple:
+    paper = SEED0 / "paper10k.json"
+    rows = [(label, tuple(Cell(paper, name, attack, EPS) for _, name in SEED0_MODELS))
+            for label, attack in (("clean", "clean"), ("FGSM", "fgsm"), ("PGD-7", "pgd"), ("BIM-7", "bim"))]
+    assg = SEED0 / "assg.json"
+    validity = DATA / "validity"
+    cells = tuple(Cell(assg, name, "assg") for _, name in SEED0_MODELS[:3]) + tuple(
+        Cell(validity / f"{recipe}_seed0" / "assg100.json", f"{recipe}_seed0", "assg", variant="first_run")
+        for recipe in ("at2", "at2+mpd"))
+    rows.append(("ASSG + SA-PGD, 100 iterations, three levels", cells))
+    return tuple(rows)
+
+
 TABLES = {
     "at2_retrained": Pair(
         title="AT 2/255, trained again 2026-12-07; own + arctangent surrogate",
         label_a="AT", label_b="AT + MPD-SGR", seeds=(0, 1, 2),
-        files={s: _at2_files(s) for s in (0, 1, 2)},
+        files={s: _sweep_files(f"at2_seed{s}", f"at2_seed{s}", f"at2+mpd_seed{s}") for s in (0, 1, 2)},
         names={s: (f"at2_seed={s}", f"at2+mpd_seed={s}") for s in (0, 1, 2)},
         rows=ROWS_8),
+    "eta_retrained": Pair(
+        title="plain against MPD-SGR, trained again 2026-12-07; own + arctangent surrogate",
+        label_a="plain (eta = 0)", label_b="MPD-SGR (eta = 1)", seeds=(0, 1, 2),
+        files={s: _sweep_files(f"eta_seed{s}", f"eta0_seed{s}", f"eta1_seed{s}") for s in (0, 1, 2)},
+        names={s: (f"eta=0_seed={s}", f"eta=1_seed={s}") for s in (0, 1, 2)},
+        rows=ROWS_8,
+        per_seed=(("mean Omega, end of training", "sweep", "mean_omega", ".3f"),
+                  ("input-gradient L1 (1,000 images)", "eval", "grad_l1", ".1f"))),
+    "seed0_paper": Columns(
+        title="seed 0, trained again 2026-12-07; 8/255", labels=tuple(label for label, _ in SEED0_MODELS),
+        rows=_seed0_rows(),
+        note="Clean, FGSM, PGD-7 and BIM-7: the paper's protocol (the model's own surrogate, 7 steps of 0.01) "
+             "on all 10,000 test images, `data/2026-12-07/seed0/paper10k.json`; ASSG on the first 1,000, "
+             "`data/2026-12-07/seed0/assg.json` and, for the two adversarially trained models, the first run "
+             "of the validity study's ASSG job, `data/validity/*_seed0/assg100.json` "
+             "(`bash docs/study/retrain.sh paper`, then `validity`)."),
     "at01_ten_seeds": TenSeeds(),
 }
 

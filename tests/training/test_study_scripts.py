@@ -89,6 +89,54 @@ def test_a_pair_table_pairs_images_and_tests_each_seed(tables, tmp_path):
     assert low > 5 and all(float(p) < 1e-3 for p in cells[4].split(" / "))
 
 
+def test_per_seed_rows_read_the_sweep_summary_and_the_eval_file(tables, tmp_path):
+    """Omega (the sweep's summary) and the input-gradient L1 (eval.json), one value per seed and model; a
+    row whose field is missing is left out rather than written as zero."""
+    rng = np.random.default_rng(2)
+    files, names = {}, {}
+    for seed in (0, 1):
+        fa = _eval_file(tmp_path / f"a{seed}.json", "x", _masks(rng, 100, 0.9, 0.5))
+        fb = _eval_file(tmp_path / f"b{seed}.json", "y", _masks(rng, 100, 0.9, 0.5))
+        for f, l1 in ((fa, 20.0 + seed), (fb, 25.5 + seed)):
+            saved = json.loads(f.read_text())
+            next(iter(saved["models"].values()))["grad_l1"] = l1
+            f.write_text(json.dumps(saved))
+        sweep = tmp_path / f"sweep{seed}.json"
+        sweep.write_text(json.dumps({"points": [{"point": "x", "clean_acc": 0.92, "mean_omega": 0.5 + seed / 100},
+                                                {"point": "y", "clean_acc": 0.91, "mean_omega": 0.125}]}))
+        files[seed], names[seed] = (fa, fb, sweep), ("x", "y")
+    per_seed = (("mean Omega", "sweep", "mean_omega", ".3f"), ("grad L1", "eval", "grad_l1", ".1f"),
+                ("missing", "sweep", "no_such_field", ".1f"))
+    text = tables.Pair(title="t", label_a="A", label_b="B", seeds=(0, 1), files=files, names=names,
+                       rows=tables.ROWS_8, per_seed=per_seed).markdown()
+    assert "| clean, all 10,000 test images (per seed) | 92.00 / 92.00 | 91.00 / 91.00 | -1.00 / -1.00 | |" in text
+    assert "| mean Omega (per seed) | 0.500 / 0.510 | 0.125 / 0.125 | -0.375 / -0.385 | |" in text
+    assert "| grad L1 (per seed) | 20.0 / 21.0 | 25.5 / 26.5 | +5.5 / +5.5 | |" in text
+    assert "missing" not in text
+
+
+def test_a_column_table_reads_each_cell_from_its_own_file_and_says_what_is_missing(tables, tmp_path):
+    rng = np.random.default_rng(4)
+    a, b = _masks(rng, 500, 0.9, 0.5), _masks(rng, 500, 0.9, 0.2)
+    first = a["apgd"] | (rng.random(500) < 0.1)  # a restarted attack's first run alone: more images survive it
+    fa = _eval_file(tmp_path / "a.json", "x", {**a, "apgd/first_run": first})
+    fb = _eval_file(tmp_path / "b.json", "y", b)
+    missing = tables.Cell(tmp_path / "no.json", "z", "apgd")
+    table = tables.Columns(title="t", labels=("X", "Y", "Z"), rows=(
+        ("APGD", (tables.Cell(fa, "x", "apgd"), tables.Cell(fb, "y", "apgd"), missing)),
+        ("APGD, first run", (tables.Cell(fa, "x", "apgd", variant="first_run"),) * 3)))
+    lines = table.markdown().splitlines()
+    apgd = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert apgd[0] == "APGD (500 images)" and apgd[3] == "not run yet"
+    for cell, mask in zip(apgd[1:3], (a["apgd"], b["apgd"])):
+        mean, low, high = (float(x) for x in cell.replace("[", " ").replace(",", " ").replace("]", " ").split())
+        assert mean == pytest.approx(100 * mask.mean(), abs=0.05) and low < mean < high and high - low < 12
+    assert lines[3].split("|")[2].strip().startswith(f"{100 * first.mean():.1f} [")
+    no_record = _eval_file(tmp_path / "c.json", "x", a, per_image=False)
+    with pytest.raises(SystemExit, match="no per-image first_run record"):
+        tables.Cell(no_record, "x", "apgd", variant="first_run").mask()
+
+
 def test_files_without_per_image_outcomes_give_an_unpaired_interval(tables, tmp_path):
     rng = np.random.default_rng(1)
     a, b = _masks(rng, 300, 0.9, 0.5), _masks(rng, 300, 0.9, 0.5)
