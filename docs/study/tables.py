@@ -280,7 +280,7 @@ TABLES = {
         names={s: (f"eta=0_seed={s}", f"eta=1_seed={s}") for s in (0, 1, 2)},
         rows=ROWS_8,
         per_seed=(("mean Omega, end of training", "sweep", "mean_omega", ".3f"),
-                  ("input-gradient L1 (1,000 images)", "eval", "grad_l1", ".1f"))),
+                  ("input-gradient L1, 1,000 images", "eval", "grad_l1", ".1f"))),
     "seed0_paper": Columns(
         title="seed 0, trained again 2026-12-07; 8/255", labels=tuple(label for label, _ in SEED0_MODELS),
         rows=_seed0_rows(),
