@@ -17,6 +17,7 @@ The jobs run in the order of :func:`order` (ASSG at 100 iterations on every mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root, for train and mpd_triton
 from mpd_triton.attacks.evaluation import FIRST_RUN, eps_key, unpack_outcomes  # noqa: E402
+from plumbing.lock import FolderBusy, folder_lock  # noqa: E402
 from train.stats import bootstrap_difference, bootstrap_mean, mcnemar_exact  # noqa: E402
 
 MODELS = ROOT / "docs" / "study" / "models" / "2026-12-07"
@@ -42,6 +44,7 @@ RECIPES = ("at2", "at2+mpd")
 EPS = 8 / 255
 LEVELS = "0.35,0.425,0.49"
 IMAGES, LONG_IMAGES = 1000, 250  # the primary analysis's images; ASSG at 1,000 iterations runs on the first 250
+LOCK = ".validity.lock"  # in a job's folder while a run of this script runs it
 GRADIENTS = "own,triangle,sigmoid,atan,bptr,ste,fitted"  # the surrogate ensemble, BPTR, straight-through, fitted
 
 
@@ -182,7 +185,8 @@ def run(all_jobs: list[Job], parallel: int = 1) -> int:
     """Run what is left in :func:`order`, ``parallel`` jobs at a time (each child then gets cores / parallel
     threads), and copy each finished result beside the data. Ctrl-C or SIGTERM stops every running job (each
     keeps the images it finished: the same command continues it with --resume); a job that fails stops the
-    study after the running ones end."""
+    study after the running ones end. Each running job holds a lock on its folder, so that a second
+    ``run`` started beside this one (to use a core that came free) takes the next job, not the same one."""
     if parallel < 1:
         raise SystemExit("--jobs must be >= 1")
     todo = []
@@ -197,15 +201,26 @@ def run(all_jobs: list[Job], parallel: int = 1) -> int:
     if parallel > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     running: dict[subprocess.Popen, Job] = {}
+    locks: dict[subprocess.Popen, contextlib.ExitStack] = {}
     failed = 0
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         while (todo and not failed) or running:
             while todo and not failed and len(running) < parallel:
                 job = todo.pop(0)
+                lock = contextlib.ExitStack()
+                try:
+                    lock.enter_context(folder_lock(job.folder, "validity.py run", LOCK))
+                except FolderBusy:
+                    print(f"[{job.model} {job.name}] skipped: another validity.py run is running it", flush=True)
+                    continue
+                if job.result.is_file():  # landed by another run while this one waited
+                    lock.close()
+                    continue
                 resume = (job.folder / "eval.json").is_file()
                 print(f"[{job.model} {job.name}] {'continuing' if resume else 'starting'}", flush=True)
-                running[subprocess.Popen(job.command(resume=resume), cwd=ROOT, env=env)] = job
+                proc = subprocess.Popen(job.command(resume=resume), cwd=ROOT, env=env)
+                running[proc], locks[proc] = job, lock
             for proc in [p for p in running if p.poll() is not None]:
                 job = running.pop(proc)
                 if proc.returncode == 0:
@@ -214,6 +229,7 @@ def run(all_jobs: list[Job], parallel: int = 1) -> int:
                     print(f"[{job.model} {job.name}] stopped (exit {proc.returncode}); the same command "
                           "continues it", flush=True)
                     failed = failed or proc.returncode
+                locks.pop(proc).close()
             time.sleep(0.2)
     except KeyboardInterrupt:
         for proc, job in running.items():
@@ -224,6 +240,8 @@ def run(all_jobs: list[Job], parallel: int = 1) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for lock in locks.values():
+            lock.close()
     return failed
 
 

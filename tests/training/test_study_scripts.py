@@ -268,6 +268,25 @@ def test_sigterm_stops_every_running_job(validity, tmp_path, monkeypatch):
     assert not (tmp_path / "data").exists()  # nothing interrupted is landed
 
 
+def test_a_second_run_beside_the_first_takes_other_jobs(validity, tmp_path, monkeypatch):
+    """A job whose folder another run holds is left to it: two runs started side by side never run one job
+    twice."""
+    from plumbing.lock import folder_lock
+
+    def command(self, resume=False):  # a job that writes its eval.json and ends
+        return [sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(self.folder)!r}); "
+                "p.mkdir(parents=True, exist_ok=True); (p / 'eval.json').write_text('{}')"]
+
+    monkeypatch.setattr(validity.Job, "command", command)
+    monkeypatch.setattr(validity, "_runnable", lambda job: True)
+    monkeypatch.setattr(validity, "DATA", tmp_path / "data")
+    monkeypatch.setattr(validity, "RUNS", tmp_path / "runs")
+    first, *rest = validity.order(validity.jobs(seeds=(0,)))[:3]
+    with folder_lock(first.folder, "another run", validity.LOCK):
+        assert validity.run([first, *rest], parallel=2) == 0
+    assert not first.result.exists() and all(job.result.is_file() for job in rest)
+
+
 @pytest.mark.slow
 def test_the_jobs_run_end_to_end_and_land_in_the_data_folder(validity, tmp_path, monkeypatch, capsys):
     """Every kind of job's train.eval command runs (tiny budgets, 6 images, one seed, the MPD-SGR model's
