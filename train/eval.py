@@ -79,6 +79,7 @@ from .report import (
     plot_membrane,
     plot_robustness,
 )
+from .results import IN_PROGRESS
 
 MEMBRANE_IMAGES, DIAGNOSTIC_IMAGES = 256, 1000  # test images of membrane.png and of the per-layer diagnostics
 # EvalSettings' fields added after results version 3 was fixed, with the value that evaluates as an
@@ -350,9 +351,9 @@ def _evaluate(argv, where: dict) -> int:
     def save(in_progress: dict | None = None):  # after every batch: an interrupted evaluation keeps what it did
         write_json(out / "eval.json", {"command": command, "provenance": provenance(device), "key": key,
                                        "models": dict(zip(names, results)),
-                                       **({"in_progress": in_progress} if in_progress else {})})
+                                       **({IN_PROGRESS: in_progress} if in_progress else {})})
 
-    unfinished = previous.get("in_progress", {})
+    unfinished = previous.get(IN_PROGRESS, {})
     for name, (model, spec), path in zip(names, models, args.checkpoint):
         if name in previous.get("models", {}):
             results.append(previous["models"][name])

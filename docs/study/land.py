@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root, for train
+from train.results import finished_models  # noqa: E402
+
 MODELS = ROOT / "docs" / "study" / "models"
 DATA = ROOT / "docs" / "study" / "data"
 MODEL_FILES = ("model.pt", "report.json", "report.md")
@@ -67,8 +70,7 @@ def land(sweep: Path, models: Path = MODELS, data: Path = DATA) -> list[Path]:
         dates.add(date)
         for file in MODEL_FILES:
             _copy(run / file, models / date / sweep.name / name / file, landed)
-        saved = _json(point / "eval" / "eval.json")
-        if saved and saved.get("models") and "in_progress" not in saved:
+        if finished_models(point / "eval" / "eval.json") is not None:
             evaluated.append(point)
             for suffix in (".json", ".md"):
                 _copy(point / "eval" / f"eval{suffix}", data / date / sweep.name / f"eval_{name}{suffix}", landed)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root, for train and mpd_triton
 from mpd_triton.attacks.evaluation import FIRST_RUN, eps_key, unpack_outcomes  # noqa: E402
 from plumbing.lock import FolderBusy, folder_lock  # noqa: E402
+from train.results import finished_models  # noqa: E402
 from train.stats import bootstrap_difference, bootstrap_mean, mcnemar_exact  # noqa: E402
 
 MODELS = ROOT / "docs" / "study" / "models" / "2026-12-07"
@@ -132,13 +132,10 @@ PRIMARY = ("assg100", "assg300", "apgd", "square", "transfer_twin", "transfer_in
 
 def _eval_done(path: Path) -> dict | None:
     """The one model's result of a finished eval.json, else None."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
+    models = finished_models(path)
+    if models is None or len(models) != 1:
         return None
-    if "in_progress" in saved or len(saved.get("models", {})) != 1:
-        return None
-    (result,) = saved["models"].values()
+    (result,) = models.values()
     return result
 
 

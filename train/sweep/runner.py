@@ -20,6 +20,7 @@ from tqdm import tqdm  # noqa: E402
 
 from plumbing.files import WriteError, write_json  # noqa: E402
 
+from ..results import finished_models  # noqa: E402
 from .plan import Point, SweepError  # noqa: E402
 
 # ---------------------------------------------------------------- running
@@ -63,14 +64,7 @@ def _has_checkpoint(folder: Path) -> bool:
 
 
 def _evaluation_done(folder: Path, name: str) -> bool:
-    path = folder / "eval.json"
-    if not path.is_file():
-        return False
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return name in saved.get("models", {}) and "in_progress" not in saved
+    return name in (finished_models(folder / "eval.json") or {})
 
 
 class _Stopped(Exception):
