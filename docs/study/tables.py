@@ -20,6 +20,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -121,17 +122,7 @@ class Pair:
                 (fa, fb, _), (na, nb) = self.files[s], self.names[s]
                 a_out.append(outcome(read_model(Path(fa), na), attack, eps))
                 b_out.append(outcome(read_model(Path(fb), nb), attack, eps))
-            a_i = bootstrap_mean([o.mask for o in a_out])
-            b_i = bootstrap_mean([o.mask for o in b_out])
-            paired = all(x.paired and y.paired for x, y in zip(a_out, b_out))
-            if paired:
-                diff = bootstrap_difference([o.mask for o in a_out], [o.mask for o in b_out])
-                tests = " / ".join(f"{mcnemar_exact(x.mask, y.mask)['p']:.2g}" for x, y in zip(a_out, b_out))
-            else:
-                diff = bootstrap_unpaired_difference([o.mask for o in a_out], [o.mask for o in b_out])
-                tests = "unpaired"
-            lines.append(f"| {label} ({a_out[0].mask.size:,} images) | {a_i.percent()} | {b_i.percent()} | "
-                         f"{diff.points()} | {tests} |")
+            lines.append(_pair_row(f"{label} ({a_out[0].mask.size:,} images)", a_out, b_out))
         note = (f"\n\nSeeds {', '.join(map(str, seeds))} ({len(seeds)} of {len(self.seeds)})"
                 + (f"; not yet run: seed {', '.join(map(str, missing))}" if missing else "") + ".")
         return "\n".join(lines) + note
@@ -154,6 +145,20 @@ class Pair:
         return None if a is None or b is None else (a, b)
 
 
+def _pair_row(label: str, a_out: list[Outcome], b_out: list[Outcome]) -> str:
+    """One row of a pair's table: each recipe's mean over seeds and images, the difference (paired image by
+    image where both have per-image records, with McNemar per seed; else unpaired)."""
+    a_i = bootstrap_mean([o.mask for o in a_out])
+    b_i = bootstrap_mean([o.mask for o in b_out])
+    if all(x.paired and y.paired for x, y in zip(a_out, b_out)):
+        diff = bootstrap_difference([o.mask for o in a_out], [o.mask for o in b_out])
+        tests = " / ".join(f"{mcnemar_exact(x.mask, y.mask)['p']:.2g}" for x, y in zip(a_out, b_out))
+    else:
+        diff = bootstrap_unpaired_difference([o.mask for o in a_out], [o.mask for o in b_out])
+        tests = "unpaired"
+    return f"| {label} | {a_i.percent()} | {b_i.percent()} | {diff.points()} | {tests} |"
+
+
 @dataclass(frozen=True)
 class Cell:
     """One model's accuracy in one row: its eval.json, its name there, the attack ("clean", an attack or
@@ -167,15 +172,64 @@ class Cell:
 
     def mask(self) -> np.ndarray | None:
         """Each image's outcome, or None while the file has not landed."""
+        found = self.outcome()
+        return None if found is None else found.mask
+
+    def outcome(self) -> Outcome | None:
         if not self.path.is_file():
             return None
         result = read_model(self.path, self.name)
         if self.variant == "worst":
-            return outcome(result, self.attack, self.eps).mask
+            return outcome(result, self.attack, self.eps)
         if self.attack == "clean" or not result.get("per_image"):
             raise SystemExit(f"{self.path}: {self.name} has no per-image {self.variant} record of {self.attack}")
         text = result["per_image"]["survived"][self.attack][eps_key(self.eps)][self.variant]
-        return unpack_outcomes(text, result["n"])
+        return Outcome(unpack_outcomes(text, result["n"]), paired=True)
+
+
+@dataclass(frozen=True)
+class AllOf:
+    """The images that survive every one of several cells' attacks (the same images, in the same order:
+    per-image records of one model on the first n test images), on the images all of them ran."""
+
+    cells: tuple[Cell, ...]
+
+    def outcome(self) -> Outcome | None:
+        found = [c.outcome() for c in self.cells]
+        if any(f is None for f in found):
+            return None
+        if not all(f.paired for f in found):
+            raise SystemExit(f"{self.cells[0].path}: a per-image worst case needs per-image records")
+        n = min(f.mask.size for f in found)
+        return Outcome(np.logical_and.reduce([f.mask[:n] for f in found]), paired=True)
+
+
+@dataclass
+class PairCells:
+    """Two recipes over seeds where each row reads its own files: ``rows`` gives, per row, a function of the
+    seed that returns (the cell of a, the cell of b). A row shows the seeds whose two cells have landed and
+    names them when they are not all."""
+
+    title: str
+    label_a: str
+    label_b: str
+    seeds: tuple[int, ...]
+    rows: tuple[tuple[str, Callable[[int], tuple[Cell | AllOf, Cell | AllOf]]], ...]
+
+    def markdown(self) -> str:
+        lines = [f"| {self.title} | {self.label_a} | {self.label_b} | difference [95% interval] | "
+                 "McNemar p, per seed |", "|---|---|---|---|---|"]
+        for label, cells in self.rows:
+            found = {s: tuple(c.outcome() for c in cells(s)) for s in self.seeds}
+            seeds = [s for s in self.seeds if None not in found[s]]
+            if not seeds:
+                lines.append(f"| {label} | not run yet | | | |")
+                continue
+            which = "" if len(seeds) == len(self.seeds) else f", seed{'s' * (len(seeds) > 1)} " + \
+                ", ".join(map(str, seeds))
+            shown = f"{label} ({found[seeds[0]][0].mask.size:,} images{which})"
+            lines.append(_pair_row(shown, [found[s][0] for s in seeds], [found[s][1] for s in seeds]))
+        return "\n".join(lines)
 
 
 @dataclass
@@ -266,6 +320,29 @@ def _seed0_rows() -> tuple:
     return tuple(rows)
 
 
+VALIDITY = DATA / "validity"
+
+
+def _at2_eval(seed: int) -> tuple[Cell, Cell]:
+    a, b, _ = _sweep_files(f"at2_seed{seed}", f"at2_seed{seed}", f"at2+mpd_seed{seed}")
+    return Cell(a, f"at2_seed={seed}", "all"), Cell(b, f"at2+mpd_seed={seed}", "all")
+
+
+def _at2_assg(seed: int, variant: str) -> tuple[Cell, Cell]:
+    return tuple(Cell(VALIDITY / f"{r}_seed{seed}" / "assg100.json", f"{r}_seed{seed}", "assg", variant=variant)
+                 for r in ("at2", "at2+mpd"))
+
+
+AT2_ASSG_ROWS = (
+    ("worst case of FGSM, PGD-7 and APGD, own + arctangent", _at2_eval),
+    ("ASSG + SA-PGD, 100 iterations, three levels (the attack of 2026-12-03)",
+     lambda s: _at2_assg(s, "first_run")),
+    ("ASSG + SA-PGD, the same with two restarts", lambda s: _at2_assg(s, "worst")),
+    ("**worst case: FGSM, PGD-7, APGD and ASSG (as in the table of 2026-12-03)**",
+     lambda s: tuple(AllOf((e, g)) for e, g in zip(_at2_eval(s), _at2_assg(s, "first_run")))),
+)
+
+
 TABLES = {
     "at2_retrained": Pair(
         title="AT 2/255, trained again 2026-12-07; own + arctangent surrogate",
@@ -273,6 +350,9 @@ TABLES = {
         files={s: _sweep_files(f"at2_seed{s}", f"at2_seed{s}", f"at2+mpd_seed{s}") for s in (0, 1, 2)},
         names={s: (f"at2_seed={s}", f"at2+mpd_seed={s}") for s in (0, 1, 2)},
         rows=ROWS_8),
+    "at2_assg": PairCells(
+        title="AT 2/255, trained again 2026-12-07, under ASSG; 8/255", label_a="AT", label_b="AT + MPD-SGR",
+        seeds=(0, 1, 2), rows=AT2_ASSG_ROWS),
     "eta_retrained": Pair(
         title="plain against MPD-SGR, trained again 2026-12-07; own + arctangent surrogate",
         label_a="plain (eta = 0)", label_b="MPD-SGR (eta = 1)", seeds=(0, 1, 2),

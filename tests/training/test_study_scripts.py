@@ -137,6 +137,52 @@ def test_a_column_table_reads_each_cell_from_its_own_file_and_says_what_is_missi
         tables.Cell(no_record, "x", "apgd", variant="first_run").mask()
 
 
+def test_a_pair_of_cells_combines_files_image_by_image_and_names_the_seeds_it_has(tables, tmp_path):
+    """A row of PairCells reads each seed's cells from their own files; AllOf is the per-image worst case
+    over two files of one model (cut to the images both ran); a seed whose file has not landed is left out
+    and the row names the seeds it shows."""
+    rng = np.random.default_rng(5)
+    files = {}
+    for seed in (0, 1):
+        for recipe, robust in (("a", 0.6), ("b", 0.3)):
+            base = _masks(rng, 400, 0.9, robust)
+            other = base["apgd"] & (rng.random(400) < 0.7)  # a second, stronger attack in another file
+            files[seed, recipe] = (_eval_file(tmp_path / f"{recipe}{seed}.json", recipe, base),
+                                   _eval_file(tmp_path / f"{recipe}{seed}_assg.json", recipe,
+                                              {"clean": base["clean"], "assg": other, "all": other}),
+                                   base["all"], other)
+    missing = tmp_path / "missing.json"
+
+    def cells(seed, which):
+        out = []
+        for recipe in ("a", "b"):
+            if seed == 1 and which == "assg":
+                out.append(tables.Cell(missing, recipe, "assg"))  # seed 1's second file not landed
+            elif which == "assg":
+                out.append(tables.Cell(files[seed, recipe][1], recipe, "assg"))
+            else:
+                out.append(tables.AllOf((tables.Cell(files[seed, recipe][0], recipe, "all"),
+                                         tables.Cell(files[seed, recipe][1], recipe, "assg"))))
+        return tuple(out)
+
+    table = tables.PairCells(title="t", label_a="A", label_b="B", seeds=(0, 1), rows=(
+        ("ASSG", lambda s: cells(s, "assg")), ("worst", lambda s: cells(s, "worst")),
+        ("nothing", lambda s: (tables.Cell(missing, "a", "x"), tables.Cell(missing, "b", "x")))))
+    lines = table.markdown().splitlines()
+    assert lines[2].startswith("| ASSG (400 images, seed 0) | ")
+    assert lines[3].startswith("| worst (400 images) | ")
+    assert lines[4] == "| nothing | not run yet | | | |"
+    worst = tables.AllOf((tables.Cell(files[0, "a"][0], "a", "all"), tables.Cell(files[0, "a"][1], "a", "assg")))
+    assert np.array_equal(worst.outcome().mask, files[0, "a"][2] & files[0, "a"][3])
+    both = [files[s, "a"][2] & files[s, "a"][3] for s in (0, 1)]
+    mean = float(lines[3].split("|")[2].split("[")[0])
+    assert mean == pytest.approx(100 * np.mean([m.mean() for m in both]), abs=0.05)
+    unpaired = tables.Cell(_eval_file(tmp_path / "u.json", "a", _masks(rng, 400, 0.9, 0.5), per_image=False),
+                           "a", "all")
+    with pytest.raises(SystemExit, match="needs per-image records"):
+        tables.AllOf((unpaired, tables.Cell(files[0, "a"][1], "a", "assg"))).outcome()
+
+
 def test_files_without_per_image_outcomes_give_an_unpaired_interval(tables, tmp_path):
     rng = np.random.default_rng(1)
     a, b = _masks(rng, 300, 0.9, 0.5), _masks(rng, 300, 0.9, 0.5)
