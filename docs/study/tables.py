@@ -3,6 +3,7 @@
     python docs/study/tables.py            # print every table
     python docs/study/tables.py --write    # rewrite the tables between their markers in docs/study/README.md
     python docs/study/tables.py --check    # exit 1 if docs/study/README.md differs from the files (a test runs it)
+    python docs/study/tables.py --plot-at2 docs/study/figures/at2_retrained.png   # the AT 2/255 pair's figure
 
 Each table reads the `eval.json` files that `train.eval` wrote (and the sweep's `sweep.json` for clean
 accuracy on all 10,000 test images) under docs/study/data/. The intervals are the two-stage bootstrap of
@@ -372,6 +373,46 @@ TABLES = {
     "at01_ten_seeds": TenSeeds(),
 }
 
+def plot_at2(path: Path) -> None:
+    """The retrained AT 2/255 pair, seed by seed: the worst case of the fixed-surrogate attacks (left) and
+    with ASSG (right), AT joined to AT + MPD-SGR by one line per seed, the mean over the seeds that have
+    landed with its 95% interval (the table's bootstrap) beside each end. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ((AT2_ASSG_ROWS[0][1], "FGSM, PGD-7, APGD\n(own + arctangent)"),
+              (AT2_ASSG_ROWS[3][1], "the same and ASSG + SA-PGD\n(100 iterations, three levels)"))
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 4), sharey=True)
+    for ax, (cells, title) in zip(axes, panels):
+        found = {s: tuple(c.outcome() for c in cells(s)) for s in (0, 1, 2)}
+        seeds = [s for s in found if None not in found[s]]
+        for s in seeds:
+            a, b = (100 * o.mask.mean() for o in found[s])
+            ax.plot([0, 1], [a, b], marker="o", color=f"C{s}", label=f"seed {s}")
+        for x, side in ((0, 0), (1, 1)):
+            if seeds:
+                i = bootstrap_mean([found[s][side].mask for s in seeds])
+                ax.errorbar([x + (0.12 if side else -0.12)], [100 * i.mean],
+                            yerr=[[100 * (i.mean - i.low)], [100 * (i.high - i.mean)]], fmt="s", color="k",
+                            capsize=3, label="mean, 95% interval" if side else None)
+        if not seeds:
+            ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([0, 1], ["AT", "AT + MPD-SGR"])
+        ax.set_xlim(-0.4, 1.4)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("robust accuracy at 8/255 (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4, frameon=False)
+    fig.suptitle("Adversarial training at 2/255, trained again 2026-12-07; first 1,000 test images", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 MARKER = re.compile(r"(<!-- tables\.py: (\w+) -->\n)(.*?)(<!-- /tables\.py -->)", re.S)
 
 
@@ -393,7 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="rewrite the marked tables in docs/study/README.md")
     mode.add_argument("--check", action="store_true", help="exit 1 if docs/study/README.md's tables differ")
+    p.add_argument("--plot-at2", type=Path, metavar="PNG", help="also draw the retrained AT 2/255 pair, seed by "
+                   "seed (docs/study/figures/at2_retrained.png; needs matplotlib)")
     args = p.parse_args(argv)
+    if args.plot_at2:
+        plot_at2(args.plot_at2)
+        print(f"wrote {args.plot_at2}")
     if not (args.write or args.check):
         for name, table in TABLES.items():
             print(f"{name}:\n{table.markdown()}\n")
