@@ -336,10 +336,10 @@ def _at2_assg(seed: int, variant: str) -> tuple[Cell, Cell]:
 
 AT2_ASSG_ROWS = (
     ("worst case of FGSM, PGD-7 and APGD, own + arctangent", _at2_eval),
-    ("ASSG + SA-PGD, 100 iterations, three levels (the attack of 2026-12-03)",
+    ("ASSG + SA-PGD, 100 iterations, three levels: the attack of 2026-12-03",
      lambda s: _at2_assg(s, "first_run")),
     ("ASSG + SA-PGD, the same with two restarts", lambda s: _at2_assg(s, "worst")),
-    ("**worst case: FGSM, PGD-7, APGD and ASSG (as in the table of 2026-12-03)**",
+    ("worst case of FGSM, PGD-7, APGD and ASSG, as the table of 2026-12-03 counts it",
      lambda s: tuple(AllOf((e, g)) for e, g in zip(_at2_eval(s), _at2_assg(s, "first_run")))),
 )
 
