@@ -398,7 +398,6 @@ def test_land_copies_finished_models_and_results_once(tmp_path):
 
 
 def test_the_at2_figure_is_drawn_from_the_committed_files(tables, tmp_path):
-    pytest.importorskip("matplotlib", reason="the figure needs matplotlib (the docs extra)")
     path = tmp_path / "figures" / "at2.png"
     assert tables.main(["--plot-at2", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
