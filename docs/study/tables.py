@@ -343,6 +343,31 @@ AT2_ASSG_ROWS = (
      lambda s: tuple(AllOf((e, g)) for e, g in zip(_at2_eval(s), _at2_assg(s, "first_run")))),
 )
 
+VALIDITY_STUDY = _script("validity")  # the attack-validity study's jobs and attacks, defined there once
+
+
+def _validity_cell(recipe: str, seed: int, job: str, attack: str, record: str = "worst") -> Cell:
+    return Cell(VALIDITY / f"{recipe}_seed{seed}" / f"{job}.json", f"{recipe}_seed{seed}", attack, variant=record)
+
+
+def _validity_row(job: str, attack: str, record: str) -> Callable[[int], tuple[Cell, Cell]]:
+    return lambda s: tuple(_validity_cell(r, s, job, attack, record) for r in VALIDITY_STUDY.RECIPES)
+
+
+def _validity_worst(extra: tuple[str, ...] = ()) -> Callable[[int], tuple[AllOf, AllOf]]:
+    """Each model's worst case over every attack of the primary jobs (and ``extra`` jobs), on the images
+    all of them ran."""
+    return lambda s: tuple(AllOf(tuple(_validity_cell(r, s, job, "all") for job in (*VALIDITY_STUDY.PRIMARY, *extra)))
+                           for r in VALIDITY_STUDY.RECIPES)
+
+
+VALIDITY_ROWS = (
+    *((label, _validity_row(job, attack, record)) for label, job, attack, record in VALIDITY_STUDY.ATTACKS),
+    ("**worst case over every attack of the primary jobs**", _validity_worst()),
+    ("ASSG, 1,000 it., first 250 images", _validity_row("assg1000", "assg", "worst")),
+    ("worst case with ASSG at 1,000 it., first 250 images", _validity_worst(("assg1000",))),
+)
+
 
 TABLES = {
     "at2_retrained": Pair(
@@ -354,6 +379,9 @@ TABLES = {
     "at2_assg": PairCells(
         title="AT 2/255, trained again 2026-12-07, under ASSG; 8/255", label_a="AT", label_b="AT + MPD-SGR",
         seeds=(0, 1, 2), rows=AT2_ASSG_ROWS),
+    "validity": PairCells(
+        title="the attack-validity study: AT 2/255 pair, trained again 2026-12-07; 8/255", label_a="AT",
+        label_b="AT + MPD-SGR", seeds=VALIDITY_STUDY.SEEDS, rows=VALIDITY_ROWS),
     "eta_retrained": Pair(
         title="plain against MPD-SGR, trained again 2026-12-07; own + arctangent surrogate",
         label_a="plain (eta = 0)", label_b="MPD-SGR (eta = 1)", seeds=(0, 1, 2),

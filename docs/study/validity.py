@@ -128,6 +128,19 @@ def jobs(seeds=SEEDS, images: int = IMAGES, long_images: int = LONG_IMAGES, scal
 
 
 PRIMARY = ("assg100", "assg300", "apgd", "square", "transfer_twin", "transfer_independent")
+TODAY = "ASSG, 100 it., no restart (the attack of 2026-12-03)"
+# Each attack of the study as the analysis and docs/study/tables.py count it: (label, job, attack in its
+# eval.json, record: "worst" over the attack's runs and gradients, or FIRST_RUN alone).
+ATTACKS = (
+    (TODAY, "assg100", "assg", FIRST_RUN),
+    ("ASSG, 100 it., 3 restarts", "assg100", "assg", "worst"),
+    ("ASSG, 300 it., 2 restarts", "assg300", "assg", "worst"),
+    ("APGD-CE, 7 gradients", "apgd", "apgd", "worst"),
+    ("APGD-T (DLR), 7 gradients", "apgd", "apgd-t", "worst"),
+    ("Square, 5,000 queries", "square", "square", "worst"),
+    ("transfer from the twin", "transfer_twin", "transfer", "worst"),
+    ("transfer from the next seed", "transfer_independent", "transfer", "worst"),
+)
 
 
 def _eval_done(path: Path) -> dict | None:
@@ -292,13 +305,8 @@ def model_masks(recipe: str, seed: int, data: Path = DATA) -> dict | None:
     n = min(results[name]["n"] for name in PRIMARY)
     worst = np.logical_and.reduce([_mask(results[name], "all", limit=n) for name in PRIMARY])
     today = _mask(results["assg100"], "assg", FIRST_RUN, limit=n)
-    by_attack = {"ASSG, 100 it., 3 restarts": _mask(results["assg100"], "assg", limit=n),
-                 "ASSG, 300 it., 2 restarts": _mask(results["assg300"], "assg", limit=n),
-                 "APGD-CE, 7 gradients": _mask(results["apgd"], "apgd", limit=n),
-                 "APGD-T (DLR), 7 gradients": _mask(results["apgd"], "apgd-t", limit=n),
-                 "Square, 5,000 queries": _mask(results["square"], "square", limit=n),
-                 "transfer from the twin": _mask(results["transfer_twin"], "transfer", limit=n),
-                 "transfer from the next seed": _mask(results["transfer_independent"], "transfer", limit=n)}
+    by_attack = {label: _mask(results[job], attack, record, limit=n)
+                 for label, job, attack, record in ATTACKS if label != TODAY}
     out = {"n": n, "worst": worst, "today": today, "by_attack": by_attack, "clean": unpack_outcomes(
         results["assg100"]["per_image"]["clean"], results["assg100"]["n"])[:n]}
     if "assg1000" in results:

@@ -268,6 +268,33 @@ def test_the_fixed_analysis_on_known_masks(validity, tmp_path):
     assert "The gap does not survive" in validity.analysis(data=alike, seeds=(0, 1))
 
 
+def test_the_validity_table_counts_each_attack_as_the_fixed_analysis_does(tables, validity, tmp_path, monkeypatch):
+    """The study page's validity table reads the same records as validity.analysis: its worst-case row is
+    the analysis's worst case (every attack of the primary jobs), each attack row its own record, and a row
+    whose jobs have not landed on every seed names the seeds it has."""
+    monkeypatch.setattr(tables, "VALIDITY", tmp_path)
+    rng = np.random.default_rng(5)
+    for seed in (0, 1):
+        _validity_files(validity, tmp_path, seed, "at2", rng, robust=0.35)
+        _validity_files(validity, tmp_path, seed, "at2+mpd", rng, robust=0.6)
+    rows = {line.split(" | ")[0][2:]: line for line in tables.TABLES["validity"].markdown().splitlines()[2:]}
+    assert rows["ASSG, 1,000 it., first 250 images"].endswith("| not run yet | | | |")
+    worst = next(v for k, v in rows.items() if k.startswith("**worst case over every attack"))
+    assert "(200 images, seeds 0, 1)" in worst
+    masks = {r: [validity.model_masks(r, s, tmp_path) for s in (0, 1)] for r in validity.RECIPES}
+    expected = tables._pair_row("x", *[[tables.Outcome(m["worst"], True) for m in masks[r]] for r in validity.RECIPES])
+    assert worst.split(" | ", 1)[1] == expected.split(" | ", 1)[1]
+    today = next(v for k, v in rows.items() if k.startswith(validity.TODAY))
+    first = [tables.Outcome(m["today"], True) for m in masks["at2"]]
+    assert today.split(" | ")[1] == tables.bootstrap_mean([o.mask for o in first]).percent()
+    # one job missing on one model: the worst case waits for it, the other rows do not
+    (tmp_path / "at2+mpd_seed1" / "square.json").unlink()
+    rows = tables.TABLES["validity"].markdown()
+    assert "worst case over every attack of the primary jobs** (200 images, seed 0)" in rows
+    assert "Square, 5,000 queries (200 images, seed 0)" in rows
+    assert "APGD-CE, 7 gradients (200 images, seeds 0, 1)" in rows
+
+
 def test_the_jobs_run_in_an_order_that_gives_todays_attack_on_every_model_first(validity):
     ordered = validity.order(validity.jobs())
     assert len(ordered) == 42 and {(j.model, j.name) for j in ordered} == {(j.model, j.name) for j in validity.jobs()}
