@@ -18,6 +18,7 @@ the models it finished and how far it got with the next; the same command with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import signal
@@ -58,6 +59,7 @@ from plumbing.files import (
     write_json,
     write_text,
 )
+from plumbing.lock import LOCK_NAME, FolderBusy, folder_lock
 from plumbing.memory import keep_freed_memory
 from plumbing.provenance import provenance
 
@@ -240,7 +242,8 @@ def main(argv=None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
-        return _evaluate(argv, where)
+        with contextlib.ExitStack() as held:  # the lock on --out, taken by _evaluate, released however it ends
+            return _evaluate(argv, where, held)
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -255,7 +258,7 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _evaluate(argv, where: dict) -> int:
+def _evaluate(argv, where: dict, held: contextlib.ExitStack) -> int:
     command = "python -m train.eval " + " ".join(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()
     try:
@@ -328,9 +331,13 @@ def _evaluate(argv, where: dict) -> int:
         key = json.loads(json.dumps({"settings": asdict(settings), "data": data_name, "n": len(images),
                                      "source": args.source, "version": RESULTS_VERSION}))
         checkpoints = {n: str(Path(c)) for n, c in zip(names, args.checkpoint)}
+        try:  # one train.eval per folder: a second one (a --resume started twice) is refused, naming the first
+            held.enter_context(folder_lock(out, "train.eval"))
+        except OSError as e:  # the folder (or its lock file) cannot be made: said of what failed
+            raise WriteError.from_os_error(Path(e.filename) if e.filename else out / LOCK_NAME, e) from None
         previous = _previous(out, key, checkpoints) if args.resume else {}
         ensure_writable(out)  # before the evaluation starts (and not before the set-up: nothing left behind)
-    except (ConfigError, CheckpointError, DataError, ValueError, WriteError) as e:
+    except (ConfigError, CheckpointError, DataError, ValueError, WriteError, FolderBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"mpd-triton train.eval: {len(images)} {data_name} test images, device {device}, attacks {attacks}, "

@@ -163,3 +163,21 @@ def test_device_and_small_sets_and_diagnosis(checkpoints, tmp_path, capsys):
     assert "[a] the model is at chance: clean accuracy" in out and "robustness cannot be judged" in out
     assert out.index("robustness cannot be judged") < out.index("all attacks @ 8/255")
     assert "!!!" not in captured.err
+
+
+def test_a_second_evaluation_in_the_same_folder_is_refused_and_the_first_is_left_alone(checkpoints, tmp_path, capsys):
+    """train.eval holds a lock on --out (as train.run does): a second one started there, a --resume started
+    twice for example, stops in one line naming the first and writes nothing, and the folder is free again
+    once the first has finished."""
+    from plumbing.lock import folder_lock
+
+    argv = ["--checkpoint", str(checkpoints["a"]), "--attacks", "fgsm", "--eps", "8/255", "--limit", "4",
+            "--no-large-eps-check", "--out", str(tmp_path / "eval")]
+    with folder_lock(tmp_path / "eval", "train.eval"):  # the first evaluation, still running
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and "is in use by train.eval (pid" in err, err
+        assert [p.name for p in (tmp_path / "eval").iterdir()] == [".lock"]  # nothing written by the second
+    assert main(argv) == 0, capsys.readouterr().err  # the first has finished: the folder is free
+    assert (tmp_path / "eval" / "eval.json").is_file()
+    assert main([*argv, "--resume"]) == 0  # and its lock went with it: a resume may take the folder
