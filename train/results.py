@@ -24,3 +24,16 @@ def finished_models(path: str | Path) -> dict[str, dict] | None:
     if not isinstance(saved, dict) or IN_PROGRESS in saved or not saved.get("models"):
         return None
     return saved["models"]
+
+
+def images_done(path: str | Path) -> tuple[int, int] | None:
+    """How far an unfinished evaluation got: (images finished, images in all) of the model it was on when
+    it last wrote ``path``; None while the file is missing or unreadable, or records no evaluation in
+    progress (finished, or not begun)."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        record = saved[IN_PROGRESS]
+        n = int(saved["key"]["n"])
+        return min(int(record["state"]["next"]), n), n
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,7 +1,7 @@
 """Is the gain of adversarial training + MPD-SGR robustness, or the attack failing? The attack-validity
 study of issue #30, item 2, exactly as fixed in docs/study/log.md ("Fixed on 2026-12-07 at 06:35 UTC").
 
-    python docs/study/validity.py plan              # every job, its command, and what is done
+    python docs/study/validity.py plan              # every job, its command, what is done, how far a started one got
     python docs/study/validity.py run --jobs 2      # run what is left, two jobs at a time, resumable
     python docs/study/validity.py interim           # what the finished jobs give so far (a progress report)
     python docs/study/validity.py analysis          # the analysis fixed beforehand, on what is done
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root, for train and mpd_triton
 from mpd_triton.attacks.evaluation import FIRST_RUN, eps_key, unpack_outcomes  # noqa: E402
 from plumbing.lock import FolderBusy, folder_lock  # noqa: E402
-from train.results import finished_models  # noqa: E402
+from train.results import finished_models, images_done  # noqa: E402
 from train.stats import bootstrap_difference, bootstrap_mean, mcnemar_exact  # noqa: E402
 
 MODELS = ROOT / "docs" / "study" / "models" / "2026-12-07"
@@ -157,7 +157,9 @@ def _eval_done(path: Path) -> dict | None:
 def plan(all_jobs: list[Job]) -> int:
     for job in order(all_jobs):
         state = "done" if job.result.is_file() else ("started" if (job.folder / "eval.json").is_file() else "to run")
-        print(f"{job.model:16s} {job.name:22s} {state:8s} {' '.join(job.command()[1:])}")
+        if state == "started" and (done := images_done(job.folder / "eval.json")):
+            state = f"{done[0]}/{done[1]}"  # images finished of the job's images
+        print(f"{job.model:16s} {job.name:22s} {state:9s} {' '.join(job.command()[1:])}")
     missing = [m for m in {model_path(j.recipe, j.seed) for j in all_jobs} if not m.is_file()]
     if missing:
         print(f"not trained yet: {', '.join(str(m.relative_to(ROOT)) for m in sorted(missing))}")

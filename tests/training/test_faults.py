@@ -42,6 +42,7 @@ from train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from train.results import images_done
 from train.run import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -646,6 +647,7 @@ def test_an_interrupted_evaluation_continues_to_the_same_result(tmp_path, monkey
     partial = json.loads((out / "eval.json").read_text())
     assert list(partial["models"]) == ["a"] and partial["in_progress"]["model"] == "b"
     assert partial["in_progress"]["state"]["next"] == 8
+    assert images_done(out / "eval.json") == (8, 16)  # what validity.py plan shows of a started job
     monkeypatch.undo()
 
     assert eval_module.main(argv + ["--out", str(out), "--eps", "4/255", "--resume"]) == 2
@@ -654,7 +656,7 @@ def test_an_interrupted_evaluation_continues_to_the_same_result(tmp_path, monkey
     printed = capsys.readouterr().out
     assert "[a] evaluated before: kept from" in printed and "[b] continuing after image 8 of 16" in printed
     resumed = json.loads((out / "eval.json").read_text())
-    assert "in_progress" not in resumed
+    assert "in_progress" not in resumed and images_done(out / "eval.json") is None
 
     def without_time(report):
         return {name: {k: v for k, v in r.items() if k not in ("seconds", "provenance")}
