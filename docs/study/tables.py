@@ -284,6 +284,16 @@ class TenSeeds:
         return "\n".join(lines)
 
 
+@dataclass
+class Text:
+    """A script's own report placed in the page as it prints it (the validity study's fixed analysis)."""
+
+    make: Callable[[], str]
+
+    def markdown(self) -> str:
+        return self.make()
+
+
 def _script(name: str):
     """A script of this folder, imported as a module."""
     import importlib.util
@@ -382,6 +392,7 @@ TABLES = {
     "validity": PairCells(
         title="the attack-validity study: AT 2/255 pair, trained again 2026-12-07; 8/255", label_a="AT",
         label_b="AT + MPD-SGR", seeds=VALIDITY_STUDY.SEEDS, rows=VALIDITY_ROWS),
+    "validity_analysis": Text(lambda: VALIDITY_STUDY.analysis(data=VALIDITY)),
     "eta_retrained": Pair(
         title="plain against MPD-SGR, trained again 2026-12-07; own + arctangent surrogate",
         label_a="plain (eta = 0)", label_b="MPD-SGR (eta = 1)", seeds=(0, 1, 2),

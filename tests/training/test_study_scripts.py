@@ -287,6 +287,9 @@ def test_the_validity_table_counts_each_attack_as_the_fixed_analysis_does(tables
     today = next(v for k, v in rows.items() if k.startswith(validity.TODAY))
     first = [tables.Outcome(m["today"], True) for m in masks["at2"]]
     assert today.split(" | ")[1] == tables.bootstrap_mean([o.mask for o in first]).percent()
+    # the page's verdict is the fixed analysis's own text, on the same files
+    verdict = tables.TABLES["validity_analysis"].markdown()
+    assert verdict == validity.analysis(data=tmp_path) and "done: 0, 1 (of 0, 1, 2)" in verdict
     # one job missing on one model: the worst case waits for it, the other rows do not
     (tmp_path / "at2+mpd_seed1" / "square.json").unlink()
     rows = tables.TABLES["validity"].markdown()
