@@ -5,12 +5,14 @@ study of issue #30, item 2, exactly as fixed in docs/study/log.md ("Fixed on 202
     python docs/study/validity.py run --jobs 2      # run what is left, two jobs at a time, resumable
     python docs/study/validity.py interim           # what the finished jobs give so far (a progress report)
     python docs/study/validity.py analysis          # the analysis fixed beforehand, on what is done
+    python docs/study/validity.py run --jobs 2 --data ../main/docs/study/data/validity   # from a worktree
 
 The models: the adversarially trained pair at 2/255 (AT and AT + MPD-SGR), seeds 0-2, as trained again
 on 2026-12-07 and committed under docs/study/models/2026-12-07/. Each job is one `train.eval` run on
 one model at 8/255 (its folder under runs/study/validity/, continued with --resume after an
-interruption); when a job has finished, its eval.json is copied to docs/study/data/validity/, to be
-committed at once. `run` stops cleanly on Ctrl-C or SIGTERM (each running job keeps what it finished).
+interruption); when a job has finished, its eval.json is copied to docs/study/data/validity/ (or to
+`--data`: run from a worktree, the main checkout's folder, so that results land where they are committed),
+to be committed at once. `run` stops cleanly on Ctrl-C or SIGTERM (each running job keeps what it finished).
 The jobs run in the order of :func:`order` (ASSG at 100 iterations on every model first).
 """
 
@@ -70,6 +72,7 @@ class Job:
     name: str  # assg100, assg300, assg1000, apgd, square, transfer_twin, transfer_independent
     flags: tuple[str, ...]
     images: int
+    data: Path | None = None  # where the finished result is copied to (`--data`); None: DATA
 
     @property
     def model(self) -> str:
@@ -81,7 +84,7 @@ class Job:
 
     @property
     def result(self) -> Path:
-        return DATA / self.model / f"{self.name}.json"
+        return (self.data or DATA) / self.model / f"{self.name}.json"
 
     def command(self, resume: bool = False) -> list[str]:
         return [sys.executable, "-m", "train.eval", "--checkpoint", _shown(model_path(self.recipe, self.seed)),
@@ -94,8 +97,10 @@ def _next(seed: int, seeds) -> int:
     return seeds[(seeds.index(seed) + 1) % len(seeds)]
 
 
-def jobs(seeds=SEEDS, images: int = IMAGES, long_images: int = LONG_IMAGES, scale: float = 1.0) -> list[Job]:
-    """The fixed study's jobs (``scale`` < 1 shortens every budget: for the tests only)."""
+def jobs(seeds=SEEDS, images: int = IMAGES, long_images: int = LONG_IMAGES, scale: float = 1.0,
+         data: Path | None = None) -> list[Job]:
+    """The fixed study's jobs, their results landing in ``data`` (``scale`` < 1 shortens every budget: for the
+    tests only)."""
     def n(x: int) -> str:
         return str(max(1, int(round(x * scale))))
 
@@ -106,23 +111,23 @@ def jobs(seeds=SEEDS, images: int = IMAGES, long_images: int = LONG_IMAGES, scal
             out += [
                 # 1. ASSG + SA-PGD at the three levels: 100 iterations with 3 restarts (the first run = today's
                 #    attack, recorded apart), 300 with 2, and 1,000 on the first 250 images
-                Job(recipe, seed, "assg100", (*assg, "--sapgd-steps", n(100), "--restarts", "3"), images),
-                Job(recipe, seed, "assg300", (*assg, "--sapgd-steps", n(300), "--restarts", "2"), images),
-                Job(recipe, seed, "assg1000", (*assg, "--sapgd-steps", n(1000)), long_images),
+                Job(recipe, seed, "assg100", (*assg, "--sapgd-steps", n(100), "--restarts", "3"), images, data),
+                Job(recipe, seed, "assg300", (*assg, "--sapgd-steps", n(300), "--restarts", "2"), images, data),
+                Job(recipe, seed, "assg1000", (*assg, "--sapgd-steps", n(1000)), long_images, data),
                 # 2. APGD-CE and targeted APGD-DLR through the ensemble, BPTR, straight-through and the fitted window
                 Job(recipe, seed, "apgd", ("--attacks", "fgsm,apgd,apgd-t", "--gradients", GRADIENTS,
-                                           "--apgd-steps", n(50)), images),
+                                           "--apgd-steps", n(50)), images, data),
                 # 3. Square with 5,000 queries
-                Job(recipe, seed, "square", ("--attacks", "fgsm,square", "--queries", n(5000)), images),
+                Job(recipe, seed, "square", ("--attacks", "fgsm,square", "--queries", n(5000)), images, data),
                 # 4. ASSG's examples transferred from the twin and from an independent model (the next seed)
                 Job(recipe, seed, "transfer_twin",
                     ("--attacks", "fgsm,transfer", "--transfer-attack", "assg", "--assg-level", LEVELS,
                      "--sapgd-steps", n(100), "--source", _shown(model_path(twin(recipe), seed)),
-                     "--no-large-eps-check"), images),
+                     "--no-large-eps-check"), images, data),
                 Job(recipe, seed, "transfer_independent",
                     ("--attacks", "fgsm,transfer", "--transfer-attack", "assg", "--assg-level", LEVELS,
                      "--sapgd-steps", n(100), "--source", _shown(model_path(recipe, _next(seed, SEEDS))),
-                     "--no-large-eps-check"), images),
+                     "--no-large-eps-check"), images, data),
             ]
     return out
 
@@ -369,18 +374,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("plan", "run", "analysis", "interim"))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="seeds to plan or run (default 0,1,2)")
+    p.add_argument("--data", type=Path, default=None, help="the folder the finished results are copied to and "
+                   "read from (default docs/study/data/validity/ of this checkout; from a worktree, the main "
+                   "checkout's, so that they land where they are committed)")
     p.add_argument("--jobs", type=int, default=1, help="jobs run at a time, each with cores / jobs threads "
                    "(default 1)")
     args = p.parse_args(argv)
     seeds = tuple(int(s) for s in args.seeds.split(","))
+    data = args.data.resolve() if args.data else DATA
     if args.what == "plan":
-        return plan(jobs(seeds))
+        return plan(jobs(seeds, data=data))
     if args.what == "run":
-        return run(jobs(seeds), parallel=args.jobs)
+        return run(jobs(seeds, data=data), parallel=args.jobs)
     if args.what == "interim":
-        print(interim(seeds=seeds))
+        print(interim(data=data, seeds=seeds))
         return 0
-    print(analysis(seeds=SEEDS))
+    print(analysis(data=data, seeds=SEEDS))
     return 0
 
 

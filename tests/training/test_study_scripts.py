@@ -298,6 +298,18 @@ def test_the_validity_table_counts_each_attack_as_the_fixed_analysis_does(tables
     assert "APGD-CE, 7 gradients (200 images, seeds 0, 1)" in rows
 
 
+def test_data_names_where_results_land_and_are_read(validity, tmp_path, capsys):
+    """--data (a worktree's run landing in the main checkout): plan, run and the reports use that folder."""
+    assert all(j.result.parent.parent == tmp_path for j in validity.jobs(data=tmp_path))
+    assert all(j.result.is_relative_to(validity.DATA) for j in validity.jobs())
+    _validity_files(validity, tmp_path, 0, "at2", np.random.default_rng(0), robust=0.4)
+    assert validity.main(["plan", "--seeds", "0", "--data", str(tmp_path)]) == 0
+    states = {tuple(line.split()[:3]) for line in capsys.readouterr().out.splitlines() if line.startswith("at2")}
+    assert ("at2_seed0", "apgd", "done") in states and ("at2+mpd_seed0", "assg100", "to") in states  # "to run"
+    assert validity.main(["interim", "--seeds", "0", "--data", str(tmp_path)]) == 0
+    assert "| at2_seed0 | square |" in capsys.readouterr().out
+
+
 def test_the_jobs_run_in_an_order_that_gives_todays_attack_on_every_model_first(validity):
     ordered = validity.order(validity.jobs())
     assert len(ordered) == 42 and {(j.model, j.name) for j in ordered} == {(j.model, j.name) for j in validity.jobs()}
