@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root, for train and mpd_triton
-from mpd_triton.attacks.evaluation import eps_key, unpack_outcomes  # noqa: E402
+from mpd_triton.attacks.evaluation import FIRST_RUN, eps_key, unpack_outcomes  # noqa: E402
 from mpd_triton.attacks.units import eps_label  # noqa: E402
 from train.stats import (  # noqa: E402
     bootstrap_difference,
@@ -318,20 +318,20 @@ SEED0 = DATA / "2026-12-07" / "seed0"  # table 2's evaluations of seed 0's five 
 SEED0_MODELS = (("plain", "plain"), ("SR", "sr"), ("MPD-SGR", "mpd"), ("AT", "at2"), ("AT + MPD-SGR", "at2+mpd"))
 
 
+VALIDITY_STUDY = _script("validity")  # the attack-validity study's jobs, attacks and folder, defined there once
+VALIDITY = VALIDITY_STUDY.DATA
+
+
 def _seed0_rows() -> tuple:
     paper = SEED0 / "paper10k.json"
     rows = [(label, tuple(Cell(paper, name, attack, EPS) for _, name in SEED0_MODELS))
             for label, attack in (("clean", "clean"), ("FGSM", "fgsm"), ("PGD-7", "pgd"), ("BIM-7", "bim"))]
     assg = SEED0 / "assg.json"
-    validity = DATA / "validity"
     cells = tuple(Cell(assg, name, "assg") for _, name in SEED0_MODELS[:3]) + tuple(
-        Cell(validity / f"{recipe}_seed0" / "assg100.json", f"{recipe}_seed0", "assg", variant="first_run")
-        for recipe in ("at2", "at2+mpd"))
+        _validity_cell(recipe, 0, "assg100", "assg", FIRST_RUN) for recipe in VALIDITY_STUDY.RECIPES)
     rows.append(("ASSG + SA-PGD, 100 iterations, three levels", cells))
     return tuple(rows)
 
-
-VALIDITY = DATA / "validity"
 
 
 def _at2_eval(seed: int) -> tuple[Cell, Cell]:
@@ -340,21 +340,17 @@ def _at2_eval(seed: int) -> tuple[Cell, Cell]:
 
 
 def _at2_assg(seed: int, variant: str) -> tuple[Cell, Cell]:
-    return tuple(Cell(VALIDITY / f"{r}_seed{seed}" / "assg100.json", f"{r}_seed{seed}", "assg", variant=variant)
-                 for r in ("at2", "at2+mpd"))
+    return tuple(_validity_cell(r, seed, "assg100", "assg", variant) for r in VALIDITY_STUDY.RECIPES)
 
 
 AT2_ASSG_ROWS = (
     ("worst case of FGSM, PGD-7 and APGD, own + arctangent", _at2_eval),
     ("ASSG + SA-PGD, 100 iterations, three levels: the attack of 2026-12-03",
-     lambda s: _at2_assg(s, "first_run")),
+     lambda s: _at2_assg(s, FIRST_RUN)),
     ("ASSG + SA-PGD, the same with two restarts", lambda s: _at2_assg(s, "worst")),
     ("worst case of FGSM, PGD-7, APGD and ASSG, as the table of 2026-12-03 counts it",
-     lambda s: tuple(AllOf((e, g)) for e, g in zip(_at2_eval(s), _at2_assg(s, "first_run")))),
+     lambda s: tuple(AllOf((e, g)) for e, g in zip(_at2_eval(s), _at2_assg(s, FIRST_RUN)))),
 )
-
-VALIDITY_STUDY = _script("validity")  # the attack-validity study's jobs and attacks, defined there once
-
 
 def _validity_cell(recipe: str, seed: int, job: str, attack: str, record: str = "worst") -> Cell:
     return Cell(VALIDITY / f"{recipe}_seed{seed}" / f"{job}.json", f"{recipe}_seed{seed}", attack, variant=record)
