@@ -259,7 +259,18 @@ def test_the_fixed_analysis_on_known_masks(validity, tmp_path):
     assert masks["n"] == 200 and masks["worst"].sum() < masks["today"].sum()
     # Square 20% stronger than ASSG on one model: it joins --reliable
     _validity_files(validity, tmp_path, 1, "at2+mpd", rng, robust=0.6, square_below=0.2)
-    assert "join --reliable): Square, 5,000 queries." in validity.analysis(data=tmp_path, seeds=(0, 1, 2))
+    text = validity.analysis(data=tmp_path, seeds=(0, 1, 2))
+    assert "join --reliable): Square, 5,000 queries." in text
+    # the diagnostics: images only Square breaks, which no gradient attack broke, on that model alone
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()
+            if line.startswith("| at2")}
+    m = validity.model_masks("at2+mpd", 1, tmp_path)
+    gradient = m["by_attack"]["ASSG, 300 it., 2 restarts"] & m["by_attack"]["APGD-CE, 7 gradients"]
+    only_square = int((gradient & ~m["by_attack"]["Square, 5,000 queries"]).sum())
+    assert only_square > 5
+    assert rows["at2+mpd seed 1"][-1] == f"{only_square} of 200 |"
+    assert rows["at2+mpd seed 1"][4] == str(only_square)  # Square's own column: it alone breaks them
+    assert rows["at2 seed 0"][-1] == "0 of 200 |" and rows["at2+mpd seed 0"][4] == "0"
     # the gap does not survive when both recipes are alike
     alike = tmp_path / "alike"
     for seed in (0, 1):
