@@ -4,6 +4,7 @@
     python docs/study/tables.py --write    # rewrite the tables between their markers in docs/study/README.md
     python docs/study/tables.py --check    # exit 1 if docs/study/README.md differs from the files (a test runs it)
     python docs/study/tables.py --plot-at2 docs/study/figures/at2_retrained.png   # the AT 2/255 pair's figure
+    python docs/study/tables.py --plot-validity docs/study/figures/validity.png   # the attack-validity study's figure
 
 Each table reads the `eval.json` files that `train.eval` wrote (and the sweep's `sweep.json` for clean
 accuracy on all 10,000 test images) under docs/study/data/. The intervals are the two-stage bootstrap of
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))  # the repository root, for train and mpd_triton
 from mpd_triton.attacks.evaluation import FIRST_RUN, eps_key, unpack_outcomes  # noqa: E402
 from mpd_triton.attacks.units import eps_label  # noqa: E402
 from train.stats import (  # noqa: E402
+    Interval,
     bootstrap_difference,
     bootstrap_mean,
     bootstrap_unpaired_difference,
@@ -448,6 +450,64 @@ def plot_at2(path: Path) -> None:
     plt.close(fig)
 
 
+def validity_points() -> list[tuple[str, list[tuple[dict[int, float], Interval | None]]]]:
+    """The validity table's rows as the figure draws them: per row, per recipe (AT, AT + MPD-SGR), each
+    landed seed's accuracy (%) and the mean over those seeds with its 95% interval (None: nothing landed)."""
+    out = []
+    for label, cells in VALIDITY_ROWS:
+        found = {s: tuple(c.outcome() for c in cells(s)) for s in VALIDITY_STUDY.SEEDS}
+        sides = []
+        for side in (0, 1):
+            seeds = [s for s in found if found[s][side] is not None]
+            accuracy = {s: 100 * found[s][side].mask.mean() for s in seeds}
+            sides.append((accuracy, bootstrap_mean([found[s][side].mask for s in seeds]) if seeds else None))
+        out.append((label.strip("*"), sides))
+    return out
+
+
+def plot_validity(path: Path) -> None:
+    """The attack-validity study in one picture: per attack (rows, as in the table), AT and AT + MPD-SGR,
+    each landed seed as a small dot and the mean with its 95% interval; the worst case stands out. Needs
+    matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = validity_points()
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(points) + 1.4))
+    for row, (label, sides) in enumerate(points):
+        for side, (accuracy, interval) in enumerate(sides):
+            y = row + (0.15 if side else -0.15)
+            color = f"C{side}"
+            ax.plot(list(accuracy.values()), [y] * len(accuracy), "o", ms=3, color=color, alpha=0.5)
+            if interval is not None:
+                ax.errorbar([100 * interval.mean], [y], xerr=[[100 * (interval.mean - interval.low)],
+                            [100 * (interval.high - interval.mean)]], fmt="D" if "worst" in label else "s",
+                            color=color, capsize=2, ms=5)
+        if all(interval is None for _, interval in sides):
+            ax.text(1, row, "not run yet", va="center", fontsize=8, color="0.4")
+    labels = []
+    for label, sides in points:
+        seeds = sorted(set(sides[0][0]) & set(sides[1][0]))
+        if seeds and len(seeds) < len(VALIDITY_STUDY.SEEDS):
+            label += f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+        labels.append(label)
+    ax.set_yticks(range(len(points)), labels, fontsize=8)
+    ax.set_ylim(len(points) - 0.5, -0.5)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("robust accuracy at 8/255 (%): each seed (dots), the mean and its 95% interval", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    for side, name in enumerate(("AT", "AT + MPD-SGR")):
+        ax.plot([], [], "s", color=f"C{side}", label=name)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("The attack-validity study: adversarial training at 2/255 with and without MPD-SGR", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 MARKER = re.compile(r"(<!-- tables\.py: (\w+) -->\n)(.*?)(<!-- /tables\.py -->)", re.S)
 
 
@@ -471,10 +531,15 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 if docs/study/README.md's tables differ")
     p.add_argument("--plot-at2", type=Path, metavar="PNG", help="also draw the retrained AT 2/255 pair, seed by "
                    "seed (docs/study/figures/at2_retrained.png; needs matplotlib)")
+    p.add_argument("--plot-validity", type=Path, metavar="PNG", help="also draw the attack-validity study, "
+                   "attack by attack (docs/study/figures/validity.png; needs matplotlib)")
     args = p.parse_args(argv)
     if args.plot_at2:
         plot_at2(args.plot_at2)
         print(f"wrote {args.plot_at2}")
+    if args.plot_validity:
+        plot_validity(args.plot_validity)
+        print(f"wrote {args.plot_validity}")
     if not (args.write or args.check):
         for name, table in TABLES.items():
             print(f"{name}:\n{table.markdown()}\n")

@@ -301,6 +301,16 @@ def test_the_validity_table_counts_each_attack_as_the_fixed_analysis_does(tables
     # the page's verdict is the fixed analysis's own text, on the same files
     verdict = tables.TABLES["validity_analysis"].markdown()
     assert verdict == validity.analysis(data=tmp_path) and "done: 0, 1 (of 0, 1, 2)" in verdict
+    # the figure draws the table's rows: each landed seed and the same mean
+    points = dict(tables.validity_points())
+    worst_points = next(v for k, v in points.items() if k.startswith("worst case over every attack"))
+    for side, recipe in enumerate(validity.RECIPES):
+        accuracy, interval = worst_points[side]
+        assert accuracy == pytest.approx({s: 100 * masks[recipe][s]["worst"].mean() for s in (0, 1)})
+        assert interval.percent() == worst.split(" | ")[1 + side]
+    assert points["ASSG, 1,000 it., first 250 images"] == [({}, None), ({}, None)]
+    path = tmp_path / "validity.png"
+    assert tables.main(["--plot-validity", str(path)]) == 0 and path.read_bytes()[:4] == b"\x89PNG"
     # one job missing on one model: the worst case waits for it, the other rows do not
     (tmp_path / "at2+mpd_seed1" / "square.json").unlink()
     rows = tables.TABLES["validity"].markdown()
