@@ -465,17 +465,29 @@ def validity_points() -> list[tuple[str, list[tuple[dict[int, float], Interval |
     return out
 
 
+def validity_iterations() -> dict[tuple[str, int], dict[int, float]]:
+    """Per model whose ASSG 1,000 job has landed: ASSG's accuracy (%) on the first 250 images against its
+    iterations (100, 300 and 1,000: the first run of each job), as validity.model_masks gives it."""
+    out = {}
+    for seed in VALIDITY_STUDY.SEEDS:
+        for recipe in VALIDITY_STUDY.RECIPES:
+            masks = VALIDITY_STUDY.model_masks(recipe, seed, VALIDITY)
+            if masks is not None and "iterations_250" in masks:
+                out[recipe, seed] = {k: 100 * v.mean() for k, v in masks["iterations_250"].items()}
+    return out
+
+
 def plot_validity(path: Path) -> None:
     """The attack-validity study in one picture: per attack (rows, as in the table), AT and AT + MPD-SGR,
-    each landed seed as a small dot and the mean with its 95% interval; the worst case stands out. Needs
-    matplotlib."""
+    each landed seed as a small dot and the mean with its 95% interval; the worst case stands out. Beside it,
+    ASSG's accuracy against its iterations, per model. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points = validity_points()
-    fig, ax = plt.subplots(figsize=(9, 0.4 * len(points) + 1.4))
+    fig, (ax, curve) = plt.subplots(1, 2, figsize=(12, 0.4 * len(points) + 1.4), width_ratios=(3, 1))
     for row, (label, sides) in enumerate(points):
         for side, (accuracy, interval) in enumerate(sides):
             y = row + (0.15 if side else -0.15)
@@ -501,6 +513,24 @@ def plot_validity(path: Path) -> None:
     for side, name in enumerate(("AT", "AT + MPD-SGR")):
         ax.plot([], [], "s", color=f"C{side}", label=name)
     ax.legend(fontsize=8, loc="lower right")
+    curves = validity_iterations()
+    for (recipe, seed), by_iterations in curves.items():
+        side = VALIDITY_STUDY.RECIPES.index(recipe)
+        curve.plot(list(by_iterations), list(by_iterations.values()), marker="o", ms=3, color=f"C{side}",
+                   linestyle=("-", "--", ":")[seed % 3])
+    for seed in sorted({seed for _, seed in curves}):  # the line style names the seed, the colour the recipe
+        curve.plot([], [], color="0.3", linestyle=("-", "--", ":")[seed % 3], label=f"seed {seed}")
+    if curves:
+        curve.legend(fontsize=8, loc="lower left")
+    else:
+        curve.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=curve.transAxes, fontsize=8)
+    curve.set_xscale("log")
+    curve.set_xticks([100, 300, 1000], ["100", "300", "1,000"])
+    curve.set_ylim(0, 100)
+    curve.set_xlabel("ASSG iterations (first run)", fontsize=9)
+    curve.set_ylabel("accuracy on the first 250 images (%)", fontsize=9)
+    curve.set_title("does ASSG converge?", fontsize=9)
+    curve.grid(alpha=0.3)
     fig.suptitle("The attack-validity study: adversarial training at 2/255 with and without MPD-SGR", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -309,6 +309,18 @@ def test_the_validity_table_counts_each_attack_as_the_fixed_analysis_does(tables
         assert accuracy == pytest.approx({s: 100 * masks[recipe][s]["worst"].mean() for s in (0, 1)})
         assert interval.percent() == worst.split(" | ")[1 + side]
     assert points["ASSG, 1,000 it., first 250 images"] == [({}, None), ({}, None)]
+    assert tables.validity_iterations() == {}  # no ASSG 1,000 job has landed: the panel says "not run yet"
+    # ASSG at 1,000 iterations on AT seed 0's first 100 images: the curve's three points, each its own run
+    longer = masks["at2"][0]["today"][:100] & (rng.random(100) < 0.5)
+    clean = masks["at2"][0]["clean"][:100]
+    _eval_file(tmp_path / "at2_seed0" / "assg1000.json", "at2_seed0",
+               {"clean": clean, "fgsm": clean, "assg": longer, "all": longer})
+    m = validity.model_masks("at2", 0, tmp_path)
+    assert tables.validity_iterations() == {("at2", 0): pytest.approx(
+        {100: 100 * m["today"][:100].mean(), 300: 100 * m["iterations_250"][300].mean(), 1000: 100 * longer.mean()})}
+    assert m["iterations_250"][300].size == 100 and 100 * longer.mean() < 100 * m["today"][:100].mean() - 10
+    assert tables.main(["--plot-validity", str(tmp_path / "with_curve.png")]) == 0
+    (tmp_path / "at2_seed0" / "assg1000.json").unlink()
     path = tmp_path / "validity.png"
     assert tables.main(["--plot-validity", str(path)]) == 0 and path.read_bytes()[:4] == b"\x89PNG"
     # one job missing on one model: the worst case waits for it, the other rows do not
