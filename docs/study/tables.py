@@ -451,14 +451,15 @@ def plot_at2(path: Path) -> None:
 
 
 def validity_points() -> list[tuple[str, list[tuple[dict[int, float], Interval | None]]]]:
-    """The validity table's rows as the figure draws them: per row, per recipe (AT, AT + MPD-SGR), each
-    landed seed's accuracy (%) and the mean over those seeds with its 95% interval (None: nothing landed)."""
+    """The validity table's rows as the figure draws them: per row, per recipe (AT, AT + MPD-SGR), the
+    accuracy (%) of each seed on which both models' jobs have landed and the mean over those seeds with its
+    95% interval (None: no such seed)."""
     out = []
     for label, cells in VALIDITY_ROWS:
         found = {s: tuple(c.outcome() for c in cells(s)) for s in VALIDITY_STUDY.SEEDS}
+        seeds = [s for s in found if None not in found[s]]  # both models landed: the row's seeds, as the table's
         sides = []
         for side in (0, 1):
-            seeds = [s for s in found if found[s][side] is not None]
             accuracy = {s: 100 * found[s][side].mask.mean() for s in seeds}
             sides.append((accuracy, bootstrap_mean([found[s][side].mask for s in seeds]) if seeds else None))
         out.append((label.strip("*"), sides))

@@ -265,7 +265,7 @@ def test_the_fixed_analysis_on_known_masks(validity, tmp_path):
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()
             if line.startswith("| at2")}
     m = validity.model_masks("at2+mpd", 1, tmp_path)
-    gradient = m["by_attack"]["ASSG, 300 it., 2 restarts"] & m["by_attack"]["APGD-CE, 7 gradients"]
+    gradient = m["by_attack"]["ASSG, 300 it., 2 runs (1 restart)"] & m["by_attack"]["APGD-CE, 7 gradients"] & m["fgsm"]
     only_square = int((gradient & ~m["by_attack"]["Square, 5,000 queries"]).sum())
     assert only_square > 5
     assert rows["at2+mpd seed 1"][-1] == f"{only_square} of 200 |"
