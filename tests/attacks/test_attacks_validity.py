@@ -649,6 +649,26 @@ def test_sanity_checks_hold_apgd_t_to_fgsm_and_the_black_box_attacks_to_it():
     assert {c["name"]: c["passed"] for c in sanity_checks(square_stronger)}["white_box_strongest"] is False
 
 
+def test_square_and_transfer_are_held_to_the_iterative_attacks_and_noise_to_fgsm_too():
+    """On a robust model Square's thousands of queries (or an iterative attack on a source model) may beat
+    one FGSM step without any masking: with FGSM as the only white-box attack they are not compared; noise
+    that beats FGSM is still a failure."""
+    only_fgsm = {"n": 1000, "accuracy": {"fgsm": {"0.03": 0.8}, "square": {"0.03": 0.64},
+                                         "transfer": {"0.03": 0.7}}}
+    assert "white_box_strongest" not in {c["name"] for c in sanity_checks(only_fgsm)}
+    noisy = {**only_fgsm, "accuracy": {**only_fgsm["accuracy"], "gaussian": {"0.03": 0.6}}}
+    check = {c["name"]: c for c in sanity_checks(noisy)}["white_box_strongest"]
+    assert not check["passed"] and "gaussian 60.0% < white-box 80.0%" in check["detail"]
+    assert "not compared: square, transfer" in check["detail"]
+    # with an iterative white-box attack, Square below it fails and above it passes
+    with_pgd = {"n": 1000, "accuracy": {"fgsm": {"0.03": 0.8}, "pgd": {"0.03": 0.55}, "square": {"0.03": 0.64}}}
+    check = {c["name"]: c for c in sanity_checks(with_pgd)}["white_box_strongest"]
+    assert check["passed"] and "not compared" not in check["detail"]
+    below = {**with_pgd, "accuracy": {**with_pgd["accuracy"], "square": {"0.03": 0.5}}}
+    check = {c["name"]: c for c in sanity_checks(below)}["white_box_strongest"]
+    assert not check["passed"] and "square 50.0% < white-box 55.0%" in check["detail"]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return _checkpoint(tmp_path_factory.mktemp("ckpt") / "a" / "model.pt")
