@@ -63,6 +63,7 @@ from .methods import (
     GRADIENT_ATTACKS,
     GRADIENT_SOURCES,
     ITERATIVE_ATTACKS,
+    NOISE_ATTACKS,
     RESTART_ATTACKS,
     SAPGD_STEPS,
     TRANSFER_ATTACKS,
@@ -398,10 +399,10 @@ def sanity_checks(result: dict, num_classes: int = 10) -> list[dict]:
 
     failures, compared, unmatched = [], False, []
     white = [a for a in acc if a in WHITE_BOX_ATTACKS]
-    for attack in ("gaussian", "uniform", "square", "transfer"):
+    for attack in (*NOISE_ATTACKS, "square", "transfer"):
         # noise must not beat even FGSM; Square's thousands of queries and an iterative attack on a source
         # model may, on a robust model, without any masking: they are held to the iterative white-box attacks
-        reference = white if attack in ("gaussian", "uniform") else [w for w in white if w in ITERATIVE_ATTACKS]
+        reference = white if attack in NOISE_ATTACKS else [w for w in white if w in ITERATIVE_ATTACKS]
         for eps, value in acc.get(attack, {}).items():
             strongest = [acc[w][eps] for w in reference if eps in acc[w]]
             if strongest:

@@ -64,7 +64,8 @@ ITERATIVE_ATTACKS = ("pgd", "bim", "apgd", "apgd-t", "sapgd", "assg")
 RESTART_ATTACKS = ("sapgd", "assg")
 # The iterative attacks of a fixed step (--steps x --step-size): their budget may not reach eps.
 FIXED_STEP_ATTACKS = ("pgd", "bim")
-ATTACKS = WHITE_BOX_ATTACKS + ("gaussian", "uniform", "square", "transfer")
+NOISE_ATTACKS = ("gaussian", "uniform")  # random perturbations: weaker than any gradient attack, FGSM included
+ATTACKS = WHITE_BOX_ATTACKS + NOISE_ATTACKS + ("square", "transfer")
 # What the transfer attack may run on its source model (with the source's own surrogate).
 TRANSFER_ATTACKS = ("pgd", "apgd", "assg")
 # The attacker's derivatives that no kernel evaluates: their backward goes through the reference LIF
