@@ -5,7 +5,7 @@
 # docs/study/land.py copies what finished into docs/study/models/ and docs/study/data/: commit it at once.
 #
 #   bash docs/study/retrain.sh            # everything left, two one-thread runs at a time
-#   bash docs/study/retrain.sh at2        # only the adversarially trained pair (also: eta, sr, paper, validity)
+#   bash docs/study/retrain.sh at2        # only the adversarially trained pair (also: eta, sr, paper, at01, validity)
 #
 # About 60 minutes per pair of models on a 2-core CPU; the validity study is far longer (docs/study/README.md).
 set -euo pipefail
@@ -52,6 +52,16 @@ if [[ $what == all || $what == paper ]]; then  # table 2: seed 0's five models u
     evaluate paper10k "${five[@]}" --attacks fgsm,pgd,bim --eps 8/255,0.1 --limit 0
     evaluate assg "${five[@]:0:6}" --name plain --name sr --name mpd --attacks fgsm,assg \
         --assg-level 0.35,0.425,0.49 --sapgd-steps 100 --eps 8/255 --limit 1000
+fi
+if [[ $what == all || $what == at01 ]]; then  # table 4: AT at eps 0.1, seeds 0-7 (models lost), the command of seeds 3-4
+    for s in 0 1 2 3 4 5 6 7; do
+        "$PY" -m train.sweep --out "$OUT/at0.1_seed$s" --jobs 2 --threads 1 --quiet \
+            --train-args "--preset study --eval-attacks ''" --grid seed=$s \
+            --case at0.1="--eta 0 --adv-train --adv-eps 0.1 --adv-step 0.05" \
+            --case at0.1+mpd="--eta 1 --adv-train --adv-eps 0.1 --adv-step 0.05" \
+            --eval-args "--attacks fgsm,pgd,apgd,assg --gradients own,atan --assg-level 0.35,0.425,0.49 --eps 8/255,0.1 --limit 250"
+        "$PY" docs/study/land.py "$OUT/at0.1_seed$s"
+    done
 fi
 if [[ $what == all || $what == validity ]]; then  # item 2, on the retrained AT 2/255 pair
     "$PY" docs/study/validity.py run --jobs 2
