@@ -476,3 +476,31 @@ def test_the_at2_figure_is_drawn_from_the_committed_files(tables, tmp_path):
     path = tmp_path / "figures" / "at2.png"
     assert tables.main(["--plot-at2", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_four_row_with_models_fills_then_tests(tables, tmp_path, monkeypatch):
+    """docs/study/tables.py: the row of the runs with their models lists the seeds landed so far, then, with
+    all ten, the means, the count and the one-sided Fisher test."""
+    script = _script("at01_ten_seeds")
+    monkeypatch.setattr(script, "DATA", tmp_path)
+
+    def write(seed, recipe, worst, apgd):
+        date, folder = ("2026-12-07", "at0.1_seed89") if seed >= 8 else ("2026-12-08", f"at0.1_seed{seed}")
+        name = f"{recipe}_seed{seed}"
+        f = tmp_path / date / folder / f"eval_{name}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"models": {name: {"worst_case": {script.EPS: worst}, "n": 250,
+                                                   "accuracy": {"apgd": {script.EPS: apgd}},
+                                                   "all_checks_passed": True}}}))
+
+    for seed in (0, 8):
+        write(seed, "at0.1", 0.40 if seed == 0 else 0.80, 0.70 if seed == 0 else 0.82)
+        write(seed, "at0.1+mpd", 0.80, 0.81)
+    row = tables.TenSeeds._with_models(script)
+    assert "seeds 0, 8 so far | 40.0, 80.0 | 80.0, 80.0 | 1 of 2 against 0 of 2 (no test" in row
+    for seed in range(10):
+        write(seed, "at0.1", 0.40 if seed < 4 else 0.80, 0.70 if seed < 4 else 0.82)
+        write(seed, "at0.1+mpd", 0.80, 0.81)
+    row = tables.TenSeeds._with_models(script)
+    assert row.startswith("| **0-9 with their models") and "4 of 10 against 0 of 10" in row
+    assert f"(p = {script.fisher_one_sided(4, 0, 10):.3f})" in row and "mean 64.0" in row
