@@ -486,12 +486,7 @@ def test_table_four_row_with_models_fills_then_tests(tables, tmp_path, monkeypat
 
     def write(seed, recipe, worst, apgd):
         date, folder = ("2026-12-07", "at0.1_seed89") if seed >= 8 else ("2026-12-08", f"at0.1_seed{seed}")
-        name = f"{recipe}_seed{seed}"
-        f = tmp_path / date / folder / f"eval_{name}.json"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps({"models": {name: {"worst_case": {script.EPS: worst}, "n": 250,
-                                                   "accuracy": {"apgd": {script.EPS: apgd}},
-                                                   "all_checks_passed": True}}}))
+        _at01_eval(tmp_path, date, folder, f"{recipe}_seed{seed}", worst, apgd)
 
     for seed in (0, 8):
         write(seed, "at0.1", 0.40 if seed == 0 else 0.80, 0.70 if seed == 0 else 0.82)
@@ -504,3 +499,30 @@ def test_table_four_row_with_models_fills_then_tests(tables, tmp_path, monkeypat
     row = tables.TenSeeds._with_models(script)
     assert row.startswith("| **0-9 with their models") and "4 of 10 against 0 of 10" in row
     assert f"(p = {script.fisher_one_sided(4, 0, 10):.3f})" in row and "mean 64.0" in row
+
+
+def _at01_eval(root: Path, date: str, folder: str, name: str, worst: float, apgd: float) -> None:
+    """A minimal eval.json of one table-4 run, as at01_ten_seeds.py reads it."""
+    f = root / date / folder / f"eval_{name}.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"models": {name: {"worst_case": {KEY: worst}, "n": 250, "accuracy": {"apgd": {KEY: apgd}},
+                                               "all_checks_passed": True}}}))
+
+
+def test_ten_seed_runs_keep_the_first_runs_apart_from_the_runs_trained_again(tmp_path, monkeypatch):
+    """docs/study/at01_ten_seeds.py: a seed trained again (a later date's folder at0.1_seedN) never enters the
+    count fixed on 2026-12-06, and the runs with models read it, and seeds 8-9's first runs, instead."""
+    script = _script("at01_ten_seeds")
+    _at01_eval(tmp_path, "2026-12-06", "at0.1_seed34", "at0.1_seed3", 0.40, 0.65)  # the first run: false-robust
+    _at01_eval(tmp_path, "2026-12-08", "at0.1_seed3", "at0.1_seed3", 0.80, 0.82)  # trained again: sound
+    _at01_eval(tmp_path, "2026-12-07", "at0.1_seed89", "at0.1_seed8", 0.82, 0.84)
+    monkeypatch.setattr(script, "DATA", tmp_path)
+    first, again = script.verdict("at0.1", 3), script.verdict("at0.1", 3, "models")
+    assert first["false_robust"] and first["worst"] == 0.40
+    assert not again["false_robust"] and again["worst"] == 0.80 and "2026-12-08" in again["source"]
+    assert script.verdict("at0.1", 8, "models") == script.verdict("at0.1", 8)  # seeds 8-9: the first runs
+    assert script.verdict("at0.1", 0)["source"] == "table"  # the log's figures stay in the first count
+    assert script.verdict("at0.1", 0, "models") is None  # not yet trained again
+    assert script.count(range(10), "models")["p"] is None  # no test while a run is missing
+    with pytest.raises(ValueError, match="runs must be one of"):
+        script.verdict("at0.1", 3, "retrained")

@@ -294,36 +294,3 @@ def test_ten_seed_count_applies_the_fixed_rule_to_the_committed_files():
     assert not four["false_robust"] and round(100 * (four["apgd"] - four["worst"]), 1) == 8.4
     assert not any(script.verdict("at0.1+mpd", s)["false_robust"] for s in range(5))
     assert script.count(range(0, 5))["p"] == pytest.approx(1 / 12)  # 3 of 5 against 0 of 5, as section 5 says
-
-
-def test_ten_seed_runs_keep_the_first_runs_apart_from_the_runs_trained_again(tmp_path, monkeypatch):
-    """docs/study/at01_ten_seeds.py: a seed trained again (a later date's folder at0.1_seedN) never enters the
-    count fixed on 2026-12-06, and the runs with models read it, and seeds 8-9's first runs, instead."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "docs" / "study" / "at01_ten_seeds.py"
-    spec = importlib.util.spec_from_file_location("at01_ten_seeds", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-
-    def write(date, folder, name, worst, apgd, checks=True):
-        f = tmp_path / date / folder / f"eval_{name}.json"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps({"models": {name: {"worst_case": {script.EPS: worst}, "n": 250,
-                                                   "accuracy": {"apgd": {script.EPS: apgd}},
-                                                   "all_checks_passed": checks}}}))
-
-    write("2026-12-06", "at0.1_seed34", "at0.1_seed3", 0.40, 0.65)  # the first run: false-robust
-    write("2026-12-08", "at0.1_seed3", "at0.1_seed3", 0.80, 0.82)  # trained again: sound
-    write("2026-12-07", "at0.1_seed89", "at0.1_seed8", 0.82, 0.84)
-    monkeypatch.setattr(script, "DATA", tmp_path)
-    first, again = script.verdict("at0.1", 3), script.verdict("at0.1", 3, "models")
-    assert first["false_robust"] and first["worst"] == 0.40
-    assert not again["false_robust"] and again["worst"] == 0.80 and "2026-12-08" in again["source"]
-    assert script.verdict("at0.1", 8, "models") == script.verdict("at0.1", 8)  # seeds 8-9: the first runs
-    assert script.verdict("at0.1", 0)["source"] == "table"  # the log's figures stay in the first count
-    assert script.verdict("at0.1", 0, "models") is None  # not yet trained again
-    assert script.count(range(10), "models")["p"] is None  # no test while a run is missing
-    with pytest.raises(ValueError, match="runs must be one of"):
-        script.verdict("at0.1", 3, "retrained")
-
